@@ -1,0 +1,362 @@
+"""Frozen run configuration, named presets and validation.
+
+Read once at the edge (CLI or ``Context.run_config``) with :meth:`RunConfig.from_flat`, then passed down.
+Presets are Python objects (``smoke``, ``demo``, ``paper``); overrides are flat kebab-case keys, the
+same names as ``[tool.flwr.app.config]`` and ``flwr run --run-config "k=v"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, Mapping
+
+from common.errors import ConfigError
+
+DataSource = Literal["phantom", "african", "fetal_planes_db", "hc18"]
+PartitionKind = Literal["natural", "iid", "dirichlet", "quantity"]
+FinetuneMode = Literal["lora", "subset", "full"]
+GradSampleMode = Literal["hooks", "functorch", "ghost"]
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "trimmedmean", "krum"]
+SchedulerName = Literal["ddpm", "ddim", "dpmsolver"]
+PredictionType = Literal["epsilon", "v_prediction"]
+
+
+def _check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        lo_s = "-inf" if lo is None else lo
+        hi_s = "inf" if hi is None else hi
+        raise ConfigError(f"{name}={value!r} is out of range; allowed: [{lo_s}, {hi_s}]")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the sites' data comes from and how it is split among them."""
+
+    source: DataSource = "phantom"
+    root: str = ""  # folder of a real dataset (e.g. ../shared/data/african_fetal_planes); unused for phantoms
+    image_size: int = 64
+    num_sites: int = 2
+    partition: PartitionKind = "natural"
+    dirichlet_alpha: float = 0.5
+    images_per_site: int = 64  # phantom sites only
+    test_fraction: float = 0.25
+    public_images: int = 2048  # phantoms for the public prior
+
+    def validate(self) -> None:
+        _check_choice("data.source", self.source, ("phantom", "african", "fetal_planes_db", "hc18"))
+        _check_choice("data.image_size", self.image_size, (32, 64, 128))
+        _check_range("data.num_sites", self.num_sites, 1, 64)
+        _check_choice("data.partition", self.partition, ("natural", "iid", "dirichlet", "quantity"))
+        _check_range("data.dirichlet_alpha", self.dirichlet_alpha, 1e-3, 1e3)
+        _check_range("data.images_per_site", self.images_per_site, 4, 1_000_000)
+        _check_range("data.test_fraction", self.test_fraction, 0.05, 0.9)
+        _check_range("data.public_images", self.public_images, 16, 10_000_000)
+        if self.source != "phantom" and not self.root:
+            raise ConfigError(f"data.root is empty; data.source={self.source!r} needs the dataset folder")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Conditional ``UNet2DModel`` and its DDPM training schedule."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    attention: bool = False  # self-attention at the lowest resolution
+    num_train_timesteps: int = 1000
+    prediction_type: PredictionType = "epsilon"
+    cond_dropout: float = 0.1  # probability of dropping each condition (classifier-free guidance)
+    use_site_condition: bool = False
+    max_sites: int = 16
+
+    def validate(self) -> None:
+        if not self.block_out_channels or any(c < 4 for c in self.block_out_channels):
+            raise ConfigError("generator.block_out_channels must be a non-empty tuple of ints >= 4")
+        _check_range("generator.layers_per_block", self.layers_per_block, 1, 4)
+        _check_range("generator.num_train_timesteps", self.num_train_timesteps, 10, 4000)
+        _check_choice("generator.prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
+        _check_range("generator.cond_dropout", self.cond_dropout, 0.0, 0.9)
+        _check_range("generator.max_sites", self.max_sites, 1, 1024)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How synthetic images are drawn."""
+
+    scheduler: SchedulerName = "dpmsolver"
+    num_inference_steps: int = 20
+    guidance_scale: float = 2.0
+
+    def validate(self) -> None:
+        _check_choice("sampling.scheduler", self.scheduler, ("ddpm", "ddim", "dpmsolver"))
+        _check_range("sampling.num_inference_steps", self.num_inference_steps, 1, 4000)
+        _check_range("sampling.guidance_scale", self.guidance_scale, 0.0, 20.0)
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """DP-SGD at each site (Opacus). ``target_epsilon=None`` turns DP off (public data only)."""
+
+    target_epsilon: float | None = 10.0
+    target_delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample_mode: GradSampleMode = "functorch"
+    noise_multiplicity: int = 4  # K noise/timestep draws averaged per example before clipping (DPDM)
+
+    def validate(self) -> None:
+        if self.target_epsilon is not None:
+            _check_range("privacy.target_epsilon", self.target_epsilon, 0.01, 1000.0)
+        _check_range("privacy.target_delta", self.target_delta, 1e-12, 0.1)
+        _check_range("privacy.max_grad_norm", self.max_grad_norm, 1e-4, 1e4)
+        _check_choice("privacy.accountant", self.accountant, ("rdp", "prv"))
+        _check_choice("privacy.grad_sample_mode", self.grad_sample_mode, ("hooks", "functorch", "ghost"))
+        _check_range("privacy.noise_multiplicity", self.noise_multiplicity, 1, 64)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local optimisation at a site (per federated round) and for the public prior."""
+
+    batch_size: int = 16
+    lr: float = 1e-3
+    local_steps: int = 10
+    finetune: FinetuneMode = "lora"
+    lora_rank: int = 8
+    downstream_lr: float = 2e-3
+    downstream_steps: int = 20
+    pretrain_steps: int = 2000
+    pretrain_batch_size: int = 32
+
+    def validate(self) -> None:
+        _check_range("train.batch_size", self.batch_size, 1, 4096)
+        _check_range("train.lr", self.lr, 1e-7, 1.0)
+        _check_range("train.local_steps", self.local_steps, 1, 100_000)
+        _check_choice("train.finetune", self.finetune, ("lora", "subset", "full"))
+        _check_range("train.lora_rank", self.lora_rank, 1, 256)
+        _check_range("train.downstream_lr", self.downstream_lr, 1e-7, 1.0)
+        _check_range("train.downstream_steps", self.downstream_steps, 0, 100_000)
+        _check_range("train.pretrain_steps", self.pretrain_steps, 0, 10_000_000)
+        _check_range("train.pretrain_batch_size", self.pretrain_batch_size, 1, 4096)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds, strategy and active-learning cadence."""
+
+    num_rounds: int = 3
+    strategy: StrategyName = "fedavg"
+    fraction_train: float = 1.0
+    proximal_mu: float = 0.01
+    trimmed_beta: float = 0.2
+    al_every: int = 0  # run a coordinator query every k rounds (0: never)
+    al_candidates_per_site: int = 16
+    al_select: int = 16
+
+    def validate(self) -> None:
+        _check_range("federation.num_rounds", self.num_rounds, 1, 10_000)
+        _check_choice(
+            "federation.strategy",
+            self.strategy,
+            ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmedmean", "krum"),
+        )
+        _check_range("federation.fraction_train", self.fraction_train, 0.01, 1.0)
+        _check_range("federation.proximal_mu", self.proximal_mu, 0.0, 100.0)
+        _check_range("federation.trimmed_beta", self.trimmed_beta, 0.0, 0.49)
+        _check_range("federation.al_every", self.al_every, 0, 10_000)
+        _check_range("federation.al_candidates_per_site", self.al_candidates_per_site, 1, 100_000)
+        _check_range("federation.al_select", self.al_select, 1, 1_000_000)
+
+
+_SECTIONS = ("data", "generator", "sampling", "privacy", "train", "federation")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs; frozen, validated, JSON round-trippable."""
+
+    preset: str = "demo"
+    seed: int = 0
+    run_dir: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+
+    def __post_init__(self) -> None:
+        _check_range("seed", self.seed, 0, 2**32 - 1)
+        for name in _SECTIONS:
+            getattr(self, name).validate()
+
+    # -- conversion ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (JSON-safe)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def to_flat(self) -> dict[str, Any]:
+        """Flat kebab-case dict (``"train.local-steps": 10``), the form of ``run_config``."""
+        out: dict[str, Any] = {"preset": self.preset, "seed": self.seed, "run-dir": self.run_dir}
+        for name in _SECTIONS:
+            for f in fields(getattr(self, name)):
+                value = getattr(getattr(self, name), f.name)
+                if isinstance(value, tuple):
+                    value = ",".join(str(v) for v in value)
+                out[f"{name}.{f.name.replace('_', '-')}"] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        """Inverse of :meth:`to_dict`."""
+        kwargs: dict[str, Any] = {k: d[k] for k in ("preset", "seed", "run_dir") if k in d}
+        for name, sub_cls in _section_classes().items():
+            sub = dict(d.get(name, {}))
+            for f in fields(sub_cls):
+                if f.name in sub and isinstance(sub[f.name], list):
+                    sub[f.name] = tuple(sub[f.name])
+            unknown = set(sub) - {f.name for f in fields(sub_cls)}
+            if unknown:
+                raise ConfigError(f"unknown {name} fields {sorted(unknown)}")
+            kwargs[name] = sub_cls(**sub)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_flat(cls, flat: Mapping[str, Any], preset: str | None = None) -> "RunConfig":
+        """Build from a preset plus flat kebab-case overrides (``Context.run_config`` or CLI ``k=v``).
+
+        Keys may be ``section.field`` (``train.local-steps``) or a short alias listed in
+        :data:`ALIASES` (``num-server-rounds``). Unknown keys raise :class:`ConfigError`.
+        """
+        flat = dict(flat)
+        name = str(flat.pop("preset", preset or "demo"))
+        base = get_preset(name)
+        top: dict[str, Any] = {}
+        sections: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
+        for key, raw in flat.items():
+            key = ALIASES.get(key, key)
+            if key in ("seed", "run-dir"):
+                top[key.replace("-", "_")] = _coerce(key, raw, type(getattr(base, key.replace("-", "_"))))
+                continue
+            section, _, fname = key.partition(".")
+            fname = fname.replace("-", "_")
+            if section not in sections or fname not in {f.name for f in fields(getattr(base, section))}:
+                raise ConfigError(f"unknown config key {key!r}; known keys: {sorted(base.to_flat())}")
+            current = getattr(getattr(base, section), fname)
+            sections[section][fname] = _coerce(key, raw, current)
+        new = {s: replace(getattr(base, s), **v) for s, v in sections.items() if v}
+        try:
+            return replace(base, preset=name, **top, **new)
+        except TypeError as exc:  # pragma: no cover - guarded by the key check above
+            raise ConfigError(str(exc)) from exc
+
+
+# Short names used in ``[tool.flwr.app.config]`` and on the command line.
+ALIASES: dict[str, str] = {
+    "num-server-rounds": "federation.num-rounds",
+    "num-sites": "data.num-sites",
+    "strategy": "federation.strategy",
+    "fraction-train": "federation.fraction-train",
+    "local-steps": "train.local-steps",
+    "epsilon": "privacy.target-epsilon",
+    "image-size": "data.image-size",
+    "data-source": "data.source",
+    "data-root": "data.root",
+    "al-every": "federation.al-every",
+}
+
+
+def _section_classes() -> dict[str, type]:
+    return {
+        "data": DataConfig,
+        "generator": GeneratorConfig,
+        "sampling": SamplingConfig,
+        "privacy": PrivacyConfig,
+        "train": TrainConfig,
+        "federation": FederationConfig,
+    }
+
+
+def _coerce(key: str, raw: Any, current: Any) -> Any:
+    """Coerce a flat override to the type of the field's current value."""
+    if isinstance(raw, str) and raw.lower() in ("none", "null", "off") and (
+        current is None or key.endswith("target-epsilon")
+    ):
+        return None
+    try:
+        if isinstance(current, bool):
+            if isinstance(raw, str):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                return raw.lower() in ("true", "1")
+            return bool(raw)
+        if isinstance(current, tuple):
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(int(x) for x in items)
+        if isinstance(current, int):
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(raw)
+            return int(raw)
+        if isinstance(current, float) or current is None:
+            return float(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"config key {key!r}: cannot read {raw!r} as {type(current).__name__}"
+        ) from None
+
+
+def _smoke() -> RunConfig:
+    return RunConfig(
+        preset="smoke",
+        data=DataConfig(image_size=32, num_sites=2, images_per_site=24, public_images=64),
+        generator=GeneratorConfig(block_out_channels=(8, 16), num_train_timesteps=100),
+        sampling=SamplingConfig(num_inference_steps=4),
+        privacy=PrivacyConfig(noise_multiplicity=2),
+        train=TrainConfig(
+            batch_size=8, local_steps=2, lora_rank=4, downstream_steps=2, pretrain_steps=10,
+            pretrain_batch_size=8,
+        ),
+        federation=FederationConfig(num_rounds=1, al_candidates_per_site=4, al_select=4),
+    )
+
+
+def _demo() -> RunConfig:
+    return RunConfig(
+        preset="demo",
+        data=DataConfig(image_size=64, num_sites=3, images_per_site=96, partition="dirichlet"),
+        generator=GeneratorConfig(block_out_channels=(32, 64, 64)),
+        sampling=SamplingConfig(num_inference_steps=20),
+        privacy=PrivacyConfig(target_epsilon=10.0, noise_multiplicity=4),
+        train=TrainConfig(batch_size=16, local_steps=8, downstream_steps=20),
+        federation=FederationConfig(num_rounds=3, al_every=1, al_candidates_per_site=16, al_select=24),
+    )
+
+
+def _paper() -> RunConfig:
+    return RunConfig(
+        preset="paper",
+        data=DataConfig(image_size=128, num_sites=5, images_per_site=2000, public_images=50_000),
+        generator=GeneratorConfig(block_out_channels=(64, 128, 256, 256), layers_per_block=2, attention=True),
+        sampling=SamplingConfig(num_inference_steps=50),
+        privacy=PrivacyConfig(target_epsilon=10.0, noise_multiplicity=8),
+        train=TrainConfig(batch_size=64, local_steps=100, lora_rank=16, downstream_steps=200,
+                          pretrain_steps=100_000, pretrain_batch_size=128),
+        federation=FederationConfig(num_rounds=50, al_every=5, al_candidates_per_site=256, al_select=512),
+    )
+
+
+PRESETS = {"smoke": _smoke, "demo": _demo, "paper": _paper}
+
+
+def get_preset(name: str) -> RunConfig:
+    """Return the named preset (``smoke``, ``demo`` or ``paper``)."""
+    if name not in PRESETS:
+        raise ConfigError(f"preset={name!r} is unknown; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,54 @@
+"""Config: presets validate, overrides coerce, bad values name the field and range."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.config import PRESETS, RunConfig, get_preset
+from common.errors import ConfigError
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip_through_dict_and_flat(name: str) -> None:
+    # Prepare
+    cfg = get_preset(name)
+    # Execute
+    again = RunConfig.from_dict(cfg.to_dict())
+    flat_again = RunConfig.from_flat(cfg.to_flat())
+    # Assert
+    assert again == cfg
+    assert flat_again == cfg
+
+
+def test_overrides_coerce_types_and_aliases() -> None:
+    cfg = RunConfig.from_flat(
+        {"preset": "smoke", "num-server-rounds": "3", "privacy.target-epsilon": "none",
+         "generator.block-out-channels": "8,8", "train.lr": 0.01, "generator.attention": "true"}
+    )
+    assert cfg.federation.num_rounds == 3
+    assert cfg.privacy.target_epsilon is None
+    assert cfg.generator.block_out_channels == (8, 8)
+    assert cfg.train.lr == 0.01
+    assert cfg.generator.attention is True
+    assert cfg.data.image_size == 32  # untouched smoke value
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ({"data.image-size": 48}, "data.image_size=48"),
+        ({"privacy.target-delta": 0.5}, "privacy.target_delta"),
+        ({"federation.strategy": "fedsgd"}, "federation.strategy"),
+        ({"train.bogus": 1}, "unknown config key 'train.bogus'"),
+        ({"train.local-steps": "ten"}, "cannot read 'ten'"),
+        ({"preset": "huge"}, "preset='huge'"),
+    ],
+)
+def test_invalid_values_name_field_and_range(override: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        RunConfig.from_flat({"preset": "smoke", **override})
+
+
+def test_real_source_needs_root() -> None:
+    with pytest.raises(ConfigError, match="data.root"):
+        RunConfig.from_flat({"preset": "smoke", "data.source": "african"})
