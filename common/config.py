@@ -242,7 +242,7 @@ class RunConfig:
         for key, raw in flat.items():
             key = ALIASES.get(key, key)
             if key in ("seed", "run-dir"):
-                top[key.replace("-", "_")] = _coerce(key, raw, type(getattr(base, key.replace("-", "_"))))
+                top[key.replace("-", "_")] = _coerce(key, raw, getattr(base, key.replace("-", "_")))
                 continue
             section, _, fname = key.partition(".")
             fname = fname.replace("-", "_")
