@@ -129,6 +129,7 @@ class TrainConfig:
     local_steps: int = 10
     finetune: FinetuneMode = "lora"
     lora_rank: int = 8
+    downstream_width: int = 32
     downstream_lr: float = 2e-3
     downstream_steps: int = 20
     pretrain_steps: int = 2000
@@ -140,6 +141,7 @@ class TrainConfig:
         _check_range("train.local_steps", self.local_steps, 1, 100_000)
         _check_choice("train.finetune", self.finetune, ("lora", "subset", "full"))
         _check_range("train.lora_rank", self.lora_rank, 1, 256)
+        _check_range("train.downstream_width", self.downstream_width, 4, 512)
         _check_range("train.downstream_lr", self.downstream_lr, 1e-7, 1.0)
         _check_range("train.downstream_steps", self.downstream_steps, 0, 100_000)
         _check_range("train.pretrain_steps", self.pretrain_steps, 0, 10_000_000)
@@ -184,6 +186,9 @@ class RunConfig:
     preset: str = "demo"
     seed: int = 0
     run_dir: str = ""
+    # Starting weights: "" = fresh init from `seed`; "shipped" = the preset's prior in common/assets/;
+    # otherwise a prior or checkpoint folder written by `difusal pretrain`.
+    prior: str = ""
     data: DataConfig = field(default_factory=DataConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -203,7 +208,9 @@ class RunConfig:
 
     def to_flat(self) -> dict[str, Any]:
         """Flat kebab-case dict (``"train.local-steps": 10``), the form of ``run_config``."""
-        out: dict[str, Any] = {"preset": self.preset, "seed": self.seed, "run-dir": self.run_dir}
+        out: dict[str, Any] = {
+            "preset": self.preset, "seed": self.seed, "run-dir": self.run_dir, "prior": self.prior,
+        }
         for name in _SECTIONS:
             for f in fields(getattr(self, name)):
                 value = getattr(getattr(self, name), f.name)
@@ -215,7 +222,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
         """Inverse of :meth:`to_dict`."""
-        kwargs: dict[str, Any] = {k: d[k] for k in ("preset", "seed", "run_dir") if k in d}
+        kwargs: dict[str, Any] = {k: d[k] for k in ("preset", "seed", "run_dir", "prior") if k in d}
         for name, sub_cls in _section_classes().items():
             sub = dict(d.get(name, {}))
             for f in fields(sub_cls):
@@ -226,6 +233,18 @@ class RunConfig:
                 raise ConfigError(f"unknown {name} fields {sorted(unknown)}")
             kwargs[name] = sub_cls(**sub)
         return cls(**kwargs)
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's ``context.run_config``.
+
+        ``[tool.flwr.app.config]`` holds ``preset``, ``seed``, ``run-dir``, ``prior`` and ``overrides``, a
+        string of ``key=value`` pairs (space or ``;`` separated) applied on top of the preset, because
+        ``flwr run --run-config`` only overrides keys that pyproject.toml declares.
+        """
+        flat = {k: v for k, v in run_config.items() if k != "overrides"}
+        flat.update(parse_overrides(str(run_config.get("overrides", ""))))
+        return cls.from_flat(flat)
 
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any], preset: str | None = None) -> "RunConfig":
@@ -241,7 +260,7 @@ class RunConfig:
         sections: dict[str, dict[str, Any]] = {s: {} for s in _SECTIONS}
         for key, raw in flat.items():
             key = ALIASES.get(key, key)
-            if key in ("seed", "run-dir"):
+            if key in ("seed", "run-dir", "prior"):
                 top[key.replace("-", "_")] = _coerce(key, raw, getattr(base, key.replace("-", "_")))
                 continue
             section, _, fname = key.partition(".")
@@ -270,6 +289,17 @@ ALIASES: dict[str, str] = {
     "data-root": "data.root",
     "al-every": "federation.al-every",
 }
+
+
+def parse_overrides(text: str) -> dict[str, str]:
+    """Parse ``"a.b=1 c=x; d=2"`` into ``{"a.b": "1", "c": "x", "d": "2"}``."""
+    out: dict[str, str] = {}
+    for item in text.replace(";", " ").split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _section_classes() -> dict[str, type]:
@@ -320,7 +350,7 @@ def _smoke() -> RunConfig:
         sampling=SamplingConfig(num_inference_steps=4),
         privacy=PrivacyConfig(noise_multiplicity=2),
         train=TrainConfig(
-            batch_size=8, local_steps=2, lora_rank=4, downstream_steps=2, pretrain_steps=10,
+            batch_size=8, local_steps=2, lora_rank=4, downstream_width=8, downstream_steps=2, pretrain_steps=10,
             pretrain_batch_size=8,
         ),
         federation=FederationConfig(num_rounds=1, al_candidates_per_site=4, al_select=4),

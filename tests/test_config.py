@@ -52,3 +52,19 @@ def test_invalid_values_name_field_and_range(override: dict, needle: str) -> Non
 def test_real_source_needs_root() -> None:
     with pytest.raises(ConfigError, match="data.root"):
         RunConfig.from_flat({"preset": "smoke", "data.source": "african"})
+
+
+def test_run_config_overrides_string_is_applied_on_top_of_preset() -> None:
+    # Prepare
+    run_config = {"preset": "smoke", "seed": 3, "run-dir": "", "prior": "",
+                  "overrides": "train.local-steps=5; federation.num-rounds=2 privacy.target-epsilon=4"}
+    # Execute
+    cfg = RunConfig.from_run_config(run_config)
+    # Assert
+    assert (cfg.seed, cfg.train.local_steps, cfg.federation.num_rounds) == (3, 5, 2)
+    assert cfg.privacy.target_epsilon == 4.0
+
+
+def test_malformed_override_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="key=value"):
+        RunConfig.from_run_config({"preset": "smoke", "overrides": "train.local-steps"})
