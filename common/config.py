@@ -155,6 +155,7 @@ class FederationConfig:
     num_rounds: int = 3
     strategy: StrategyName = "fedavg"
     fraction_train: float = 1.0
+    min_sites: int = 1  # sites that must be connected before a round starts (deployment)
     proximal_mu: float = 0.01
     trimmed_beta: float = 0.2
     al_every: int = 0  # run a coordinator query every k rounds (0: never)
@@ -169,6 +170,7 @@ class FederationConfig:
             ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmedmean", "krum"),
         )
         _check_range("federation.fraction_train", self.fraction_train, 0.01, 1.0)
+        _check_range("federation.min_sites", self.min_sites, 1, 10_000)
         _check_range("federation.proximal_mu", self.proximal_mu, 0.0, 100.0)
         _check_range("federation.trimmed_beta", self.trimmed_beta, 0.0, 0.49)
         _check_range("federation.al_every", self.al_every, 0, 10_000)

@@ -1,0 +1,102 @@
+"""Flower ``ClientApp`` of a hospital site: thin adapters from messages to :mod:`common` functions."""
+
+from __future__ import annotations
+
+import json
+import traceback
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import SiteSpec, resolve_site
+from common.bundle import build_bundle, federated_arrays, load_federated_arrays
+from common.config import RunConfig
+from common.data.sites import load_site
+from common.flwr_records import arrays_to_record, record_to_arrays
+from common.local_update import local_evaluate, local_train
+from common.release import load_release_records
+from common.site_state import SiteStateStore
+
+app = ClientApp()
+
+# Error code for a site-side failure (Flower's codes are < 100).
+SITE_FAILURE = 700
+
+
+def _site(context: Context) -> SiteSpec:
+    cfg = RunConfig.from_run_config(context.run_config)
+    return resolve_site(context.node_config, cfg, run_dir=Path(cfg.run_dir or "runs/latest"))
+
+
+def _guarded(handler):  # type: ignore[no-untyped-def]
+    """Reply with an error that names the site instead of crashing the ClientApp."""
+
+    def wrapper(msg: Message, context: Context) -> Message:
+        name = str(context.node_config.get("site-name", f"site-{context.node_config.get('partition-id', '?')}"))
+        try:
+            return handler(msg, context)
+        except Exception as exc:  # noqa: BLE001 - reported to the server with the site's name
+            reason = f"site {name}: {type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            return Message(Error(code=SITE_FAILURE, reason=reason), reply_to=msg)
+
+    wrapper.__name__ = handler.__name__
+    return wrapper
+
+
+@app.train()
+@_guarded
+def train(msg: Message, context: Context) -> Message:
+    """Fine-tune generator + downstream models with DP on the site's private data; reply with the trained part."""
+    spec = _site(context)
+    cfg = spec.cfg
+    server_round = int(msg.content["config"]["fl-round"])  # type: ignore[arg-type]
+    site = load_site(cfg.data, seed=cfg.seed, site_index=spec.index)
+    bundle = build_bundle(cfg)
+    load_federated_arrays(bundle, record_to_arrays(msg.content["arrays"]))
+    store = SiteStateStore(spec.state_dir)
+    ledger = store.load_ledger(before_round=server_round, privacy=cfg.privacy) if cfg.privacy.target_epsilon else None
+    release = str(msg.content["config"].get("release-dir", ""))
+    synthetic = load_release_records(Path(release)) if release else []
+    result = local_train(bundle, site, ledger, cfg, server_round=server_round, synthetic=synthetic)
+    if ledger is not None:
+        store.save_ledger(server_round, ledger, info={"site": spec.name, "messages": result.messages})
+    status = "ok" if result.trained_any else "budget-exhausted"
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples if status == "ok" else 0,
+            "generator-loss": result.metrics.get("generator-loss", 0.0),
+            "classifier-loss": result.metrics.get("classifier-loss", 0.0),
+        }
+    )
+    site_record = ConfigRecord(
+        {
+            "name": spec.name,
+            "status": status,
+            "metrics": json.dumps(result.metrics),
+            "privacy": json.dumps(result.privacy),
+            "messages": json.dumps(result.messages),
+        }
+    )
+    content = RecordDict({"arrays": arrays_to_record(federated_arrays(bundle)), "metrics": metrics, "site": site_record})
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+@_guarded
+def evaluate(msg: Message, context: Context) -> Message:
+    """Report the global models' metrics on the site's held-out data."""
+    spec = _site(context)
+    site = load_site(spec.cfg.data, seed=spec.cfg.seed, site_index=spec.index)
+    bundle = build_bundle(spec.cfg)
+    load_federated_arrays(bundle, record_to_arrays(msg.content["arrays"]))
+    metrics = local_evaluate(bundle, site, spec.cfg)
+    fixed = {k: metrics.get(k, 0.0) for k in ("num-examples", "plane-accuracy", "denoise-loss")}
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(fixed),
+            "site": ConfigRecord({"name": spec.name, "metrics": json.dumps(metrics)}),
+        }
+    )
+    return Message(content=content, reply_to=msg)

@@ -1,0 +1,149 @@
+"""What a site does in one federated round, as plain functions (the client app adapts them to Flower).
+
+Train: DP fine-tune the generator's trainable part, then the plane classifier and the GA regressor, each
+with its own accountant in the site's single ledger. Evaluate: the downstream metrics and a held-out
+denoising loss on the site's test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from common.bundle import ModelBundle
+from common.config import RunConfig
+from common.data.sites import SiteData
+from common.data.tensors import records_to_dataset
+from common.diffusion import diffusion_loss, make_loss_fn
+from common.downstream import classifier_loss, evaluate_classifier, evaluate_regressor, regressor_loss
+from common.generator import make_scheduler
+from common.privacy import PrivacyLedger, PrivateTrainResult, train_private
+from common.records import UltrasoundRecord
+from common.seeding import derive_seed
+
+
+@dataclass(frozen=True)
+class LocalTrainResult:
+    """Outcome of one site's round: sizes, losses and privacy spent so far, per model."""
+
+    num_examples: int
+    metrics: dict[str, float]
+    privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+    @property
+    def trained_any(self) -> bool:
+        """Whether at least one model took a step this round."""
+        return any(self.metrics.get(f"{k}-steps", 0) > 0 for k in ("generator", "classifier", "regressor"))
+
+
+def planned_steps(cfg: RunConfig, model_key: str) -> int:
+    """Steps one site takes for ``model_key`` over the whole run (what the noise is calibrated for)."""
+    per_round = cfg.train.local_steps if model_key == "generator" else cfg.train.downstream_steps
+    return max(1, per_round * cfg.federation.num_rounds)
+
+
+def local_train(
+    bundle: ModelBundle,
+    site: SiteData,
+    ledger: PrivacyLedger | None,
+    cfg: RunConfig,
+    *,
+    server_round: int,
+    synthetic: Sequence[UltrasoundRecord] = (),
+) -> LocalTrainResult:
+    """Fine-tune the bundle in place on ``site.train`` (plus released ``synthetic`` for downstream models).
+
+    Parameters
+    ----------
+    ledger:
+        The site's ledger (DP-SGD), or ``None`` when the run has no DP (``privacy.target_epsilon=None``).
+    synthetic:
+        Images of the shared synthetic release; post-processing of DP models, they add no privacy cost.
+        They are pooled with the real images in the downstream models' DP datasets (accounted conservatively).
+    """
+    size = cfg.data.image_size
+    real = records_to_dataset(site.train, image_size=size)
+    down = records_to_dataset(list(site.train) + list(synthetic), image_size=size) if synthetic else real
+    seed = derive_seed(cfg.seed, site.name, server_round)
+    scheduler = make_scheduler(
+        "ddpm", num_train_timesteps=cfg.generator.num_train_timesteps, prediction_type=cfg.generator.prediction_type
+    )
+    gen_loss = make_loss_fn(
+        scheduler,
+        noise_multiplicity=cfg.privacy.noise_multiplicity,
+        cond_dropout=cfg.generator.cond_dropout,
+        seed=derive_seed(seed, "generator-noise"),
+    )
+    jobs: list[tuple[str, torch.nn.Module, object, TensorDataset, int, float]] = [
+        ("generator", bundle.generator, gen_loss, real, cfg.train.local_steps, cfg.train.lr),
+        ("classifier", bundle.classifier, classifier_loss, down, cfg.train.downstream_steps, cfg.train.downstream_lr),
+    ]
+    if _has_ga(down):
+        jobs.append(("regressor", bundle.regressor, regressor_loss, down, cfg.train.downstream_steps, cfg.train.downstream_lr))
+    metrics: dict[str, float] = {"real-examples": float(len(real)), "synthetic-examples": float(len(synthetic))}
+    messages: list[str] = []
+    if len(jobs) == 2:
+        messages.append("regressor skipped: no image of this site has a known gestational age")
+    for key, model, loss_fn, data, steps, lr in jobs:
+        if steps == 0:
+            continue
+        result: PrivateTrainResult = train_private(
+            model,
+            loss_fn,  # type: ignore[arg-type]
+            data,
+            steps=steps,
+            batch_size=min(cfg.train.batch_size, len(data)),
+            lr=lr,
+            ledger=ledger,
+            model_key=key,
+            planned_total_steps=planned_steps(cfg, key),
+            max_grad_norm=cfg.privacy.max_grad_norm,
+            grad_sample_mode=cfg.privacy.grad_sample_mode,
+            seed=derive_seed(seed, key),
+        )
+        metrics[f"{key}-steps"] = float(result.steps)
+        metrics[f"{key}-loss"] = float(np.mean(result.losses)) if result.losses else float("nan")
+        metrics[f"{key}-epsilon"] = float(result.epsilon)
+        if result.stopped_by_budget:
+            messages.append(f"{key}: {result.message}")
+    privacy = ledger.summary() if ledger is not None else {}
+    return LocalTrainResult(num_examples=len(real), metrics=metrics, privacy=privacy, messages=messages)
+
+
+@torch.no_grad()
+def local_evaluate(bundle: ModelBundle, site: SiteData, cfg: RunConfig) -> dict[str, float]:
+    """Downstream metrics and a held-out denoising loss on the site's test split."""
+    if not site.test:
+        return {"num-examples": 0.0}
+    test = records_to_dataset(site.test, image_size=cfg.data.image_size)
+    out: dict[str, float] = {"num-examples": float(len(test))}
+    cls = evaluate_classifier(bundle.classifier, test)
+    out.update({"plane-accuracy": float(cls["accuracy"]), "plane-macro-f1": float(cls["macro_f1"])})
+    if _has_ga(test):
+        reg = evaluate_regressor(bundle.regressor, test)
+        out.update({"ga-mae-days": float(reg["mae_days"]), "ga-coverage": float(reg["coverage"])})
+    out["denoise-loss"] = heldout_denoise_loss(bundle, test, cfg)
+    return out
+
+
+@torch.no_grad()
+def heldout_denoise_loss(bundle: ModelBundle, data: TensorDataset, cfg: RunConfig, *, max_examples: int = 64) -> float:
+    """Mean diffusion loss on ``data`` with fixed noise and timesteps (comparable across rounds)."""
+    scheduler = make_scheduler(
+        "ddpm", num_train_timesteps=cfg.generator.num_train_timesteps, prediction_type=cfg.generator.prediction_type
+    )
+    batch = tuple(t[:max_examples] for t in data.tensors)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "heldout-denoise"))
+    bundle.generator.eval()
+    losses = diffusion_loss(bundle.generator, batch, noise_scheduler=scheduler, noise_multiplicity=4,
+                            cond_dropout=0.0, generator=gen)
+    return float(losses.mean())
+
+
+def _has_ga(data: TensorDataset) -> bool:
+    return bool(torch.isfinite(data.tensors[2]).any())

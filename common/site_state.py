@@ -1,0 +1,63 @@
+"""A site's persistent state between rounds: its privacy ledger, kept on the site's own disk.
+
+One ledger per site for the whole run (never a fresh accountant per round). A snapshot is written after
+every round it trained (``ledger-round-NNN.json``, atomically); round ``r`` restores the newest snapshot
+of a round before ``r``. A resumed run that replays round ``r`` therefore continues from the same ledger:
+the replay repeats the same seeded computation on the same data and releases the same update, so it reveals
+nothing beyond the first attempt (see README, "Resume and privacy").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common.config import PrivacyConfig
+from common.privacy import PrivacyLedger
+
+_SNAPSHOT = re.compile(r"^ledger-round-(\d{3,})\.json$")
+
+
+class SiteStateStore:
+    """Ledger snapshots of one site in ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def load_ledger(self, *, before_round: int, privacy: PrivacyConfig) -> PrivacyLedger:
+        """Newest ledger saved for a round ``< before_round``; a new ledger when there is none."""
+        rounds = [r for r in self.saved_rounds() if r < before_round]
+        if not rounds:
+            return PrivacyLedger(
+                target_epsilon=privacy.target_epsilon,
+                target_delta=privacy.target_delta,
+                accountant=privacy.accountant,
+            )
+        payload = json.loads(self._path(max(rounds)).read_text())
+        return PrivacyLedger.from_state_dict(payload["ledger"])
+
+    def save_ledger(self, server_round: int, ledger: PrivacyLedger, *, info: dict[str, Any] | None = None) -> Path:
+        """Write the ledger after ``server_round`` atomically."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        payload = {"round": server_round, "ledger": ledger.state_dict(), "info": info or {}}
+        path = self._path(server_round)
+        fd, tmp = tempfile.mkstemp(prefix=".ledger-", dir=self.folder)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def saved_rounds(self) -> list[int]:
+        """Rounds with a saved snapshot, ascending."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.folder.iterdir() if (m := _SNAPSHOT.match(p.name)))
+
+    def _path(self, server_round: int) -> Path:
+        return self.folder / f"ledger-round-{server_round:03d}.json"

@@ -1,0 +1,26 @@
+"""Flower ``ServerApp``: reads the config once and runs the federation loop of :mod:`server.federation`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig
+from server.federation import run_federation
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Start from the prior (or resume), run the rounds, checkpoint each one."""
+    cfg = RunConfig.from_run_config(context.run_config)
+    resume = bool(context.run_config.get("resume", False))
+    coordinator = None
+    if cfg.federation.al_every:
+        from server.coordinator import Coordinator  # only runs with active learning need it
+
+        coordinator = Coordinator(cfg, run_dir=Path(cfg.run_dir))
+    run_federation(grid, cfg, resume=resume, coordinator=coordinator)

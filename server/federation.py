@@ -1,0 +1,139 @@
+"""The server's round loop: train, evaluate, query (active learning), checkpoint; resumable.
+
+Each round calls the wrapped strategy's ``start`` for one round, so that checkpoints, resume and the
+coordinator's queries sit between rounds without copying ``Strategy.start``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from common.bundle import ModelBundle, build_bundle, expected_shapes, federated_arrays, load_federated_arrays
+from common.config import RunConfig
+from common.flwr_records import arrays_to_record, record_to_arrays
+from common.provenance import code_version
+from server.checkpoint import RunFolder
+from server.reporting import plot_rounds, save_sample_grid
+from server.strategy import GuardedStrategy, make_strategy
+
+# Test hook: make the server process die right after checkpointing this round (simulates a kill).
+FAULT_ENV = "DIFUSAL_FAULT_AFTER_ROUND"
+
+
+@dataclass(frozen=True)
+class FederationResult:
+    """Where the run ended."""
+
+    last_round: int
+    run_dir: Path
+    arrays: dict[str, np.ndarray]
+
+
+def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordinator: Any = None) -> FederationResult:
+    """Run (or resume) ``cfg.federation.num_rounds`` rounds against the sites reachable through ``grid``."""
+    if not cfg.run_dir:
+        raise ValueError("run-dir is empty: the server needs a run folder for checkpoints and metrics")
+    run = RunFolder(Path(cfg.run_dir))
+    latest = run.start(cfg, resume=resume)
+    bundle = build_bundle(cfg)
+    strategy = GuardedStrategy(make_strategy(cfg), expected_shapes=expected_shapes(bundle))
+    arrays = federated_arrays(bundle)
+    ledger: dict[str, Any] = {}
+    first = 1
+    if latest is not None:
+        arrays = latest.arrays()
+        strategy.load_state_arrays(latest.strategy_state())
+        ledger = dict(latest.info().get("ledger", {}))
+        first = latest.server_round + 1
+        log(INFO, "Resuming %s from round %s", run.path, latest.server_round)
+    load_federated_arrays(bundle, arrays)
+    rounds = cfg.federation.num_rounds
+    for server_round in range(first, rounds + 1):
+        t0 = time.perf_counter()
+        strategy.begin_round()
+        config = {"fl-round": server_round}
+        if coordinator is not None and coordinator.release_dir_for_sites():
+            config["release-dir"] = str(coordinator.release_dir_for_sites())
+        result = strategy.start(
+            grid,
+            arrays_to_record(arrays),
+            num_rounds=1,
+            train_config=ConfigRecord(dict(config)),
+            evaluate_config=ConfigRecord(dict(config)),
+        )
+        if len(result.arrays) > 0:
+            arrays = record_to_arrays(result.arrays)
+            load_federated_arrays(bundle, arrays)
+        sites = [r.as_dict() for r in strategy.reports.values()]
+        for report in strategy.reports.values():
+            if report.privacy:
+                ledger[report.name] = report.privacy
+        record: dict[str, Any] = {
+            "round": server_round,
+            "wall_s": round(time.perf_counter() - t0, 3),
+            "train": _metrics(result.train_metrics_clientapp),
+            "evaluate": _metrics(result.evaluate_metrics_clientapp),
+            "sites": sites,
+            "ledger": ledger,
+        }
+        if coordinator is not None and coordinator.due(server_round):
+            record["active_learning"] = coordinator.query_round(grid, bundle, server_round)
+        save_sample_grid(bundle, cfg, run.figures / f"samples-round-{server_round:03d}.png", server_round=server_round)
+        run.save_checkpoint(
+            server_round,
+            bundle,
+            strategy_state=strategy.state_arrays(),
+            record=record,
+            sidecar=_sidecar(cfg, bundle, server_round, ledger),
+        )
+        _log_round(record, rounds)
+        if os.environ.get(FAULT_ENV) == str(server_round):
+            log(INFO, "%s=%s: exiting after the checkpoint (fault injection)", FAULT_ENV, server_round)
+            os._exit(137)
+    plot_rounds(run.read_metrics(), run.figures)
+    last = run.latest()
+    return FederationResult(last_round=last.server_round if last else 0, run_dir=run.path, arrays=arrays)
+
+
+def _metrics(history: dict[int, Any]) -> dict[str, float]:
+    if not history:
+        return {}
+    latest = history[max(history)]
+    return {k: float(v) for k, v in latest.items() if isinstance(v, (int, float))}
+
+
+def _sidecar(cfg: RunConfig, bundle: ModelBundle, server_round: int, ledger: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "kind": "federated-checkpoint",
+        "round": server_round,
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "prior_id": bundle.prior_id,
+        "privacy": {"delta": cfg.privacy.target_delta, "accountant": cfg.privacy.accountant, "sites": ledger},
+        "sites": sorted(ledger),
+        "code_version": code_version(),
+    }
+
+
+def _log_round(record: dict[str, Any], rounds: int) -> None:
+    parts = []
+    for site in record["sites"]:
+        eps = max((float(v.get("epsilon", 0.0)) for v in record["ledger"].get(site["name"], {}).values()), default=0.0)
+        parts.append(f"{site['name']}={site['status']}(eps {eps:.2f})")
+    ev = record["evaluate"]
+    log(
+        INFO,
+        "Round %s/%s done in %.1fs | sites: %s | plane-acc %.3f | denoise-loss %.4f",
+        record["round"], rounds, record["wall_s"], ", ".join(parts),
+        ev.get("plane-accuracy", float("nan")), ev.get("denoise-loss", float("nan")),
+    )

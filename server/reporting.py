@@ -1,0 +1,80 @@
+"""Per-round sample grids and the loss / accuracy / epsilon plots of a run folder."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from common.bundle import ModelBundle
+from common.config import RunConfig
+from common.diffusion import sample, to_uint8
+from common.records import PLANES
+from common.seeding import derive_seed
+from common.viz import save_grid
+
+GRID_GA_WEEKS: tuple[float, ...] = (18.0, 26.0, 34.0)
+
+
+def save_sample_grid(bundle: ModelBundle, cfg: RunConfig, path: Path, *, server_round: int) -> Path:
+    """Sample the global generator for every plane (rows) x a few GA values (columns) and save a PNG."""
+    planes = torch.arange(len(PLANES)).repeat_interleave(len(GRID_GA_WEEKS))
+    ga = torch.tensor(GRID_GA_WEEKS * len(PLANES), dtype=torch.float32)
+    bundle.generator.eval()
+    images = sample(
+        bundle.generator,
+        plane=planes,
+        ga=ga,
+        scheduler_name=cfg.sampling.scheduler,
+        num_inference_steps=cfg.sampling.num_inference_steps,
+        guidance_scale=cfg.sampling.guidance_scale,
+        seed=derive_seed(cfg.seed, "grid"),  # same noise every round: rows are comparable across rounds
+    )
+    pix = to_uint8(images)
+    rows = [[pix[p * len(GRID_GA_WEEKS) + g] for g in range(len(GRID_GA_WEEKS))] for p in range(len(PLANES))]
+    return save_grid(
+        rows, path, row_labels=list(PLANES), col_labels=[f"GA {g:.0f} w" for g in GRID_GA_WEEKS],
+        title=f"Global generator after round {server_round}",
+    )
+
+
+def plot_rounds(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Loss, plane accuracy and cumulative epsilon per site against rounds (PNG files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not records:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rounds = [int(r["round"]) for r in records]
+    panels = [
+        ("generator loss (train)", [r["train"].get("generator-loss", math.nan) for r in records]),
+        ("denoising loss (held-out)", [r["evaluate"].get("denoise-loss", math.nan) for r in records]),
+        ("plane accuracy (held-out)", [r["evaluate"].get("plane-accuracy", math.nan) for r in records]),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    for ax, (title, values) in zip(axes, panels):
+        ax.plot(rounds, values, marker="o")
+        ax.set_title(title)
+        ax.set_xlabel("round")
+    sites = sorted({name for r in records for name in r.get("ledger", {})})
+    for site in sites:
+        eps = [
+            max((float(m.get("epsilon", 0.0)) for m in r.get("ledger", {}).get(site, {}).values()), default=np.nan)
+            for r in records
+        ]
+        axes[3].plot(rounds, eps, marker="o", label=site)
+    axes[3].set_title("cumulative epsilon (max over models)")
+    axes[3].set_xlabel("round")
+    if sites:
+        axes[3].legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "rounds.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]

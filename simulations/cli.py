@@ -1,0 +1,154 @@
+"""Command line: ``python -m simulations.cli <command>`` (``difusal`` when installed).
+
+Commands: ``demo`` (the main job), ``simulate``, ``preview``, ``pretrain``. Each reads a preset plus
+``--set key=value`` overrides into one frozen :class:`RunConfig` and passes it down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+from common.config import RunConfig, parse_overrides
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_env() -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TORCH_HOME", str(PROJECT_ROOT / ".cache" / "torch"))
+    os.environ.setdefault("MPLCONFIGDIR", str(PROJECT_ROOT / ".cache" / "mpl"))
+
+
+def build_config(preset: str, sets: Sequence[str], *, run_dir: str = "", **top: object) -> RunConfig:
+    """Preset + ``--set`` overrides + top-level fields, validated."""
+    flat: dict[str, object] = {"preset": preset}
+    for item in sets:
+        flat.update(parse_overrides(item))
+    flat.update({k.replace("_", "-"): v for k, v in top.items() if v is not None})
+    if run_dir:
+        flat["run-dir"] = str(Path(run_dir).resolve())
+    return RunConfig.from_flat(flat)
+
+
+def default_run_dir(name: str) -> Path:
+    """``runs/<name>-<timestamp>`` under ``$DIFUSAL_RUNS`` or the project."""
+    base = Path(os.environ.get("DIFUSAL_RUNS", PROJECT_ROOT / "runs"))
+    return (base / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+
+
+def count_sites(cfg: RunConfig) -> int:
+    """Number of sites the data config yields (real sources: the dataset's natural sites)."""
+    if cfg.data.source == "phantom" or cfg.data.partition != "natural":
+        return cfg.data.num_sites
+    from common.data.sites import load_federated_data
+
+    return len(load_federated_data(cfg.data, seed=cfg.seed).sites)
+
+
+def cmd_simulate(args: argparse.Namespace, *, name: str) -> int:
+    """Run N simulated sites through a SuperLink + ``flwr run``."""
+    from simulations.launcher import run_simulation
+
+    run_dir = args.run_dir or str(default_run_dir(name))
+    cfg = build_config(args.preset, args.set, run_dir=run_dir, seed=args.seed, prior=args.prior)
+    num_sites = count_sites(cfg)
+    if num_sites != cfg.data.num_sites:
+        cfg = replace(cfg, data=replace(cfg.data, num_sites=num_sites))
+    print(f"[difusal] preset={cfg.preset} sites={num_sites} rounds={cfg.federation.num_rounds} run-dir={cfg.run_dir}")
+    result = run_simulation(cfg, num_sites=num_sites, resume=args.resume, echo=not args.quiet)
+    summary = {"returncode": result.returncode, "wall_s": round(result.wall_s, 1), "run_dir": str(result.run_dir)}
+    print(f"[difusal] finished: {json.dumps(summary)}")
+    for fig in sorted((Path(cfg.run_dir) / "figures").glob("*.png")):
+        print(f"[difusal] figure: {fig}")
+    return result.returncode
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    """Write phantom grids (by plane x GA, by scanner) and print a per-site summary."""
+    from common.data.partition import format_summary, site_summary
+    from common.data.sites import load_federated_data
+    from common.phantom import write_phantom_grids
+
+    out = Path(args.out or default_run_dir("preview"))
+    for path in write_phantom_grids(out, size=args.size, seed=args.seed):
+        print(f"[difusal] grid: {path}")
+    cfg = build_config(args.preset, args.set, seed=args.seed)
+    fed = load_federated_data(cfg.data, seed=cfg.seed)
+    records = [r for s in fed.sites for r in s.train]
+    assignment, start = [], 0
+    for s in fed.sites:
+        assignment.append(list(range(start, start + len(s.train))))
+        start += len(s.train)
+    print(format_summary(site_summary(records, assignment, [s.name for s in fed.sites])))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Train the public phantom prior (no DP) and write it as a prior folder."""
+    from common.pretrain import pretrain_prior
+
+    cfg = build_config(args.preset, args.set, seed=args.seed)
+    out = Path(args.out) if args.out else PROJECT_ROOT / "common" / "assets" / f"prior-{cfg.preset}"
+    path = pretrain_prior(cfg, out, command=" ".join(sys.argv))
+    print(f"[difusal] prior written to {path}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The argument parser (one subcommand per job)."""
+    p = argparse.ArgumentParser(prog="difusal", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, preset: str) -> None:
+        sp.add_argument("--preset", default=preset, help="smoke | demo | paper (default: %(default)s)")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set federation.num-rounds=2 (repeatable)")
+        sp.add_argument("--seed", type=int, default=None)
+
+    for name, preset, helptext in (
+        ("demo", "demo", "the main job: phantom sites, from the shipped prior, DP fine-tuning + active learning"),
+        ("simulate", "smoke", "N simulated sites through Flower's simulation runtime"),
+    ):
+        sp = sub.add_parser(name, help=helptext)
+        common(sp, preset)
+        sp.add_argument("--run-dir", default="", help="run folder (default: runs/<command>-<time>)")
+        sp.add_argument("--prior", default="shipped" if name == "demo" else None,
+                        help="'shipped', a prior/checkpoint folder, or '' for a fresh init")
+        sp.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
+        sp.add_argument("--quiet", action="store_true", help="do not echo Flower's log")
+    sp = sub.add_parser("preview", help="phantom grids and the site partition summary")
+    common(sp, "demo")
+    sp.add_argument("--out", default="")
+    sp.add_argument("--size", type=int, default=64)
+    sp = sub.add_parser("pretrain", help="train the public prior on phantoms (no privacy cost)")
+    common(sp, "demo")
+    sp.add_argument("--out", default="")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point."""
+    _setup_env()
+    args = make_parser().parse_args(argv)
+    if getattr(args, "seed", None) is None and args.command in ("preview", "pretrain"):
+        args.seed = 0
+    if args.command in ("demo", "simulate"):
+        return cmd_simulate(args, name=args.command)
+    if args.command == "preview":
+        return cmd_preview(args)
+    if args.command == "pretrain":
+        return cmd_pretrain(args)
+    raise AssertionError(f"unhandled command {args.command}")  # argparse restricts the choices
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Start Flower's real machinery for a run: a SuperLink (simulation runtime) and ``flwr run``.
+
+The SuperLink runs with ``--disable-runtime-dependency-installation`` so that the project's own venv is
+used (no ``uv sync`` into a fresh environment), on a free loopback port, with ``FLWR_HOME`` inside the run
+folder; everything started here is stopped here, by process group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from common.config import RunConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONNECTION = "difusal"
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    """How a ``flwr run`` ended."""
+
+    returncode: int
+    run_dir: Path
+    wall_s: float
+    log_file: Path
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: offline, no telemetry, caches in the project."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "FLWR_HOME": str(flwr_home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TORCH_HOME": env.get("TORCH_HOME", str(PROJECT_ROOT / ".cache" / "torch")),
+            "RAY_TMPDIR": env.get("RAY_TMPDIR", "/tmp/ray-difusal"),
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")])),
+        }
+    )
+    env.update(extra or {})
+    return env
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+@contextmanager
+def process(cmd: list[str], *, log_file: Path, env: Mapping[str, str]) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``cmd`` in its own process group, logging to ``log_file``; stop the whole group on exit."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(env), start_new_session=True)
+        try:
+            yield proc
+        finally:
+            stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=grace_s)
+    except ProcessLookupError:
+        pass
+
+
+def wait_http(url: str, *, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``url`` until it answers 2xx; fail early if ``proc`` died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before {url} answered; see its log")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback only
+                if 200 <= resp.status < 300:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
+
+
+def run_config_string(cfg: RunConfig, *, resume: bool) -> str:
+    """``--run-config`` value: the preset plus every field as an override, so the app rebuilds ``cfg`` exactly."""
+    flat = cfg.to_flat()
+    overrides = " ".join(
+        f"{k}={'none' if v is None else v}" for k, v in flat.items() if k not in ("preset", "seed", "run-dir", "prior")
+    )
+    parts = [
+        f'preset="{cfg.preset}"',
+        f"seed={cfg.seed}",
+        f'run-dir="{cfg.run_dir}"',
+        f'prior="{cfg.prior}"',
+        f'overrides="{overrides}"',
+        f"resume={'true' if resume else 'false'}",
+    ]
+    return " ".join(parts)
+
+
+def write_connection(flwr_home: Path, *, port: int, num_sites: int) -> None:
+    """``FLWR_HOME/config.toml`` with one SuperLink connection for ``flwr run``."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        "[superlink]\n"
+        f'default = "{CONNECTION}"\n\n'
+        f"[superlink.{CONNECTION}]\n"
+        f'address = "127.0.0.1:{port}"\n'
+        "insecure = true\n"
+        f"options.num-supernodes = {num_sites}\n"
+        "options.backend.client-resources.num-cpus = 1\n"
+        "options.backend.client-resources.num-gpus = 0.0\n"
+    )
+
+
+def run_simulation(
+    cfg: RunConfig,
+    *,
+    num_sites: int,
+    resume: bool = False,
+    extra_env: Mapping[str, str] | None = None,
+    echo: bool = True,
+    timeout_s: float | None = None,
+) -> LaunchResult:
+    """Run ``cfg`` with ``num_sites`` simulated SuperNodes through a SuperLink and ``flwr run``.
+
+    Parameters
+    ----------
+    cfg:
+        Must have an absolute ``run_dir``; the run folder receives ``logs/`` and ``.flwr/``.
+    echo:
+        Stream the run's log to this process' stdout as well as to ``logs/flwr-run.log``.
+    """
+    run_dir = Path(cfg.run_dir)
+    if not run_dir.is_absolute():
+        raise ValueError(f"run_dir must be absolute, got {run_dir}")
+    flwr_home = run_dir / ".flwr"
+    port = free_port()
+    write_connection(flwr_home, port=port, num_sites=num_sites)
+    env = flower_env(flwr_home, extra_env)
+    logs = run_dir / "logs"
+    superlink_cmd = [
+        _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
+        "--database", ":flwr-in-memory:",
+    ]
+    t0 = time.perf_counter()
+    with process(superlink_cmd, log_file=logs / "superlink.log", env=env) as link:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout_s=60, proc=link)
+        cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream",
+               "--run-config", run_config_string(cfg, resume=resume)]
+        rc = _run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s)
+    return LaunchResult(returncode=rc, run_dir=run_dir, wall_s=time.perf_counter() - t0, log_file=logs / "flwr-run.log")
+
+
+def _run_and_tee(cmd: list[str], *, env: Mapping[str, str], log_file: Path, echo: bool, timeout_s: float | None) -> int:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    with log_file.open("ab") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(env),
+                                start_new_session=True, cwd=PROJECT_ROOT)
+        try:
+            assert proc.stdout is not None  # for the type checker: PIPE was requested
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if echo:
+                    sys.stdout.write(line.decode(errors="replace"))
+                    sys.stdout.flush()
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"flwr run exceeded {timeout_s:.0f}s")
+            return proc.wait()
+        finally:
+            stop_process_group(proc)
