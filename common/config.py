@@ -244,7 +244,7 @@ class RunConfig:
         string of ``key=value`` pairs (space or ``;`` separated) applied on top of the preset, because
         ``flwr run --run-config`` only overrides keys that pyproject.toml declares.
         """
-        flat = {k: v for k, v in run_config.items() if k != "overrides"}
+        flat = {k: v for k, v in run_config.items() if k not in ("overrides", "resume")}
         flat.update(parse_overrides(str(run_config.get("overrides", ""))))
         return cls.from_flat(flat)
 

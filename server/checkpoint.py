@@ -99,6 +99,10 @@ class RunFolder:
             fh.write(json.dumps(dict(record), default=str) + "\n")
         return Checkpoint(server_round, folder)
 
+    def mark_finished(self, last_round: int) -> None:
+        """Write ``status.json``: the run reached its last round (the launcher checks it)."""
+        write_json_atomic(self.path / "status.json", {"state": "finished", "last_round": last_round})
+
     def read_metrics(self) -> list[dict[str, Any]]:
         """All round records so far."""
         if not self.metrics_file.is_file():

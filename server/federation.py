@@ -102,6 +102,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
             os._exit(137)
     plot_rounds(run.read_metrics(), run.figures)
     last = run.latest()
+    run.mark_finished(last.server_round if last else 0)
     return FederationResult(last_round=last.server_round if last else 0, run_dir=run.path, arrays=arrays)
 
 

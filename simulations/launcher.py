@@ -177,7 +177,18 @@ def run_simulation(
         cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream",
                "--run-config", run_config_string(cfg, resume=resume)]
         rc = _run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s)
+    # `flwr run --stream` exits 0 even when the ServerApp raised: the run folder's status is the truth.
+    if rc == 0 and not finished(run_dir):
+        rc = 1
     return LaunchResult(returncode=rc, run_dir=run_dir, wall_s=time.perf_counter() - t0, log_file=logs / "flwr-run.log")
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether the server marked ``run_dir`` as finished."""
+    import json
+
+    status = Path(run_dir) / "status.json"
+    return status.is_file() and json.loads(status.read_text()).get("state") == "finished"
 
 
 def _run_and_tee(cmd: list[str], *, env: Mapping[str, str], log_file: Path, echo: bool, timeout_s: float | None) -> int:
