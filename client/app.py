@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from flwr.clientapp import ClientApp
 from client.site import SiteSpec, resolve_site
 from common.bundle import build_bundle, federated_arrays, load_federated_arrays
 from common.config import RunConfig
-from common.data.sites import load_site
+from common.data.sites import SiteData, load_site
 from common.flwr_records import arrays_to_record, record_to_arrays
 from common.local_update import local_evaluate, local_train
 from common.release import load_release_records
@@ -22,11 +23,18 @@ app = ClientApp()
 
 # Error code for a site-side failure (Flower's codes are < 100).
 SITE_FAILURE = 700
+# Test hook: a site whose name (or "site-<index>") equals this variable raises in every handler.
+FAULT_ENV = "DIFUSAL_FAULT_SITE"
 
 
-def _site(context: Context) -> SiteSpec:
-    cfg = RunConfig.from_run_config(context.run_config)
-    return resolve_site(context.node_config, cfg, run_dir=Path(cfg.run_dir or "runs/latest"))
+def _site(context: Context) -> tuple[SiteSpec, SiteData, str, Path]:
+    """This site's spec, its data, its name and its state folder."""
+    spec = resolve_site(context.node_config, RunConfig.from_run_config(context.run_config))
+    site = load_site(spec.cfg.data, seed=spec.cfg.seed, site_index=spec.index)
+    if FAULT_ENV in os.environ and os.environ[FAULT_ENV] in (site.name, f"site-{spec.index}"):
+        raise RuntimeError(f"fault injected by {FAULT_ENV}")
+    name, state_dir = spec.resolved(site.name, Path(spec.cfg.run_dir or "runs/latest"))
+    return spec, site, name, state_dir
 
 
 def _guarded(handler):  # type: ignore[no-untyped-def]
@@ -49,19 +57,18 @@ def _guarded(handler):  # type: ignore[no-untyped-def]
 @_guarded
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune generator + downstream models with DP on the site's private data; reply with the trained part."""
-    spec = _site(context)
+    spec, site, name, state_dir = _site(context)
     cfg = spec.cfg
     server_round = int(msg.content["config"]["fl-round"])  # type: ignore[arg-type]
-    site = load_site(cfg.data, seed=cfg.seed, site_index=spec.index)
     bundle = build_bundle(cfg)
     load_federated_arrays(bundle, record_to_arrays(msg.content["arrays"]))
-    store = SiteStateStore(spec.state_dir)
+    store = SiteStateStore(state_dir)
     ledger = store.load_ledger(before_round=server_round, privacy=cfg.privacy) if cfg.privacy.target_epsilon else None
     release = str(msg.content["config"].get("release-dir", ""))
     synthetic = load_release_records(Path(release)) if release else []
     result = local_train(bundle, site, ledger, cfg, server_round=server_round, synthetic=synthetic)
     if ledger is not None:
-        store.save_ledger(server_round, ledger, info={"site": spec.name, "messages": result.messages})
+        store.save_ledger(server_round, ledger, info={"site": name, "messages": result.messages})
     status = "ok" if result.trained_any else "budget-exhausted"
     metrics = MetricRecord(
         {
@@ -72,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     site_record = ConfigRecord(
         {
-            "name": spec.name,
+            "name": name,
             "status": status,
             "metrics": json.dumps(result.metrics),
             "privacy": json.dumps(result.privacy),
@@ -87,8 +94,7 @@ def train(msg: Message, context: Context) -> Message:
 @_guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Report the global models' metrics on the site's held-out data."""
-    spec = _site(context)
-    site = load_site(spec.cfg.data, seed=spec.cfg.seed, site_index=spec.index)
+    spec, site, name, _ = _site(context)
     bundle = build_bundle(spec.cfg)
     load_federated_arrays(bundle, record_to_arrays(msg.content["arrays"]))
     metrics = local_evaluate(bundle, site, spec.cfg)
@@ -96,7 +102,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "metrics": MetricRecord(fixed),
-            "site": ConfigRecord({"name": spec.name, "metrics": json.dumps(metrics)}),
+            "site": ConfigRecord({"name": name, "metrics": json.dumps(metrics)}),
         }
     )
     return Message(content=content, reply_to=msg)

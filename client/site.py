@@ -20,21 +20,26 @@ class SiteSpec:
     """One site's identity and the config it trains with."""
 
     index: int
-    name: str
-    state_dir: Path
+    name: str | None  # None: the data layer's name for the site (e.g. "site0-voluson_e6", "Ghana")
+    state_dir: Path | None  # None: <run-dir>/sites/<name> (simulation)
     cfg: RunConfig
 
+    def resolved(self, data_name: str, run_dir: Path) -> tuple[str, Path]:
+        """Final ``(name, state_dir)`` once the site's data (and so its natural name) is known."""
+        name = self.name or data_name
+        return name, self.state_dir or run_dir / "sites" / name
 
-def resolve_site(node_config: Mapping[str, object], cfg: RunConfig, *, run_dir: Path) -> SiteSpec:
+
+def resolve_site(node_config: Mapping[str, object], cfg: RunConfig) -> SiteSpec:
     """Combine ``node_config`` (per-site facts) with the federation-wide ``cfg``."""
     if "site-index" in node_config:
         index = int(node_config["site-index"])  # type: ignore[call-overload]
         if "state-dir" not in node_config:
             raise ConfigError("node_config lacks 'state-dir': give each SuperNode a folder for its privacy ledger")
-        state_dir = Path(str(node_config["state-dir"]))
+        state_dir: Path | None = Path(str(node_config["state-dir"]))
     elif "partition-id" in node_config:
         index = int(node_config["partition-id"])  # type: ignore[call-overload]
-        state_dir = Path()
+        state_dir = None
     else:
         raise ConfigError(
             "node_config has neither 'site-index' (deployment) nor 'partition-id' (simulation); "
@@ -51,7 +56,5 @@ def resolve_site(node_config: Mapping[str, object], cfg: RunConfig, *, run_dir: 
     data.validate()
     privacy.validate()
     cfg = replace(cfg, data=data, privacy=privacy)
-    name = str(node_config.get("site-name", f"site-{index}"))
-    if state_dir == Path():
-        state_dir = run_dir / "sites" / name
+    name = str(node_config["site-name"]) if "site-name" in node_config else None
     return SiteSpec(index=index, name=name, state_dir=state_dir, cfg=cfg)

@@ -109,6 +109,8 @@ class PrivacyConfig:
     accountant: Literal["rdp", "prv"] = "rdp"
     grad_sample_mode: GradSampleMode = "functorch"
     noise_multiplicity: int = 4  # K noise/timestep draws averaged per example before clipping (DPDM)
+    # Fixed DP-SGD noise multiplier; None derives it from the target (epsilon, delta) and the planned steps.
+    noise_multiplier: float | None = None
 
     def validate(self) -> None:
         if self.target_epsilon is not None:
@@ -118,6 +120,8 @@ class PrivacyConfig:
         _check_choice("privacy.accountant", self.accountant, ("rdp", "prv"))
         _check_choice("privacy.grad_sample_mode", self.grad_sample_mode, ("hooks", "functorch", "ghost"))
         _check_range("privacy.noise_multiplicity", self.noise_multiplicity, 1, 64)
+        if self.noise_multiplier is not None:
+            _check_range("privacy.noise_multiplier", self.noise_multiplier, 0.05, 100.0)
 
 
 @dataclass(frozen=True)
@@ -317,8 +321,10 @@ def _section_classes() -> dict[str, type]:
 
 def _coerce(key: str, raw: Any, current: Any) -> Any:
     """Coerce a flat override to the type of the field's current value."""
+    if raw is None and (current is None or key.endswith(("target-epsilon", "noise-multiplier"))):
+        return None
     if isinstance(raw, str) and raw.lower() in ("none", "null", "off") and (
-        current is None or key.endswith("target-epsilon")
+        current is None or key.endswith(("target-epsilon", "noise-multiplier"))
     ):
         return None
     try:

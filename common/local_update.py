@@ -105,6 +105,7 @@ def local_train(
             max_grad_norm=cfg.privacy.max_grad_norm,
             grad_sample_mode=cfg.privacy.grad_sample_mode,
             seed=derive_seed(seed, key),
+            noise_multiplier=cfg.privacy.noise_multiplier if ledger is not None else None,
         )
         metrics[f"{key}-steps"] = float(result.steps)
         metrics[f"{key}-loss"] = float(np.mean(result.losses)) if result.losses else float("nan")

@@ -108,6 +108,27 @@ def wait_http(url: str, *, timeout_s: float, proc: subprocess.Popen[bytes] | Non
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
 
 
+APP_PACKAGES = ("common", "client", "server")
+
+
+def stage_app(dst: Path) -> Path:
+    """Copy the Flower app (pyproject + the three packages) to ``dst`` for ``flwr run``.
+
+    ``flwr run`` builds its FAB by walking the project folder, ``.venv`` included (seconds per run);
+    a staged copy holds only what the app needs.
+    """
+    import shutil
+
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    shutil.copy2(PROJECT_ROOT / "pyproject.toml", dst / "pyproject.toml")
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
+    for pkg in APP_PACKAGES:
+        shutil.copytree(PROJECT_ROOT / pkg, dst / pkg, ignore=ignore)
+    return dst
+
+
 def run_config_string(cfg: RunConfig, *, resume: bool) -> str:
     """``--run-config`` value: the preset plus every field as an override, so the app rebuilds ``cfg`` exactly."""
     flat = cfg.to_flat()
@@ -174,7 +195,8 @@ def run_simulation(
     t0 = time.perf_counter()
     with process(superlink_cmd, log_file=logs / "superlink.log", env=env) as link:
         wait_http(f"http://127.0.0.1:{port}/health", timeout_s=60, proc=link)
-        cmd = [_bin("flwr"), "run", str(PROJECT_ROOT), CONNECTION, "--stream",
+        app_dir = stage_app(run_dir / ".app")
+        cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
                "--run-config", run_config_string(cfg, resume=resume)]
         rc = _run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s)
     # `flwr run --stream` exits 0 even when the ServerApp raised: the run folder's status is the truth.

@@ -1,0 +1,106 @@
+"""The federation through Flower's real machinery: SuperLink (simulation runtime) + ``flwr run``.
+
+Tiny models (smoke preset, 32x32). Each test starts and stops its own SuperLink on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.bundle import load_federated_file
+from common.config import RunConfig
+from simulations.launcher import run_simulation
+
+
+def _cfg(run_dir: Path, **overrides: object) -> RunConfig:
+    flat: dict[str, object] = {"preset": "smoke", "run-dir": str(run_dir)}
+    flat.update(overrides)
+    return RunConfig.from_flat(flat)
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_sites_one_round_through_flower(tmp_path: Path) -> None:
+    # Prepare
+    cfg = _cfg(tmp_path / "run")
+    # Execute
+    result = run_simulation(cfg, num_sites=2, echo=False, timeout_s=300)
+    # Assert
+    assert result.returncode == 0, result.log_file.read_text()[-3000:]
+    run = tmp_path / "run"
+    (record,) = _records(run)
+    assert record["round"] == 1
+    assert sorted(s["status"] for s in record["sites"]) == ["ok", "ok"]
+    assert all(s["bytes_up"] > 0 and s["bytes_down"] > 0 for s in record["sites"])
+    # every site reports a cumulative epsilon per model, within its budget
+    assert len(record["ledger"]) == 2
+    for models in record["ledger"].values():
+        assert 0 < models["generator"]["epsilon"] <= models["generator"]["budget_epsilon"] + 1e-9
+    ckpt = run / "checkpoints" / "round-001"
+    arrays = load_federated_file(ckpt)
+    assert any(k.startswith("generator.") and "lora" in k for k in arrays)
+    assert (ckpt / "generator").is_dir() and (ckpt / "sidecar.json").is_file()
+    assert json.loads((ckpt / "sidecar.json").read_text())["privacy"]["sites"].keys() == record["ledger"].keys()
+    assert (run / "figures" / "samples-round-001.png").is_file() and (run / "figures" / "rounds.png").is_file()
+
+
+def test_resume_after_kill_reaches_the_uninterrupted_result(tmp_path: Path) -> None:
+    # Prepare: the same 2-round run, uninterrupted and killed after round 1
+    full = _cfg(tmp_path / "full", **{"federation.num-rounds": 2})
+    killed = _cfg(tmp_path / "killed", **{"federation.num-rounds": 2})
+    # Execute
+    ref = run_simulation(full, num_sites=2, echo=False, timeout_s=300)
+    crash = run_simulation(killed, num_sites=2, echo=False, timeout_s=300,
+                           extra_env={"DIFUSAL_FAULT_AFTER_ROUND": "1"})
+    after_crash = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
+    resumed = run_simulation(killed, num_sites=2, resume=True, echo=False, timeout_s=300)
+    # Assert
+    assert ref.returncode == 0 and resumed.returncode == 0
+    assert crash.returncode != 0 and after_crash == ["round-001"]
+    a = load_federated_file(tmp_path / "full" / "checkpoints" / "round-002")
+    b = load_federated_file(tmp_path / "killed" / "checkpoints" / "round-002")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=key)
+    ledger_a = _records(tmp_path / "full")[-1]["ledger"]
+    ledger_b = _records(tmp_path / "killed")[-1]["ledger"]
+    assert ledger_a == ledger_b
+    assert [r["round"] for r in _records(tmp_path / "killed")] == [1, 2]
+
+
+def test_a_failing_site_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path / "run")
+    result = run_simulation(cfg, num_sites=2, echo=False, timeout_s=300,
+                            extra_env={"DIFUSAL_FAULT_SITE": "site-1"})
+    assert result.returncode == 0
+    (record,) = _records(tmp_path / "run")
+    status = sorted((s["status"], s["reason"]) for s in record["sites"])
+    assert status[0][0] == "failed" and "fault injected" in status[0][1] and "site site-1" in status[0][1]
+    assert status[1][0] == "ok"
+
+
+def test_a_site_past_its_budget_stops_contributing_and_the_ledger_says_why(tmp_path: Path) -> None:
+    # Prepare: little noise and a small budget, so the first round spends it
+    cfg = _cfg(tmp_path / "run", **{"federation.num-rounds": 2, "privacy.noise-multiplier": 0.3,
+                                   "privacy.target-epsilon": 2.0, "train.local-steps": 4})
+    # Execute
+    result = run_simulation(cfg, num_sites=2, echo=False, timeout_s=300)
+    # Assert
+    assert result.returncode == 0
+    first, second = _records(tmp_path / "run")
+    assert all(s["status"] == "ok" for s in first["sites"])
+    assert all("budget" in s["reason"] for s in first["sites"])  # stopped early within round 1
+    assert [s["status"] for s in second["sites"]] == ["budget-exhausted", "budget-exhausted"]
+    for models in second["ledger"].values():
+        assert all(m["exhausted"] for m in models.values())
+        assert all(m["epsilon"] <= m["budget_epsilon"] + 1e-9 for m in models.values())
+    # the global model did not change in the round nobody could train
+    r1 = load_federated_file(tmp_path / "run" / "checkpoints" / "round-001")
+    r2 = load_federated_file(tmp_path / "run" / "checkpoints" / "round-002")
+    assert all(np.array_equal(r1[k], r2[k]) for k in r1)

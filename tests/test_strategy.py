@@ -1,0 +1,112 @@
+"""GuardedStrategy: malformed, failed and budget-exhausted replies never reach aggregation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.config import get_preset
+from common.flwr_records import arrays_to_record, record_to_arrays
+from server.strategy import GuardedStrategy, make_strategy
+
+SHAPES = {"generator.w": (2, 3), "classifier.b": (4,)}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    """Messages outside a Flower runtime need a task identity."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+def _reply(node: int, arrays: dict[str, np.ndarray], *, status: str = "ok", n: int = 10,
+           metrics: dict | None = None, drop: str = "") -> Message:
+    request = Message(content=RecordDict({"config": ConfigRecord({"fl-round": 1})}), dst_node_id=node,
+                      message_type="train")
+    content = {
+        "arrays": arrays_to_record(arrays),
+        "metrics": MetricRecord(metrics or {"num-examples": n, "generator-loss": 0.5}),
+        "site": ConfigRecord({"name": f"hospital-{node}", "status": status, "metrics": "{}",
+                              "privacy": json.dumps({"generator": {"epsilon": 1.0}}), "messages": "[]"}),
+    }
+    content.pop(drop, None)
+    return Message(content=RecordDict(content), reply_to=request)
+
+
+def _good(value: float) -> dict[str, np.ndarray]:
+    return {"generator.w": np.full((2, 3), value, np.float32), "classifier.b": np.full(4, value, np.float32)}
+
+
+def test_valid_replies_are_averaged_and_bad_ones_rejected_with_the_site_named() -> None:
+    # Prepare
+    strategy = GuardedStrategy(FedAvg(), expected_shapes=SHAPES)
+    failed_request = Message(content=RecordDict(), dst_node_id=7, message_type="train")
+    replies = [
+        _reply(1, _good(1.0)),
+        _reply(2, _good(3.0)),
+        _reply(3, {"generator.w": np.zeros((3, 2), np.float32), "classifier.b": np.zeros(4, np.float32)}),
+        _reply(4, {**_good(0.0), "classifier.b": np.array([0, np.nan, 0, 0], np.float32)}),
+        _reply(5, {"generator.w": np.zeros((2, 3), np.float32)}),
+        _reply(6, _good(100.0), drop="site"),
+        Message(Error(code=700, reason="site hospital-7: RuntimeError: disk full"), reply_to=failed_request),
+        _reply(8, _good(50.0), metrics={"num-examples": 5, "generator-loss": float("inf")}),
+    ]
+    # Execute
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # Assert: only hospitals 1 and 2 were averaged (equal weights)
+    assert arrays is not None
+    assert np.allclose(record_to_arrays(arrays)["generator.w"], 2.0)
+    status = {r.name: (r.status, r.reason) for r in strategy.reports.values()}
+    assert status["hospital-1"][0] == status["hospital-2"][0] == "ok"
+    assert status["hospital-3"][0] == "rejected" and "shape" in status["hospital-3"][1]
+    assert status["hospital-4"][0] == "rejected" and "non-finite" in status["hospital-4"][1]
+    assert status["hospital-5"][0] == "rejected" and "missing ['classifier.b']" in status["hospital-5"][1]
+    assert status["node-6"][0] == "rejected" and "lacks" in status["node-6"][1]
+    assert status["node-7"] == ("failed", "site hospital-7: RuntimeError: disk full")
+    assert status["hospital-8"][0] == "rejected" and "not finite" in status["hospital-8"][1]
+
+
+def test_budget_exhausted_site_is_not_averaged_and_is_skipped_next_round() -> None:
+    strategy = GuardedStrategy(FedAvg(), expected_shapes=SHAPES)
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, _good(1.0)), _reply(2, _good(9.0), status="budget-exhausted", n=0)])
+    assert arrays is not None and np.allclose(record_to_arrays(arrays)["classifier.b"], 1.0)
+    assert strategy.exhausted == {2}
+    assert {r.name: r.status for r in strategy.reports.values()}["hospital-2"] == "budget-exhausted"
+
+
+def test_no_valid_reply_leaves_the_model_unchanged() -> None:
+    strategy = GuardedStrategy(FedAvg(), expected_shapes=SHAPES)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(3, {"generator.w": np.zeros((1,), np.float32)})])
+    assert arrays is None and metrics is None
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [("fedavg", "FedAvg"), ("fedprox", "FedProx"), ("fedadam", "FedAdam"), ("fedmedian", "FedMedian"),
+     ("trimmedmean", "FedTrimmedAvg"), ("krum", "Krum")],
+)
+def test_strategy_is_selected_from_config(name: str, cls: str) -> None:
+    cfg = get_preset("smoke")
+    cfg = cfg.from_flat({"preset": "smoke", "federation.strategy": name})
+    assert type(make_strategy(cfg)).__name__ == cls
+
+
+def test_fedadam_state_round_trips_for_resume() -> None:
+    # Prepare: one FedAdam step creates moments
+    cfg = get_preset("smoke").from_flat({"preset": "smoke", "federation.strategy": "fedadam"})
+    strategy = GuardedStrategy(make_strategy(cfg), expected_shapes=SHAPES)
+    strategy.base.current_arrays = {k: v.copy() for k, v in _good(0.0).items()}  # what configure_train sets
+    strategy.aggregate_train(1, [_reply(1, _good(1.0)), _reply(2, _good(3.0))])
+    state = strategy.state_arrays()
+    # Execute
+    other = GuardedStrategy(make_strategy(cfg), expected_shapes=SHAPES)
+    other.load_state_arrays(state)
+    # Assert
+    assert any(k.startswith("m_t/") for k in state) and any(k.startswith("v_t/") for k in state)
+    for key, value in state.items():
+        attr, _, name = key.partition("/")
+        assert np.array_equal(getattr(other.base, attr)[name], value)
