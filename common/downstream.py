@@ -1,0 +1,228 @@
+"""Downstream models trained at each site: a fetal-plane classifier and a gestational-age regressor.
+
+Both are small GroupNorm CNNs (no BatchNorm: Opacus' ``ModuleValidator`` accepts them, and per-example
+gradients stay independent). Batches are the 4-tuples of ``common.data.tensors``:
+``(images [B,1,H,W] in [-1,1], plane int64 [B], ga float32 [B] (NaN unknown), spacing float32 [B] (NaN unknown))``.
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from common.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
+
+_GA_CENTER = (GA_MIN_WEEKS + GA_MAX_WEEKS) / 2.0  # 27 weeks
+_GA_SCALE = (GA_MAX_WEEKS - GA_MIN_WEEKS) / 2.0  # 13 weeks
+_LOGVAR_RANGE = 6.0  # log-variance is kept within +-6 of the prior scale (numerical safety)
+
+
+def _groups(channels: int) -> int:
+    """Largest of 8, 4, 2, 1 dividing ``channels`` (GroupNorm needs an exact split)."""
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
+
+
+def _check_size(image_size: int, width: int) -> None:
+    if image_size < 16 or image_size % 8:
+        raise ValueError(f"image_size={image_size} must be a multiple of 8 and >= 16")
+    if width < 2:
+        raise ValueError(f"width={width} must be >= 2")
+
+
+class _Backbone(nn.Module):
+    """Conv -> GroupNorm -> SiLU, three stride-2 stages, global average pool: ``[B,1,H,W] -> [B, 4*width]``."""
+
+    def __init__(self, image_size: int, width: int) -> None:
+        super().__init__()
+        _check_size(image_size, width)
+        self.image_size = image_size
+        chans = [width, 2 * width, 2 * width, 4 * width]
+        layers: list[nn.Module] = []
+        c_in = 1
+        for i, c in enumerate(chans):
+            layers += [nn.Conv2d(c_in, c, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(_groups(c), c),
+                       nn.SiLU()]
+            c_in = c
+        self.net = nn.Sequential(*layers)
+        self.out_dim = chans[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Penultimate embedding."""
+        if x.ndim != 4 or x.shape[1] != 1 or x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            raise ValueError(f"expected images [B,1,{self.image_size},{self.image_size}], got {tuple(x.shape)}")
+        return self.net(x).mean(dim=(2, 3))
+
+
+class PlaneClassifier(nn.Module):
+    """Fetal-plane classifier over :data:`PLANES`.
+
+    Parameters
+    ----------
+    num_classes:
+        Number of plane labels (6).
+    image_size:
+        Input side length (multiple of 8, >= 16).
+    width:
+        Channels of the first stage (then 2x, 2x, 4x); the embedding has ``4 * width`` dims.
+    """
+
+    def __init__(self, num_classes: int = len(PLANES), image_size: int = 64, width: int = 32) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes} must be >= 2")
+        self.num_classes = num_classes
+        self.backbone = _Backbone(image_size, width)
+        self.head = nn.Linear(self.backbone.out_dim, num_classes)
+
+    def features(self, x: Tensor) -> Tensor:
+        """Penultimate embedding ``[B, 4*width]`` (for Frechet distances and novelty scores)."""
+        return self.backbone(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Class logits ``[B, num_classes]``."""
+        return self.head(self.features(x))
+
+
+class GARegressor(nn.Module):
+    """Heteroscedastic gestational-age regressor: predicts mean and log-variance of GA in weeks.
+
+    The image alone does not fix GA: a head of 200 px is small at 0.5 mm/px and large at 1 mm/px. The pixel
+    spacing enters as a scale input ``s = [log(spacing_mm), unknown]``: a known spacing gives ``[log sp, 0]``,
+    a missing one (NaN) gives ``[0, 1]``, so the weights on the flag column act as a learned "unknown spacing"
+    embedding. ``s`` modulates the image embedding by FiLM (Perez et al. 2018, ``h * (1 + gamma(s)) + beta(s)``)
+    and is also concatenated to the head input, so log physical size = log pixel size + log spacing is linear.
+
+    Parameters
+    ----------
+    image_size, width:
+        As for :class:`PlaneClassifier`.
+    """
+
+    def __init__(self, image_size: int = 64, width: int = 32) -> None:
+        super().__init__()
+        self.backbone = _Backbone(image_size, width)
+        d = self.backbone.out_dim
+        self.film = nn.Linear(2, 2 * d)
+        self.head = nn.Sequential(nn.Linear(d + 2, d), nn.SiLU(), nn.Linear(d, 2))
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+
+    @staticmethod
+    def scale_input(spacing: Tensor) -> Tensor:
+        """``[B] spacing (mm, NaN unknown) -> [B, 2]`` = (log spacing or 0, unknown flag)."""
+        known = torch.isfinite(spacing) & (spacing > 0)
+        log_sp = torch.where(known, torch.log(torch.where(known, spacing, torch.ones_like(spacing))), 0.0)
+        return torch.stack([log_sp, (~known).to(log_sp.dtype)], dim=1)
+
+    def forward(self, x: Tensor, spacing: Tensor) -> tuple[Tensor, Tensor]:
+        """``(mean_weeks [B], logvar_weeks2 [B])``."""
+        s = self.scale_input(spacing.to(x.dtype))
+        h = self.backbone(x)
+        gamma, beta = self.film(s).chunk(2, dim=1)
+        out = self.head(torch.cat([h * (1 + gamma) + beta, s], dim=1))
+        mean = _GA_CENTER + _GA_SCALE * out[:, 0]
+        logvar = 2 * math.log(_GA_SCALE) - 2.0 + _LOGVAR_RANGE * torch.tanh(out[:, 1] / _LOGVAR_RANGE)
+        return mean, logvar
+
+
+# -- per-example losses for common.privacy.train_private ---------------------------------------------------
+def classifier_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    """Per-example cross-entropy ``[B]``."""
+    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+
+
+def regressor_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    """Per-example Gaussian NLL ``[B]`` (Kendall & Gal 2017, eq. 5); unknown GA (NaN) contributes 0.
+
+    ``0.5 * (log s^2 + (y - mu)^2 / s^2)`` in weeks, constant dropped. NaN targets are replaced before the
+    arithmetic so that no NaN can leak into gradients through the mask.
+    """
+    images, ga, spacing = batch[0], batch[2], batch[3]
+    mean, logvar = model(images, spacing)
+    known = torch.isfinite(ga)
+    y = torch.where(known, ga, torch.zeros_like(ga)).to(mean.dtype)
+    nll = 0.5 * (logvar + (y - mean) ** 2 * torch.exp(-logvar))
+    return nll * known.to(nll.dtype)
+
+
+# -- inference --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_planes(model: PlaneClassifier, images: Tensor, *, batch_size: int = 256, device: str = "cpu") -> Tensor:
+    """Class probabilities ``[N, num_classes]`` (eval mode, restored after)."""
+    was = model.training
+    model.eval()
+    try:
+        outs = [F.softmax(model(images[i:i + batch_size].to(device)), dim=1).cpu()
+                for i in range(0, images.shape[0], batch_size)]
+    finally:
+        model.train(was)
+    return torch.cat(outs) if outs else torch.empty(0, model.num_classes)
+
+
+@torch.no_grad()
+def predict_ga(model: GARegressor, images: Tensor, spacing: Tensor, *, batch_size: int = 256,
+               device: str = "cpu") -> tuple[Tensor, Tensor]:
+    """Predicted GA ``(mean, std)`` in weeks, each ``[N]``."""
+    if spacing.shape != images.shape[:1]:
+        raise ValueError(f"spacing must have shape [{images.shape[0]}], got {tuple(spacing.shape)}")
+    was = model.training
+    model.eval()
+    means, stds = [], []
+    try:
+        for i in range(0, images.shape[0], batch_size):
+            m, lv = model(images[i:i + batch_size].to(device), spacing[i:i + batch_size].to(device))
+            means.append(m.cpu())
+            stds.append(torch.exp(0.5 * lv).cpu())
+    finally:
+        model.train(was)
+    if not means:
+        return torch.empty(0), torch.empty(0)
+    return torch.cat(means), torch.cat(stds)
+
+
+def evaluate_classifier(model: PlaneClassifier, dataset: TensorDataset, *, device: str = "cpu") -> dict:
+    """Accuracy, macro-F1 (over labels present in truth or prediction), per-class recall (NaN if absent), n."""
+    images, labels = dataset.tensors[0], dataset.tensors[1].long()
+    pred = predict_planes(model, images, device=device).argmax(dim=1)
+    c = model.num_classes
+    recalls, f1s = [], []
+    for k in range(c):
+        tp = int(((pred == k) & (labels == k)).sum())
+        n_true, n_pred = int((labels == k).sum()), int((pred == k).sum())
+        recalls.append(tp / n_true if n_true else float("nan"))
+        if n_true or n_pred:
+            f1s.append(2 * tp / (n_true + n_pred))
+    n = int(labels.numel())
+    return {
+        "accuracy": float((pred == labels).float().mean()) if n else float("nan"),
+        "macro_f1": sum(f1s) / len(f1s) if f1s else float("nan"),
+        "per_class_recall": recalls,
+        "n": n,
+    }
+
+
+def evaluate_regressor(model: GARegressor, dataset: TensorDataset, *, coverage_level: float = 0.9,
+                       device: str = "cpu") -> dict:
+    """MAE (days), coverage and mean width (days) of the central Gaussian interval, n with known GA."""
+    if not 0 < coverage_level < 1:
+        raise ValueError(f"coverage_level={coverage_level} must be in (0, 1)")
+    images, ga, spacing = dataset.tensors[0], dataset.tensors[2], dataset.tensors[3]
+    known = torch.isfinite(ga)
+    n = int(known.sum())
+    if n == 0:
+        return {"mae_days": float("nan"), "coverage": float("nan"), "interval_width_days": float("nan"), "n": 0}
+    mean, std = predict_ga(model, images[known], spacing[known], device=device)
+    z = NormalDist().inv_cdf(0.5 + coverage_level / 2)  # two-sided Gaussian quantile
+    err = (mean - ga[known]).abs()
+    return {
+        "mae_days": float(err.mean()) * 7.0,
+        "coverage": float((err <= z * std).float().mean()),
+        "interval_width_days": float((2 * z * std).mean()) * 7.0,
+        "coverage_level": coverage_level,
+        "n": n,
+    }
