@@ -1,0 +1,1 @@
+"""Throughput and speed benchmarks; each writes a JSON report (default folder ``runs/benchmarks/``)."""
