@@ -16,7 +16,8 @@ from common.config import RunConfig
 from common.data.sites import SiteData, load_site
 from common.flwr_records import arrays_to_record, record_to_arrays
 from common.local_update import local_evaluate, local_train
-from common.release import load_release_records
+from common.query import answer_query, release_from_arrays
+from common.seeding import derive_seed
 from common.site_state import SiteStateStore
 
 app = ClientApp()
@@ -45,9 +46,8 @@ def _guarded(handler):  # type: ignore[no-untyped-def]
         try:
             return handler(msg, context)
         except Exception as exc:  # noqa: BLE001 - reported to the server with the site's name
-            reason = f"site {name}: {type(exc).__name__}: {exc}"
             traceback.print_exc()
-            return Message(Error(code=SITE_FAILURE, reason=reason), reply_to=msg)
+            return Message(Error(code=SITE_FAILURE, reason=f"site {name}: {type(exc).__name__}: {exc}"), reply_to=msg)
 
     wrapper.__name__ = handler.__name__
     return wrapper
@@ -64,11 +64,12 @@ def train(msg: Message, context: Context) -> Message:
     load_federated_arrays(bundle, record_to_arrays(msg.content["arrays"]))
     store = SiteStateStore(state_dir)
     ledger = store.load_ledger(before_round=server_round, privacy=cfg.privacy) if cfg.privacy.target_epsilon else None
-    release = str(msg.content["config"].get("release-dir", ""))
-    synthetic = load_release_records(Path(release)) if release else []
+    synthetic = release_from_arrays(record_to_arrays(msg.content["release"])) if "release" in msg.content else []
     result = local_train(bundle, site, ledger, cfg, server_round=server_round, synthetic=synthetic)
+    arrays = federated_arrays(bundle)
     if ledger is not None:
         store.save_ledger(server_round, ledger, info={"site": name, "messages": result.messages})
+    store.save_local_model(server_round, {k: v for k, v in arrays.items() if k.startswith("generator.")})
     status = "ok" if result.trained_any else "budget-exhausted"
     metrics = MetricRecord(
         {
@@ -86,7 +87,7 @@ def train(msg: Message, context: Context) -> Message:
             "messages": json.dumps(result.messages),
         }
     )
-    content = RecordDict({"arrays": arrays_to_record(federated_arrays(bundle)), "metrics": metrics, "site": site_record})
+    content = RecordDict({"arrays": arrays_to_record(arrays), "metrics": metrics, "site": site_record})
     return Message(content=content, reply_to=msg)
 
 
@@ -100,9 +101,44 @@ def evaluate(msg: Message, context: Context) -> Message:
     metrics = local_evaluate(bundle, site, spec.cfg)
     fixed = {k: metrics.get(k, 0.0) for k in ("num-examples", "plane-accuracy", "denoise-loss")}
     content = RecordDict(
+        {"metrics": MetricRecord(fixed), "site": ConfigRecord({"name": name, "metrics": json.dumps(metrics)})}
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+@_guarded
+def query(msg: Message, context: Context) -> Message:
+    """Generate candidates for the requested conditions with this site's DP generator and score them."""
+    spec, site, name, state_dir = _site(context)
+    cfg = spec.cfg
+    config = msg.content["config"]
+    server_round = int(config["fl-round"])  # type: ignore[arg-type]
+    bundle = build_bundle(cfg)
+    load_federated_arrays(bundle, record_to_arrays(msg.content["arrays"]))
+    store = SiteStateStore(state_dir)
+    request = record_to_arrays(msg.content["request"])
+    answer = answer_query(
+        bundle,
+        cfg,
+        plane=request["plane"],
+        ga=request["ga"],
+        bank=request.get("bank"),
+        local_generator=store.load_local_model(up_to_round=server_round),
+        private=site.train if bool(config.get("memorization-check", False)) else None,
+        seed=derive_seed(int(config.get("seed", 0)), name),  # type: ignore[arg-type]
+    )
+    ledger = store.load_ledger(before_round=server_round + 1, privacy=cfg.privacy) if cfg.privacy.target_epsilon else None
+    privacy = ledger.summary().get("generator", {}) if ledger is not None else {"epsilon": float("inf")}
+    site_record = ConfigRecord(
         {
-            "metrics": MetricRecord(fixed),
-            "site": ConfigRecord({"name": name, "metrics": json.dumps(metrics)}),
+            "name": name,
+            "privacy": json.dumps({**privacy, "model": "generator", "local": answer.used_local_model}),
+            "scanner": str(site.train[0].extra.get("profile", site.name)) if site.train else site.name,
+            "memorization-checked": answer.memorization_checked,
         }
     )
+    payload = {"images": answer.candidates.images, "plane": answer.candidates.plane, "ga": answer.candidates.ga}
+    payload.update({f"score.{k}": v for k, v in answer.candidates.scores.items()})
+    content = RecordDict({"candidates": arrays_to_record(payload), "site": site_record})
     return Message(content=content, reply_to=msg)

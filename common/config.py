@@ -165,6 +165,12 @@ class FederationConfig:
     al_every: int = 0  # run a coordinator query every k rounds (0: never)
     al_candidates_per_site: int = 16
     al_select: int = 16
+    al_acquisition: Literal["uncertainty", "kcenter", "random"] = "kcenter"
+    al_balance: bool = True  # balance the selection across plane x GA bins
+    al_quality_threshold: float = 0.3  # minimum classifier confidence in the requested plane
+    al_refine_steps: int = 0  # server-side generator refinement steps on the release (post-processing, no DP cost)
+    al_memorization_check: bool = False  # sites filter near-copies of private images (NOT covered by DP)
+    al_max_reply_bytes: int = 16 * 1024 * 1024
 
     def validate(self) -> None:
         _check_range("federation.num_rounds", self.num_rounds, 1, 10_000)
@@ -180,6 +186,10 @@ class FederationConfig:
         _check_range("federation.al_every", self.al_every, 0, 10_000)
         _check_range("federation.al_candidates_per_site", self.al_candidates_per_site, 1, 100_000)
         _check_range("federation.al_select", self.al_select, 1, 1_000_000)
+        _check_choice("federation.al_acquisition", self.al_acquisition, ("uncertainty", "kcenter", "random"))
+        _check_range("federation.al_quality_threshold", self.al_quality_threshold, 0.0, 1.0)
+        _check_range("federation.al_refine_steps", self.al_refine_steps, 0, 100_000)
+        _check_range("federation.al_max_reply_bytes", self.al_max_reply_bytes, 1024, 2**31)
 
 
 _SECTIONS = ("data", "generator", "sampling", "privacy", "train", "federation")

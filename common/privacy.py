@@ -37,6 +37,15 @@ ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 _LEDGER_FORMAT = "difusal-privacy-ledger/1"
+# RDP orders. Opacus' default list has 99 fractional orders whose log-moments are slow series (about 0.2-0.8 s
+# per epsilon on this CPU); integer orders have a closed form (Mironov et al. 2019, Sec. 3.3) and cost ~1 ms.
+# The bound is slightly looser (never tighter), so the guarantee is kept; every call here uses the same list.
+RDP_ORDERS: tuple[float, ...] = (*range(2, 65), 80, 96, 128, 192, 256, 512)
+
+
+def _accountant_kwargs(accountant: str) -> dict[str, Any]:
+    """Extra ``get_epsilon`` arguments of an accountant (the RDP orders for ``"rdp"``)."""
+    return {"alphas": list(RDP_ORDERS)} if accountant == "rdp" else {}
 
 
 def _check_budget(target_epsilon: float | None, target_delta: float, accountant: str) -> None:
@@ -73,7 +82,8 @@ def noise_multiplier_for(
         raise ConfigError(f"need 0 < sample_rate <= 1 and total_steps >= 1; got {sample_rate!r}, {total_steps!r}")
     try:
         return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                          sample_rate=sample_rate, steps=int(total_steps), accountant=accountant))
+                                          sample_rate=sample_rate, steps=int(total_steps), accountant=accountant,
+                                          **_accountant_kwargs(accountant)))
     except ValueError as err:  # Opacus: "The privacy budget is too low."
         raise ConfigError(
             f"no noise multiplier reaches epsilon={target_epsilon} at delta={target_delta} with q={sample_rate} "
@@ -152,7 +162,7 @@ class PrivacyLedger:
         """Epsilon at ``delta`` of an accountant history (0 when empty)."""
         acc = create_accountant(mechanism=self.accountant)
         acc.history = [tuple(h) for h in history]
-        return float(acc.get_epsilon(delta=delta)) if acc.history else 0.0
+        return float(acc.get_epsilon(delta=delta, **_accountant_kwargs(self.accountant))) if acc.history else 0.0
 
     def steps(self, model: str) -> int:
         """DP-SGD steps accounted so far for ``model``."""

@@ -16,6 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.config import PrivacyConfig
 from common.privacy import PrivacyLedger
 
@@ -52,6 +54,30 @@ class SiteStateStore:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         return path
+
+    def save_local_model(self, server_round: int, arrays: dict[str, "np.ndarray"]) -> Path:
+        """Keep the site's own DP fine-tuned generator part of ``server_round`` (used to answer queries)."""
+        from safetensors.numpy import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"local-model-round-{server_round:03d}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
+        os.replace(tmp, path)
+        return path
+
+    def load_local_model(self, *, up_to_round: int) -> dict[str, "np.ndarray"] | None:
+        """The newest local model saved at or before ``up_to_round``; ``None`` if the site never trained."""
+        from safetensors.numpy import load_file
+
+        found = sorted(
+            int(m.group(1)) for p in self.folder.glob("local-model-round-*.safetensors")
+            if (m := re.match(r"^local-model-round-(\d+)\.safetensors$", p.name))
+        ) if self.folder.is_dir() else []
+        found = [r for r in found if r <= up_to_round]
+        if not found:
+            return None
+        return dict(load_file(str(self.folder / f"local-model-round-{found[-1]:03d}.safetensors")))
 
     def saved_rounds(self) -> list[int]:
         """Rounds with a saved snapshot, ascending."""

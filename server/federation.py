@@ -62,8 +62,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
         t0 = time.perf_counter()
         strategy.begin_round()
         config = {"fl-round": server_round}
-        if coordinator is not None and coordinator.release_dir_for_sites():
-            config["release-dir"] = str(coordinator.release_dir_for_sites())
+        release = coordinator.release_record() if coordinator is not None else None
+        strategy.extra_train_records = {"release": release} if release is not None else {}
         result = strategy.start(
             grid,
             arrays_to_record(arrays),
@@ -88,6 +88,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
         }
         if coordinator is not None and coordinator.due(server_round):
             record["active_learning"] = coordinator.query_round(grid, bundle, server_round)
+            arrays = federated_arrays(bundle)  # the coordinator may have refined the generator
         save_sample_grid(bundle, cfg, run.figures / f"samples-round-{server_round:03d}.png", server_round=server_round)
         run.save_checkpoint(
             server_round,

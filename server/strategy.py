@@ -78,6 +78,8 @@ class GuardedStrategy(Strategy):
         self.node_names: dict[int, str] = {}
         self.exhausted: set[int] = set()
         self.reports: dict[int, SiteReport] = {}
+        # Records added to every train message (the shared synthetic release flows back to the sites).
+        self.extra_train_records: dict[str, ArrayRecord] = {}
 
     # -- bookkeeping -------------------------------------------------------------------------
     def begin_round(self) -> None:
@@ -95,8 +97,10 @@ class GuardedStrategy(Strategy):
     ) -> Iterable[Message]:
         """Delegate, then drop sites that spent their budget; count bytes sent."""
         messages = []
-        size = record_nbytes(arrays)
+        size = record_nbytes(arrays) + sum(record_nbytes(r) for r in self.extra_train_records.values())
         for msg in self.base.configure_train(server_round, arrays, config, grid):
+            for key, record in self.extra_train_records.items():
+                msg.content[key] = record
             node = msg.metadata.dst_node_id
             if node in self.exhausted:
                 report = self._report(node)

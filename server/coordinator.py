@@ -1,0 +1,205 @@
+"""The active-learning coordinator: ask the sites for scored samples, select, release, feed back.
+
+Every ``federation.al_every`` rounds: plan the conditions to request from the release's gaps, send query
+messages (``@app.query`` on the sites), validate each reply (the site is named when one is rejected), select
+with the configured acquisition, append to the release with provenance and privacy per image, and optionally
+refine the generator on the release (post-processing of DP outputs: no privacy cost).
+"""
+
+from __future__ import annotations
+
+import json
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore import log
+
+from common.acquisition import bin_summary, condition_bins, plan_conditions, select
+from common.bundle import ModelBundle, federated_arrays
+from common.config import RunConfig
+from common.data.tensors import records_to_dataset
+from common.diffusion import make_loss_fn
+from common.errors import ReplyValidationError
+from common.flwr_records import arrays_to_record, record_to_arrays
+from common.generator import make_scheduler
+from common.privacy import train_private
+from common.provenance import code_version
+from common.query import release_from_arrays, release_to_arrays, validate_candidates
+from common.records import PLANES
+from common.release import ReleaseItem, ReleaseStore
+from common.scoring import features
+from common.seeding import derive_seed
+from common.viz import save_grid
+
+
+class Coordinator:
+    """Owns the release of one run (``<run-dir>/release``)."""
+
+    def __init__(self, cfg: RunConfig, *, run_dir: Path, timeout_s: float = 3600.0) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.store = ReleaseStore(self.run_dir / "release")
+        self.timeout_s = timeout_s
+        self.site_privacy: dict[str, Any] = {}
+
+    def due(self, server_round: int) -> bool:
+        """Whether a query round follows this federated round."""
+        every = self.cfg.federation.al_every
+        return every > 0 and server_round % every == 0
+
+    def release_record(self) -> ArrayRecord | None:
+        """The release as one ArrayRecord for the train messages (``None`` while it is empty)."""
+        records = self.store.records()
+        if not records:
+            return None
+        return arrays_to_record(release_to_arrays(records, [self.store.load_image(r) for r in records]))
+
+    def query_round(self, grid: Grid, bundle: ModelBundle, server_round: int) -> dict[str, Any]:
+        """One query -> validate -> select -> release cycle; returns its summary for ``metrics.jsonl``."""
+        fed = self.cfg.federation
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, "al", server_round))
+        existing = self.store.records()
+        bank = features(bundle, np.stack([self.store.load_image(r) for r in existing])) if existing else None
+        release_bins = condition_bins(np.array([r["plane"] for r in existing], dtype=int),
+                                      np.array([r["ga_weeks"] for r in existing])) if existing else np.zeros(0, int)
+        global_arrays = arrays_to_record(federated_arrays(bundle))
+        requests: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        messages = []
+        for node in sorted(grid.get_node_ids()):
+            plane, ga = plan_conditions(release_bins, fed.al_candidates_per_site, rng=rng)
+            requests[node] = (plane, ga)
+            request = {"plane": plane, "ga": ga, **({"bank": bank.astype(np.float32)} if bank is not None else {})}
+            content = RecordDict({
+                "arrays": global_arrays,
+                "request": arrays_to_record(request),
+                "config": ConfigRecord({"fl-round": server_round, "seed": derive_seed(self.cfg.seed, "query", server_round),
+                                        "memorization-check": fed.al_memorization_check}),
+            })
+            messages.append(Message(content=content, message_type=MessageType.QUERY, dst_node_id=node))
+        replies = grid.send_and_receive(messages, timeout=self.timeout_s)
+        pooled: list[dict[str, Any]] = []
+        sites: list[dict[str, Any]] = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                sites.append({"node_id": node, "status": "failed", "reason": reply.error.reason})
+                log(WARNING, "Query round %s: node %s failed: %s", server_round, node, reply.error.reason)
+                continue
+            name = str(reply.content["site"].get("name", f"node-{node}")) if "site" in reply.content else f"node-{node}"
+            try:
+                if "candidates" not in reply.content or node not in requests:
+                    raise ReplyValidationError(f"{name}: reply lacks 'candidates' or answers no request")
+                cand = validate_candidates(
+                    record_to_arrays(reply.content["candidates"]), who=name, plane=requests[node][0],
+                    ga=requests[node][1], image_size=self.cfg.data.image_size, max_bytes=fed.al_max_reply_bytes,
+                )
+                site = reply.content["site"]
+                privacy = json.loads(str(site.get("privacy", "{}")))
+            except (ReplyValidationError, json.JSONDecodeError) as exc:
+                sites.append({"node_id": node, "name": name, "status": "rejected", "reason": str(exc)})
+                log(WARNING, "Query round %s: rejected reply of %s: %s", server_round, name, exc)
+                continue
+            self.site_privacy[name] = privacy
+            sites.append({"node_id": node, "name": name, "status": "ok", "candidates": len(cand.plane)})
+            for i in range(len(cand.plane)):
+                pooled.append({
+                    "image": cand.images[i], "plane": int(cand.plane[i]), "ga": float(cand.ga[i]),
+                    "scores": {k: float(v[i]) for k, v in cand.scores.items()}, "site": name,
+                    "privacy": privacy, "scanner": str(site.get("scanner", "")),
+                    "memo": bool(site.get("memorization-checked", False)),
+                })
+        summary: dict[str, Any] = {"round": server_round, "sites": sites, "candidates": len(pooled)}
+        if not pooled:
+            summary["selected"] = 0
+            return summary
+        images = np.stack([p["image"] for p in pooled])
+        plane = np.array([p["plane"] for p in pooled])
+        ga = np.array([p["ga"] for p in pooled])
+        sel = select(
+            k=fed.al_select, bins=condition_bins(plane, ga),
+            quality=np.array([p["scores"]["quality"] for p in pooled]),
+            uncertainty=np.array([p["scores"]["uncertainty"] for p in pooled]),
+            features=features(bundle, images), ordering=fed.al_acquisition,
+            quality_threshold=fed.al_quality_threshold, balance=fed.al_balance, existing=bank, rng=rng,
+        )
+        items = [
+            ReleaseItem(
+                image=pooled[i]["image"], plane=pooled[i]["plane"], ga_weeks=pooled[i]["ga"],
+                source_site=pooled[i]["site"], round=server_round, scores=pooled[i]["scores"],
+                acquisition={"function": fed.al_acquisition, "reason": reason, "rank": rank,
+                             "balanced": fed.al_balance, "quality_threshold": fed.al_quality_threshold},
+                privacy={"epsilon": pooled[i]["privacy"].get("epsilon"), "delta": pooled[i]["privacy"].get("delta"),
+                         "accountant": pooled[i]["privacy"].get("accountant"), "model": "generator",
+                         "local_model": pooled[i]["privacy"].get("local", False)},
+                scanner=pooled[i]["scanner"] or None, memorization_checked=pooled[i]["memo"],
+            )
+            for rank, (i, reason) in enumerate(zip(sel.indices, sel.reasons))
+        ]
+        added = self.store.add(items)
+        self._write_sidecar()
+        self._grid(server_round, [pooled[i] for i in sel.indices])
+        summary.update({
+            "selected": len(added.added), "duplicates": len(added.duplicates), "release_size": len(self.store),
+            "selected_per_plane": bin_summary(condition_bins(plane[sel.indices], ga[sel.indices]).tolist()),
+            "mean_quality_selected": float(np.mean([pooled[i]["scores"]["quality"] for i in sel.indices])) if sel.indices else None,
+            "mean_quality_pool": float(np.mean([p["scores"]["quality"] for p in pooled])),
+        })
+        if fed.al_refine_steps > 0 and len(self.store) > 0:
+            summary["refine_loss"] = self.refine(bundle, server_round)
+        log(INFO, "Query round %s: %s candidates from %s sites, %s released (release size %s)", server_round,
+            len(pooled), sum(s["status"] == "ok" for s in sites), len(added.added), len(self.store))
+        return summary
+
+    def refine(self, bundle: ModelBundle, server_round: int) -> float:
+        """Fine-tune the generator's trainable part on the release (non-DP: released images are public)."""
+        record = self.release_record()
+        assert record is not None  # guarded by the caller: the release is non-empty
+        data = records_to_dataset(release_from_arrays(record_to_arrays(record)), image_size=self.cfg.data.image_size)
+        scheduler = make_scheduler("ddpm", num_train_timesteps=self.cfg.generator.num_train_timesteps,
+                                   prediction_type=self.cfg.generator.prediction_type)
+        loss_fn = make_loss_fn(scheduler, noise_multiplicity=1, cond_dropout=self.cfg.generator.cond_dropout,
+                               seed=derive_seed(self.cfg.seed, "refine", server_round))
+        result = train_private(
+            bundle.generator, loss_fn, data, steps=self.cfg.federation.al_refine_steps,
+            batch_size=min(self.cfg.train.batch_size, len(data)), lr=self.cfg.train.lr, ledger=None,
+            model_key="generator", planned_total_steps=self.cfg.federation.al_refine_steps,
+            seed=derive_seed(self.cfg.seed, "refine-sgd", server_round),
+        )
+        return float(np.nanmean(result.losses)) if result.losses else float("nan")
+
+    def _write_sidecar(self) -> None:
+        self.store.write_sidecar({
+            "kind": "synthetic-release",
+            "config": self.cfg.to_dict(),
+            "seed": self.cfg.seed,
+            "sites": self.site_privacy,
+            "privacy_statement": (
+                "Each image is post-processing of the DP-SGD-trained generator of its source site; its (epsilon, delta) "
+                "is that generator's cumulative spend when it was sampled (per image in metadata.jsonl). Images with "
+                "memorization_checked=true passed a filter that read the site's private images: that filter is NOT "
+                "covered by the DP guarantee."
+            ),
+            "code_version": code_version(),
+        })
+
+    def _grid(self, server_round: int, chosen: list[dict[str, Any]]) -> None:
+        rows, captions, labels = [], [], []
+        for p, name in enumerate(PLANES):
+            mine = [c for c in chosen if c["plane"] == p][:6]
+            if not mine:
+                continue
+            rows.append([c["image"] for c in mine])
+            captions.append([f"q{c['scores']['quality']:.2f} u{c['scores']['uncertainty']:.2f} {c['site'][:8]}"
+                             for c in mine])
+            labels.append(name)
+        if rows:
+            width = max(len(r) for r in rows)
+            blank = np.zeros_like(rows[0][0])
+            rows = [r + [blank] * (width - len(r)) for r in rows]
+            captions = [c + [""] * (width - len(c)) for c in captions]
+            save_grid(rows, self.run_dir / "figures" / f"release-round-{server_round:03d}.png", row_labels=labels,
+                      cell_captions=captions, title=f"Released after round {server_round} (q=quality, u=uncertainty)")

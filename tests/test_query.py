@@ -1,0 +1,83 @@
+"""Query replies: a site's answer validates; malformed answers are rejected with the site named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.bundle import build_bundle
+from common.config import get_preset
+from common.errors import ReplyValidationError
+from common.query import answer_query, release_from_arrays, release_to_arrays, validate_candidates
+from common.scoring import SCORE_NAMES, nearest_private_ratio
+
+
+@pytest.fixture(scope="module")
+def answer():
+    cfg = get_preset("smoke")
+    bundle = build_bundle(cfg)
+    plane = np.array([0, 2, 5], dtype=np.int64)
+    ga = np.array([20.0, 30.0, 38.0], dtype=np.float32)
+    ans = answer_query(bundle, cfg, plane=plane, ga=ga, bank=None, local_generator=None, private=None, seed=3)
+    return cfg, plane, ga, ans
+
+
+def _arrays(ans) -> dict[str, np.ndarray]:
+    c = ans.candidates
+    return {"images": c.images, "plane": c.plane, "ga": c.ga, **{f"score.{k}": v for k, v in c.scores.items()}}
+
+
+def test_site_answer_has_every_score_and_validates(answer) -> None:
+    cfg, plane, ga, ans = answer
+    cand = validate_candidates(_arrays(ans), who="site-a", plane=plane, ga=ga, image_size=32, max_bytes=1 << 20)
+    assert cand.images.shape == (3, 32, 32) and cand.images.dtype == np.uint8
+    assert set(SCORE_NAMES) <= set(cand.scores)
+    assert ((cand.scores["quality"] >= 0) & (cand.scores["quality"] <= 1)).all()
+    assert np.isinf(cand.scores["novelty"]).all()  # the release is empty: everything is novel
+    assert not ans.memorization_checked and not ans.used_local_model
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda a: a.pop("images"), "lacks"),
+        (lambda a: a.update(images=a["images"].astype(np.float32)), "uint8"),
+        (lambda a: a.update(images=a["images"][:2]), "uint8"),
+        (lambda a: a.update(plane=np.array([1, 2, 5])), "conditions differ"),
+        (lambda a: a.update(ga=a["ga"] + 3), "conditions differ"),
+        (lambda a: a.pop("score.uncertainty"), "'uncertainty' is missing"),
+        (lambda a: a.update(**{"score.quality": np.array([0.5, np.nan, 0.1], np.float32)}), "non-finite"),
+        (lambda a: a.update(**{"score.quality": np.array([0.5, 1.5, 0.1], np.float32)}), r"\[0, 1\]"),
+        (lambda a: a.update(**{"score.entropy": np.zeros(4, np.float32)}), "shape"),
+    ],
+)
+def test_malformed_replies_are_rejected_naming_the_site(answer, mutate, needle) -> None:
+    _, plane, ga, ans = answer
+    arrays = _arrays(ans)
+    mutate(arrays)
+    with pytest.raises(ReplyValidationError, match=needle) as err:
+        validate_candidates(arrays, who="hospital-x", plane=plane, ga=ga, image_size=32, max_bytes=1 << 20)
+    assert "hospital-x" in str(err.value)
+
+
+def test_oversized_reply_is_rejected(answer) -> None:
+    _, plane, ga, ans = answer
+    with pytest.raises(ReplyValidationError, match="exceeds the bound"):
+        validate_candidates(_arrays(ans), who="h", plane=plane, ga=ga, image_size=32, max_bytes=1000)
+
+
+def test_memorization_ratio_flags_a_planted_copy() -> None:
+    rng = np.random.default_rng(0)
+    private = rng.integers(0, 256, size=(20, 16, 16), dtype=np.uint8)
+    candidates = np.stack([private[7], rng.integers(0, 256, size=(16, 16), dtype=np.uint8)])
+    ratio = nearest_private_ratio(candidates, private)
+    assert ratio[0] < 0.05 and ratio[1] > 0.8
+
+
+def test_release_arrays_round_trip() -> None:
+    records = [{"plane": 1, "ga_weeks": 22.5}, {"plane": 4, "ga_weeks": 30.0}]
+    images = [np.full((8, 8), 3, np.uint8), np.full((8, 8), 9, np.uint8)]
+    back = release_from_arrays(release_to_arrays(records, images))
+    assert [(r.plane, r.ga_weeks, int(r.image[0, 0])) for r in back] == [(1, 22.5, 3), (4, 30.0, 9)]
+    with pytest.raises(ReplyValidationError, match="unknown plane"):
+        release_from_arrays({"images": np.zeros((1, 8, 8), np.uint8), "plane": np.array([9]), "ga": np.array([20.0])})
