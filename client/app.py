@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import json
 import os
 import traceback
@@ -19,6 +21,10 @@ from common.local_update import local_evaluate, local_train
 from common.query import answer_query, release_from_arrays
 from common.seeding import derive_seed
 from common.site_state import SiteStateStore
+
+# Known-noisy third-party warnings (numpy 2 copy keyword in diffusers' solvers; Opacus' CPU autocast note).
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=".*CPU Autocast only supports.*")
 
 app = ClientApp()
 

@@ -371,7 +371,7 @@ def _smoke() -> RunConfig:
             batch_size=8, local_steps=2, lora_rank=4, downstream_width=8, downstream_steps=2, pretrain_steps=10,
             pretrain_batch_size=8,
         ),
-        federation=FederationConfig(num_rounds=1, al_candidates_per_site=4, al_select=4),
+        federation=FederationConfig(num_rounds=1, al_candidates_per_site=4, al_select=4, al_quality_threshold=0.0),
     )
 
 

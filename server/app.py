@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from pathlib import Path
 
 from flwr.app import Context
@@ -9,6 +11,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import RunConfig
 from server.federation import run_federation
+
+# Known-noisy third-party warnings (numpy 2 copy keyword in diffusers' solvers; Opacus' CPU autocast note).
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+warnings.filterwarnings("ignore", message=".*CPU Autocast only supports.*")
 
 app = ServerApp()
 

@@ -104,3 +104,25 @@ def test_a_site_past_its_budget_stops_contributing_and_the_ledger_says_why(tmp_p
     r1 = load_federated_file(tmp_path / "run" / "checkpoints" / "round-001")
     r2 = load_federated_file(tmp_path / "run" / "checkpoints" / "round-002")
     assert all(np.array_equal(r1[k], r2[k]) for k in r1)
+
+
+def test_active_learning_round_releases_scored_images_that_flow_back(tmp_path: Path) -> None:
+    # Prepare: 2 rounds, a query after each; smoke selects 4 of 2 x 4 candidates per query
+    cfg = _cfg(tmp_path / "run", **{"federation.num-rounds": 2, "federation.al-every": 1,
+                                   "federation.al-refine-steps": 1})
+    # Execute
+    result = run_simulation(cfg, num_sites=2, echo=False, timeout_s=400)
+    # Assert
+    assert result.returncode == 0, result.log_file.read_text()[-3000:]
+    first, second = _records(tmp_path / "run")
+    assert first["active_learning"]["candidates"] == 8 and first["active_learning"]["selected"] == 4
+    assert [s["status"] for s in first["active_learning"]["sites"]] == ["ok", "ok"]
+    # the release of round 1 reached both sites' downstream training in round 2
+    assert all(s["metrics"]["synthetic-examples"] == 4 for s in second["sites"])
+    meta = [json.loads(line) for line in (tmp_path / "run" / "release" / "metadata.jsonl").read_text().splitlines()]
+    assert len(meta) == second["active_learning"]["release_size"] >= 4
+    for rec in meta:
+        assert (tmp_path / "run" / "release" / rec["file_name"]).is_file()
+        assert rec["source_site"] in second["ledger"] and 0 < rec["privacy"]["epsilon"] < float("inf")
+        assert set(rec["scores"]) >= {"quality", "uncertainty", "novelty"} and rec["acquisition"]["reason"]
+    assert (tmp_path / "run" / "figures" / "release-round-001.png").is_file()
