@@ -59,6 +59,7 @@ class SiteReport:
     metrics: dict[str, Any] = field(default_factory=dict)
     privacy: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    compute_s: dict[str, float] = field(default_factory=dict)  # the site's handler time per message type
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-safe view."""
@@ -152,6 +153,7 @@ class GuardedStrategy(Strategy):
             report.reason = "; ".join(json.loads(str(site.get("messages", "[]"))))
         except json.JSONDecodeError as exc:
             raise ReplyValidationError(f"{report.name}: site record is not valid JSON: {exc}") from exc
+        report.compute_s["train"] = float(site.get("compute-s", 0.0))  # type: ignore[arg-type]
         arrays = content["arrays"]
         report.bytes_up = record_nbytes(arrays)
         validate_arrays(record_to_arrays(arrays), self.expected_shapes, who=report.name)
@@ -179,6 +181,7 @@ class GuardedStrategy(Strategy):
                 continue
             if "site" in msg.content:
                 report.evaluation = json.loads(str(msg.content["site"].get("metrics", "{}")))
+                report.compute_s["evaluate"] = float(msg.content["site"].get("compute-s", 0.0))  # type: ignore[arg-type]
             valid.append(msg)
         return self.base.aggregate_evaluate(server_round, valid) if valid else None
 

@@ -146,7 +146,7 @@ def run_config_string(cfg: RunConfig, *, resume: bool) -> str:
     return " ".join(parts)
 
 
-def write_connection(flwr_home: Path, *, port: int, num_sites: int) -> None:
+def write_connection(flwr_home: Path, *, port: int, num_sites: int, cpus_per_site: float = 1.0) -> None:
     """``FLWR_HOME/config.toml`` with one SuperLink connection for ``flwr run``."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     (flwr_home / "config.toml").write_text(
@@ -156,7 +156,7 @@ def write_connection(flwr_home: Path, *, port: int, num_sites: int) -> None:
         f'address = "127.0.0.1:{port}"\n'
         "insecure = true\n"
         f"options.num-supernodes = {num_sites}\n"
-        "options.backend.client-resources.num-cpus = 1\n"
+        f"options.backend.client-resources.num-cpus = {cpus_per_site}\n"
         "options.backend.client-resources.num-gpus = 0.0\n"
     )
 
@@ -169,6 +169,7 @@ def run_simulation(
     extra_env: Mapping[str, str] | None = None,
     echo: bool = True,
     timeout_s: float | None = None,
+    cpus_per_site: float = 1.0,
 ) -> LaunchResult:
     """Run ``cfg`` with ``num_sites`` simulated SuperNodes through a SuperLink and ``flwr run``.
 
@@ -178,13 +179,15 @@ def run_simulation(
         Must have an absolute ``run_dir``; the run folder receives ``logs/`` and ``.flwr/``.
     echo:
         Stream the run's log to this process' stdout as well as to ``logs/flwr-run.log``.
+    cpus_per_site:
+        Ray CPUs reserved per simulated site: ``os.cpu_count()`` runs one site at a time.
     """
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_absolute():
         raise ValueError(f"run_dir must be absolute, got {run_dir}")
     flwr_home = run_dir / ".flwr"
     port = free_port()
-    write_connection(flwr_home, port=port, num_sites=num_sites)
+    write_connection(flwr_home, port=port, num_sites=num_sites, cpus_per_site=cpus_per_site)
     env = flower_env(flwr_home, extra_env)
     logs = run_dir / "logs"
     superlink_cmd = [
