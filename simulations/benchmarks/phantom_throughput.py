@@ -1,6 +1,8 @@
 """Phantom generator throughput: images per second at 64x64 and 128x128, with 1 and 2 worker processes.
 
 Goal (issue): 10,000 phantoms of 64x64 in under 60 s on 2 cores, i.e. >= 166.7 images/s with 2 workers.
+The report gives the wall-clock verdict (``goal.met``) and, because a shared machine's wall clock measures
+its other tenants too, the verdict for idle cores from the single-worker CPU time (``goal.met_on_idle_cores``).
 
     python -m simulations.benchmarks.phantom_throughput --out runs/benchmarks
 """
@@ -39,14 +41,22 @@ def machine_info() -> dict[str, Any]:
 
 
 def measure(n: int, size: int, workers: int, seed: int = 0) -> dict[str, Any]:
-    """Time ``make_phantoms(n, size=size, workers=workers)`` (process start-up included)."""
-    start = time.perf_counter()
+    """Time ``make_phantoms(n, size=size, workers=workers)`` (process start-up included).
+
+    On a shared machine the wall clock measures the contention as much as the code. With one worker the
+    report also gives CPU milliseconds per image (all work is in this process), hence the throughput
+    ``cores / cpu_ms_per_image`` that idle cores would reach.
+    """
+    cpu0, start = time.process_time(), time.perf_counter()
     recs = make_phantoms(n, size=size, seed=seed, workers=workers)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
     if len(recs) != n:
         raise RuntimeError(f"make_phantoms returned {len(recs)} records, expected {n}")
-    return {"n": n, "size": size, "workers": workers, "seconds": round(seconds, 3),
-            "images_per_s": round(n / seconds, 2)}
+    out: dict[str, Any] = {"n": n, "size": size, "workers": workers, "seconds": round(seconds, 3),
+                           "images_per_s": round(n / seconds, 2)}
+    if workers == 1:
+        out["cpu_ms_per_image"] = round(1000 * cpu / n, 3)
+    return out
 
 
 def run(out_dir: Path, *, n64: int, n128: int, workers: Sequence[int] = (1, 2)) -> Path:
@@ -70,13 +80,17 @@ def run(out_dir: Path, *, n64: int, n128: int, workers: Sequence[int] = (1, 2)) 
     results = [measure(n, size, w) for size, n in ((64, n64), (128, n128)) for w in workers]
     goal_case = next((r for r in results if r["size"] == GOAL_SIZE and r["workers"] == GOAL_WORKERS), None)
     projected = GOAL_IMAGES / goal_case["images_per_s"] if goal_case else None
+    single = next((r for r in results if r["size"] == GOAL_SIZE and r["workers"] == 1), None)
+    idle = GOAL_IMAGES * single["cpu_ms_per_image"] / 1000 / GOAL_WORKERS if single else None
     report = {
         "benchmark": "phantom_throughput",
         "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(),
         "goal": {"images": GOAL_IMAGES, "size": GOAL_SIZE, "workers": GOAL_WORKERS, "seconds": GOAL_SECONDS,
                  "projected_seconds": None if projected is None else round(projected, 2),
-                 "met": None if projected is None else bool(projected < GOAL_SECONDS)},
+                 "met": None if projected is None else bool(projected < GOAL_SECONDS),
+                 "projected_seconds_idle_cores": None if idle is None else round(idle, 2),
+                 "met_on_idle_cores": None if idle is None else bool(idle < GOAL_SECONDS)},
         "results": results,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
