@@ -160,6 +160,7 @@ class FederationConfig:
     strategy: StrategyName = "fedavg"
     fraction_train: float = 1.0
     min_sites: int = 1  # sites that must be connected before a round starts (deployment)
+    reply_timeout_s: float = 3600.0  # how long a round waits for replies before going on without a site
     proximal_mu: float = 0.01
     trimmed_beta: float = 0.2
     al_every: int = 0  # run a coordinator query every k rounds (0: never)
@@ -181,6 +182,7 @@ class FederationConfig:
         )
         _check_range("federation.fraction_train", self.fraction_train, 0.01, 1.0)
         _check_range("federation.min_sites", self.min_sites, 1, 10_000)
+        _check_range("federation.reply_timeout_s", self.reply_timeout_s, 1.0, 7 * 86400.0)
         _check_range("federation.proximal_mu", self.proximal_mu, 0.0, 100.0)
         _check_range("federation.trimmed_beta", self.trimmed_beta, 0.0, 0.49)
         _check_range("federation.al_every", self.al_every, 0, 10_000)

@@ -28,5 +28,5 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.federation.al_every:
         from server.coordinator import Coordinator  # only runs with active learning need it
 
-        coordinator = Coordinator(cfg, run_dir=Path(cfg.run_dir))
+        coordinator = Coordinator(cfg, run_dir=Path(cfg.run_dir), timeout_s=cfg.federation.reply_timeout_s)
     run_federation(grid, cfg, resume=resume, coordinator=coordinator)

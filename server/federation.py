@@ -68,6 +68,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
             grid,
             arrays_to_record(arrays),
             num_rounds=1,
+            timeout=cfg.federation.reply_timeout_s,
             train_config=ConfigRecord(dict(config)),
             evaluate_config=ConfigRecord(dict(config)),
         )

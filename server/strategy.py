@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
 from flwr.supercore import log
@@ -66,6 +67,17 @@ class SiteReport:
         return dict(self.__dict__)
 
 
+def _split_link_errors(replies: Iterable[Message]) -> tuple[list[Message], list[str]]:
+    """Separate the SuperLink's own error replies (e.g. "Node Unavailable" for a dead SuperNode) from site replies."""
+    sites, errors = [], []
+    for msg in replies:
+        if msg.metadata.src_node_id == SUPERLINK_NODE_ID and msg.has_error():
+            errors.append(str(msg.error.reason))
+        else:
+            sites.append(msg)
+    return sites, errors
+
+
 class GuardedStrategy(Strategy):
     """Wrap a strategy: validate replies before aggregation, skip exhausted sites, keep per-site reports.
 
@@ -97,6 +109,9 @@ class GuardedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Delegate, then drop sites that spent their budget; count bytes sent."""
+        for node in grid.get_nodes():  # deployment: names registered with `flwr supernode register --name`
+            if getattr(node, "name", ""):
+                self.node_names.setdefault(node.node_id, node.name)
         messages = []
         size = record_nbytes(arrays) + sum(record_nbytes(r) for r in self.extra_train_records.values())
         for msg in self.base.configure_train(server_round, arrays, config, grid):
@@ -116,8 +131,11 @@ class GuardedStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate each reply; aggregate only the valid ones through the wrapped strategy."""
         valid: list[Message] = []
+        replies, link_errors = _split_link_errors(replies)
+        answered: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
+            answered.add(node)
             report = self._report(node)
             if msg.has_error():
                 report.status, report.reason = "failed", msg.error.reason
@@ -134,10 +152,19 @@ class GuardedStrategy(Strategy):
                 log(INFO, "Round %s: %s has spent its privacy budget and stops contributing", server_round, report.name)
                 continue
             valid.append(msg)
+        self._mark_unanswered(server_round, answered, link_errors)
         if not valid:
             log(WARNING, "Round %s: no valid reply; the global model is unchanged", server_round)
             return None, None
         return self.base.aggregate_train(server_round, valid)
+
+    def _mark_unanswered(self, server_round: int, answered: set[int], link_errors: list[str]) -> None:
+        """Sites that were sent a task but never replied (the SuperLink reports them unavailable)."""
+        for node, report in self.reports.items():
+            if report.bytes_down > 0 and node not in answered and report.status == "ok":
+                report.status = "unavailable"
+                report.reason = link_errors[0] if link_errors else "no reply"
+                log(WARNING, "Round %s: %s did not reply (%s)", server_round, report.name, report.reason)
 
     def _validate_train_reply(self, msg: Message, report: SiteReport) -> None:
         content = msg.content
@@ -174,6 +201,7 @@ class GuardedStrategy(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Keep each site's full metrics, then delegate the weighted average."""
         valid = []
+        replies, _ = _split_link_errors(replies)
         for msg in replies:
             report = self._report(msg.metadata.src_node_id)
             if msg.has_error():
