@@ -21,6 +21,9 @@ from common.seeding import derive_seed
 from common.provenance import code_version
 
 
+PROGRESS_EVERY = 100  # steps between progress lines
+
+
 def pretrain_prior(cfg: RunConfig, out: Path, *, command: str = "") -> Path:
     """Train all three models on ``cfg.data.public_images`` phantoms and write the prior folder ``out``.
 
@@ -51,18 +54,24 @@ def pretrain_prior(cfg: RunConfig, out: Path, *, command: str = "") -> Path:
     )
     for key, model, loss_fn, n_steps, lr in jobs:
         t = time.perf_counter()
-        result = train_private(
-            model, loss_fn, data, steps=n_steps, batch_size=batch, lr=lr, ledger=None, model_key=key,
-            planned_total_steps=n_steps, seed=derive_seed(cfg.seed, "pretrain", key),
-        )
-        k = max(1, len(result.losses) // 10)
+        losses: list[float] = []
+        for chunk, start in enumerate(range(0, n_steps, PROGRESS_EVERY)):
+            # Chunks restart the optimizer state: a short warm restart, harmless for public pretraining.
+            result = train_private(
+                model, loss_fn, data, steps=min(PROGRESS_EVERY, n_steps - start), batch_size=batch, lr=lr,
+                ledger=None, model_key=key, planned_total_steps=n_steps,
+                seed=derive_seed(cfg.seed, "pretrain", key, chunk),
+            )
+            losses += result.losses
+            print(f"[pretrain] {key}: step {start + len(result.losses)}/{n_steps} "
+                  f"loss {sum(result.losses) / len(result.losses):.4f} ({time.perf_counter() - t:.0f}s)", flush=True)
+        k = max(1, len(losses) // 10)
         log[key] = {
             "steps": n_steps,
-            "first_loss": float(sum(result.losses[:k]) / k),
-            "last_loss": float(sum(result.losses[-k:]) / k),
+            "first_loss": float(sum(losses[:k]) / k),
+            "last_loss": float(sum(losses[-k:]) / k),
             "seconds": round(time.perf_counter() - t, 1),
         }
-        print(f"[pretrain] {key}: {log[key]}", flush=True)
     sidecar = {
         "kind": "public-prior",
         "data": {"source": "phantom", "images": len(records), "image_size": cfg.data.image_size, "seed": cfg.seed},

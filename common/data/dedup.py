@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 from PIL import Image
@@ -126,8 +126,8 @@ def _thumbnail(image: np.ndarray) -> np.ndarray:
     return thumb / norm if norm > 0 else thumb
 
 
-def _components(n: int, edges: Sequence[tuple[int, int]]) -> list[list[int]]:
-    """Connected components (size >= 2) of an undirected graph on ``range(n)``, each sorted."""
+def connected_components(n: int, edges: Iterable[tuple[int, int]]) -> list[list[int]]:
+    """All connected components of an undirected graph on ``range(n)`` (union-find), each sorted, by first index."""
     parent = list(range(n))
 
     def find(a: int) -> int:
@@ -143,7 +143,12 @@ def _components(n: int, edges: Sequence[tuple[int, int]]) -> list[list[int]]:
     comps: dict[int, list[int]] = {}
     for i in range(n):
         comps.setdefault(find(i), []).append(i)
-    return sorted((c for c in comps.values() if len(c) > 1), key=lambda c: c[0])
+    return sorted(comps.values(), key=lambda c: c[0])
+
+
+def _components(n: int, edges: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Connected components of size >= 2 (the duplicate groups)."""
+    return [c for c in connected_components(n, edges) if len(c) > 1]
 
 
 def _group(kind: DuplicateKind, indices: Sequence[int], records: Sequence[UltrasoundRecord]) -> DuplicateGroup:

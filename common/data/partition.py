@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from common.data.dedup import DuplicateReport
+from common.data.dedup import DuplicateReport, connected_components
 from common.records import PLANES, UltrasoundRecord
 
 PARTITION_KINDS = ("natural", "iid", "dirichlet", "quantity")
@@ -40,28 +40,10 @@ def case_groups(records: Sequence[UltrasoundRecord], duplicates: DuplicateReport
     if duplicates is not None and duplicates.n_records != n:
         raise ValueError(f"duplicate report covers {duplicates.n_records} records but {n} were given; "
                          f"run find_duplicates on the same record list")
-    parent = list(range(n))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    def union(a: int, b: int) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-
     first: dict[tuple[str, str], int] = {}
-    for i, record in enumerate(records):
-        union(i, first.setdefault((record.source, record.patient_id), i))
-    for a, b in duplicates.links() if duplicates is not None else ():
-        union(a, b)
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(find(i), []).append(i)
-    return sorted(groups.values(), key=lambda g: g[0])
+    edges = [(i, first.setdefault((r.source, r.patient_id), i)) for i, r in enumerate(records)]
+    edges += list(duplicates.links()) if duplicates is not None else []
+    return connected_components(n, edges)
 
 
 def _majority(values: Sequence[Any]) -> Any:

@@ -20,6 +20,7 @@ from common.data.loaders import load_source
 from common.data.partition import case_groups, format_summary, grouped_split, natural_sites, partition, site_summary
 from common.errors import ConfigError
 from common.phantom import SCANNER_PROFILES, make_phantoms
+from common.seeding import stream_seed
 from common.records import PLANES, UltrasoundRecord
 
 # Tags of the independent seed streams derived from the run seed (np.random.SeedSequence entropy).
@@ -41,11 +42,6 @@ class FederatedData:
 
     sites: list[SiteData]
     report: dict[str, Any]
-
-
-def stream_seed(seed: int, *words: int) -> int:
-    """A 31-bit seed of the stream ``(seed, *words)``; distinct word paths give independent streams."""
-    return int(np.random.SeedSequence([seed, *words]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 # -- phantoms ---------------------------------------------------------------------------------
