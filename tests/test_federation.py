@@ -86,9 +86,10 @@ def test_a_failing_site_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
 
 
 def test_a_site_past_its_budget_stops_contributing_and_the_ledger_says_why(tmp_path: Path) -> None:
-    # Prepare: little noise and a small budget, so the first round spends it
-    cfg = _cfg(tmp_path / "run", **{"federation.num-rounds": 2, "privacy.noise-multiplier": 0.3,
-                                   "privacy.target-epsilon": 2.0, "train.local-steps": 4})
+    # Prepare: a fixed noise multiplier that spends the generator's share (0.6 x 5) after 3 of 4 steps
+    # (q = 8/24: epsilon 1.93, 2.47, 2.87, 3.21 after 1..4 steps) and leaves the downstream shares no step
+    cfg = _cfg(tmp_path / "run", **{"federation.num-rounds": 2, "privacy.noise-multiplier": 1.5,
+                                   "privacy.target-epsilon": 5.0, "train.local-steps": 4})
     # Execute
     result = run_simulation(cfg, num_sites=2, echo=False, timeout_s=300)
     # Assert
@@ -96,6 +97,7 @@ def test_a_site_past_its_budget_stops_contributing_and_the_ledger_says_why(tmp_p
     first, second = _records(tmp_path / "run")
     assert all(s["status"] == "ok" for s in first["sites"])
     assert all("budget" in s["reason"] for s in first["sites"])  # stopped early within round 1
+    assert all(s["metrics"]["generator-steps"] == 3 for s in first["sites"])
     assert [s["status"] for s in second["sites"]] == ["budget-exhausted", "budget-exhausted"]
     for models in second["ledger"].values():
         assert all(m["exhausted"] for m in models.values())
