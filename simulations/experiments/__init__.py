@@ -1,0 +1,1 @@
+"""Experiments that read run folders (downstream protocol, privacy-utility curve)."""
