@@ -223,7 +223,7 @@ def test_make_scheduler_shares_training_schedule(name: str, cls: type) -> None:
     assert isinstance(scheduler, cls)
     assert scheduler.config.prediction_type == "v_prediction"
     assert torch.allclose(scheduler.alphas_cumprod, reference.alphas_cumprod)
-    assert scheduler.alphas_cumprod[-1] < 1e-3  # cosine schedule reaches (almost) pure noise at T=100
+    assert scheduler.alphas_cumprod[-1] < 1e-3  # the scaled schedule reaches (almost) pure noise at T=100
     if name == "dpmsolver":
         assert scheduler.config.algorithm_type == "dpmsolver++"
 

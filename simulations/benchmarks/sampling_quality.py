@@ -98,12 +98,12 @@ def run(out_dir: Path, *, prior: Path | None, size: int, train_images: int, trai
     plane, ga = ref.tensors[1], ref.tensors[2]
     results: list[dict[str, Any]] = []
     for name, steps in configs:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         images = sample(model, plane=plane, ga=ga, scheduler_name=name,  # type: ignore[arg-type]
                         num_inference_steps=steps, guidance_scale=guidance, seed=seed, batch_size=64)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         feats, pred = features(classifier, images)
-        row = {"scheduler": name, "steps": steps, "seconds": round(seconds, 2),
+        row = {"scheduler": name, "steps": steps, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
                "seconds_per_image": round(seconds / n_samples, 4),
                "frechet_distance": round(frechet_distance(feats, ref_feats), 4),
                "plane_accuracy": round(float((pred == plane.numpy()).mean()), 4)}
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated scheduler:steps")
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: leave torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
