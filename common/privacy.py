@@ -98,6 +98,9 @@ class ModelPlan:
     noise_multiplier: float
     sample_rate: float
     planned_steps: int
+    # True when sigma was derived from the budget for planned_steps (then those steps provably fit it);
+    # False when it was given, and every step must be checked against the budget.
+    derived: bool = False
 
 
 class PrivacyLedger:
@@ -147,6 +150,7 @@ class PrivacyLedger:
                 warnings.warn(f"{model!r}: sample rate {sample_rate} differs from the planned "
                               f"{self._plans[model].sample_rate}; the budget check still applies", stacklevel=2)
             return self._plans[model]
+        derived = noise_multiplier is None
         if noise_multiplier is None:
             if eps is None:
                 raise ConfigError(f"ledger has no target_epsilon: pass noise_multiplier for {model!r}, or use "
@@ -155,7 +159,7 @@ class PrivacyLedger:
                                                     total_steps=planned_total_steps, accountant=self.accountant)
         if not noise_multiplier > 0:
             raise ConfigError(f"noise_multiplier={noise_multiplier!r} must be > 0 for DP training")
-        self._plans[model] = ModelPlan(float(noise_multiplier), float(sample_rate), int(planned_total_steps))
+        self._plans[model] = ModelPlan(float(noise_multiplier), float(sample_rate), int(planned_total_steps), derived)
         return self._plans[model]
 
     def _eps(self, history: list, delta: float) -> float:
@@ -182,7 +186,7 @@ class PrivacyLedger:
         # noise_multiplier_for guaranteed epsilon(sigma, q, planned_steps) <= budget and epsilon grows with steps.
         key = None if plan is None else (plan.noise_multiplier, plan.sample_rate)
         if (key == (noise_multiplier, sample_rate) and all((s, q) == key for s, q, _ in acc.history)
-                and plan is not None and self.steps(model) + steps <= plan.planned_steps):
+                and plan is not None and plan.derived and self.steps(model) + steps <= plan.planned_steps):
             return False
         sim = create_accountant(mechanism=self.accountant)
         sim.history = [tuple(h) for h in acc.history]
@@ -224,7 +228,7 @@ class PrivacyLedger:
             hist = self._accountants[m].history if m in self._accountants else []
             models[m] = {"history": [[float(s), float(q), int(n)] for s, q, n in hist],
                          "plan": None if plan is None else [plan.noise_multiplier, plan.sample_rate,
-                                                            plan.planned_steps]}
+                                                            plan.planned_steps, plan.derived]}
         return {"format": _LEDGER_FORMAT, "target_epsilon": self.target_epsilon, "target_delta": self.target_delta,
                 "accountant": self.accountant, "budget_split": dict(self.budget_split), "models": models}
 
@@ -239,8 +243,8 @@ class PrivacyLedger:
             for m, entry in d["models"].items():
                 ledger.accountant_for(m).history = [(float(s), float(q), int(n)) for s, q, n in entry["history"]]
                 if entry["plan"] is not None:
-                    s, q, n = entry["plan"]
-                    ledger._plans[m] = ModelPlan(float(s), float(q), int(n))
+                    s, q, n, *derived = entry["plan"]  # a 3-item plan (older state) is checked every step
+                    ledger._plans[m] = ModelPlan(float(s), float(q), int(n), bool(derived and derived[0]))
         except (KeyError, TypeError, ValueError) as err:
             if isinstance(err, ConfigError):
                 raise

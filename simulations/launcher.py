@@ -55,6 +55,8 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
             "RAY_TMPDIR": env.get("RAY_TMPDIR", "/tmp/ray-difusal"),
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")])),
+            # The SuperLink starts `flower-superexec` (and Ray its workers) by name: the venv's bin must come first.
+            "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH", "")])),
         }
     )
     env.update(extra or {})
@@ -156,7 +158,7 @@ def write_connection(flwr_home: Path, *, port: int, num_sites: int, cpus_per_sit
         f'address = "127.0.0.1:{port}"\n'
         "insecure = true\n"
         f"options.num-supernodes = {num_sites}\n"
-        f"options.backend.client-resources.num-cpus = {cpus_per_site}\n"
+        f"options.backend.client-resources.num-cpus = {int(cpus_per_site) if float(cpus_per_site).is_integer() else cpus_per_site}\n"
         "options.backend.client-resources.num-gpus = 0.0\n"
     )
 

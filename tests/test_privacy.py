@@ -218,13 +218,13 @@ def test_dp_training_learns_and_leaves_a_clean_model(mode: str) -> None:
         loss_before = ce_loss(model, data.tensors).mean().item()
     # Execute
     result = train_private(model, ce_loss, data, steps=30, batch_size=16, lr=0.05, ledger=ledger,
-                           model_key="classifier", planned_total_steps=30, grad_sample_mode=mode, noise_multiplier=1.0)
+                           model_key="classifier", planned_total_steps=30, grad_sample_mode=mode, noise_multiplier=1.2)
     with torch.no_grad():
         loss_after = ce_loss(model, data.tensors).mean().item()
     # Assert
     assert result.steps == 30 and not result.stopped_by_budget
     assert result.epsilon == pytest.approx(ledger.epsilon("classifier")) and result.epsilon > 0
-    assert result.sample_rate == 0.25 and result.noise_multiplier == 1.0
+    assert result.sample_rate == 0.25 and result.noise_multiplier == 1.2
     assert loss_after < 0.6 * loss_before
     assert all("_module." not in k for k in model.state_dict())
     assert not any(hasattr(p, a) for p in model.parameters() for a in ("grad_sample", "summed_grad", "_forward_counter"))
@@ -344,3 +344,18 @@ def test_loss_fn_must_return_per_example_losses() -> None:
     with pytest.raises(ValueError, match="per-example losses of shape"):
         train_private(TinyNet(), mean_loss, bright_dark(8), steps=1, batch_size=8, lr=0.1, ledger=None,
                       model_key="classifier", planned_total_steps=1)
+
+
+def test_a_given_noise_multiplier_is_checked_against_the_budget_every_step() -> None:
+    # Prepare: sigma 1.5 at q = 1/3 spends epsilon 1.93, 2.47, 2.87, 3.21 after 1..4 steps (delta 6e-6)
+    ledger = PrivacyLedger(target_epsilon=5.0, target_delta=1e-5)  # generator share: epsilon 3.0
+    ledger.plan("generator", sample_rate=1 / 3, planned_total_steps=8, noise_multiplier=1.5)
+    acc = ledger.accountant_for("generator")
+    # Execute
+    allowed = 0
+    while not ledger.would_exceed("generator", noise_multiplier=1.5, sample_rate=1 / 3):
+        acc.step(noise_multiplier=1.5, sample_rate=1 / 3)
+        allowed += 1
+    # Assert: the planned 8 steps do not fit; the check stops at 3, even after a save/restore
+    assert allowed == 3 and ledger.epsilon("generator") <= 3.0
+    assert PrivacyLedger.from_state_dict(ledger.state_dict()).exhausted("generator")
