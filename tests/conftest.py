@@ -5,9 +5,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import Iterator
+
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """One intra-op thread: on a 2-core machine OpenMP spinning makes the tests' tiny convolutions many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -18,14 +17,6 @@ from common.metrics import frechet_distance
 
 TINY = GeneratorConfig(block_out_channels=(8, 16), num_train_timesteps=100)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes tiny convs ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(size: int = 16, **kw: object) -> ConditionalUNet:

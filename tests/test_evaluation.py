@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,14 +21,6 @@ from common.evaluation import (DownstreamModels, EvalSettings, RunInputs, classi
 
 SIZE, WIDTH = 32, 8
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: on a small shared CPU more threads oversubscribe (about 10x slower here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cfg(**flat: Any) -> RunConfig:

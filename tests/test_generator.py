@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -25,14 +24,6 @@ from common.generator import (
 
 TINY = GeneratorConfig(block_out_channels=(8, 16), num_train_timesteps=100)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes tiny convs ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _inputs(b: int = 4, size: int = 32) -> tuple[torch.Tensor, ...]:

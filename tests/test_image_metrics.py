@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -14,14 +13,6 @@ from common.image_metrics import (ALEXNET_FILE, alexnet_weights_path, feature_se
                                   mean_pairwise_distance, nearest_neighbours, precision_recall)
 from common.metrics import frechet_distance
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One torch thread: on a small shared CPU more threads oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

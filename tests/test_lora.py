@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -23,14 +22,6 @@ from common.lora import (
 
 CFG = GeneratorConfig(block_out_channels=(8, 16), num_train_timesteps=100, attention=True)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine OpenMP spinning makes tiny convs ~20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _model(seed: int = 0, cfg: GeneratorConfig = CFG) -> ConditionalUNet:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,14 +19,6 @@ from common.privacy import RDP_ORDERS, PrivacyLedger, noise_multiplier_for, trai
 # Opacus notes that a larger RDP order might tighten tiny budgets; the bound it returns is still valid.
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine they only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class TinyNet(nn.Module):

@@ -6,7 +6,7 @@ import base64
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -24,14 +24,6 @@ from simulations.report import build_report
 
 SETTINGS = EvalSettings(steps=2, prior_steps=2, batch_size=8)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One torch thread: on a small shared CPU more threads oversubscribe."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_run(run_dir: Path, *, epsilon: float | None = 10.0) -> Path:
