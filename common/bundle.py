@@ -27,6 +27,9 @@ from common.lora import load_trainable_state_dict, set_finetune_mode, trainable_
 
 MODEL_KEYS: tuple[str, ...] = ("generator", "classifier", "regressor")
 ASSETS = Path(__file__).resolve().parent / "assets"
+# Flower's app bundle (FAB) carries only text files, so an app run from a FAB finds the shipped weights through
+# this variable (the launchers set it to the project's common/assets).
+ASSETS_ENV = "DIFUSAL_ASSETS"
 
 
 @dataclass
@@ -43,7 +46,8 @@ def resolve_prior(cfg: RunConfig) -> Path | None:
     """Folder of the configured prior, ``None`` for a fresh init; clear error when it is missing."""
     if not cfg.prior:
         return None
-    folder = ASSETS / f"prior-{cfg.preset}" if cfg.prior == "shipped" else Path(cfg.prior).expanduser()
+    assets = Path(os.environ.get(ASSETS_ENV, ASSETS))
+    folder = assets / f"prior-{cfg.preset}" if cfg.prior == "shipped" else Path(cfg.prior).expanduser()
     if not (folder / "generator").is_dir():
         hint = (
             f"run `bash simulations/run.sh pretrain --preset {cfg.preset}` to (re)create it"

@@ -15,7 +15,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.config import GeneratorConfig
+from common.provenance import code_version
 from common.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
 
 NUM_PLANES = len(PLANES)
@@ -258,18 +258,6 @@ def make_scheduler(name: SchedulerName, *, num_train_timesteps: int, prediction_
             **common, algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0
         )
     raise ValueError(f"scheduler {name!r} is unknown; choose one of ['ddpm', 'ddim', 'dpmsolver']")
-
-
-def code_version() -> str:
-    """``git describe --always --dirty`` of this checkout, or ``"unknown"``."""
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=Path(__file__).resolve().parents[1],
-            capture_output=True, text=True, timeout=10, check=True,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _has_lora(model: nn.Module) -> bool:

@@ -23,11 +23,9 @@ import json
 import os
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -35,8 +33,8 @@ from typing import Any, Mapping, Sequence
 from common.config import RunConfig
 from simulations.certs import ServerCertificates, SiteKeys, check_site_name, make_server_certificates, make_site_keys
 from simulations.launcher import (
-    CONNECTION, LaunchResult, _run_and_tee, finished, flower_env, free_port, run_config_string,
-    stage_app, stop_process_group,
+    CONNECTION, LaunchResult, finished, flower_env, free_port, run_and_tee, run_config_string,
+    stage_app, stop_process_group, wait_http,
 )
 
 LOOPBACK = "127.0.0.1"
@@ -133,23 +131,6 @@ def _spawn(layout: Layout, name: str, cmd: list[str], env: Mapping[str, str]) ->
     return proc
 
 
-def wait_https(url: str, *, ca_file: Path, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Poll ``url`` over TLS (verified against ``ca_file``) until it answers 2xx; fail early if ``proc`` died."""
-    context = ssl.create_default_context(cafile=str(ca_file))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with code {proc.returncode} before {url} answered; see its log")
-        try:
-            with urllib.request.urlopen(url, timeout=2, context=context) as resp:  # noqa: S310 - our own SuperLink
-                if 200 <= resp.status < 300:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout_s:.0f}s")
-
-
 def start_superlink(
     layout: Layout, *, port: int | None = None, host: str = LOOPBACK, database: str = ":flwr-in-memory:",
     timeout_s: float = 60.0,
@@ -181,7 +162,7 @@ def start_superlink(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         + _toml({"address": address, "root-certificates": str(certs.ca_cert.resolve())})
     )
-    wait_https(f"https://{address}/health", ca_file=certs.ca_cert, timeout_s=timeout_s, proc=proc)
+    wait_http(f"https://{address}/health", ca_file=certs.ca_cert, timeout_s=timeout_s, proc=proc)
     return proc
 
 
@@ -297,10 +278,10 @@ def run_federation(layout: Layout, cfg: RunConfig, *, resume: bool = False, echo
     cmd = [str(VENV_BIN / "flwr"), "run", str(app), CONNECTION, "--stream",
            "--run-config", run_config_string(cfg, resume=resume)]
     if timeout_s is not None and shutil.which("timeout"):
-        cmd = ["timeout", str(int(timeout_s)), *cmd]  # a quiet stream never reaches _run_and_tee's own check
+        cmd = ["timeout", str(int(timeout_s)), *cmd]  # a quiet stream never reaches run_and_tee's own check
     t0 = time.perf_counter()
     log_file = layout.path("logs", "flwr-run.log")
-    rc = _run_and_tee(cmd, env=_env(layout, layout.path(".flwr")), log_file=log_file, echo=echo, timeout_s=timeout_s)
+    rc = run_and_tee(cmd, env=_env(layout, layout.path(".flwr")), log_file=log_file, echo=echo, timeout_s=timeout_s)
     if rc == 0 and not finished(run_dir):
         rc = 1  # `flwr run --stream` exits 0 even when the ServerApp raised
     return LaunchResult(returncode=rc, run_dir=run_dir, wall_s=time.perf_counter() - t0, log_file=log_file)

@@ -54,6 +54,7 @@ def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[
             "TORCH_HOME": env.get("TORCH_HOME", str(PROJECT_ROOT / ".cache" / "torch")),
             "RAY_TMPDIR": env.get("RAY_TMPDIR", "/tmp/ray-difusal"),
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "DIFUSAL_ASSETS": env.get("DIFUSAL_ASSETS", str(PROJECT_ROOT / "common" / "assets")),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")])),
             # The SuperLink starts `flower-superexec` (and Ray its workers) by name: the venv's bin must come first.
             "PATH": os.pathsep.join(filter(None, [str(Path(sys.executable).parent), env.get("PATH", "")])),
@@ -94,14 +95,19 @@ def stop_process_group(proc: subprocess.Popen[bytes], *, grace_s: float = 10.0) 
         pass
 
 
-def wait_http(url: str, *, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Poll ``url`` until it answers 2xx; fail early if ``proc`` died."""
+def wait_http(
+    url: str, *, timeout_s: float, proc: subprocess.Popen[bytes] | None = None, ca_file: Path | None = None
+) -> None:
+    """Poll ``url`` until it answers 2xx (over TLS verified against ``ca_file`` when given); fail early if ``proc`` died."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else None
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process exited with code {proc.returncode} before {url} answered; see its log")
         try:
-            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback only
+            with urllib.request.urlopen(url, timeout=2, context=context) as resp:  # noqa: S310 - our own SuperLink
                 if 200 <= resp.status < 300:
                     return
         except OSError:
@@ -203,7 +209,7 @@ def run_simulation(
         app_dir = stage_app(run_dir / ".app")
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
                "--run-config", run_config_string(cfg, resume=resume)]
-        rc = _run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s)
+        rc = run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s)
     # `flwr run --stream` exits 0 even when the ServerApp raised: the run folder's status is the truth.
     if rc == 0 and not finished(run_dir):
         rc = 1
@@ -218,7 +224,7 @@ def finished(run_dir: Path) -> bool:
     return status.is_file() and json.loads(status.read_text()).get("state") == "finished"
 
 
-def _run_and_tee(cmd: list[str], *, env: Mapping[str, str], log_file: Path, echo: bool, timeout_s: float | None) -> int:
+def run_and_tee(cmd: list[str], *, env: Mapping[str, str], log_file: Path, echo: bool, timeout_s: float | None) -> int:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with log_file.open("ab") as log:
