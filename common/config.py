@@ -120,6 +120,11 @@ class PrivacyConfig:
         _check_choice("privacy.accountant", self.accountant, ("rdp", "prv"))
         _check_choice("privacy.grad_sample_mode", self.grad_sample_mode, ("hooks", "functorch", "ghost"))
         _check_range("privacy.noise_multiplicity", self.noise_multiplicity, 1, 64)
+        if self.grad_sample_mode == "ghost" and self.noise_multiplicity > 1:
+            raise ConfigError(
+                "privacy.grad_sample_mode='ghost' cannot be combined with privacy.noise_multiplicity > 1 (Opacus' ghost "
+                "clipping does not support the repeated layer calls it needs); use 'functorch' or set it to 1"
+            )
         if self.noise_multiplier is not None:
             _check_range("privacy.noise_multiplier", self.noise_multiplier, 0.05, 100.0)
 

@@ -68,3 +68,8 @@ def test_run_config_overrides_string_is_applied_on_top_of_preset() -> None:
 def test_malformed_override_is_rejected() -> None:
     with pytest.raises(ConfigError, match="key=value"):
         RunConfig.from_run_config({"preset": "smoke", "overrides": "train.local-steps"})
+
+
+def test_ghost_clipping_with_noise_multiplicity_is_refused() -> None:
+    with pytest.raises(ConfigError, match="ghost"):
+        RunConfig.from_flat({"preset": "smoke", "privacy.grad-sample-mode": "ghost"})
