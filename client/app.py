@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import json
+import math
 import os
 import time
 import traceback
@@ -82,11 +83,12 @@ def train(msg: Message, context: Context) -> Message:
         store.save_ledger(server_round, ledger, info={"site": name, "messages": result.messages})
     store.save_local_model(server_round, {k: v for k, v in arrays.items() if k.startswith("generator.")})
     status = "ok" if result.trained_any else "budget-exhausted"
+    # Aggregated metrics must be finite and have the same keys at every site: a model that took no step this
+    # round reports 0.0 here; the site record below keeps the NaN and the step counts.
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples if status == "ok" else 0,
-            "generator-loss": result.metrics.get("generator-loss", 0.0),
-            "classifier-loss": result.metrics.get("classifier-loss", 0.0),
+            **{k: _finite(result.metrics.get(k, 0.0)) for k in ("generator-loss", "classifier-loss")},
         }
     )
     site_record = ConfigRecord(
@@ -102,6 +104,10 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+def _finite(value: float) -> float:
+    return float(value) if math.isfinite(value) else 0.0
+
+
 @app.evaluate()
 @_guarded
 def evaluate(msg: Message, context: Context) -> Message:
@@ -110,7 +116,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     bundle = build_bundle(spec.cfg)
     load_federated_arrays(bundle, record_to_arrays(msg.content["arrays"]))
     metrics = local_evaluate(bundle, site, spec.cfg)
-    fixed = {k: metrics.get(k, 0.0) for k in ("num-examples", "plane-accuracy", "denoise-loss")}
+    fixed = {k: _finite(metrics.get(k, 0.0)) for k in ("num-examples", "plane-accuracy", "denoise-loss")}
     content = RecordDict(
         {"metrics": MetricRecord(fixed), "site": ConfigRecord({"name": name, "metrics": json.dumps(metrics)})}
     )

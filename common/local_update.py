@@ -108,7 +108,8 @@ def local_train(
             noise_multiplier=cfg.privacy.noise_multiplier if ledger is not None else None,
         )
         metrics[f"{key}-steps"] = float(result.steps)
-        metrics[f"{key}-loss"] = float(np.mean(result.losses)) if result.losses else float("nan")
+        finite = [x for x in result.losses if np.isfinite(x)]  # an empty Poisson batch has no loss (NaN)
+        metrics[f"{key}-loss"] = float(np.mean(finite)) if finite else float("nan")
         metrics[f"{key}-epsilon"] = float(result.epsilon)
         if result.stopped_by_budget:
             messages.append(f"{key}: {result.message}")
