@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord
 
 from common.errors import ReplyValidationError
 
@@ -24,21 +23,6 @@ def record_to_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 def record_nbytes(record: ArrayRecord) -> int:
     """Payload size of an ``ArrayRecord`` in bytes (what goes over the wire, before framing)."""
     return int(sum(len(array.data) for array in record.values()))
-
-
-def json_to_config(name: str, payload: Any) -> ConfigRecord:
-    """Wrap a JSON-serialisable object into a one-key ``ConfigRecord`` (``{name: json}``)."""
-    return ConfigRecord({name: json.dumps(payload)})
-
-
-def config_to_json(record: ConfigRecord, name: str) -> Any:
-    """Inverse of :func:`json_to_config`; raises :class:`ReplyValidationError` when absent or malformed."""
-    if name not in record:
-        raise ReplyValidationError(f"config record lacks key {name!r}")
-    try:
-        return json.loads(str(record[name]))
-    except json.JSONDecodeError as exc:
-        raise ReplyValidationError(f"config record key {name!r} is not valid JSON: {exc}") from exc
 
 
 def validate_arrays(

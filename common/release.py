@@ -14,7 +14,7 @@ import io
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -204,9 +204,3 @@ def _write_png_atomic(path: Path, image: np.ndarray) -> None:
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, path)
 
-
-def item_to_dict(item: ReleaseItem) -> dict[str, Any]:
-    """JSON-safe view of an item without its pixels (for logs and replies)."""
-    d = asdict(item)
-    d.pop("image")
-    return d

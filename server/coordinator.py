@@ -28,9 +28,9 @@ from common.flwr_records import arrays_to_record, record_to_arrays
 from common.generator import make_scheduler
 from common.privacy import train_private
 from common.provenance import code_version
-from common.query import release_from_arrays, release_to_arrays, validate_candidates
+from common.query import release_to_arrays, validate_candidates
 from common.records import PLANES
-from common.release import ReleaseItem, ReleaseStore
+from common.release import ReleaseItem, ReleaseStore, load_release_records
 from common.scoring import features
 from common.seeding import derive_seed
 from common.viz import save_grid
@@ -156,9 +156,7 @@ class Coordinator:
 
     def refine(self, bundle: ModelBundle, server_round: int) -> float:
         """Fine-tune the generator's trainable part on the release (non-DP: released images are public)."""
-        record = self.release_record()
-        assert record is not None  # guarded by the caller: the release is non-empty
-        data = records_to_dataset(release_from_arrays(record_to_arrays(record)), image_size=self.cfg.data.image_size)
+        data = records_to_dataset(load_release_records(self.store.folder), image_size=self.cfg.data.image_size)
         scheduler = make_scheduler("ddpm", num_train_timesteps=self.cfg.generator.num_train_timesteps,
                                    prediction_type=self.cfg.generator.prediction_type)
         loss_fn = make_loss_fn(scheduler, noise_multiplicity=1, cond_dropout=self.cfg.generator.cond_dropout,
