@@ -410,6 +410,28 @@ def _paper() -> RunConfig:
 
 PRESETS = {"smoke": _smoke, "demo": _demo, "paper": _paper}
 
+# Data presets: how each source is split into sites, applied on top of a size preset (``--data african``).
+# Real sources need ``data.root`` (the dataset folder in its published layout).
+DATA_PRESETS: dict[str, dict[str, str]] = {
+    "phantom": {"data.source": "phantom"},  # the size preset's phantom sites (scanner profiles + its label skew)
+    "african": {"data.source": "african", "data.partition": "natural"},  # one site per country (`Center`)
+    "fetal_planes_db": {"data.source": "fetal_planes_db", "data.partition": "natural"},  # one site per US_Machine
+    "hc18": {"data.source": "hc18", "data.partition": "iid"},  # one hospital's data, split by patient (grouped)
+}
+
+
+def data_preset(name: str, root: str = "") -> dict[str, str]:
+    """Flat overrides of the data preset ``name`` (plus ``data.root`` when given)."""
+    if name not in DATA_PRESETS:
+        raise ConfigError(f"data preset {name!r} is unknown; choose one of {sorted(DATA_PRESETS)}")
+    out = dict(DATA_PRESETS[name])
+    if root:
+        out["data.root"] = root
+    elif name != "phantom":
+        raise ConfigError(f"data preset {name!r} needs the dataset folder: pass --data-root PATH (the folder in the "
+                          f"dataset's published layout)")
+    return out
+
 
 def get_preset(name: str) -> RunConfig:
     """Return the named preset (``smoke``, ``demo`` or ``paper``)."""

@@ -3,7 +3,8 @@
 Layout of :func:`save_grid` (all in output pixels): a ``pad``-pixel gutter around and between cells; a title
 band of ``line_height`` on top if ``title``; a column-label band of ``line_height`` if ``col_labels``; a
 row-label column as wide as the widest row label (+ ``pad``) if ``row_labels``; a caption band of
-``line_height`` under every row if ``cell_captions``. Cells are ``scale`` times the largest image.
+``line_height`` per caption line (captions may hold ``\n``) under every row if ``cell_captions``. Cells are
+``scale`` times the largest image, and columns widen to the longest caption line so captions never overlap.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def save_grid(images: Sequence[Sequence[np.ndarray]], path: Path, *, row_labels:
     row_labels, col_labels, title:
         Optional text left of each row, above each column and above the grid.
     cell_captions:
-        Optional text under each cell (same ragged shape as ``images``).
+        Optional text under each cell (same ragged shape as ``images``); ``\n`` starts a new line.
     scale:
         Integer nearest-neighbour magnification of every image (>= 1).
     pad:
@@ -79,15 +80,17 @@ def save_grid(images: Sequence[Sequence[np.ndarray]], path: Path, *, row_labels:
         raise ValueError(f"scale={scale} must be >= 1 and pad={pad} >= 0")
     cells = [[to_uint8(im) for im in row] for row in images]
     rgb = any(c.ndim == 3 for row in cells for c in row)
-    ch = max(c.shape[0] for row in cells for c in row) * scale
-    cw = max(c.shape[1] for row in cells for c in row) * scale
-    n_rows, n_cols = len(cells), max(len(r) for r in cells)
     font = ImageFont.load_default(size=FONT_SIZE)
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    lines = [str(t).split("\n") for row in (cell_captions or []) for t in row]
+    caption_w = max((int(measure.textlength(line, font=font)) + 2 for cap in lines for line in cap), default=0)
+    ch = max(c.shape[0] for row in cells for c in row) * scale
+    cw = max(max(c.shape[1] for row in cells for c in row) * scale, caption_w)
+    n_rows, n_cols = len(cells), max(len(r) for r in cells)
     label_w = max((int(measure.textlength(str(t), font=font)) for t in row_labels), default=0)
     left = label_w + pad if row_labels else 0
     top = (LINE_HEIGHT if title else 0) + (LINE_HEIGHT if col_labels else 0)
-    cap = LINE_HEIGHT if cell_captions is not None else 0
+    cap = LINE_HEIGHT * max((len(c) for c in lines), default=1) if cell_captions is not None else 0
     width = left + pad + n_cols * (cw + pad)
     height = top + pad + n_rows * (ch + cap + pad)
     canvas = Image.new("RGB" if rgb else "L", (width, height), (255, 255, 255) if rgb else 255)
@@ -106,7 +109,8 @@ def save_grid(images: Sequence[Sequence[np.ndarray]], path: Path, *, row_labels:
             tile = Image.fromarray(big)
             canvas.paste(tile.convert(canvas.mode), (left + pad + c * (cw + pad), y))
             if cell_captions is not None and r < len(cell_captions) and c < len(cell_captions[r]):
-                draw.text((left + pad + c * (cw + pad), y + ch + 1), str(cell_captions[r][c]), fill=ink, font=font)
+                for i, line in enumerate(str(cell_captions[r][c]).split("\n")):
+                    draw.text((left + pad + c * (cw + pad), y + ch + 1 + i * LINE_HEIGHT), line, fill=ink, font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)

@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from common.config import RunConfig, parse_overrides
+from common.config import DATA_PRESETS, RunConfig, data_preset, parse_overrides
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,9 +28,14 @@ def _setup_env() -> None:
     os.environ.setdefault("MPLCONFIGDIR", str(PROJECT_ROOT / ".cache" / "mpl"))
 
 
-def build_config(preset: str, sets: Sequence[str], *, run_dir: str = "", **top: object) -> RunConfig:
-    """Preset + ``--set`` overrides + top-level fields, validated."""
+def build_config(preset: str, sets: Sequence[str], *, run_dir: str = "", data: str = "", data_root: str = "",
+                 **top: object) -> RunConfig:
+    """Preset + data preset + ``--set`` overrides + top-level fields, validated."""
     flat: dict[str, object] = {"preset": preset}
+    if data:
+        flat.update(data_preset(data, str(Path(data_root).resolve()) if data_root else ""))
+    elif data_root:
+        flat["data.root"] = str(Path(data_root).resolve())
     for item in sets:
         flat.update(parse_overrides(item))
     flat.update({k.replace("_", "-"): v for k, v in top.items() if v is not None})
@@ -59,7 +64,8 @@ def cmd_simulate(args: argparse.Namespace, *, name: str) -> int:
     from simulations.launcher import run_simulation
 
     run_dir = args.run_dir or str(default_run_dir(name))
-    cfg = build_config(args.preset, args.set, run_dir=run_dir, seed=args.seed, prior=args.prior)
+    cfg = build_config(args.preset, args.set, run_dir=run_dir, data=args.data, data_root=args.data_root,
+                       seed=args.seed, prior=args.prior)
     num_sites = count_sites(cfg)
     if num_sites != cfg.data.num_sites:
         cfg = replace(cfg, data=replace(cfg.data, num_sites=num_sites))
@@ -81,7 +87,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     out = Path(args.out or default_run_dir("preview"))
     for path in write_phantom_grids(out, size=args.size, seed=args.seed):
         print(f"[difusal] grid: {path}")
-    cfg = build_config(args.preset, args.set, seed=args.seed)
+    cfg = build_config(args.preset, args.set, data=args.data, data_root=args.data_root, seed=args.seed)
     fed = load_federated_data(cfg.data, seed=cfg.seed)
     records = [r for s in fed.sites for r in s.train]
     assignment, start = [], 0
@@ -96,7 +102,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     """Train the public phantom prior (no DP) and write it as a prior folder."""
     from common.pretrain import pretrain_prior
 
-    cfg = build_config(args.preset, args.set, seed=args.seed)
+    cfg = build_config(args.preset, args.set, data=args.data, data_root=args.data_root, seed=args.seed)
     out = Path(args.out) if args.out else PROJECT_ROOT / "common" / "assets" / f"prior-{cfg.preset}"
     path = pretrain_prior(cfg, out, command=" ".join(sys.argv))
     print(f"[difusal] prior written to {path}")
@@ -113,6 +119,10 @@ def make_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set federation.num-rounds=2 (repeatable)")
         sp.add_argument("--seed", type=int, default=None)
+        sp.add_argument("--data", default="", choices=["", *DATA_PRESETS],
+                        help="data preset: phantom | african (sites = countries) | fetal_planes_db (sites = US "
+                             "machines) | hc18 (split by patient); default: the preset's phantom sites")
+        sp.add_argument("--data-root", default="", help="dataset folder in its published layout (real data presets)")
 
     for name, preset, helptext in (
         ("demo", "demo", "the main job: phantom sites, from the shipped prior, DP fine-tuning + active learning"),

@@ -73,3 +73,24 @@ def test_malformed_override_is_rejected() -> None:
 def test_ghost_clipping_with_noise_multiplicity_is_refused() -> None:
     with pytest.raises(ConfigError, match="ghost"):
         RunConfig.from_flat({"preset": "smoke", "privacy.grad-sample-mode": "ghost"})
+
+
+def test_data_presets_set_source_and_site_split_and_later_overrides_win(tmp_path) -> None:
+    # Prepare
+    from simulations.cli import build_config
+
+    # Execute
+    african = build_config("demo", [], data="african", data_root=str(tmp_path))
+    hc18 = build_config("smoke", ["data.num-sites=3"], data="hc18", data_root=str(tmp_path))
+    fpdb = build_config("demo", ["data.partition=dirichlet"], data="fetal_planes_db", data_root=str(tmp_path))
+    phantom = build_config("demo", [], data="phantom")
+    # Assert: countries / machines are the natural sites, HC18 is split by patient, --set still overrides
+    assert (african.data.source, african.data.partition, african.data.root) == ("african", "natural", str(tmp_path))
+    assert african.data.image_size == 32 and african.train == build_config("demo", []).train  # size preset kept
+    assert (hc18.data.source, hc18.data.partition, hc18.data.num_sites) == ("hc18", "iid", 3)
+    assert (fpdb.data.source, fpdb.data.partition) == ("fetal_planes_db", "dirichlet")
+    assert phantom == build_config("demo", [])
+    with pytest.raises(ConfigError, match="--data-root"):
+        build_config("demo", [], data="african")
+    with pytest.raises(ConfigError, match="unknown; choose one of"):
+        build_config("demo", [], data="mnist", data_root=str(tmp_path))

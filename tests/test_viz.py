@@ -66,3 +66,25 @@ def test_bad_input_raises_value_error(tmp_path: Path) -> None:
         save_grid([[np.zeros((4, 4), np.uint8)]], tmp_path / "x.png", scale=0)
     with pytest.raises(ValueError, match=r"shape \(4, 4, 2\)"):
         save_grid([[np.zeros((4, 4, 2), np.uint8)]], tmp_path / "x.png")
+
+
+def test_long_and_multiline_captions_widen_columns_and_do_not_overlap(tmp_path: Path) -> None:
+    # Prepare: 8x8 images (16 px at scale 2) with captions much wider than a cell, on three lines
+    images = [[np.zeros((8, 8), np.uint8)] * 3]
+    captions = [["q 0.91\nu 0.40\nsite0-voluson"] * 3]
+    # Execute
+    path = save_grid(images, tmp_path / "captions.png", cell_captions=captions, scale=2, pad=2)
+    # Assert: three caption lines of band, and every caption ends before the next column starts
+    with Image.open(path) as im:
+        width, height = im.size
+        arr = np.asarray(im.convert("L"))
+    assert height == 2 + 16 + 3 * LINE_HEIGHT + 2
+    col_w = (width - 2) // 3 - 2
+    assert col_w > 16  # widened beyond the image for the text
+    band = arr[2 + 16:, :]
+    for c in range(3):
+        x0 = 2 + c * (col_w + 2)
+        ink = np.flatnonzero((band[:, x0:x0 + col_w] < 128).any(axis=0))
+        assert ink.size and ink.max() < col_w  # the caption is inside its own column
+        assert (band[:, x0 + col_w:x0 + col_w + 2] == 255).all()  # the gutter between columns stays blank
+    assert (band[2 * LINE_HEIGHT:, 2:2 + col_w] < 128).any()  # the third line was drawn

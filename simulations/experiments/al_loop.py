@@ -1,6 +1,7 @@
 """Does the active-learning loop help? The same federation with three selection arms, side by side.
 
     python -m simulations.experiments.al_loop --preset demo --prior shipped --out runs/al-loop [--set k=v ...]
+    python -m simulations.experiments.al_loop --preset demo --data african --data-root DIR --out runs/al-loop-african
 
 Arms (identical seeds, data, privacy and rounds; only the coordinator differs):
 - ``none``: no queries, no synthetic data;
@@ -72,12 +73,15 @@ def main() -> None:
     p.add_argument("--out", default="runs/al-loop")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--data", default="", help="data preset (phantom | african | fetal_planes_db | hc18)")
+    p.add_argument("--data-root", default="", help="dataset folder of a real data preset")
     args = p.parse_args()
     out = Path(args.out).resolve()
     table: dict[str, list[dict[str, Any]]] = {}
     for arm in args.arms.split(","):
         sets = [*args.set, " ".join(f"{k}={v}" for k, v in ARMS[arm].items())]
-        cfg = build_config(args.preset, sets, run_dir=str(out / arm), seed=args.seed, prior=args.prior)
+        cfg = build_config(args.preset, sets, run_dir=str(out / arm), data=args.data, data_root=args.data_root,
+                           seed=args.seed, prior=args.prior)
         result = run_simulation(cfg, num_sites=count_sites(cfg), echo=False)
         if result.returncode != 0:
             raise SystemExit(f"arm {arm!r} failed; see {result.log_file}")
