@@ -67,9 +67,9 @@ def test_certificates_name_only_loopback_and_private_keys_are_owner_only(tmp_pat
         make_site_keys(tmp_path / "keys", "../escape")
 
 
-def test_two_sites_one_round_over_tls_with_authentication(tmp_path: Path) -> None:
-    # Prepare
-    cfg = _cfg(tmp_path / "run")
+def test_two_sites_one_round_and_one_query_over_tls_with_authentication(tmp_path: Path) -> None:
+    # Prepare: one federated round followed by one coordinator query (smoke: 4 candidates per site, 4 selected)
+    cfg = RunConfig.from_flat({"preset": "smoke", "run-dir": str(tmp_path / "run"), "federation.al-every": 1})
     # Execute
     with Deployment(tmp_path / "dep") as dep:
         nodes = dep.start(default_sites(2))
@@ -83,6 +83,19 @@ def test_two_sites_one_round_over_tls_with_authentication(tmp_path: Path) -> Non
     assert sorted((s["name"], s["status"]) for s in record["sites"]) == [("site-0", "ok"), ("site-1", "ok")]
     assert {s["node_id"] for s in record["sites"]} == set(nodes.values())  # the registered identities trained
     assert round_sites(tmp_path / "run", nodes) == [{"site-0": "ok", "site-1": "ok"}]
+    # the coordinator's query went over the same TLS links to both registered sites, and its selection was released
+    query = record["active_learning"]
+    assert sorted((s["name"], s["status"], s["candidates"]) for s in query["sites"]) == [
+        ("site-0", "ok", 4), ("site-1", "ok", 4)]
+    assert {s["node_id"] for s in query["sites"]} == set(nodes.values())
+    assert query["candidates"] == 8 and query["selected"] == 4 == query["release_size"]
+    meta = [json.loads(line) for line in (tmp_path / "run" / "release" / "metadata.jsonl").read_text().splitlines()]
+    assert len(meta) == 4 and {m["source_site"] for m in meta} <= {"site-0", "site-1"}
+    for m in meta:
+        assert (tmp_path / "run" / "release" / m["file_name"]).is_file()
+        assert m["round"] == 1 and 0 < m["privacy"]["epsilon"] <= cfg.privacy.target_epsilon
+    layout_logs = {site: layout.path("logs", f"supernode-{site}.log").read_text() for site in nodes}
+    assert all("Receiving: query message" in text for text in layout_logs.values())
     superlink_log = layout.path("logs", "superlink.log").read_text()
     assert "Uvicorn running on https://127.0.0.1:" in superlink_log
     for site, node in nodes.items():

@@ -166,8 +166,8 @@ def curve_rows(eps: float | None, evaluation: dict[str, Any]) -> list[dict[str, 
 
 
 def privacy_utility_curve(out_dir: Path, *, preset: str, epsilons: Sequence[float | None], sets: Sequence[str],
-                          settings: EvalSettings, seed: int = 0, timeout_s: float = 1800.0,
-                          log: Callable[[str], None] = print) -> dict[str, Any]:
+                          settings: EvalSettings, seed: int = 0, timeout_s: float = 1800.0, data: str = "",
+                          data_root: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
     """One federation per epsilon (same preset, seed and overrides), each evaluated; the collected table."""
     from simulations.cli import build_config, count_sites
     from simulations.launcher import finished, run_simulation
@@ -177,7 +177,8 @@ def privacy_utility_curve(out_dir: Path, *, preset: str, epsilons: Sequence[floa
     runs: dict[str, Any] = {}
     for eps in epsilons:
         run_dir = out_dir / f"eps-{_eps_label(eps)}"
-        cfg = build_config(preset, [*sets, f"privacy.target-epsilon={_eps_label(eps)}"], run_dir=str(run_dir), seed=seed)
+        cfg = build_config(preset, [*sets, f"privacy.target-epsilon={_eps_label(eps)}"], run_dir=str(run_dir),
+                           data=data, data_root=data_root, seed=seed)
         if not finished(run_dir):
             t0 = time.perf_counter()
             # The SuperLink starts `flower-superexec` by name: put this interpreter's bin folder on PATH.
@@ -193,7 +194,8 @@ def privacy_utility_curve(out_dir: Path, *, preset: str, epsilons: Sequence[floa
         evaluation = evaluate_run(run_dir, settings, lpips=False, log=log)
         rows += curve_rows(eps, evaluation)
         runs[_eps_label(eps)] = str(run_dir)
-    result = {"preset": preset, "seed": seed, "overrides": list(sets), "settings": settings.__dict__, "runs": runs,
+    result = {"preset": preset, "data": data or "phantom", "seed": seed, "overrides": list(sets),
+              "settings": settings.__dict__, "runs": runs,
               "rows": rows}
     _write_json(out_dir / "privacy_utility.json", result)
     (out_dir / "privacy_utility.md").write_text(curve_markdown(rows))
@@ -266,6 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sp.add_argument("--eps", default="1,4,10,none", help="comma-separated epsilons; 'none' = no DP")
             sp.add_argument("--set", action="append", default=["federation.al-every=1"], metavar="KEY=VALUE")
             sp.add_argument("--seed", type=int, default=0)
+            sp.add_argument("--data", default="", help="data preset (phantom | african | fetal_planes_db | hc18)")
+            sp.add_argument("--data-root", default="", help="dataset folder of a real data preset")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     settings = EvalSettings(steps=args.steps, batch_size=args.batch_size, prior_steps=args.steps, seed=args.eval_seed)
@@ -274,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_table(res["downstream"]))
         return 0
     res = privacy_utility_curve(args.out, preset=args.preset, epsilons=_parse_eps(args.eps), sets=args.set,
-                                settings=settings, seed=args.seed)
+                                settings=settings, seed=args.seed, data=args.data, data_root=args.data_root)
     print(curve_markdown(res["rows"]))
     return 0
 
