@@ -194,11 +194,7 @@ class Coordinator:
             captions.append([f"q {c['scores']['quality']:.2f}\nu {c['scores']['uncertainty']:.2f}\n"
                              f"n {c['scores'].get('novelty', float('nan')):.2f}\n{c['site'][:10]}" for c in mine])
             labels.append(name)
-        if rows:
-            width = max(len(r) for r in rows)
-            blank = np.zeros_like(rows[0][0])
-            rows = [r + [blank] * (width - len(r)) for r in rows]
-            captions = [c + [""] * (width - len(c)) for c in captions]
+        if rows:  # ragged rows: a plane with fewer images leaves its cells blank
             save_grid(rows, self.run_dir / "figures" / f"release-round-{server_round:03d}.png", row_labels=labels, scale=3,
                       cell_captions=captions,
                       title=f"Released after round {server_round} (q=quality, u=uncertainty, n=novelty)")

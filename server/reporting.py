@@ -13,6 +13,7 @@ from common.bundle import ModelBundle
 from common.config import RunConfig
 from common.diffusion import sample, to_uint8
 from common.records import PLANES
+from common.round_metrics import round_summary
 from common.seeding import derive_seed
 from common.viz import save_grid
 
@@ -52,27 +53,31 @@ def plot_rounds(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
         return []
     out_dir.mkdir(parents=True, exist_ok=True)
     rounds = [int(r["round"]) for r in records]
+    pooled = [round_summary(r) for r in records]
+    nan = lambda v: math.nan if v is None else v  # noqa: E731
     panels = [
         ("generator loss (train)", [r["train"].get("generator-loss", math.nan) for r in records]),
         ("denoising loss (held-out)", [r["evaluate"].get("denoise-loss", math.nan) for r in records]),
-        ("plane accuracy (held-out)", [r["evaluate"].get("plane-accuracy", math.nan) for r in records]),
+        ("plane accuracy (held-out)", [nan(p["plane_accuracy"]) for p in pooled]),
+        ("GA MAE, days (held-out)", [nan(p["ga_mae_days"]) for p in pooled]),
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    fig, axes = plt.subplots(1, 5, figsize=(19, 3.2))
     for ax, (title, values) in zip(axes, panels):
         ax.plot(rounds, values, marker="o")
         ax.set_title(title)
+    for ax in axes:
         ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
     sites = sorted({name for r in records for name in r.get("ledger", {})})
     for site in sites:
         eps = [
             max((float(m.get("epsilon", 0.0)) for m in r.get("ledger", {}).get(site, {}).values()), default=np.nan)
             for r in records
         ]
-        axes[3].plot(rounds, eps, marker="o", label=site)
-    axes[3].set_title("cumulative epsilon (max over models)")
-    axes[3].set_xlabel("round")
+        axes[4].plot(rounds, eps, marker="o", label=site)
+    axes[4].set_title("cumulative epsilon (max over models)")
     if sites:
-        axes[3].legend(fontsize=7)
+        axes[4].legend(fontsize=7)
     fig.tight_layout()
     path = out_dir / "rounds.png"
     fig.savefig(path, dpi=100)

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from common.round_metrics import round_summary
 from common.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES, UltrasoundRecord
 from common.viz import save_grid
 
@@ -250,9 +251,8 @@ def per_site_bars(result: dict[str, Any] | None) -> bytes | None:
 def rounds_plot(metrics: Sequence[dict[str, Any]], result: dict[str, Any] | None) -> bytes | None:
     """Checkpoint utility (protocol test sets) or the federation's own evaluation, and release size, per round."""
     per_round = (result or {}).get("per_round") or [
-        {"round": r["round"], "accuracy": r.get("evaluate", {}).get("plane-accuracy"),
-         "mae_days": r.get("evaluate", {}).get("ga-mae-days"),
-         "release_size": (r.get("active_learning") or {}).get("release_size")} for r in metrics]
+        {"round": s["round"], "accuracy": s["plane_accuracy"], "mae_days": s["ga_mae_days"],
+         "release_size": s["release_size"]} for s in map(round_summary, metrics)]
     if not per_round:
         return None
     plt = _plt()
@@ -263,6 +263,7 @@ def rounds_plot(metrics: Sequence[dict[str, Any]], result: dict[str, Any] | None
         ax.plot(rounds, [np.nan if r.get(key) is None else r[key] for r in per_round], marker="o")
         ax.set_title(title)
         ax.set_xlabel("round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
     return _fig_png(fig)
 
 

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common.round_metrics import round_summary
 from simulations.cli import build_config, count_sites
 from simulations.launcher import run_simulation
 
@@ -30,27 +31,9 @@ ARMS: dict[str, dict[str, object]] = {
 }
 
 
-def pooled(sites: list[dict[str, Any]], key: str, weight: str) -> float | None:
-    """Example-weighted mean of an evaluation metric over the sites that report it."""
-    pairs = [(s["evaluation"][key], s["evaluation"].get(weight, 0)) for s in sites
-             if key in s.get("evaluation", {}) and s["evaluation"].get(weight, 0)]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total else None
-
-
 def summarise(run_dir: Path) -> list[dict[str, Any]]:
     """Per-round pooled held-out metrics of one run."""
-    rows = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        rows.append({
-            "round": r["round"],
-            "plane_accuracy": pooled(r["sites"], "plane-accuracy", "num-examples"),
-            "plane_macro_f1": pooled(r["sites"], "plane-macro-f1", "num-examples"),
-            "ga_mae_days": pooled(r["sites"], "ga-mae-days", "num-examples"),
-            "release_size": r.get("active_learning", {}).get("release_size", 0),
-        })
-    return rows
+    return [round_summary(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def to_markdown(table: dict[str, list[dict[str, Any]]]) -> str:
