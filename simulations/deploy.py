@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from common.config import RunConfig
-from simulations.certs import ServerCertificates, SiteKeys, check_site_name, make_server_certificates, make_site_keys
+from simulations.certs import (
+    ServerCertificates, SiteKeys, certificate_hosts, check_site_name, make_server_certificates, make_site_keys,
+)
 from simulations.launcher import (
     CONNECTION, LaunchResult, finished, flower_env, free_port, run_and_tee, run_config_string,
     stage_app, stop_process_group, wait_http,
@@ -132,8 +134,8 @@ def _spawn(layout: Layout, name: str, cmd: list[str], env: Mapping[str, str]) ->
 
 
 def start_superlink(
-    layout: Layout, *, port: int | None = None, host: str = LOOPBACK, database: str = ":flwr-in-memory:",
-    timeout_s: float = 60.0,
+    layout: Layout, *, port: int | None = None, host: str = LOOPBACK, advertise: str | None = None,
+    database: str = ":flwr-in-memory:", timeout_s: float = 60.0,
 ) -> subprocess.Popen[bytes]:
     """Start the SuperLink with TLS and SuperNode authentication; write the CLI connection; wait for health.
 
@@ -141,12 +143,26 @@ def start_superlink(
     ----------
     port:
         The one HTTPS port (Fleet, Control, Runtime APIs); a free port when ``None``.
+    host:
+        The interface to bind: the loopback (default) or ``0.0.0.0`` / a LAN address for a multi-machine consortium.
+    advertise:
+        The name SuperNodes and ``flwr`` dial (it must be in the server certificate, ``certs --host``); default
+        ``host``, required when ``host`` is a wildcard.
     database:
         ``:flwr-in-memory:`` (registrations are lost on restart: :func:`register_sites` again) or a file path.
     """
     certs = layout.certificates()
     if not (certs.server_cert.is_file() and certs.server_key.is_file() and certs.ca_cert.is_file()):
         raise FileNotFoundError(f"no certificates in {certs.ca_cert.parent}: run `deploy certs --dir {layout.root}`")
+    if advertise is None:
+        if host in ("0.0.0.0", "::", ""):
+            raise ValueError(f"host={host!r} binds every interface: give the name the hospitals dial (--advertise), "
+                             f"one of the names in {certs.server_cert}")
+        advertise = host
+    names = certificate_hosts(certs.server_cert)
+    if advertise not in names:
+        raise ValueError(f"{advertise!r} is not a name in the server certificate {certs.server_cert} ({names}): "
+                         f"TLS would fail; remake it with `deploy certs --host {advertise} --overwrite`")
     port = port or free_port()
     cmd = [
         str(VENV_BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile",
@@ -155,7 +171,7 @@ def start_superlink(
         "--port", str(port), "--database", database,
     ]
     proc = _spawn(layout, "superlink", cmd, _env(layout, layout.path("superlink", ".flwr")))
-    address = f"{host}:{port}"
+    address = f"{advertise}:{port}"
     layout.path("superlink.json").write_text(json.dumps({"address": address, "pid": proc.pid}))
     layout.path(".flwr").mkdir(parents=True, exist_ok=True)
     layout.path(".flwr", "config.toml").write_text(
@@ -417,6 +433,10 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     for name in ("superlink", "up"):
         cmds[name].add_argument("--port", type=int, default=None, help="HTTPS port (default: a free one)")
     cmds["superlink"].add_argument("--database", default=":flwr-in-memory:")
+    cmds["superlink"].add_argument("--host", default=LOOPBACK,
+                                   help="interface to bind (default %(default)s; 0.0.0.0 for hospitals on the network)")
+    cmds["superlink"].add_argument("--advertise", default=None,
+                                   help="the name hospitals dial, as in the certificate (default: --host)")
     sn = cmds["supernode"]
     sn.add_argument("--site", required=True)
     sn.add_argument("--index", type=int, required=True, help="site-index in node_config")
@@ -443,7 +463,8 @@ def _cli(argv: Sequence[str] | None = None) -> int:
             keys = make_site_keys(layout.path("keys"), site)
             print(f"{site}: private {keys.private_key} (stays at the site), public {keys.public_key} (to the admin)")
     elif args.command == "superlink":
-        proc = start_superlink(layout, port=args.port, database=args.database)
+        proc = start_superlink(layout, port=args.port, host=args.host, advertise=args.advertise,
+                               database=args.database)
         nodes = register_sites(layout)
         print(f"SuperLink pid {proc.pid} on https://{layout.superlink_address()}; registered: {nodes}")
     elif args.command == "supernode":

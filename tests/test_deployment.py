@@ -19,7 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from common.config import RunConfig
 from simulations.certs import certificate_hosts, make_server_certificates, make_site_keys
 from simulations.deploy import (
-    Deployment, SiteNode, default_sites, deployment_processes, node_status, round_sites, start_supernode,
+    Deployment, Layout, SiteNode, default_sites, deployment_processes, node_status, round_sites, start_superlink,
+    start_supernode, stop,
 )
 from simulations.launcher import LaunchResult
 
@@ -151,3 +152,22 @@ def test_a_killed_supernode_is_reported_missing_and_the_run_finishes(tmp_path: P
     evaluated = {s["name"]: s["evaluation"].get("num-examples", 0) for s in record["sites"] if s["evaluation"]}
     assert list(evaluated) == ["site-0"] and evaluated["site-0"] > 0  # evaluation went on with the survivor
     assert deployment_processes(dep.layout) == []
+
+
+def test_superlink_binds_all_interfaces_and_advertises_a_certified_name(tmp_path: Path) -> None:
+    # Prepare: a consortium SuperLink on every interface, dialled as "localhost" (a name in its certificate)
+    layout = Layout(tmp_path / "dep")
+    make_server_certificates(layout.path("certs"))
+    # Execute / Assert: a wildcard bind needs the advertised name; a name outside the certificate is refused
+    with pytest.raises(ValueError, match="--advertise"):
+        start_superlink(layout, host="0.0.0.0")
+    with pytest.raises(ValueError, match="not a name in the server certificate"):
+        start_superlink(layout, host="0.0.0.0", advertise="hospital-net.example")
+    try:
+        start_superlink(layout, host="0.0.0.0", advertise="localhost")  # returns once /health answers over TLS
+        address = layout.superlink_address()
+        assert address.startswith("localhost:")
+        assert f'address = "{address}"' in layout.path(".flwr", "config.toml").read_text()
+    finally:
+        stop(layout)
+    assert deployment_processes(layout) == []
