@@ -167,8 +167,8 @@ def curve_rows(eps: float | None, evaluation: dict[str, Any]) -> list[dict[str, 
 
 def privacy_utility_curve(out_dir: Path, *, preset: str, epsilons: Sequence[float | None], sets: Sequence[str],
                           settings: EvalSettings, seed: int = 0, timeout_s: float = 1800.0, data: str = "",
-                          data_root: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """One federation per epsilon (same preset, seed and overrides), each evaluated; the collected table."""
+                          data_root: str = "", prior: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
+    """One federation per epsilon (same preset, seed, prior and overrides), each evaluated; the collected table."""
     from simulations.cli import build_config, count_sites
     from simulations.launcher import finished, run_simulation
 
@@ -178,7 +178,7 @@ def privacy_utility_curve(out_dir: Path, *, preset: str, epsilons: Sequence[floa
     for eps in epsilons:
         run_dir = out_dir / f"eps-{_eps_label(eps)}"
         cfg = build_config(preset, [*sets, f"privacy.target-epsilon={_eps_label(eps)}"], run_dir=str(run_dir),
-                           data=data, data_root=data_root, seed=seed)
+                           data=data, data_root=data_root, seed=seed, prior=prior)
         if not finished(run_dir):
             t0 = time.perf_counter()
             # The SuperLink starts `flower-superexec` by name: put this interpreter's bin folder on PATH.
@@ -194,7 +194,8 @@ def privacy_utility_curve(out_dir: Path, *, preset: str, epsilons: Sequence[floa
         evaluation = evaluate_run(run_dir, settings, lpips=False, log=log)
         rows += curve_rows(eps, evaluation)
         runs[_eps_label(eps)] = str(run_dir)
-    result = {"preset": preset, "data": data or "phantom", "seed": seed, "overrides": list(sets),
+    result = {"preset": preset, "data": data or "phantom", "prior": prior or "fresh init", "seed": seed,
+              "overrides": list(sets),
               "settings": settings.__dict__, "runs": runs,
               "rows": rows}
     _write_json(out_dir / "privacy_utility.json", result)
@@ -240,6 +241,11 @@ def plot_curve(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _default_prior(preset: str) -> str:
+    """'shipped' when ``common/assets/prior-<preset>`` exists (the curve fine-tunes from the prior), else ''."""
+    return "shipped" if (PROJECT_ROOT / "common" / "assets" / f"prior-{preset}").is_dir() else ""
+
+
 def _parse_eps(text: str) -> list[float | None]:
     return [None if t.strip().lower() in ("none", "inf") else float(t) for t in text.split(",") if t.strip()]
 
@@ -270,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sp.add_argument("--seed", type=int, default=0)
             sp.add_argument("--data", default="", help="data preset (phantom | african | fetal_planes_db | hc18)")
             sp.add_argument("--data-root", default="", help="dataset folder of a real data preset")
+            sp.add_argument("--prior", default=None,
+                            help="'shipped', a prior folder, or '' (fresh init); default: 'shipped' when the preset has "
+                                 "a shipped prior (common/assets/prior-<preset>), else ''")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
     settings = EvalSettings(steps=args.steps, batch_size=args.batch_size, prior_steps=args.steps, seed=args.eval_seed)
@@ -278,7 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(markdown_table(res["downstream"]))
         return 0
     res = privacy_utility_curve(args.out, preset=args.preset, epsilons=_parse_eps(args.eps), sets=args.set,
-                                settings=settings, seed=args.seed, data=args.data, data_root=args.data_root)
+                                settings=settings, seed=args.seed, data=args.data, data_root=args.data_root,
+                                prior=_default_prior(args.preset) if args.prior is None else args.prior)
     print(curve_markdown(res["rows"]))
     return 0
 
