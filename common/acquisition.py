@@ -201,6 +201,26 @@ def plan_conditions(
     return plane.astype(np.int64), ga.astype(np.float32)
 
 
+def bin_uncertainty(bins: np.ndarray, uncertainty: np.ndarray) -> np.ndarray | None:
+    """Mean uncertainty score per plane x GA bin of scored samples; a bin with none gets the highest mean seen.
+
+    What :func:`plan_conditions` weighs by ("where the downstream models are least certain"); ``None`` when there
+    are no scored samples yet.
+    """
+    bins = np.asarray(bins, dtype=int)
+    u = np.asarray(uncertainty, dtype=float)
+    if bins.shape != u.shape:
+        raise ValueError(f"bins {bins.shape} and uncertainty {u.shape} must have the same shape")
+    keep = np.isfinite(u)
+    if not keep.any():
+        return None
+    sums = np.bincount(bins[keep], weights=u[keep], minlength=num_bins())
+    counts = np.bincount(bins[keep], minlength=num_bins())
+    means = np.divide(sums, counts, out=np.zeros(num_bins()), where=counts > 0)
+    means[counts == 0] = means[counts > 0].max()
+    return means
+
+
 def bin_summary(bins: Sequence[int]) -> dict[str, int]:
     """Counts per plane (for logs)."""
     n_ga = len(GA_BIN_EDGES) - 1

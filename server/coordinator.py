@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from common.acquisition import bin_summary, condition_bins, plan_conditions, select
+from common.acquisition import bin_summary, bin_uncertainty, condition_bins, plan_conditions, select
 from common.bundle import ModelBundle, federated_arrays
 from common.config import RunConfig
 from common.data.tensors import records_to_dataset
@@ -58,19 +58,30 @@ class Coordinator:
             return None
         return arrays_to_record(release_to_arrays(records, [self.store.load_image(r) for r in records]))
 
-    def query_round(self, grid: Grid, bundle: ModelBundle, server_round: int) -> dict[str, Any]:
-        """One query -> validate -> select -> release cycle; returns its summary for ``metrics.jsonl``."""
+    def query_round(self, grid: Grid, bundle: ModelBundle, server_round: int,
+                    site_names: Mapping[int, str] | None = None) -> dict[str, Any]:
+        """One query -> validate -> select -> release cycle; returns its summary for ``metrics.jsonl``.
+
+        ``site_names`` (node id -> site name, from the round's replies) makes each site's request a function of
+        the seed, the round and the site, not of the node ids the SuperLink happened to hand out.
+        """
         fed = self.cfg.federation
+        names = dict(site_names or {})
         rng = np.random.default_rng(derive_seed(self.cfg.seed, "al", server_round))
         existing = self.store.records()
         bank = features(bundle, np.stack([self.store.load_image(r) for r in existing])) if existing else None
         release_bins = condition_bins(np.array([r["plane"] for r in existing], dtype=int),
                                       np.array([r["ga_weeks"] for r in existing])) if existing else np.zeros(0, int)
+        # where the models were least certain: the uncertainty the sites scored on what the release holds
+        uncertain = bin_uncertainty(release_bins, np.array([r["scores"].get("uncertainty", np.nan) for r in existing],
+                                                           dtype=float)) if existing else None
         global_arrays = arrays_to_record(federated_arrays(bundle))
         requests: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         messages = []
-        for node in sorted(grid.get_node_ids()):
-            plane, ga = plan_conditions(release_bins, fed.al_candidates_per_site, rng=rng)
+        for node in sorted(grid.get_node_ids(), key=lambda n: (n not in names, names.get(n, ""), n)):
+            site_rng = np.random.default_rng(derive_seed(self.cfg.seed, "al-plan", server_round, names.get(node, str(node))))
+            plane, ga = plan_conditions(release_bins, fed.al_candidates_per_site, rng=site_rng,
+                                        bin_uncertainty=uncertain)
             requests[node] = (plane, ga)
             request = {"plane": plane, "ga": ga, **({"bank": bank.astype(np.float32)} if bank is not None else {})}
             content = RecordDict({

@@ -156,6 +156,8 @@ class GuardedStrategy(Strategy):
         if not valid:
             log(WARNING, "Round %s: no valid reply; the global model is unchanged", server_round)
             return None, None
+        # Arrival order is a race; floating-point sums are not associative: aggregate in site-name order.
+        valid.sort(key=lambda m: (self._report(m.metadata.src_node_id).name, m.metadata.src_node_id))
         return self.base.aggregate_train(server_round, valid)
 
     def _mark_unanswered(self, server_round: int, answered: set[int], link_errors: list[str]) -> None:

@@ -115,3 +115,20 @@ def test_entropy_and_novelty_values() -> None:
     assert entropy(np.array([[1.0, 0.0], [0.5, 0.5]])) == pytest.approx([0.0, np.log(2)], abs=1e-9)
     assert novelty(np.array([[0.0, 0.0], [3.0, 4.0]]), np.array([[0.0, 0.0]])).tolist() == [0.0, 5.0]
     assert np.isinf(novelty(np.zeros((2, 2)), None)).all()
+
+
+def test_bin_uncertainty_means_per_bin_and_plans_more_where_the_models_are_unsure() -> None:
+    from common.acquisition import bin_uncertainty, condition_bins, num_bins, plan_conditions
+
+    # Prepare: bins 0 and 1 scored (0.2 twice, 0.9 once); every other bin unseen; one NaN score ignored
+    bins = np.array([0, 0, 1, 1])
+    u = bin_uncertainty(bins, np.array([0.2, 0.2, 0.9, np.nan]))
+    # Assert: per-bin means, unseen bins get the highest mean seen
+    assert u is not None and u.shape == (num_bins(),)
+    assert u[0] == pytest.approx(0.2) and u[1] == pytest.approx(0.9) and np.all(u[2:] == pytest.approx(0.9))
+    assert bin_uncertainty(np.array([3]), np.array([np.nan])) is None
+    # Execute: with equal release counts, the planner asks more often for the uncertain bin than the certain one
+    release = np.repeat(np.arange(num_bins()), 2)
+    plane, ga = plan_conditions(release, 4000, rng=np.random.default_rng(0), bin_uncertainty=u)
+    asked = np.bincount(condition_bins(plane, ga), minlength=num_bins())
+    assert asked[1] > 1.3 * asked[0]
