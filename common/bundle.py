@@ -42,12 +42,16 @@ class ModelBundle:
     prior_id: str  # content hash of the prior folder, or "init:<seed>" for a fresh init
 
 
+def shipped_prior_folder(preset: str) -> Path:
+    """Where the shipped prior of ``preset`` lives (``$DIFUSAL_ASSETS`` or ``common/assets``; may not exist)."""
+    return Path(os.environ.get(ASSETS_ENV, ASSETS)) / f"prior-{preset}"
+
+
 def resolve_prior(cfg: RunConfig) -> Path | None:
     """Folder of the configured prior, ``None`` for a fresh init; clear error when it is missing."""
     if not cfg.prior:
         return None
-    assets = Path(os.environ.get(ASSETS_ENV, ASSETS))
-    folder = assets / f"prior-{cfg.preset}" if cfg.prior == "shipped" else Path(cfg.prior).expanduser()
+    folder = shipped_prior_folder(cfg.preset) if cfg.prior == "shipped" else Path(cfg.prior).expanduser()
     if not (folder / "generator").is_dir():
         hint = (
             f"run `bash simulations/run.sh pretrain --preset {cfg.preset}` to (re)create it"

@@ -74,7 +74,7 @@ class Coordinator:
                                       np.array([r["ga_weeks"] for r in existing])) if existing else np.zeros(0, int)
         # where the models were least certain: the uncertainty the sites scored on what the release holds
         uncertain = bin_uncertainty(release_bins, np.array([r["scores"].get("uncertainty", np.nan) for r in existing],
-                                                           dtype=float)) if existing else None
+                                                           dtype=float))
         global_arrays = arrays_to_record(federated_arrays(bundle))
         requests: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         messages = []

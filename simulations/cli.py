@@ -109,6 +109,14 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--data`` (a data preset) and ``--data-root``, as every command that builds a config takes them."""
+    parser.add_argument("--data", default="", choices=["", *DATA_PRESETS],
+                        help="data preset: phantom | african (sites = countries) | fetal_planes_db (sites = US "
+                             "machines) | hc18 (split by patient); default: the preset's phantom sites")
+    parser.add_argument("--data-root", default="", help="dataset folder in its published layout (real data presets)")
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser (one subcommand per job)."""
     p = argparse.ArgumentParser(prog="difusal", description=__doc__.splitlines()[0])
@@ -119,10 +127,7 @@ def make_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set federation.num-rounds=2 (repeatable)")
         sp.add_argument("--seed", type=int, default=None)
-        sp.add_argument("--data", default="", choices=["", *DATA_PRESETS],
-                        help="data preset: phantom | african (sites = countries) | fetal_planes_db (sites = US "
-                             "machines) | hc18 (split by patient); default: the preset's phantom sites")
-        sp.add_argument("--data-root", default="", help="dataset folder in its published layout (real data presets)")
+        add_data_arguments(sp)
 
     for name, preset, helptext in (
         ("demo", "demo", "the main job: phantom sites, from the shipped prior, DP fine-tuning + active learning"),

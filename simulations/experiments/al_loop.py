@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from common.round_metrics import round_summary
-from simulations.cli import build_config, count_sites
+from simulations.cli import add_data_arguments, build_config, count_sites
 from simulations.launcher import run_simulation
 
 ARMS: dict[str, dict[str, object]] = {
@@ -56,8 +56,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/al-loop")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--data", default="", help="data preset (phantom | african | fetal_planes_db | hc18)")
-    p.add_argument("--data-root", default="", help="dataset folder of a real data preset")
+    add_data_arguments(p)
     args = p.parse_args()
     out = Path(args.out).resolve()
     table: dict[str, list[dict[str, Any]]] = {}

@@ -27,6 +27,7 @@ from common.image_metrics import (feature_set_metrics, load_lpips, lpips_distanc
                                   nearest_neighbours)
 from common.privacy import train_private
 from common.seeding import derive_seed
+from simulations.cli import add_data_arguments
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_EPSILONS: tuple[float | None, ...] = (1.0, 4.0, 10.0, None)
@@ -243,7 +244,9 @@ def plot_curve(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 def _default_prior(preset: str) -> str:
     """'shipped' when ``common/assets/prior-<preset>`` exists (the curve fine-tunes from the prior), else ''."""
-    return "shipped" if (PROJECT_ROOT / "common" / "assets" / f"prior-{preset}").is_dir() else ""
+    from common.bundle import shipped_prior_folder
+
+    return "shipped" if (shipped_prior_folder(preset) / "generator").is_dir() else ""
 
 
 def _parse_eps(text: str) -> list[float | None]:
@@ -274,8 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sp.add_argument("--eps", default="1,4,10,none", help="comma-separated epsilons; 'none' = no DP")
             sp.add_argument("--set", action="append", default=["federation.al-every=1"], metavar="KEY=VALUE")
             sp.add_argument("--seed", type=int, default=0)
-            sp.add_argument("--data", default="", help="data preset (phantom | african | fetal_planes_db | hc18)")
-            sp.add_argument("--data-root", default="", help="dataset folder of a real data preset")
+            add_data_arguments(sp)
             sp.add_argument("--prior", default=None,
                             help="'shipped', a prior folder, or '' (fresh init); default: 'shipped' when the preset has "
                                  "a shipped prior (common/assets/prior-<preset>), else ''")
