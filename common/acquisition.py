@@ -181,19 +181,29 @@ def plan_conditions(
     *,
     rng: np.random.Generator,
     bin_uncertainty: np.ndarray | None = None,
+    planes: Sequence[int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Conditions (plane, GA weeks) to request next, drawn where the release is thin or the models unsure.
 
-    Weight of a bin = (deficit vs a uniform share of the release so far + 1) x (1 + normalised uncertainty).
+    Weight of a bin = (deficit vs a uniform share of the release so far + 1) x (1 + normalised uncertainty),
+    over the bins of ``planes`` only (the consortium's plane scope; ``None`` = every plane).
     """
+    n_ga = len(GA_BIN_EDGES) - 1
+    in_scope = np.zeros(num_bins(), dtype=bool)
+    for p in range(len(PLANES)) if planes is None else planes:
+        if not 0 <= int(p) < len(PLANES):
+            raise ValueError(f"plane index {p} is out of range 0..{len(PLANES) - 1}")
+        in_scope[int(p) * n_ga:(int(p) + 1) * n_ga] = True
+    if not in_scope.any():
+        raise ValueError("planes is empty: give at least one plane to request")
     counts = np.bincount(np.asarray(release_bins, dtype=int), minlength=num_bins()).astype(float)
-    expected = (counts.sum() + n) / num_bins()
+    expected = (counts[in_scope].sum() + n) / in_scope.sum()
     weight = np.maximum(expected - counts, 0.0) + 1.0
     if bin_uncertainty is not None:
-        u = np.asarray(bin_uncertainty, dtype=float)
+        u = np.where(in_scope, np.asarray(bin_uncertainty, dtype=float), 0.0)
         weight = weight * (1.0 + u / (u.max() + 1e-12))
+    weight[~in_scope] = 0.0
     chosen = rng.choice(num_bins(), size=n, p=weight / weight.sum())
-    n_ga = len(GA_BIN_EDGES) - 1
     plane = chosen // n_ga
     lo = np.asarray(GA_BIN_EDGES)[chosen % n_ga]
     hi = np.asarray(GA_BIN_EDGES)[chosen % n_ga + 1]

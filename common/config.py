@@ -177,8 +177,25 @@ class FederationConfig:
     al_refine_steps: int = 0  # server-side generator refinement steps on the release (post-processing, no DP cost)
     al_memorization_check: bool = False  # sites filter near-copies of private images (NOT covered by DP)
     al_max_reply_bytes: int = 16 * 1024 * 1024
+    # Planes the consortium's release covers (comma-separated names from common.records.PLANES; "" = all six).
+    # Public scope, agreed by the consortium: the coordinator never asks a site for a plane outside it.
+    al_planes: str = ""
+
+    def plane_scope(self) -> tuple[int, ...]:
+        """Indices of the planes in ``al_planes`` (all planes when it is empty), in PLANES order."""
+        from common.records import PLANE_INDEX, PLANES
+
+        names = [t.strip() for t in self.al_planes.split(",") if t.strip()]
+        if not names:
+            return tuple(range(len(PLANES)))
+        unknown = [n for n in names if n not in PLANE_INDEX]
+        if unknown:
+            raise ConfigError(f"federation.al_planes names unknown plane(s) {unknown}; use names from {list(PLANES)}, "
+                              f"comma-separated, or '' for all")
+        return tuple(sorted({PLANE_INDEX[n] for n in names}))
 
     def validate(self) -> None:
+        self.plane_scope()
         _check_range("federation.num_rounds", self.num_rounds, 1, 10_000)
         _check_choice(
             "federation.strategy",
@@ -414,9 +431,12 @@ PRESETS = {"smoke": _smoke, "demo": _demo, "paper": _paper}
 # Real sources need ``data.root`` (the dataset folder in its published layout).
 DATA_PRESETS: dict[str, dict[str, str]] = {
     "phantom": {"data.source": "phantom"},  # the size preset's phantom sites (scanner profiles + its label skew)
-    "african": {"data.source": "african", "data.partition": "natural"},  # one site per country (`Center`)
+    # one site per country (`Center`); the public African set has the four fetal planes only
+    "african": {"data.source": "african", "data.partition": "natural",
+                "federation.al-planes": "fetal_brain,fetal_abdomen,fetal_femur,fetal_thorax"},
     "fetal_planes_db": {"data.source": "fetal_planes_db", "data.partition": "natural"},  # one site per US_Machine
-    "hc18": {"data.source": "hc18", "data.partition": "iid"},  # one hospital's data, split by patient (grouped)
+    # one hospital's head scans, split by patient (grouped): the release asks for brain planes across GA
+    "hc18": {"data.source": "hc18", "data.partition": "iid", "federation.al-planes": "fetal_brain"},
 }
 
 

@@ -81,7 +81,7 @@ class Coordinator:
         for node in sorted(grid.get_node_ids(), key=lambda n: (n not in names, names.get(n, ""), n)):
             site_rng = np.random.default_rng(derive_seed(self.cfg.seed, "al-plan", server_round, names.get(node, str(node))))
             plane, ga = plan_conditions(release_bins, fed.al_candidates_per_site, rng=site_rng,
-                                        bin_uncertainty=uncertain)
+                                        bin_uncertainty=uncertain, planes=fed.plane_scope())
             requests[node] = (plane, ga)
             request = {"plane": plane, "ga": ga, **({"bank": bank.astype(np.float32)} if bank is not None else {})}
             content = RecordDict({

@@ -111,6 +111,21 @@ def test_plan_conditions_asks_for_the_gaps() -> None:
     assert ga.min() >= 14.0 and ga.max() <= 40.0
 
 
+def test_plan_conditions_asks_only_for_planes_in_the_consortium_scope() -> None:
+    # Prepare: an empty release; the consortium releases brain and femur only (indices 0 and 2)
+    rng = np.random.default_rng(1)
+    # Execute
+    plane, ga = plan_conditions(np.zeros(0, dtype=int), 400, rng=rng, planes=[0, 2])
+    # Assert: only in-scope planes, both asked for, GA bins of both covered
+    assert set(plane.tolist()) == {0, 2}
+    n_ga = num_bins() // 6
+    assert set(np.unique(condition_bins(plane, ga))) == set(range(n_ga)) | set(range(2 * n_ga, 3 * n_ga))
+    with pytest.raises(ValueError, match="out of range"):
+        plan_conditions(np.zeros(0, dtype=int), 4, rng=rng, planes=[6])
+    with pytest.raises(ValueError, match="at least one plane"):
+        plan_conditions(np.zeros(0, dtype=int), 4, rng=rng, planes=[])
+
+
 def test_entropy_and_novelty_values() -> None:
     assert entropy(np.array([[1.0, 0.0], [0.5, 0.5]])) == pytest.approx([0.0, np.log(2)], abs=1e-9)
     assert novelty(np.array([[0.0, 0.0], [3.0, 4.0]]), np.array([[0.0, 0.0]])).tolist() == [0.0, 5.0]
