@@ -26,7 +26,8 @@ from common.site_state import SiteStateStore
 
 # Known-noisy third-party warnings (numpy 2 copy keyword in diffusers' solvers; Opacus' CPU autocast note).
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-warnings.filterwarnings("ignore", message=".*CPU Autocast only supports.*")
+# Opacus' functorch mode asks for CPU autocast in float32, which torch declines (a two-line message)
+warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
 
 app = ClientApp()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -41,6 +42,16 @@ _LEDGER_FORMAT = "difusal-privacy-ledger/1"
 # per epsilon on this CPU); integer orders have a closed form (Mironov et al. 2019, Sec. 3.3) and cost ~1 ms.
 # The bound is slightly looser (never tighter), so the guarantee is kept; every call here uses the same list.
 RDP_ORDERS: tuple[float, ...] = (*range(2, 65), 80, 96, 128, 192, 256, 512)
+
+
+@contextmanager
+def _integer_orders_quiet() -> Iterator[None]:
+    """Silence Opacus' "Optimal order is the smallest alpha" hint for :data:`RDP_ORDERS` (a tightness hint, not a
+    soundness issue). Measured here: adding orders 1.25/1.5/1.75 left epsilon unchanged at the demo's sample
+    rates and noise (e.g. q=0.17, sigma=0.7, 24 steps: 14.373 either way) and doubled the cost of each call."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the smallest alpha")
+        yield
 
 
 def _accountant_kwargs(accountant: str) -> dict[str, Any]:
@@ -81,9 +92,10 @@ def noise_multiplier_for(
     if not 0 < sample_rate <= 1 or total_steps < 1:
         raise ConfigError(f"need 0 < sample_rate <= 1 and total_steps >= 1; got {sample_rate!r}, {total_steps!r}")
     try:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
-                                          sample_rate=sample_rate, steps=int(total_steps), accountant=accountant,
-                                          **_accountant_kwargs(accountant)))
+        with _integer_orders_quiet():
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                              sample_rate=sample_rate, steps=int(total_steps),
+                                              accountant=accountant, **_accountant_kwargs(accountant)))
     except ValueError as err:  # Opacus: "The privacy budget is too low."
         raise ConfigError(
             f"no noise multiplier reaches epsilon={target_epsilon} at delta={target_delta} with q={sample_rate} "
@@ -166,7 +178,10 @@ class PrivacyLedger:
         """Epsilon at ``delta`` of an accountant history (0 when empty)."""
         acc = create_accountant(mechanism=self.accountant)
         acc.history = [tuple(h) for h in history]
-        return float(acc.get_epsilon(delta=delta, **_accountant_kwargs(self.accountant))) if acc.history else 0.0
+        if not acc.history:
+            return 0.0
+        with _integer_orders_quiet():
+            return float(acc.get_epsilon(delta=delta, **_accountant_kwargs(self.accountant)))
 
     def steps(self, model: str) -> int:
         """DP-SGD steps accounted so far for ``model``."""

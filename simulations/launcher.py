@@ -8,6 +8,7 @@ folder; everything started here is stopped here, by process group.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -224,19 +225,48 @@ def finished(run_dir: Path) -> bool:
     return status.is_file() and json.loads(status.read_text()).get("state") == "finished"
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CONSOLE_LINE = re.compile(r"^([A-Z]+) *:(.*)$")  # Flower's console format: "INFO :      message"
+_STAMPED_LINE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:([A-Z]+):(.*)$")  # "12/01/2026 08:14:19:INFO:message"
+
+
+class EchoDeduplicator:
+    """``flwr run --stream`` prints each ServerApp log record twice: console format, then timestamped format.
+
+    :meth:`keep` drops the timestamped copy of the console line just before it (the terminal shows each record
+    once); every other line is kept. The log file is written raw.
+    """
+
+    def __init__(self) -> None:
+        self._last: tuple[str, str] | None = None
+
+    def keep(self, line: str) -> bool:
+        text = _ANSI.sub("", line.rstrip("\n"))
+        stamped = _STAMPED_LINE.match(text)
+        if stamped:
+            duplicate = self._last == (stamped.group(1), stamped.group(2).strip())
+            self._last = None
+            return not duplicate
+        console = _CONSOLE_LINE.match(text)
+        self._last = (console.group(1), console.group(2).strip()) if console else None
+        return True
+
+
 def run_and_tee(cmd: list[str], *, env: Mapping[str, str], log_file: Path, echo: bool, timeout_s: float | None) -> int:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with log_file.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(env),
                                 start_new_session=True, cwd=PROJECT_ROOT)
+        dedup = EchoDeduplicator()
         try:
             assert proc.stdout is not None  # for the type checker: PIPE was requested
             for line in proc.stdout:
                 log.write(line)
                 log.flush()
-                if echo:
-                    sys.stdout.write(line.decode(errors="replace"))
+                text = line.decode(errors="replace")
+                if echo and dedup.keep(text):
+                    sys.stdout.write(text)
                     sys.stdout.flush()
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"flwr run exceeded {timeout_s:.0f}s")

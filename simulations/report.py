@@ -95,10 +95,14 @@ def _plt() -> Any:
 GA_EDGES = (GA_MIN_WEEKS, 20.0, 26.0, 32.0, GA_MAX_WEEKS)
 
 
-def real_vs_synthetic_grid(real: Sequence[UltrasoundRecord], synthetic: Sequence[UltrasoundRecord]) -> bytes | None:
-    """Rows = planes; columns = GA bins, real first then synthetic; the first image of each cell, blank if none."""
-    if not real and not synthetic:
-        return None
+def real_vs_synthetic_cells(real: Sequence[UltrasoundRecord], synthetic: Sequence[UltrasoundRecord],
+                            *, unknown_ga_columns: int = 3) -> tuple[list[list[np.ndarray]], list[str], list[str]]:
+    """Cells of :func:`real_vs_synthetic_grid`: rows = planes; columns = GA bins, real first then synthetic.
+
+    Real images without a recorded GA (e.g. the African planes) get ``unknown_ga_columns`` columns of their own
+    ("real, GA n/a"), so a dataset without GA still shows its real images. A cell is the first image that fits,
+    white if none.
+    """
     size = (real or synthetic)[0].image.shape
     blank = np.full(size, 255, np.uint8)
     bins = [(lo, hi) for lo, hi in zip(GA_EDGES[:-1], GA_EDGES[1:])]
@@ -110,11 +114,25 @@ def real_vs_synthetic_grid(real: Sequence[UltrasoundRecord], synthetic: Sequence
                 return r.image
         return blank
 
+    def no_ga(plane: int) -> list[np.ndarray]:
+        imgs = [r.image for r in real if r.plane == plane and r.ga_weeks is None and r.image.shape == size]
+        return (imgs + [blank] * n_unknown)[:n_unknown]
+
+    n_unknown = unknown_ga_columns if any(r.ga_weeks is None for r in real) else 0
     planes = sorted({r.plane for r in (*real, *synthetic)})
-    rows = [[pick(real, p, lo, hi) for lo, hi in bins] + [pick(synthetic, p, lo, hi) for lo, hi in bins]
+    rows = [no_ga(p) + [pick(real, p, lo, hi) for lo, hi in bins] + [pick(synthetic, p, lo, hi) for lo, hi in bins]
             for p in planes]
-    cols = [f"real {lo:.0f}-{hi:.0f}w" for lo, hi in bins] + [f"syn {lo:.0f}-{hi:.0f}w" for lo, hi in bins]
-    return _grid_png(rows, row_labels=[PLANES[p] for p in planes], col_labels=cols, scale=2,
+    cols = (["real, GA n/a"] * n_unknown + [f"real {lo:.0f}-{hi:.0f}w" for lo, hi in bins]
+            + [f"syn {lo:.0f}-{hi:.0f}w" for lo, hi in bins])
+    return rows, [PLANES[p] for p in planes], cols
+
+
+def real_vs_synthetic_grid(real: Sequence[UltrasoundRecord], synthetic: Sequence[UltrasoundRecord]) -> bytes | None:
+    """Real vs synthetic images by plane and GA bin as one PNG (``None`` when there are no images)."""
+    if not real and not synthetic:
+        return None
+    rows, row_labels, cols = real_vs_synthetic_cells(real, synthetic)
+    return _grid_png(rows, row_labels=row_labels, col_labels=cols, scale=2,
                      title="Real (left) vs synthetic (right), by plane and GA bin (blank: none in that bin)")
 
 

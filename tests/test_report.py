@@ -161,3 +161,29 @@ def test_eps_parsing_accepts_none() -> None:
     eps = exp._parse_eps("1, 4,10,none")
     # Assert
     assert eps == [1.0, 4.0, 10.0, None]
+
+
+def test_real_images_without_ga_get_their_own_columns_in_the_real_vs_synthetic_grid() -> None:
+    # Prepare: real brain/femur images without GA (as in the African set), synthetic images with GA
+    import numpy as np
+
+    from common.records import UltrasoundRecord
+    from simulations.report import real_vs_synthetic_cells, real_vs_synthetic_grid
+
+    def rec(value: int, plane: int, ga: float | None) -> UltrasoundRecord:
+        return UltrasoundRecord(image=np.full((8, 8), value, np.uint8), plane=plane, ga_weeks=ga, pixel_spacing_mm=None,
+                                site="s", patient_id=f"p{value}", image_id=f"i{value}", source="african")
+
+    real = [rec(10, 0, None), rec(20, 0, None), rec(30, 2, None)]
+    synthetic = [rec(100, 0, 20.0), rec(110, 2, 35.0)]
+    # Execute
+    rows, row_labels, cols = real_vs_synthetic_cells(real, synthetic, unknown_ga_columns=2)
+    # Assert: the first two columns hold the real images (white where a plane has fewer), synthetic ones by GA bin
+    assert row_labels == ["fetal_brain", "fetal_femur"] and cols[:2] == ["real, GA n/a"] * 2
+    assert [int(c[0, 0]) for c in rows[0][:2]] == [10, 20] and [int(c[0, 0]) for c in rows[1][:2]] == [30, 255]
+    n_bins = sum(c.startswith("syn ") for c in cols)
+    assert len(cols) == 2 + 2 * n_bins and all(len(r) == len(cols) for r in rows)
+    assert sorted(int(c[0, 0]) for c in rows[0][2 + n_bins:]) == [100] + [255] * (n_bins - 1)
+    # real images with GA get no extra columns
+    assert real_vs_synthetic_cells([rec(10, 0, 22.0)], synthetic)[2][0].startswith("real 1")
+    assert real_vs_synthetic_grid(real, synthetic)[:8] == b"\x89PNG\r\n\x1a\n"
