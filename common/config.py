@@ -175,6 +175,7 @@ class FederationConfig:
     al_balance: bool = True  # balance the selection across plane x GA bins
     al_quality_threshold: float = 0.3  # minimum classifier confidence in the requested plane
     al_refine_steps: int = 0  # server-side generator refinement steps on the release (post-processing, no DP cost)
+    al_downstream_steps: int = 0  # server-side classifier/regressor steps on the release (public data, no DP cost)
     al_memorization_check: bool = False  # sites filter near-copies of private images (NOT covered by DP)
     al_max_reply_bytes: int = 16 * 1024 * 1024
     # Planes the consortium's release covers (comma-separated names from common.records.PLANES; "" = all six).
@@ -213,6 +214,7 @@ class FederationConfig:
         _check_choice("federation.al_acquisition", self.al_acquisition, ("uncertainty", "kcenter", "random"))
         _check_range("federation.al_quality_threshold", self.al_quality_threshold, 0.0, 1.0)
         _check_range("federation.al_refine_steps", self.al_refine_steps, 0, 100_000)
+        _check_range("federation.al_downstream_steps", self.al_downstream_steps, 0, 100_000)
         _check_range("federation.al_max_reply_bytes", self.al_max_reply_bytes, 1024, 2**31)
 
 

@@ -3,7 +3,8 @@
 Every ``federation.al_every`` rounds: plan the conditions to request from the release's gaps, send query
 messages (``@app.query`` on the sites), validate each reply (the site is named when one is rejected), select
 with the configured acquisition, append to the release with provenance and privacy per image, and optionally
-refine the generator on the release (post-processing of DP outputs: no privacy cost).
+refine the generator and train the global downstream models on the release (post-processing of DP outputs: no
+privacy cost).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
@@ -23,6 +25,7 @@ from common.bundle import ModelBundle, federated_arrays
 from common.config import RunConfig
 from common.data.tensors import records_to_dataset
 from common.diffusion import make_loss_fn
+from common.downstream import classifier_loss, regressor_loss
 from common.errors import ReplyValidationError
 from common.flwr_records import arrays_to_record, record_to_arrays
 from common.generator import make_scheduler
@@ -161,6 +164,8 @@ class Coordinator:
         })
         if fed.al_refine_steps > 0 and len(self.store) > 0:
             summary["refine_loss"] = self.refine(bundle, server_round)
+        if fed.al_downstream_steps > 0 and len(self.store) > 0:
+            summary["downstream_refine_loss"] = self.refine_downstream(bundle, server_round)
         log(INFO, "Query round %s: %s candidates from %s sites, %s released (release size %s)", server_round,
             len(pooled), sum(s["status"] == "ok" for s in sites), len(added.added), len(self.store))
         return summary
@@ -172,13 +177,34 @@ class Coordinator:
                                    prediction_type=self.cfg.generator.prediction_type)
         loss_fn = make_loss_fn(scheduler, noise_multiplicity=1, cond_dropout=self.cfg.generator.cond_dropout,
                                seed=derive_seed(self.cfg.seed, "refine", server_round))
+        return self._train_public(bundle.generator, loss_fn, data, steps=self.cfg.federation.al_refine_steps,
+                                  lr=self.cfg.train.lr, key="generator", server_round=server_round)
+
+    def refine_downstream(self, bundle: ModelBundle, server_round: int) -> dict[str, float]:
+        """Train the global plane classifier and GA regressor on the release (non-DP: released images are public).
+
+        The sites start their next round from these weights: the selected data improves the downstream models
+        without spending any site's budget. Returns the mean training loss per model.
+        """
+        data = records_to_dataset(load_release_records(self.store.folder), image_size=self.cfg.data.image_size)
+        steps, lr = self.cfg.federation.al_downstream_steps, self.cfg.train.downstream_lr
+        out = {"classifier": self._train_public(bundle.classifier, classifier_loss, data, steps=steps, lr=lr,
+                                                key="classifier", server_round=server_round)}
+        if bool(torch.isfinite(data.tensors[2]).any()):
+            out["regressor"] = self._train_public(bundle.regressor, regressor_loss, data, steps=steps, lr=lr,
+                                                  key="regressor", server_round=server_round)
+        return out
+
+    def _train_public(self, model: torch.nn.Module, loss_fn: Any, data: Any, *, steps: int, lr: float, key: str,
+                      server_round: int) -> float:
+        """Non-private steps on public data (``ledger=None``); the mean finite loss."""
         result = train_private(
-            bundle.generator, loss_fn, data, steps=self.cfg.federation.al_refine_steps,
-            batch_size=min(self.cfg.train.batch_size, len(data)), lr=self.cfg.train.lr, ledger=None,
-            model_key="generator", planned_total_steps=self.cfg.federation.al_refine_steps,
-            seed=derive_seed(self.cfg.seed, "refine-sgd", server_round),
+            model, loss_fn, data, steps=steps, batch_size=min(self.cfg.train.batch_size, len(data)), lr=lr,
+            ledger=None, model_key=key, planned_total_steps=steps,
+            seed=derive_seed(self.cfg.seed, f"refine-{key}", server_round),
         )
-        return float(np.nanmean(result.losses)) if result.losses else float("nan")
+        finite = [x for x in result.losses if np.isfinite(x)]
+        return float(np.mean(finite)) if finite else float("nan")
 
     def _write_sidecar(self) -> None:
         self.store.write_sidecar({

@@ -90,7 +90,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
         if coordinator is not None and coordinator.due(server_round):
             names = {r.node_id: r.name for r in strategy.reports.values() if r.name != "?"}
             record["active_learning"] = coordinator.query_round(grid, bundle, server_round, site_names=names)
-            arrays = federated_arrays(bundle)  # the coordinator may have refined the generator
+            arrays = federated_arrays(bundle)  # the coordinator may have refined the generator and downstream models
         save_sample_grid(bundle, cfg, run.figures / f"samples-round-{server_round:03d}.png", server_round=server_round)
         run.save_checkpoint(
             server_round,

@@ -111,7 +111,7 @@ def test_a_site_past_its_budget_stops_contributing_and_the_ledger_says_why(tmp_p
 def test_active_learning_round_releases_scored_images_that_flow_back(tmp_path: Path) -> None:
     # Prepare: 2 rounds, a query after each; smoke selects 4 of 2 x 4 candidates per query
     cfg = _cfg(tmp_path / "run", **{"federation.num-rounds": 2, "federation.al-every": 1,
-                                   "federation.al-refine-steps": 1})
+                                   "federation.al-refine-steps": 1, "federation.al-downstream-steps": 2})
     # Execute
     result = run_simulation(cfg, num_sites=2, echo=False, timeout_s=400)
     # Assert
@@ -119,6 +119,9 @@ def test_active_learning_round_releases_scored_images_that_flow_back(tmp_path: P
     first, second = _records(tmp_path / "run")
     assert first["active_learning"]["candidates"] == 8 and first["active_learning"]["selected"] == 4
     assert [s["status"] for s in first["active_learning"]["sites"]] == ["ok", "ok"]
+    # the server refined the generator and trained the downstream models on the release (finite losses)
+    assert np.isfinite(first["active_learning"]["refine_loss"])
+    assert set(first["active_learning"]["downstream_refine_loss"]) == {"classifier", "regressor"}
     # the release of round 1 reached both sites' downstream training in round 2
     assert all(s["metrics"]["synthetic-examples"] == 4 for s in second["sites"])
     meta = [json.loads(line) for line in (tmp_path / "run" / "release" / "metadata.jsonl").read_text().splitlines()]

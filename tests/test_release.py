@@ -127,3 +127,41 @@ def test_non_uint8_image_is_rejected(tmp_path: Path) -> None:
     bad = ReleaseItem(**{**_item(0).__dict__, "image": np.zeros((4, 4), np.float32)})
     with pytest.raises(ValueError, match="uint8"):
         store.add([bad])
+
+
+def test_coordinator_trains_the_global_downstream_models_on_the_release_at_no_privacy_cost(tmp_path: Path) -> None:
+    # Prepare: a smoke-size bundle and a release of 48 phantom images (they stand in for released samples)
+    import dataclasses
+
+    import torch
+
+    from common.bundle import build_bundle
+    from common.data.sites import public_phantoms
+    from common.data.tensors import records_to_dataset
+    from common.downstream import evaluate_classifier
+    from server.coordinator import Coordinator
+    from simulations.cli import build_config
+
+    cfg = build_config("smoke", ["federation.al-downstream-steps=40", "train.downstream-lr=0.005"],
+                       run_dir=str(tmp_path))
+    phantoms = public_phantoms(dataclasses.replace(cfg.data, public_images=48), seed=3)
+    coordinator = Coordinator(cfg, run_dir=tmp_path)
+    coordinator.store.add([
+        ReleaseItem(image=r.image, plane=r.plane, ga_weeks=r.ga_weeks, source_site="site-0", round=1,
+                    scores={"quality": 0.9, "uncertainty": 0.5, "novelty": 1.0},
+                    acquisition={"function": "kcenter", "reason": "test", "rank": i},
+                    privacy={"epsilon": 2.0, "delta": 1e-5, "accountant": "rdp", "model": "generator"})
+        for i, r in enumerate(phantoms)
+    ])
+    bundle = build_bundle(cfg)
+    data = records_to_dataset(load_release_records(tmp_path / "release"), image_size=cfg.data.image_size)
+    before_cls = {k: v.clone() for k, v in bundle.classifier.state_dict().items()}
+    before_reg = {k: v.clone() for k, v in bundle.regressor.state_dict().items()}
+    acc_before = evaluate_classifier(bundle.classifier, data)["accuracy"]
+    # Execute
+    losses = coordinator.refine_downstream(bundle, server_round=1)
+    # Assert: both models trained (finite losses, weights moved) and the classifier fits the release better
+    assert set(losses) == {"classifier", "regressor"} and all(np.isfinite(v) for v in losses.values())
+    assert any(not torch.equal(before_cls[k], v) for k, v in bundle.classifier.state_dict().items())
+    assert any(not torch.equal(before_reg[k], v) for k, v in bundle.regressor.state_dict().items())
+    assert evaluate_classifier(bundle.classifier, data)["accuracy"] > acc_before + 0.15
