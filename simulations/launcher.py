@@ -13,12 +13,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 from common.config import RunConfig
 
@@ -80,6 +81,27 @@ def process(cmd: list[str], *, log_file: Path, env: Mapping[str, str]) -> Iterat
             yield proc
         finally:
             stop_process_group(proc)
+
+
+@contextmanager
+def terminate_as_exit() -> Iterator[None]:
+    """While the block runs, SIGTERM raises ``SystemExit(143)`` (main thread only).
+
+    A killed launcher then leaves through its ``finally`` blocks and stops the SuperLink and ``flwr run`` it started,
+    instead of orphaning them (an orphaned simulation goes on writing into the run folder).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stop_process_group(proc: subprocess.Popen[bytes], *, grace_s: float = 10.0) -> None:
@@ -205,7 +227,7 @@ def run_simulation(
         "--database", ":flwr-in-memory:",
     ]
     t0 = time.perf_counter()
-    with process(superlink_cmd, log_file=logs / "superlink.log", env=env) as link:
+    with terminate_as_exit(), process(superlink_cmd, log_file=logs / "superlink.log", env=env) as link:
         wait_http(f"http://127.0.0.1:{port}/health", timeout_s=60, proc=link)
         app_dir = stage_app(run_dir / ".app")
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",

@@ -23,3 +23,40 @@ def test_echo_drops_the_timestamped_copy_of_a_console_line_and_keeps_everything_
     kept = [line for line in lines if dedup.keep(line)]
     # Assert
     assert kept == [lines[0], lines[2], lines[4], lines[5], lines[6], lines[7]]
+
+
+def test_a_terminated_launcher_stops_the_process_group_it_started(tmp_path) -> None:
+    # Prepare: a launcher-like script that starts a child group (as the SuperLink is started) and waits
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "launch.py"
+    script.write_text(
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from simulations.launcher import process, terminate_as_exit\n"
+        "with terminate_as_exit(), process(['sleep', '300'], log_file=Path(sys.argv[1]), env={'PATH': '/usr/bin:/bin'}) as p:\n"
+        "    print(p.pid, flush=True)\n"
+        "    time.sleep(300)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, str(script), str(tmp_path / "child.log")], stdout=subprocess.PIPE,
+                                text=True, cwd=os.getcwd(), env={**os.environ, "PYTHONPATH": os.getcwd()})
+    child = int(launcher.stdout.readline())
+    os.kill(child, 0)  # the child runs
+    # Execute: kill the launcher the way `kill PID` does
+    launcher.send_signal(signal.SIGTERM)
+    rc = launcher.wait(timeout=30)
+    # Assert: the launcher exited 143 and took its child group with it
+    assert rc == 143
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"child {child} survived its launcher")
