@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -123,3 +123,20 @@ def save_grid(images: Sequence[Sequence[np.ndarray]], path: Path, *, row_labels:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def plot_series(ax: Any, x: Sequence[float], values: Sequence[float | None], **kw: Any) -> bool:
+    """Plot ``values`` against ``x`` on a matplotlib axis; when none is finite, say so in the frame instead.
+
+    Returns whether anything was plotted (a GA panel on data without GA labels is left with a note, not an
+    empty frame that reads as zero).
+    """
+    y = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+    if not np.isfinite(y).any():
+        ax.text(0.5, 0.5, "no values\n(no such labels in this data)", ha="center", va="center",
+                transform=ax.transAxes, color="grey")
+        if len(x):
+            ax.set_xlim(min(x) - 0.5, max(x) + 0.5)
+        return False
+    ax.plot(list(x), y, marker="o", **kw)
+    return True

@@ -15,7 +15,7 @@ from common.diffusion import sample, to_uint8
 from common.records import PLANES
 from common.round_metrics import round_summary
 from common.seeding import derive_seed
-from common.viz import save_grid
+from common.viz import plot_series, save_grid
 
 GRID_GA_WEEKS: tuple[float, ...] = (18.0, 26.0, 34.0)
 
@@ -63,7 +63,7 @@ def plot_rounds(records: Sequence[dict[str, Any]], out_dir: Path) -> list[Path]:
     ]
     fig, axes = plt.subplots(1, 5, figsize=(19, 3.2))
     for ax, (title, values) in zip(axes, panels):
-        ax.plot(rounds, values, marker="o")
+        plot_series(ax, rounds, values)
         ax.set_title(title)
     for ax in axes:
         ax.set_xlabel("round")

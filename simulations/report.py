@@ -24,7 +24,7 @@ import numpy as np
 
 from common.round_metrics import round_summary
 from common.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES, UltrasoundRecord
-from common.viz import save_grid
+from common.viz import plot_series, save_grid
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
@@ -278,7 +278,7 @@ def rounds_plot(metrics: Sequence[dict[str, Any]], result: dict[str, Any] | None
     fig, axes = plt.subplots(1, 3, figsize=(11, 2.8))
     for ax, key, title in zip(axes, ("accuracy", "mae_days", "release_size"),
                               ("plane accuracy (federated model)", "GA MAE, days", "release size")):
-        ax.plot(rounds, [np.nan if r.get(key) is None else r[key] for r in per_round], marker="o")
+        plot_series(ax, rounds, [r.get(key) for r in per_round])
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.xaxis.get_major_locator().set_params(integer=True)

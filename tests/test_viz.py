@@ -88,3 +88,22 @@ def test_long_and_multiline_captions_widen_columns_and_do_not_overlap(tmp_path: 
         assert ink.size and ink.max() < col_w  # the caption is inside its own column
         assert (band[:, x0 + col_w:x0 + col_w + 2] == 255).all()  # the gutter between columns stays blank
     assert (band[2 * LINE_HEIGHT:, 2:2 + col_w] < 128).any()  # the third line was drawn
+
+
+def test_plot_series_plots_finite_values_and_notes_a_panel_without_any() -> None:
+    # Prepare
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.viz import plot_series
+
+    fig, (a, b) = plt.subplots(1, 2)
+    # Execute
+    plotted = plot_series(a, [1, 2, 3], [0.5, None, 0.7])
+    empty = plot_series(b, [1, 2, 3], [None, float("nan"), None])
+    # Assert: one line with the gap kept as NaN; the empty panel has a note and no line
+    assert plotted and len(a.lines) == 1 and np.isnan(a.lines[0].get_ydata()[1])
+    assert not empty and not b.lines and "no values" in b.texts[0].get_text()
+    plt.close(fig)
