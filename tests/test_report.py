@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,39 @@ def test_curve_runs_one_federation_per_epsilon_and_the_report_plots_it(
     down = json.loads((tmp_path / "curve" / "eps-none" / "evaluation" / "downstream.json").read_text())
     dp_arm = next(a for a in down["arms"] if a["arm"] == "dp-real")
     assert set(dp_arm["epsilon_per_site"].values()) == {None} and set(dp_arm["epsilon_spent"].values()) == {None}
+
+
+def test_rerun_curve_reuses_finished_federations_and_evaluations_with_the_same_settings(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: one finished curve point
+    def fake_run_simulation(cfg: RunConfig, **kw: Any) -> launcher.LaunchResult:
+        make_run(Path(cfg.run_dir), epsilon=cfg.privacy.target_epsilon)
+        return launcher.LaunchResult(0, Path(cfg.run_dir), 0.0, Path(cfg.run_dir) / "log")
+
+    monkeypatch.setattr(launcher, "run_simulation", fake_run_simulation)
+    kw: dict[str, Any] = {"preset": "smoke", "epsilons": [1.0],
+                          "sets": ["data.images-per-site=8", "data.public-images=16"], "log": lambda s: None}
+    first = exp.privacy_utility_curve(tmp_path / "curve", settings=SETTINGS, **kw)
+    evaluated: list[Path] = []
+    real_evaluate = exp.evaluate_run
+
+    def counting_evaluate(run_dir: Path, settings: Any, **k: Any) -> dict[str, Any]:
+        evaluated.append(run_dir)
+        return real_evaluate(run_dir, settings, **k)
+
+    def no_launch(cfg: RunConfig, **k: Any) -> launcher.LaunchResult:
+        raise AssertionError("a finished federation was launched again")
+
+    monkeypatch.setattr(launcher, "run_simulation", no_launch)
+    monkeypatch.setattr(exp, "evaluate_run", counting_evaluate)
+    # Execute: same settings, then changed settings
+    again = exp.privacy_utility_curve(tmp_path / "curve", settings=SETTINGS, **kw)
+    reused = list(evaluated)
+    changed = exp.privacy_utility_curve(tmp_path / "curve", settings=replace(SETTINGS, seed=SETTINGS.seed + 1), **kw)
+    # Assert
+    assert reused == [] and again["rows"] == first["rows"]
+    assert evaluated == [tmp_path / "curve" / "eps-1"]
+    assert changed["settings"]["seed"] == SETTINGS.seed + 1
 
 
 def test_eps_parsing_accepts_none() -> None:

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -146,6 +147,20 @@ def evaluate_run(run_dir: Path, settings: EvalSettings, *, lpips: bool = True,
     return {"downstream": result, "image_metrics": images}
 
 
+def saved_evaluation(run_dir: Path, settings: EvalSettings) -> dict[str, Any] | None:
+    """The evaluation written by :func:`evaluate_run` for ``run_dir`` when it used ``settings``, else ``None``.
+
+    Lets an interrupted curve go on without re-running finished evaluations (each is tens of CPU minutes).
+    """
+    out = Path(run_dir) / "evaluation"
+    try:
+        down = json.loads((out / "downstream.json").read_text())
+        images = json.loads((out / "image_metrics.json").read_text())
+    except FileNotFoundError:
+        return None
+    return {"downstream": down, "image_metrics": images} if down.get("settings") == asdict(settings) else None
+
+
 # -- privacy-utility curve ---------------------------------------------------------------------------------
 def _eps_label(eps: float | None) -> str:
     return "none" if eps is None else f"{eps:g}"
@@ -192,7 +207,11 @@ def privacy_utility_curve(out_dir: Path, *, preset: str, epsilons: Sequence[floa
                 raise RuntimeError(f"federation at epsilon={_eps_label(eps)} failed (rc {res.returncode}); see "
                                    f"{res.log_file}")
             log(f"epsilon={_eps_label(eps)}: federation done in {time.perf_counter() - t0:.0f} s")
-        evaluation = evaluate_run(run_dir, settings, lpips=False, log=log)
+        evaluation = saved_evaluation(run_dir, settings)
+        if evaluation is None:
+            evaluation = evaluate_run(run_dir, settings, lpips=False, log=log)
+        else:
+            log(f"epsilon={_eps_label(eps)}: reusing {run_dir / 'evaluation'} (same settings)")
         rows += curve_rows(eps, evaluation)
         runs[_eps_label(eps)] = str(run_dir)
     result = {"preset": preset, "data": data or "phantom", "prior": prior or "fresh init", "seed": seed,
