@@ -247,6 +247,24 @@ def finished(run_dir: Path) -> bool:
     return status.is_file() and json.loads(status.read_text()).get("state") == "finished"
 
 
+def finished_as(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether ``run_dir`` is a finished run of exactly ``cfg`` (an experiment can reuse it instead of re-running).
+
+    Raises ``FileExistsError`` when it finished with another config: reusing it would mix settings in one table.
+    """
+    import json
+
+    if not finished(run_dir):
+        return False
+    saved = RunConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["config"])
+    want, have = cfg.to_flat(), saved.to_flat()
+    if want != have:
+        diff = sorted(k for k in {*want, *have} if want.get(k) != have.get(k))
+        raise FileExistsError(f"{run_dir} holds a finished run with another config (differs in {diff}); "
+                              "choose another output folder or remove it")
+    return True
+
+
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CONSOLE_LINE = re.compile(r"^([A-Z]+) *:(.*)$")  # Flower's console format: "INFO :      message"
 _STAMPED_LINE = re.compile(r"^\d\d/\d\d/\d{4} \d\d:\d\d:\d\d:([A-Z]+):(.*)$")  # "12/01/2026 08:14:19:INFO:message"

@@ -1,8 +1,14 @@
-"""The launcher's terminal echo: each ServerApp log record once."""
+"""The launcher: terminal echo (each ServerApp log record once), clean stop when killed, reuse of finished runs."""
 
 from __future__ import annotations
 
-from simulations.launcher import EchoDeduplicator
+import json
+from pathlib import Path
+
+import pytest
+
+from common.config import RunConfig
+from simulations.launcher import EchoDeduplicator, finished_as
 
 
 def test_echo_drops_the_timestamped_copy_of_a_console_line_and_keeps_everything_else() -> None:
@@ -60,3 +66,17 @@ def test_a_terminated_launcher_stops_the_process_group_it_started(tmp_path) -> N
         time.sleep(0.1)
     else:
         raise AssertionError(f"child {child} survived its launcher")
+
+
+def test_a_finished_run_is_reused_only_when_its_config_is_the_one_asked_for(tmp_path: Path) -> None:
+    # Prepare: a run folder as the server leaves it, first unfinished, then finished
+    cfg = RunConfig.from_flat({"preset": "smoke", "run-dir": str(tmp_path), "data.images-per-site": 8})
+    (tmp_path / "config.json").write_text(json.dumps({"config": cfg.to_dict(), "code_version": "test"}))
+    (tmp_path / "status.json").write_text(json.dumps({"state": "running"}))
+    # Execute / Assert
+    assert finished_as(tmp_path, cfg) is False
+    (tmp_path / "status.json").write_text(json.dumps({"state": "finished"}))
+    assert finished_as(tmp_path, cfg) is True
+    other = RunConfig.from_flat({"preset": "smoke", "run-dir": str(tmp_path), "data.images-per-site": 12})
+    with pytest.raises(FileExistsError, match="data.images-per-site"):
+        finished_as(tmp_path, other)

@@ -8,6 +8,7 @@ Arms (identical seeds, data, privacy and rounds; only the coordinator differs):
 - ``random``: queries every round, random selection (no quality threshold, no balancing): the baseline;
 - ``acquisition``: queries every round with the configured acquisition (quality threshold, plane x GA balancing,
   k-center greedy inside bins by default).
+Arms already finished in ``--out`` with the same config are reused, so an interrupted comparison resumes.
 Per round, the held-out plane accuracy / macro-F1 and GA MAE (days) are the sites' evaluation of the global
 downstream models on their test splits (no model or selection step sees them), pooled by example count.
 """
@@ -21,7 +22,7 @@ from typing import Any
 
 from common.round_metrics import round_summary
 from simulations.cli import add_data_arguments, build_config, count_sites
-from simulations.launcher import run_simulation
+from simulations.launcher import finished_as, run_simulation
 
 ARMS: dict[str, dict[str, object]] = {
     "none": {"federation.al-every": 0},
@@ -64,9 +65,12 @@ def main() -> None:
         sets = [*args.set, " ".join(f"{k}={v}" for k, v in ARMS[arm].items())]
         cfg = build_config(args.preset, sets, run_dir=str(out / arm), data=args.data, data_root=args.data_root,
                            seed=args.seed, prior=args.prior)
-        result = run_simulation(cfg, num_sites=count_sites(cfg), echo=False)
-        if result.returncode != 0:
-            raise SystemExit(f"arm {arm!r} failed; see {result.log_file}")
+        if finished_as(out / arm, cfg):
+            print(f"[al-loop] {arm}: reusing the finished run in {out / arm} (same config)", flush=True)
+        else:
+            result = run_simulation(cfg, num_sites=count_sites(cfg), echo=False)
+            if result.returncode != 0:
+                raise SystemExit(f"arm {arm!r} failed; see {result.log_file}")
         table[arm] = summarise(out / arm)
         print(f"[al-loop] {arm}: {table[arm]}", flush=True)
     (out / "al_loop.json").write_text(json.dumps({"arms": ARMS, "table": table, "argv": vars(args)}, indent=2))

@@ -186,7 +186,7 @@ def privacy_utility_curve(out_dir: Path, *, preset: str, epsilons: Sequence[floa
                           data_root: str = "", prior: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
     """One federation per epsilon (same preset, seed, prior and overrides), each evaluated; the collected table."""
     from simulations.cli import build_config, count_sites
-    from simulations.launcher import finished, run_simulation
+    from simulations.launcher import finished_as, run_simulation
 
     out_dir = Path(out_dir).resolve()
     rows: list[dict[str, Any]] = []
@@ -195,7 +195,7 @@ def privacy_utility_curve(out_dir: Path, *, preset: str, epsilons: Sequence[floa
         run_dir = out_dir / f"eps-{_eps_label(eps)}"
         cfg = build_config(preset, [*sets, f"privacy.target-epsilon={_eps_label(eps)}"], run_dir=str(run_dir),
                            data=data, data_root=data_root, seed=seed, prior=prior)
-        if not finished(run_dir):
+        if not finished_as(run_dir, cfg):
             t0 = time.perf_counter()
             # The SuperLink starts `flower-superexec` by name: put this interpreter's bin folder on PATH.
             path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
