@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from common.config import RunConfig
+from common.provenance import code_version
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "difusal"
@@ -157,6 +158,8 @@ def stage_app(dst: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
     for pkg in APP_PACKAGES:
         shutil.copytree(PROJECT_ROOT / pkg, dst / pkg, ignore=ignore)
+    # The copy is no git checkout: record the version of the code it was taken from (see common.provenance).
+    (dst / "common" / "_staged_version.py").write_text(f"CODE_VERSION = {code_version()!r}\n")
     return dst
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from common.config import RunConfig
-from simulations.launcher import EchoDeduplicator, finished_as
+from common.provenance import code_version
+from simulations.launcher import EchoDeduplicator, finished_as, stage_app
 
 
 def test_echo_drops_the_timestamped_copy_of_a_console_line_and_keeps_everything_else() -> None:
@@ -80,3 +83,14 @@ def test_a_finished_run_is_reused_only_when_its_config_is_the_one_asked_for(tmp_
     other = RunConfig.from_flat({"preset": "smoke", "run-dir": str(tmp_path), "data.images-per-site": 12})
     with pytest.raises(FileExistsError, match="data.images-per-site"):
         finished_as(tmp_path, other)
+
+
+def test_the_staged_app_reports_the_code_version_of_the_checkout_it_was_copied_from(tmp_path: Path) -> None:
+    # Prepare: a staged copy outside any git checkout (as in a run folder)
+    app = stage_app(tmp_path / ".app")
+    probe = "from common.provenance import code_version; print(code_version())"
+    # Execute: import the copy's own `common`, as the ServerApp does
+    out = subprocess.run([sys.executable, "-c", probe], cwd=app, env={"PYTHONPATH": str(app), "PATH": ""},
+                         capture_output=True, text=True, check=True)
+    # Assert
+    assert out.stdout.strip() == code_version() != "unknown"
