@@ -2,8 +2,9 @@
 
 Every image is embedded (base64 PNG), so the page opens offline and can be mailed on its own. Tables and plots
 come from the run folder: ``config.json``, ``metrics.jsonl``, ``release/``, ``figures/`` and, when present,
-``evaluation/`` (``python -m simulations.experiments.downstream evaluate RUN_DIR``) and a privacy-utility curve
-(``evaluation/privacy_utility.json`` or ``../privacy_utility.json``).
+``evaluation/`` (``python -m simulations.experiments.downstream evaluate RUN_DIR``), a privacy-utility curve
+(``evaluation/privacy_utility.json`` or ``../privacy_utility.json``) and the active-learning arms
+(``../al_loop.json``, from ``python -m simulations.experiments.al_loop``).
 """
 
 from __future__ import annotations
@@ -301,6 +302,24 @@ def curve_section(curve: dict[str, Any] | None) -> tuple[str, bytes | None]:
     return table, png
 
 
+def al_arms_section(al_loop: dict[str, Any] | None, path: Path | None) -> str:
+    """Acquisition vs random vs no synthetic data, per active-learning round, from an ``al_loop.json``."""
+    if al_loop is None:
+        return ("<p class='note'>No active-learning comparison found (run <code>python -m simulations.experiments."
+                "al_loop --out DIR</code>; this run's parent folder is searched).</p>")
+    from simulations.experiments.al_loop import plot_arms
+
+    table = al_loop["table"]
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_arms(table, Path(tmp) / "arms.png").read_bytes()
+    rows = [[arm, r["round"], r["plane_accuracy"], r["plane_macro_f1"], r["ga_mae_days"], r["release_size"]]
+            for arm, arm_rows in table.items() for r in arm_rows]
+    return (_img(png, f"the same federation with each selection arm, from {path}")
+            + _table(["arm", "round", "plane acc", "macro-F1", "GA MAE (d)", "release"], rows)
+            + "<p class='note'>Held-out metrics are the sites' evaluation of the global downstream models on their "
+              "test splits, pooled by example count; arms differ only in the coordinator.</p>")
+
+
 # -- the page -----------------------------------------------------------------------------------------------
 def build_report(run_dir: Path, *, curve_file: Path | None = None) -> Path:
     """Write ``run_dir/report.html`` (all images embedded) and return its path.
@@ -351,6 +370,9 @@ def build_report(run_dir: Path, *, curve_file: Path | None = None) -> Path:
         parts.append(_table(["round", "release size", "synthetic used (sum over sites)", "accuracy", "macro-F1", "GA MAE (d)",
                              "coverage"], [[r["round"], r["release_size"], r["synthetic_examples_used"], r["accuracy"],
                                             r["macro_f1"], r["mae_days"], r["coverage"]] for r in result["per_round"]]))
+    al_path = run_dir.parent / "al_loop.json"
+    parts.append("<h2>Active learning: acquisition vs random vs none</h2>"
+                 + al_arms_section(_read_json(al_path), al_path))
     parts.append("<h2>Privacy ledger per site</h2>")
     table, eps_png = ledger_section(inputs.metrics)
     parts.append(table + (_img(eps_png, "epsilon spent per site and model") if eps_png else ""))

@@ -126,6 +126,30 @@ def test_report_without_evaluation_uses_pixel_space_pairs_and_says_how_to_evalua
     assert all(s.startswith("data:image/png;base64,") for s in _images(page))
 
 
+def test_report_of_an_al_loop_arm_plots_and_tabulates_every_arm_per_round(tmp_path: Path) -> None:
+    # Prepare: two arm folders and the al_loop.json the comparison writes next to them
+    from simulations.experiments import al_loop
+
+    def row(rnd: int, acc: float, mae: float | None, released: int) -> dict[str, Any]:
+        return {"round": rnd, "plane_accuracy": acc, "plane_macro_f1": acc / 2, "ga_mae_days": mae,
+                "ga_coverage": 0.9, "release_size": released}
+
+    table = {"none": [row(1, 0.5, 30.0, 0), row(2, 0.55, 29.0, 0)],
+             "acquisition": [row(1, 0.5, 30.0, 4), row(2, 0.625, None, 9)]}
+    make_run(tmp_path / "cmp" / "acquisition")
+    (tmp_path / "cmp" / "al_loop.json").write_text(json.dumps({"arms": al_loop.ARMS, "table": table}))
+    # Execute
+    page = build_report(tmp_path / "cmp" / "acquisition").read_text()
+    bare = build_report(make_run(tmp_path / "alone")).read_text()
+    # Assert
+    assert "Active learning: acquisition vs random vs none" in page
+    assert "the same federation with each selection arm" in page
+    assert "<td class=t>none</td><td>2</td><td>0.550</td><td>0.275</td><td>29.000</td><td>0</td>" in page
+    assert "<td class=t>acquisition</td><td>2</td><td>0.625</td><td>0.312</td><td>–</td><td>9</td>" in page
+    assert all(s.startswith("data:image/png;base64,") for s in _images(page))
+    assert "No active-learning comparison found" in bare and "No active-learning comparison found" not in page
+
+
 def test_curve_runs_one_federation_per_epsilon_and_the_report_plots_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: the Flower launch is replaced by writing a finished run folder with the requested config

@@ -48,8 +48,34 @@ def to_markdown(table: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def plot_arms(table: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Held-out plane accuracy, GA MAE and release size per round, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from common.viz import plot_series
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, title in zip(axes, ("plane_accuracy", "ga_mae_days", "release_size"),
+                              ("plane accuracy (held-out)", "GA MAE, days (held-out)", "release size")):
+        for arm, rows in table.items():
+            plot_series(ax, [r["round"] for r in rows], [r[key] for r in rows], label=arm)
+        ax.set_title(title)
+        ax.set_xlabel("active-learning round")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
-    """Run the arms and write ``al_loop.json`` and ``al_loop.md``."""
+    """Run the arms and write ``al_loop.json``, ``al_loop.md`` and ``al_loop.png``."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="demo")
     p.add_argument("--prior", default="shipped")
@@ -75,6 +101,7 @@ def main() -> None:
         print(f"[al-loop] {arm}: {table[arm]}", flush=True)
     (out / "al_loop.json").write_text(json.dumps({"arms": ARMS, "table": table, "argv": vars(args)}, indent=2))
     (out / "al_loop.md").write_text(to_markdown(table) + "\n")
+    plot_arms(table, out / "al_loop.png")
     print(to_markdown(table))
 
 
