@@ -2,6 +2,7 @@
 
     python -m simulations.experiments.al_loop --preset demo --prior shipped --out runs/al-loop [--set k=v ...]
     python -m simulations.experiments.al_loop --preset demo --data african --data-root DIR --out runs/al-loop-african
+    python -m simulations.experiments.al_loop --combine runs/al-loop runs/al-loop-seed1 --out runs/al-loop-seeds
 
 Arms (identical seeds, data, privacy and rounds; only the coordinator differs):
 - ``none``: no queries, no synthetic data;
@@ -11,6 +12,9 @@ Arms (identical seeds, data, privacy and rounds; only the coordinator differs):
 Arms already finished in ``--out`` with the same config are reused, so an interrupted comparison resumes.
 Per round, the held-out plane accuracy / macro-F1 and GA MAE (days) are the sites' evaluation of the global
 downstream models on their test splits (no model or selection step sees them), pooled by example count.
+``--combine`` reads the ``al_loop.json`` of comparisons run with different ``--seed`` (each seed draws other sites,
+data and noise) and tabulates each arm's difference to ``none`` per seed: how large an effect is against the
+seed-to-seed spread.
 """
 
 from __future__ import annotations
@@ -48,6 +52,81 @@ def to_markdown(table: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def across_seeds(tables: list[dict[str, list[dict[str, Any]]]], baseline: str = "none") -> list[dict[str, Any]]:
+    """Per (arm, round): the metric over seeds and the paired difference to ``baseline`` (same seed, same round).
+
+    Only seeds whose comparison holds the arm and the baseline count; ``n`` says how many did.
+    """
+    keys = ("plane_accuracy", "ga_mae_days")
+    arms = [a for a in dict.fromkeys(a for t in tables for a in t) if a != baseline]
+    out: list[dict[str, Any]] = []
+    for arm in arms:
+        paired = [(t[arm], t[baseline]) for t in tables if arm in t and baseline in t]
+        rounds = sorted({r["round"] for rows, _ in paired for r in rows})
+        for rnd in rounds:
+            row: dict[str, Any] = {"arm": arm, "round": rnd}
+            for key in keys:
+                vals, diffs = [], []
+                for rows, base in paired:
+                    a = next((r.get(key) for r in rows if r["round"] == rnd), None)
+                    b = next((r.get(key) for r in base if r["round"] == rnd), None)
+                    if a is not None and b is not None:
+                        vals.append(a)
+                        diffs.append(a - b)
+                row[key] = _spread(vals)
+                row[f"{key}_vs_{baseline}"] = _spread(diffs)
+            out.append(row)
+    return out
+
+
+def _spread(vals: list[float]) -> dict[str, Any] | None:
+    return {"n": len(vals), "mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals)} if vals else None
+
+
+def seeds_markdown(rows: list[dict[str, Any]], baseline: str = "none") -> str:
+    """One row per (arm, round): mean [min, max] over seeds of the metric and of its difference to the baseline."""
+    def fmt(s: dict[str, Any] | None, digits: int, sign: str = "") -> str:
+        f = f"{{:{sign}.{digits}f}}".format
+        return "-" if s is None else f"{f(s['mean'])} [{f(s['min'])}, {f(s['max'])}]"
+
+    lines = [f"| arm | round | seeds | plane acc | vs {baseline} | GA MAE (days) | vs {baseline} |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        n = max((r[k]["n"] for k in ("plane_accuracy", "ga_mae_days") if r[k]), default=0)
+        lines.append(f"| {r['arm']} | {r['round']} | {n} | {fmt(r['plane_accuracy'], 3)} | "
+                     f"{fmt(r[f'plane_accuracy_vs_{baseline}'], 3, '+')} | {fmt(r['ga_mae_days'], 1)} | "
+                     f"{fmt(r[f'ga_mae_days_vs_{baseline}'], 1, '+')} |")
+    return "\n".join(lines)
+
+
+def combine(dirs: list[Path], out: Path) -> list[dict[str, Any]]:
+    """Write ``al_loop_seeds.{json,md}`` in ``out`` from the comparisons in ``dirs`` (one per seed)."""
+    tables, seeds, setups = [], [], []
+    for d in dirs:
+        f = d / "al_loop.json"
+        if not f.is_file():
+            raise SystemExit(f"{f} not found: run the comparison first (python -m simulations.experiments.al_loop "
+                             f"--seed N --out {d})")
+        doc = json.loads(f.read_text())
+        tables.append(doc["table"])
+        argv = doc.get("argv") or {}
+        seeds.append(argv.get("seed"))
+        setups.append({k: v for k, v in argv.items() if k not in ("seed", "out", "arms", "combine")})
+    if len(set(seeds)) < len(seeds):
+        raise SystemExit(f"the comparisons share a seed ({seeds}): combine runs made with different --seed")
+    for d, setup in zip(dirs[1:], setups[1:]):
+        if setup != setups[0]:
+            diff = sorted(k for k in setup.keys() | setups[0].keys() if setup.get(k) != setups[0].get(k))
+            raise SystemExit(f"{d} was run with other settings than {dirs[0]} ({', '.join(diff)} differ): "
+                             "combine only comparisons that differ in --seed")
+    rows = across_seeds(tables)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "al_loop_seeds.json").write_text(json.dumps({"sources": [str(d) for d in dirs], "seeds": seeds,
+                                                        "rows": rows}, indent=2))
+    (out / "al_loop_seeds.md").write_text(seeds_markdown(rows) + "\n")
+    return rows
+
+
 def plot_arms(table: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """Held-out plane accuracy, GA MAE and release size per round, one line per arm."""
     import matplotlib
@@ -83,9 +162,14 @@ def main() -> None:
     p.add_argument("--out", default="runs/al-loop")
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--combine", nargs="+", type=Path, metavar="DIR",
+                   help="no runs: tabulate finished comparisons (one per --seed) against each other into --out")
     add_data_arguments(p)
     args = p.parse_args()
     out = Path(args.out).resolve()
+    if args.combine:
+        print(seeds_markdown(combine(args.combine, out)))
+        return
     table: dict[str, list[dict[str, Any]]] = {}
     for arm in args.arms.split(","):
         sets = [*args.set, " ".join(f"{k}={v}" for k, v in ARMS[arm].items())]

@@ -1,0 +1,67 @@
+"""The active-learning comparison across seeds: paired differences to the no-synthetic arm."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from simulations.experiments import al_loop
+
+
+def _row(rnd: int, acc: float, mae: float | None) -> dict[str, Any]:
+    return {"round": rnd, "plane_accuracy": acc, "plane_macro_f1": acc / 2, "ga_mae_days": mae,
+            "ga_coverage": 0.9, "release_size": 0}
+
+
+def _write(folder: Path, seed: int, table: dict[str, list[dict[str, Any]]], **argv: Any) -> Path:
+    folder.mkdir(parents=True)
+    args = {"preset": "demo", "prior": "shipped", "seed": seed, "out": str(folder), "arms": ",".join(table),
+            "set": [], "data": None, "data_root": None, **argv}
+    (folder / "al_loop.json").write_text(json.dumps({"arms": al_loop.ARMS, "table": table, "argv": args}))
+    return folder
+
+
+def test_across_seeds_pairs_each_arm_with_the_baseline_of_its_own_seed() -> None:
+    # Prepare: at round 2 seed 0 lifts accuracy by 0.1, seed 1 lowers it by 0.05 and has no GA error
+    seed0 = {"none": [_row(1, 0.5, 30.0), _row(2, 0.5, 29.0)], "acquisition": [_row(1, 0.5, 30.0), _row(2, 0.6, 28.0)]}
+    seed1 = {"none": [_row(1, 0.8, 34.0), _row(2, 0.7, 33.0)],
+             "acquisition": [_row(1, 0.8, 34.0), _row(2, 0.65, None)]}
+    seed2 = {"acquisition": [_row(1, 0.1, 1.0), _row(2, 0.1, 1.0)]}  # no baseline: must not count
+    # Execute
+    rows = al_loop.across_seeds([seed0, seed1, seed2])
+    # Assert
+    assert [(r["arm"], r["round"]) for r in rows] == [("acquisition", 1), ("acquisition", 2)]
+    r2 = rows[1]
+    assert r2["plane_accuracy_vs_none"]["n"] == 2
+    assert r2["plane_accuracy_vs_none"]["mean"] == pytest.approx(0.025)
+    assert r2["plane_accuracy_vs_none"]["min"] == pytest.approx(-0.05)
+    assert r2["plane_accuracy_vs_none"]["max"] == pytest.approx(0.1)
+    assert r2["plane_accuracy"]["mean"] == pytest.approx(0.625)
+    assert r2["ga_mae_days_vs_none"] == {"n": 1, "mean": -1.0, "min": -1.0, "max": -1.0}
+    assert rows[0]["plane_accuracy_vs_none"]["max"] == 0.0
+    md = al_loop.seeds_markdown(rows)
+    assert "| acquisition | 2 | 2 | 0.625 [0.600, 0.650] | +0.025 [-0.050, +0.100] | 28.0 [28.0, 28.0] | -1.0" in md
+
+
+def test_combine_writes_the_table_and_refuses_repeated_seeds_or_other_settings(tmp_path: Path) -> None:
+    # Prepare
+    table = {"none": [_row(1, 0.5, 30.0)], "random": [_row(1, 0.55, 29.0)]}
+    a = _write(tmp_path / "a", 0, table)
+    b = _write(tmp_path / "b", 1, table)
+    same_seed = _write(tmp_path / "c", 0, table)
+    other = _write(tmp_path / "d", 2, table, set=["federation.al-refine-steps=20"])
+    # Execute
+    rows = al_loop.combine([a, b], tmp_path / "out")
+    # Assert
+    assert rows[0]["arm"] == "random" and rows[0]["plane_accuracy_vs_none"]["n"] == 2
+    assert json.loads((tmp_path / "out" / "al_loop_seeds.json").read_text())["seeds"] == [0, 1]
+    assert "| random | 1 | 2 |" in (tmp_path / "out" / "al_loop_seeds.md").read_text()
+    with pytest.raises(SystemExit, match="share a seed"):
+        al_loop.combine([a, same_seed], tmp_path / "out2")
+    with pytest.raises(SystemExit, match="set differ"):
+        al_loop.combine([a, other], tmp_path / "out3")
+    with pytest.raises(SystemExit, match="run the comparison first"):
+        al_loop.combine([a, tmp_path / "missing"], tmp_path / "out4")
