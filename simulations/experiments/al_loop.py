@@ -86,7 +86,9 @@ def _spread(vals: list[float]) -> dict[str, Any] | None:
 def seeds_markdown(rows: list[dict[str, Any]], baseline: str = "none") -> str:
     """One row per (arm, round): mean [min, max] over seeds of the metric and of its difference to the baseline."""
     def fmt(s: dict[str, Any] | None, digits: int, sign: str = "") -> str:
-        f = f"{{:{sign}.{digits}f}}".format
+        def f(x: float) -> str:  # round first so that -0.0000001 prints as +0.000, not -0.000
+            return f"{{:{sign}.{digits}f}}".format(round(x, digits) + 0.0)
+
         return "-" if s is None else f"{f(s['mean'])} [{f(s['min'])}, {f(s['max'])}]"
 
     lines = [f"| arm | round | seeds | plane acc | vs {baseline} | GA MAE (days) | vs {baseline} |",
