@@ -119,6 +119,10 @@ class GARegressor(nn.Module):
         log_sp = torch.where(known, torch.log(torch.where(known, spacing, torch.ones_like(spacing))), 0.0)
         return torch.stack([log_sp, (~known).to(log_sp.dtype)], dim=1)
 
+    def features(self, x: Tensor) -> Tensor:
+        """Image embedding ``[B, 4*width]`` before the spacing modulation (a feature space for image metrics)."""
+        return self.backbone(x)
+
     def forward(self, x: Tensor, spacing: Tensor) -> tuple[Tensor, Tensor]:
         """``(mean_weeks [B], logvar_weeks2 [B])``."""
         s = self.scale_input(spacing.to(x.dtype))

@@ -207,10 +207,12 @@ def image_metrics_section(m: dict[str, Any] | None) -> str:
     rows = [[name, *[m[key].get(k) for k in keys]] for name, key in
             (("synthetic release vs real train", "synthetic_vs_real_train"),
              ("real test vs real train (reference)", "real_test_vs_real_train")) if key in m]
-    extra = [["synthetic plane agreement (real-trained classifier)", m.get("synthetic_plane_agreement")],
-             ["real test plane accuracy (same classifier)", m.get("real_test_plane_accuracy")],
-             ["median NN distance synthetic -> train", m.get("median_nn_distance_synthetic_to_train")],
-             ["median NN distance real test -> train", m.get("median_nn_distance_real_test_to_train")]]
+    extra = [[name, m[key]] for name, key in (
+        ("synthetic plane agreement (real-trained classifier)", "synthetic_plane_agreement"),
+        ("real test plane accuracy (same classifier)", "real_test_plane_accuracy"),
+        ("real test GA MAE, days (the feature regressor)", "real_test_ga_mae_days"),
+        ("median NN distance synthetic -> train", "median_nn_distance_synthetic_to_train"),
+        ("median NN distance real test -> train", "median_nn_distance_real_test_to_train")) if key in m]
     lp = m.get("lpips")
     lpips_html = (_table(["LPIPS", "value"], [[k, v] for k, v in lp.items()]) if isinstance(lp, dict) else
                   f"<p class='note'>LPIPS not computed: {html.escape(str(m.get('lpips_unavailable', '')))}</p>")

@@ -21,7 +21,7 @@ from common.evaluation import EvalSettings
 from common.release import ReleaseItem, ReleaseStore
 from common.viz import save_grid
 from simulations.experiments import downstream as exp
-from simulations.report import build_report
+from simulations.report import build_report, image_metrics_section
 
 SETTINGS = EvalSettings(steps=2, prior_steps=2, batch_size=8)
 
@@ -91,6 +91,26 @@ def test_evaluation_writes_the_protocol_table_and_image_metrics(evaluated_run: P
     assert img["synthetic_vs_real_train"]["feature_space"].startswith("plane-classifier penultimate layer")
     assert img["n_synthetic"] == 8 and len(img["nearest_real_pairs"]) == 8
     assert img["lpips"] is None and img["lpips_unavailable"]
+
+
+def test_image_metrics_of_a_one_plane_dataset_use_a_ga_regressor_embedding(tmp_path: Path) -> None:
+    # Prepare: HC18-like data, every image labelled with one plane and a GA: a plane classifier would learn nothing
+    from common.data.sites import SiteData
+    from common.evaluation import RunInputs
+
+    cfg = RunConfig.from_flat({"preset": "smoke", "run-dir": str(tmp_path), "data.public-images": 28})
+    recs = [replace(r, plane=0, ga_weeks=float(r.ga_weeks or 25.0)) for r in public_phantoms(cfg.data, seed=3)]
+    inputs = RunInputs(run_dir=tmp_path, cfg=cfg, sites=[SiteData("a", train=recs[:12], test=recs[12:20])],
+                       synthetic=recs[20:28], metrics=[], checkpoints=[])
+    # Execute
+    out = exp.image_quality(inputs, SETTINGS, lpips_model=None)
+    # Assert
+    assert out["feature_space"].startswith("GA-regressor image embedding")
+    assert out["synthetic_vs_real_train"]["feature_space"] == out["feature_space"]
+    assert out["real_test_ga_mae_days"] > 0 and "real_test_plane_accuracy" not in out
+    assert "synthetic_plane_agreement" not in out  # one plane: agreement would be 1.0 by construction
+    page = image_metrics_section(out)
+    assert "real test GA MAE, days (the feature regressor)" in page and "plane agreement" not in page
 
 
 def test_report_embeds_every_image_and_has_the_tables(evaluated_run: Path) -> None:
