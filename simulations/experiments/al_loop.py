@@ -61,20 +61,16 @@ def across_seeds(tables: list[dict[str, list[dict[str, Any]]]], baseline: str = 
     arms = [a for a in dict.fromkeys(a for t in tables for a in t) if a != baseline]
     out: list[dict[str, Any]] = []
     for arm in arms:
-        paired = [(t[arm], t[baseline]) for t in tables if arm in t and baseline in t]
-        rounds = sorted({r["round"] for rows, _ in paired for r in rows})
-        for rnd in rounds:
+        # per seed that ran both: round -> (arm's row, baseline's row)
+        paired = [{r["round"]: (r, b) for r in t[arm] for b in t[baseline] if b["round"] == r["round"]}
+                  for t in tables if arm in t and baseline in t]
+        for rnd in sorted({rnd for seed in paired for rnd in seed}):
             row: dict[str, Any] = {"arm": arm, "round": rnd}
             for key in keys:
-                vals, diffs = [], []
-                for rows, base in paired:
-                    a = next((r.get(key) for r in rows if r["round"] == rnd), None)
-                    b = next((r.get(key) for r in base if r["round"] == rnd), None)
-                    if a is not None and b is not None:
-                        vals.append(a)
-                        diffs.append(a - b)
-                row[key] = _spread(vals)
-                row[f"{key}_vs_{baseline}"] = _spread(diffs)
+                pairs = [(a[key], b[key]) for a, b in (seed[rnd] for seed in paired if rnd in seed)
+                         if a.get(key) is not None and b.get(key) is not None]
+                row[key] = _spread([a for a, _ in pairs])
+                row[f"{key}_vs_{baseline}"] = _spread([a - b for a, b in pairs])
             out.append(row)
     return out
 

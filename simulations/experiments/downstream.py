@@ -23,7 +23,7 @@ import torch
 
 from common.data.tensors import records_to_dataset
 from common.downstream import GARegressor, PlaneClassifier, classifier_loss, predict_ga, predict_planes, regressor_loss
-from common.evaluation import EvalSettings, RunInputs, load_run, markdown_table, run_protocol
+from common.evaluation import EvalSettings, RunInputs, load_run, markdown_table, regression_metrics, run_protocol
 from common.image_metrics import (feature_set_metrics, load_lpips, lpips_distance, lpips_diversity,
                                   nearest_neighbours)
 from common.privacy import train_private
@@ -71,8 +71,7 @@ def image_quality(inputs: RunInputs, settings: EvalSettings, *, lpips_model: tor
     test_recs = [r for s in inputs.sites for r in s.test]
     train = records_to_dataset(train_recs, image_size=size)
     width = cfg.train.downstream_width
-    n_planes = int(train.tensors[1].unique().numel())
-    by_ga = n_planes < 2 and bool(torch.isfinite(train.tensors[2]).any())
+    by_ga = train.tensors[1].unique().numel() < 2 and bool(torch.isfinite(train.tensors[2]).any())
     torch.manual_seed(derive_seed(settings.seed, "feature-net"))
     net: PlaneClassifier | GARegressor = GARegressor(size, width) if by_ga else PlaneClassifier(image_size=size,
                                                                                                   width=width)
@@ -93,9 +92,9 @@ def image_quality(inputs: RunInputs, settings: EvalSettings, *, lpips_model: tor
         f_test = _features(net, test.tensors[0])
         out["real_test_vs_real_train"] = feature_set_metrics(f_train, f_test, feature_space=space, k=knn_k)
         if isinstance(net, GARegressor):  # the feature net's own held-out error, as the classifier's accuracy below
-            mean, _ = predict_ga(net, test.tensors[0], test.tensors[3])
-            known = torch.isfinite(test.tensors[2])
-            out["real_test_ga_mae_days"] = float(7 * (mean - test.tensors[2])[known].abs().mean()) if known.any() else None
+            mean, std = predict_ga(net, test.tensors[0], test.tensors[3])
+            out["real_test_ga_mae_days"] = regression_metrics(mean.numpy(), std.numpy(), test.tensors[2].numpy(),
+                                                              coverage_level=settings.coverage_level)["mae_days"]
         else:
             out["real_test_plane_accuracy"] = float((predict_planes(net, test.tensors[0]).argmax(1)
                                                      == test.tensors[1]).float().mean())
