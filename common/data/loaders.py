@@ -3,7 +3,8 @@
 FETAL_PLANES_DB (Burgos-Artizzu et al. 2020, Zenodo 10.5281/zenodo.3904280), HC18 (van den Heuvel et al.
 2018, Zenodo 10.5281/zenodo.1327317) and the African fetal planes set (Sendra-Balcells et al. 2023, Zenodo
 10.5281/zenodo.7540448). Every row that does not become a record is counted in the :class:`LoadReport`
-with its reason and an example (file, row): nothing is dropped silently.
+with its reason and an example (file, row): nothing is dropped silently. CSVs are read as strict UTF-8, image
+names must stay inside the dataset folder, and images over ``PIL.Image.MAX_IMAGE_PIXELS`` are skipped, each counted.
 """
 
 from __future__ import annotations
@@ -124,8 +125,17 @@ def fit_square(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
 
 
 def read_grayscale(path: Path) -> np.ndarray:
-    """Decode an image file to a ``uint8`` grayscale array; raises ``OSError``/``ValueError`` if corrupt."""
+    """Decode an image file to a ``uint8`` grayscale array.
+
+    Raises ``OSError``/``ValueError`` if corrupt and ``PIL.Image.DecompressionBombError`` when the image has
+    more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels (PIL itself only warns up to twice that; a skip that
+    depends on the caller's warning filters would make the loaded set depend on them too).
+    """
     with Image.open(path) as im:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and im.width * im.height > limit:
+            raise Image.DecompressionBombError(f"image size ({im.width * im.height} pixels) exceeds limit of "
+                                               f"{limit} pixels")
         im.load()
         if im.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit/float scans: stretch to 8 bit
             arr = np.asarray(im, dtype=np.float64)
@@ -134,18 +144,54 @@ def read_grayscale(path: Path) -> np.ndarray:
         return np.asarray(im.convert("L"), dtype=np.uint8)
 
 
-def _decode(report: LoadReport, path: Path, present: set[str], csv_name: str, row: int, size: int
-            ) -> tuple[np.ndarray, float, dict[str, Any]] | None:
-    """Read, hash and fit one image; count a skip and return ``None`` when it is missing or corrupt."""
-    if path.name not in present:
-        report.skip("missing_image", csv_name, row, f"{path.parent.name}/{path.name}: file not found")
+def _image_path(rows: _Rows, root: Path, image_dir: Path, name: str, present: set[str], line: int) -> Path | None:
+    """Resolve the image a CSV row names; count a skip when it is missing or lies outside ``root``.
+
+    ``root`` is the resolved dataset folder. A bare file name is checked against the folder listing
+    ``present`` first (no stat for the many rows of a subset whose image is absent); any name, once found,
+    is resolved (``..`` and symlinks) and must stay inside ``root``: a CSV must not make a loader read
+    files elsewhere on the machine. Strict mode raises on such a name.
+    """
+    path = image_dir / name
+    plain = path.parent == image_dir  # a bare file name, as in every published layout
+    if plain and path.name not in present:
+        rows.report.skip("missing_image", rows.csv_name, line, f"{image_dir.name}/{path.name}: file not found")
         return None
+    try:
+        target = path.resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # symlink loop, NUL byte
+        rows.bad("bad_value", line, f"image name {name!r} cannot be resolved: {exc}")
+        return None
+    if not target.is_relative_to(root):
+        rows.bad("outside_dataset", line,
+                 f"image name {name!r} resolves to {target}, outside the dataset folder {root}; the CSV must name "
+                 f"files inside {image_dir.name}/ (copy the image into the dataset or fix the row)")
+        return None
+    if not plain and not target.is_file():
+        rows.report.skip("missing_image", rows.csv_name, line, f"{name}: file not found")
+        return None
+    return target
+
+
+def _decode(rows: _Rows, root: Path, image_dir: Path, name: str, present: set[str], line: int, size: int
+            ) -> tuple[np.ndarray, float, dict[str, Any]] | None:
+    """Read, hash and fit one image; count a skip and return ``None`` when it is unsafe, missing or unreadable."""
+    path = _image_path(rows, root, image_dir, name, present, line)
+    if path is None:
+        return None
+    shown = f"{image_dir.name}/{name}"
     try:
         raw = read_grayscale(path)
         if raw.ndim != 2 or raw.size == 0:
             raise ValueError(f"decoded to shape {raw.shape}")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning if escalated
+        rows.report.skip("oversized_image", rows.csv_name, line,
+                         f"{shown}: {exc} (PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS}; a possible "
+                         f"decompression bomb. If the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS "
+                         f"before loading)")
+        return None
     except (OSError, ValueError, SyntaxError) as exc:  # PIL raises all three on broken files
-        report.skip("corrupt_image", csv_name, row, f"{path.parent.name}/{path.name}: {exc}")
+        rows.report.skip("corrupt_image", rows.csv_name, line, f"{shown}: {exc}")
         return None
     image, scale = fit_square(raw, size)
     # Hash of the decoded full-resolution pixels: exact-duplicate detection uses it (common.data.dedup).
@@ -172,15 +218,32 @@ def _require_csv(path: Path, source: str) -> None:
                                 f"unpack it unchanged (expected: {layout}).")
 
 
+def _not_utf8(values: list[str]) -> int | None:
+    """Index of the first value holding undecodable bytes (lone surrogates from ``surrogateescape``), or None."""
+    try:
+        "".join(values).encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        return next(i for i, v in enumerate(values) if any("\udc80" <= ch <= "\udcff" for ch in v))
+
+
 def _rows(path: Path, *, delimiter: str, required: tuple[str, ...], source: str
-          ) -> Iterator[tuple[int, dict[str, str] | None, list[str]]]:
-    """Yield ``(line number, stripped row dict or None if malformed, raw fields)``; check the header first."""
+          ) -> Iterator[tuple[int, dict[str, str], tuple[str, str] | None]]:
+    """Yield ``(line, stripped row dict, None)`` or ``(line, {}, (reason, detail))``; check the header first.
+
+    The file is read as strict UTF-8 (a BOM is allowed): bytes that are not UTF-8 are kept as lone surrogates
+    (``surrogateescape``) so that the row holding them is reported (reason ``bad_encoding``, with the bytes)
+    instead of a replacement character silently becoming part of a value (a new site, a wrong file name).
+    """
     name, url, _ = _DOWNLOADS[source]
-    fix = (f"use the file exactly as published by {name} ({url}): columns {list(required)} "
+    fix = (f"use the file exactly as published by {name} ({url}), UTF-8 encoded: columns {list(required)} "
            f"separated by {delimiter!r}")
-    with path.open(newline="", encoding="utf-8-sig", errors="replace") as fh:
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
         reader = csv.reader(fh, delimiter=delimiter)
         header = [h.strip() for h in next(reader, [])]
+        if (bad := _not_utf8(header)) is not None:
+            raise DataError(f"{path}: header is not valid UTF-8 (bytes {_raw_bytes(header[bad])!r}). "
+                            f"Fix: {fix}.")
         missing = [c for c in required if c not in header]
         if missing:
             other = "," if delimiter == ";" else ";"
@@ -190,8 +253,20 @@ def _rows(path: Path, *, delimiter: str, required: tuple[str, ...], source: str
         for raw in reader:
             if not raw or all(not v.strip() for v in raw):
                 continue  # blank line: not a row
-            row = dict(zip(header, (v.strip() for v in raw))) if len(raw) == len(header) else None
-            yield reader.line_num, row, raw
+            if (bad := _not_utf8(raw)) is not None:
+                column = header[bad] if bad < len(header) else f"field {bad + 1}"
+                yield reader.line_num, {}, ("bad_encoding", (
+                    f"column {column!r} holds bytes that are not UTF-8: {_raw_bytes(raw[bad].strip())!r}; "
+                    f"re-save {path.name} as UTF-8 (the published file is)"))
+            elif len(raw) != len(header):
+                yield reader.line_num, {}, ("malformed_row", f"{len(raw)} fields, expected {len(header)}")
+            else:
+                yield reader.line_num, dict(zip(header, (v.strip() for v in raw))), None
+
+
+def _raw_bytes(value: str) -> bytes:
+    """The file's bytes behind a ``surrogateescape``-decoded value (for messages)."""
+    return value.encode("utf-8", errors="surrogateescape")
 
 
 def _listing(folder: Path) -> set[str]:
@@ -270,16 +345,16 @@ def load_fetal_planes_db(root: str | os.PathLike[str], *, image_size: int = 64, 
     _require_csv(csv_path, "fetal_planes_db")
     report = LoadReport("fetal_planes_db", str(folder))
     rows = _Rows(report, csv_path.name, strict, limit)
-    present = _listing(folder / "Images")
+    present, real = _listing(folder / "Images"), folder.resolve()
     if not present:
         report.notes.append(f"no images found in {folder / 'Images'}")
     records: list[UltrasoundRecord] = []
-    for line, row, raw in _rows(csv_path, delimiter=";", required=FPDB_COLUMNS, source="fetal_planes_db"):
+    for line, row, problem in _rows(csv_path, delimiter=";", required=FPDB_COLUMNS, source="fetal_planes_db"):
         if rows.full(len(records)):
             break
         report.rows += 1
-        if row is None:
-            rows.bad("malformed_row", line, f"{len(raw)} fields, expected {len(FPDB_COLUMNS)}")
+        if problem is not None:  # malformed or not UTF-8
+            rows.bad(problem[0], line, problem[1])
             continue
         if row["Train"] not in ("0", "1"):
             rows.bad("bad_value", line, f"Train={row['Train']!r}, expected 0 or 1")
@@ -295,8 +370,7 @@ def load_fetal_planes_db(root: str | os.PathLike[str], *, image_size: int = 64, 
         if not row["Image_name"] or not row["Patient_num"] or not row[site_column]:
             rows.bad("bad_value", line, f"empty Image_name, Patient_num or {site_column}")
             continue
-        decoded = _decode(report, folder / "Images" / f"{row['Image_name']}.png", present,
-                          csv_path.name, line, image_size)
+        decoded = _decode(rows, real, folder / "Images", f"{row['Image_name']}.png", present, line, image_size)
         if decoded is None:
             continue
         image, _, extra = decoded
@@ -340,14 +414,14 @@ def load_hc18(root: str | os.PathLike[str], *, image_size: int = 64, strict: boo
     _require_csv(csv_path, "hc18")
     report = LoadReport("hc18", str(folder))
     rows = _Rows(report, csv_path.name, strict, limit)
-    present = _listing(folder / "training_set")
+    present, real = _listing(folder / "training_set"), folder.resolve()
     records: list[UltrasoundRecord] = []
-    for line, row, raw in _rows(csv_path, delimiter=",", required=HC18_COLUMNS, source="hc18"):
+    for line, row, problem in _rows(csv_path, delimiter=",", required=HC18_COLUMNS, source="hc18"):
         if rows.full(len(records)):
             break
         report.rows += 1
-        if row is None:
-            rows.bad("malformed_row", line, f"{len(raw)} fields, expected {len(HC18_COLUMNS)}")
+        if problem is not None:  # malformed or not UTF-8
+            rows.bad(problem[0], line, problem[1])
             continue
         try:
             spacing, hc = float(row["pixel size(mm)"]), float(row["head circumference (mm)"])
@@ -360,7 +434,7 @@ def load_hc18(root: str | os.PathLike[str], *, image_size: int = 64, strict: boo
             continue
         name = row["filename"]
         match = _HC18_NAME.match(name)
-        decoded = _decode(report, folder / "training_set" / name, present, csv_path.name, line, image_size)
+        decoded = _decode(rows, real, folder / "training_set", name, present, line, image_size)
         if decoded is None:
             continue
         image, scale, extra = decoded
@@ -423,6 +497,7 @@ def load_african(root: str | os.PathLike[str], *, image_size: int = 64, split: s
     if not any(found.values()):
         _require_csv(folder / wanted[0] / f"African_{wanted[0]}.csv", "african")
     report = LoadReport("african", str(folder))
+    real = folder.resolve()
     records: list[UltrasoundRecord] = []
     for part in wanted:
         csv_path = found[part]
@@ -432,12 +507,12 @@ def load_african(root: str | os.PathLike[str], *, image_size: int = 64, split: s
         rows = _Rows(report, f"{part}/{csv_path.name}", strict, limit)
         image_dirs = [csv_path.parent, folder / part]
         listings = [_listing(d) for d in image_dirs]
-        for line, row, raw in _rows(csv_path, delimiter=",", required=AFRICAN_COLUMNS, source="african"):
+        for line, row, problem in _rows(csv_path, delimiter=",", required=AFRICAN_COLUMNS, source="african"):
             if rows.full(len(records)):
                 break
             report.rows += 1
-            if row is None:
-                rows.bad("malformed_row", line, f"{len(raw)} fields, expected {len(AFRICAN_COLUMNS)}")
+            if problem is not None:  # malformed or not UTF-8
+                rows.bad(problem[0], line, problem[1])
                 continue
             plane = plane_index(row["Plane"])
             if plane is None:
@@ -453,8 +528,7 @@ def load_african(root: str | os.PathLike[str], *, image_size: int = 64, split: s
                 name_match.group(1).upper() if name_match else row["Center"].upper())
             file_name = row["Image_name"] if row["Image_name"].lower().endswith(".png") else f"{row['Image_name']}.png"
             where = next((i for i, names in enumerate(listings) if file_name in names), 0)
-            decoded = _decode(report, image_dirs[where] / file_name, listings[where], rows.csv_name, line,
-                              image_size)
+            decoded = _decode(rows, real, image_dirs[where], file_name, listings[where], line, image_size)
             if decoded is None:
                 continue
             image, _, extra = decoded
