@@ -78,7 +78,11 @@ def train(msg: Message, context: Context) -> Message:
     store = SiteStateStore(state_dir)
     ledger = store.load_ledger(before_round=server_round, privacy=cfg.privacy) if cfg.privacy.target_epsilon else None
     synthetic = release_from_arrays(record_to_arrays(msg.content["release"])) if "release" in msg.content else []
-    result = local_train(bundle, site, ledger, cfg, server_round=server_round, synthetic=synthetic)
+    if cfg.privacy.insecure_reproducible_noise and ledger is not None:
+        print(f"site {name}: WARNING privacy.insecure-reproducible-noise is on: DP noise is seeded from the public "
+              "run seed, anyone who knows it can remove the noise; nothing this run produces is private", flush=True)
+    result = local_train(bundle, site, ledger, cfg, server_round=server_round, synthetic=synthetic,
+                         secret=store.secret() if ledger is not None else None)
     arrays = federated_arrays(bundle)
     if ledger is not None:
         store.save_ledger(server_round, ledger, info={"site": name, "messages": result.messages})

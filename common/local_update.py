@@ -23,7 +23,7 @@ from common.downstream import classifier_loss, evaluate_classifier, evaluate_reg
 from common.generator import make_scheduler
 from common.privacy import PrivacyLedger, PrivateTrainResult, train_private
 from common.records import UltrasoundRecord
-from common.seeding import derive_seed
+from common.seeding import derive_seed, secret_seed
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ def local_train(
     *,
     server_round: int,
     synthetic: Sequence[UltrasoundRecord] = (),
+    secret: bytes | None = None,
 ) -> LocalTrainResult:
     """Fine-tune the bundle in place on ``site.train`` (plus released ``synthetic`` for downstream models).
 
@@ -65,6 +66,10 @@ def local_train(
     synthetic:
         Images of the shared synthetic release; post-processing of DP models, they add no privacy cost.
         They are pooled with the real images in the downstream models' DP datasets (accounted conservatively).
+    secret:
+        The site's secret (:meth:`common.site_state.SiteStateStore.secret`); it keys DP-SGD's sampling and noise,
+        so a replayed round draws the same noise and nobody without it can regenerate it. ``None``: fresh noise
+        from the operating system. Ignored under ``privacy.insecure-reproducible-noise`` (public seed).
     """
     size = cfg.data.image_size
     real = records_to_dataset(site.train, image_size=size)
@@ -106,6 +111,7 @@ def local_train(
             grad_sample_mode=cfg.privacy.grad_sample_mode,
             seed=derive_seed(seed, key),
             noise_multiplier=cfg.privacy.noise_multiplier if ledger is not None else None,
+            noise_seed=dp_noise_seed(cfg, secret, site.name, server_round, key),
         )
         metrics[f"{key}-steps"] = float(result.steps)
         finite = [x for x in result.losses if np.isfinite(x)]  # an empty Poisson batch has no loss (NaN)
@@ -145,6 +151,14 @@ def heldout_denoise_loss(bundle: ModelBundle, data: TensorDataset, cfg: RunConfi
     losses = diffusion_loss(bundle.generator, batch, noise_scheduler=scheduler, noise_multiplicity=4,
                             cond_dropout=0.0, generator=gen)
     return float(losses.mean())
+
+
+def dp_noise_seed(cfg: RunConfig, secret: bytes | None, site_name: str, server_round: int, key: str) -> int | None:
+    """Seed of one model's DP-SGD sampling and noise in one round: keyed by the site's secret (private),
+    ``None`` for fresh OS randomness, or the public run seed under ``privacy.insecure-reproducible-noise``."""
+    if cfg.privacy.insecure_reproducible_noise:
+        return derive_seed(cfg.seed, site_name, server_round, key, "dp-noise")
+    return None if secret is None else secret_seed(secret, site_name, server_round, key)
 
 
 def _has_ga(data: TensorDataset) -> bool:

@@ -16,6 +16,7 @@ the tighter composition of all histories in one accountant (information only).
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -140,6 +141,13 @@ class PrivacyLedger:
         self.budget_split = split
         self._accountants: dict[str, IAccountant] = {}
         self._plans: dict[str, ModelPlan] = {}
+        # False once any step drew its noise from a seed others can know (privacy.insecure-reproducible-noise);
+        # sticky for the whole run, and reported with every figure of this ledger.
+        self.private_noise = True
+
+    def mark_noise_not_private(self) -> None:
+        """Record that this ledger's steps use reproducible, public-seeded noise: its epsilon is not a guarantee."""
+        self.private_noise = False
 
     def budget(self, model: str) -> tuple[float | None, float]:
         """``(epsilon, delta)`` that ``model`` may spend (epsilon ``None`` when the ledger has no target)."""
@@ -232,7 +240,8 @@ class PrivacyLedger:
             out[m] = {"epsilon": self.epsilon(m), "delta": delta, "steps": self.steps(m),
                       "noise_multiplier": plan and plan.noise_multiplier, "sample_rate": plan and plan.sample_rate,
                       "planned_steps": plan and plan.planned_steps, "accountant": self.accountant,
-                      "exhausted": self.exhausted(m), "budget_epsilon": eps_budget}
+                      "exhausted": self.exhausted(m), "budget_epsilon": eps_budget,
+                      "private_noise": self.private_noise}
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -245,7 +254,8 @@ class PrivacyLedger:
                          "plan": None if plan is None else [plan.noise_multiplier, plan.sample_rate,
                                                             plan.planned_steps, plan.derived]}
         return {"format": _LEDGER_FORMAT, "target_epsilon": self.target_epsilon, "target_delta": self.target_delta,
-                "accountant": self.accountant, "budget_split": dict(self.budget_split), "models": models}
+                "accountant": self.accountant, "budget_split": dict(self.budget_split), "models": models,
+                "private_noise": self.private_noise}
 
     @classmethod
     def from_state_dict(cls, d: Mapping[str, Any]) -> PrivacyLedger:
@@ -260,6 +270,8 @@ class PrivacyLedger:
                 if entry["plan"] is not None:
                     s, q, n, *derived = entry["plan"]  # a 3-item plan (older state) is checked every step
                     ledger._plans[m] = ModelPlan(float(s), float(q), int(n), bool(derived and derived[0]))
+            # A state without the key predates site-secret noise: its noise was seeded from the public run seed.
+            ledger.private_noise = d.get("private_noise") is True
         except (KeyError, TypeError, ValueError) as err:
             if isinstance(err, ConfigError):
                 raise
@@ -318,7 +330,7 @@ def train_private(
     model: nn.Module, loss_fn: LossFn, dataset: TensorDataset, *, steps: int, batch_size: int, lr: float,
     ledger: PrivacyLedger | None, model_key: str, planned_total_steps: int, max_grad_norm: float = 1.0,
     grad_sample_mode: str = "functorch", seed: int = 0, device: str = "cpu", optimizer: str = "adam",
-    strict: bool = False, noise_multiplier: float | None = None,
+    strict: bool = False, noise_multiplier: float | None = None, noise_seed: int | None = None,
 ) -> PrivateTrainResult:
     """Train the ``requires_grad`` parameters of ``model`` in place, with DP-SGD when a ledger is given.
 
@@ -341,7 +353,13 @@ def train_private(
     max_grad_norm, grad_sample_mode, optimizer:
         Clipping bound ``C``; Opacus per-sample gradient mode; ``"adam"``, ``"adamw"`` or ``"sgd"``.
     seed, device:
-        Seeds Poisson sampling, DP noise and the global RNG (forked, restored after); torch device.
+        Seeds the public randomness (shuffling without DP, the global RNG: forked, restored after); torch device.
+    noise_seed:
+        Seeds the *private* randomness of DP-SGD: Poisson sampling and the Gaussian noise. It must be unknown to
+        whoever sees the trained weights, or the noise can be regenerated and subtracted. A site passes a seed
+        derived from its secret (:meth:`common.site_state.SiteStateStore.noise_seed`); ``None`` draws a fresh
+        one from the operating system (:mod:`secrets`). Only ``privacy.insecure-reproducible-noise`` passes a
+        seed anyone can know, and everything it produces is marked not private.
     strict:
         Raise :class:`BudgetExceededError` instead of stopping when the next step would exceed the budget.
     noise_multiplier:
@@ -375,8 +393,9 @@ def train_private(
         try:
             if ledger is None:
                 return _train_public(model, loss_fn, dataset, opt, steps, batch_size, gen, dev)
+            private_seed = secrets.randbits(63) if noise_seed is None else int(noise_seed)
             return _train_dp(model, loss_fn, dataset, opt, ledger, model_key, steps, batch_size, planned_total_steps,
-                             max_grad_norm, grad_sample_mode, gen, seed, dev, strict, noise_multiplier)
+                             max_grad_norm, grad_sample_mode, private_seed, dev, strict, noise_multiplier)
         finally:
             model.zero_grad(set_to_none=True)
             model.train(was_training)
@@ -397,24 +416,50 @@ def _train_public(model: nn.Module, loss_fn: LossFn, dataset: TensorDataset, opt
     return PrivateTrainResult(steps, losses, 0.0, 0.0, 0.0, 0.0, False, f"trained {steps} steps without DP")
 
 
+def _engine_with_private_rng(accountant: str, private_seed: int, dev: torch.device) -> PrivacyEngine:
+    """A ``PrivacyEngine`` whose Poisson sampler and noise draw from one generator seeded by ``private_seed``.
+
+    Opacus' ``secure_mode=True`` would take that generator from ``torchcsprng`` (unmaintained, not installable
+    for current torch). Its other half is kept: with ``secure_mode`` set, each noise draw sums four Gaussian
+    samples (Holohan & Braghin 2021), which defeats the floating-point attack on the noise's low bits
+    (Jin et al. 2022). The generator is torch's Mersenne Twister, seeded with 63 bits that only the site knows
+    (derived from its 256-bit secret, :mod:`common.site_state`); it is not a CSPRNG, which the README states.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=accountant, secure_mode=False)
+    engine.secure_mode = True  # noise as four summed draws; sampler and noise take engine.secure_rng
+    engine.secure_rng = torch.Generator(device=dev).manual_seed(int(private_seed))
+    return engine
+
+
+def _check_private_rng(engine: PrivacyEngine, dp_opt: Any, loader: DataLoader) -> None:
+    """Fail loudly if this Opacus version no longer routes sampling and noise through ``engine.secure_rng``."""
+    sampler = getattr(loader, "batch_sampler", None)
+    if (getattr(dp_opt, "generator", None) is not engine.secure_rng or not getattr(dp_opt, "secure_mode", False)
+            or getattr(sampler, "generator", None) is not engine.secure_rng):
+        raise RuntimeError(
+            "Opacus did not take the site's private generator for Poisson sampling and DP noise (its internals "
+            "changed); refusing to train with noise that may be predictable. Pin opacus to a tested version (>=1.5)."
+        )
+
+
 def _train_dp(model: nn.Module, loss_fn: LossFn, dataset: TensorDataset, opt: torch.optim.Optimizer,
               ledger: PrivacyLedger, key: str, steps: int, batch_size: int, planned: int, clip: float, mode: str,
-              gen: torch.Generator, seed: int, dev: torch.device, strict: bool,
+              private_seed: int, dev: torch.device, strict: bool,
               sigma_override: float | None) -> PrivateTrainResult:
     """DP-SGD through Opacus with the ledger's accountant attached, so that its history continues."""
     q = 1.0 / len(DataLoader(dataset, batch_size=batch_size))  # Opacus' convention for the Poisson rate
     plan = ledger.plan(key, sample_rate=q, planned_total_steps=planned, noise_multiplier=sigma_override)
     sigma = plan.noise_multiplier
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=ledger.accountant, secure_mode=False)
+    engine = _engine_with_private_rng(ledger.accountant, private_seed, dev)
     engine.accountant = ledger.accountant_for(key)  # before make_private: its step hook binds this accountant
     made = engine.make_private(
-        module=model, optimizer=opt, data_loader=DataLoader(dataset, batch_size=batch_size, generator=gen),
+        module=model, optimizer=opt, data_loader=DataLoader(dataset, batch_size=batch_size),
         noise_multiplier=sigma, max_grad_norm=clip, poisson_sampling=True, grad_sample_mode=mode, wrap_model=False,
-        noise_generator=torch.Generator(device=dev).manual_seed(seed + 1),
     )  # wrap_model=False: hooks on the original model, so no "_module." wrapper ever exists
     hooks, dp_opt, loader = made[0], made[1], made[-1]
+    _check_private_rng(engine, dp_opt, loader)
     trainable = [p for p in model.parameters() if p.requires_grad]
     losses: list[float] = []
     done, message, batches = 0, "", _batches(loader, dev)

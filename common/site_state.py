@@ -5,6 +5,11 @@ every round it trained (``ledger-round-NNN.json``, atomically); round ``r`` rest
 of a round before ``r``. A resumed run that replays round ``r`` therefore continues from the same ledger:
 the replay repeats the same seeded computation on the same data and releases the same update, so it reveals
 nothing beyond the first attempt (see README, "Resume and privacy").
+
+The site's secret (``site-secret.key``, 32 random bytes from :mod:`secrets`, mode 0600) is drawn here on first
+use and never leaves this folder: it keys the seeds of DP-SGD's Poisson sampling and noise
+(:meth:`SiteStateStore.noise_seed`), so the server, which knows the run seed and the whole config, cannot
+regenerate the noise; a replayed round draws the same noise again, as the replay argument above needs.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -19,9 +25,13 @@ from typing import Any
 import numpy as np
 
 from common.config import PrivacyConfig
+from common.errors import DataError
 from common.privacy import PrivacyLedger
+from common.seeding import secret_seed
 
 _SNAPSHOT = re.compile(r"^ledger-round-(\d{3,})\.json$")
+SECRET_FILE = "site-secret.key"
+_SECRET_BYTES = 32
 
 
 class SiteStateStore:
@@ -34,13 +44,44 @@ class SiteStateStore:
         """Newest ledger saved for a round ``< before_round``; a new ledger when there is none."""
         rounds = [r for r in self.saved_rounds() if r < before_round]
         if not rounds:
-            return PrivacyLedger(
+            ledger = PrivacyLedger(
                 target_epsilon=privacy.target_epsilon,
                 target_delta=privacy.target_delta,
                 accountant=privacy.accountant,
             )
-        payload = json.loads(self._path(max(rounds)).read_text())
-        return PrivacyLedger.from_state_dict(payload["ledger"])
+        else:
+            payload = json.loads(self._path(max(rounds)).read_text())
+            ledger = PrivacyLedger.from_state_dict(payload["ledger"])
+        if privacy.insecure_reproducible_noise:
+            ledger.mark_noise_not_private()
+        return ledger
+
+    def secret(self) -> bytes:
+        """This site's secret, created (32 bytes from :mod:`secrets`, mode 0600) at first use; never sent."""
+        path = self.folder / SECRET_FILE
+        if not path.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / f".{SECRET_FILE}.{os.getpid()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(_SECRET_BYTES))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(tmp, path)  # atomic and never overwrites: a concurrent first use keeps one secret
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        data = path.read_bytes()
+        if len(data) != _SECRET_BYTES:
+            raise DataError(f"{path} holds {len(data)} bytes, expected {_SECRET_BYTES}: the site secret is damaged. "
+                            "Restore it from the site's backup; a new secret is safe only for a new run")
+        return data
+
+    def noise_seed(self, *path: str | int) -> int:
+        """Seed of DP-SGD's private randomness for ``path`` (site, round, model), keyed by :meth:`secret`."""
+        return secret_seed(self.secret(), *path)
 
     def save_ledger(self, server_round: int, ledger: PrivacyLedger, *, info: dict[str, Any] | None = None) -> Path:
         """Write the ledger after ``server_round`` atomically."""

@@ -293,16 +293,17 @@ def test_empty_poisson_batches_still_take_noisy_accounted_steps() -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_training_is_seeded() -> None:
+def test_dp_training_is_seeded_by_its_private_noise_seed() -> None:
     # Prepare
     data = bright_dark(32)
 
-    def run(seed: int) -> dict[str, Tensor]:
+    def run(noise_seed: int) -> dict[str, Tensor]:
         torch.manual_seed(123)  # same initial weights
         model = TinyNet()
         ledger = PrivacyLedger(target_epsilon=None, target_delta=1e-5, budget_split={"classifier": 1.0})
         train_private(model, ce_loss, data, steps=3, batch_size=8, lr=0.05, ledger=ledger, model_key="classifier",
-                      planned_total_steps=3, grad_sample_mode="hooks", noise_multiplier=1.0, seed=seed)
+                      planned_total_steps=3, grad_sample_mode="hooks", noise_multiplier=1.0, seed=0,
+                      noise_seed=noise_seed)
         return _params(model)
 
     # Execute
