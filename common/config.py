@@ -111,6 +111,10 @@ class PrivacyConfig:
     noise_multiplicity: int = 4  # K noise/timestep draws averaged per example before clipping (DPDM)
     # Fixed DP-SGD noise multiplier; None derives it from the target (epsilon, delta) and the planned steps.
     noise_multiplier: float | None = None
+    # TEST/BENCHMARK ONLY. True seeds DP-SGD's sampling and noise from the public run seed instead of the site's
+    # secret, so whoever knows the seed can subtract the noise: nothing it produces is private, and the ledger,
+    # checkpoints and release certificates say so ("private_noise": false).
+    insecure_reproducible_noise: bool = False
 
     def validate(self) -> None:
         if self.target_epsilon is not None:
