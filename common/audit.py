@@ -208,11 +208,13 @@ def plant_canaries(records: Sequence[UltrasoundRecord], canaries: np.ndarray, in
 
 # -- DP certificate ----------------------------------------------------------------------------------------
 def _rdp_orders() -> list[float]:
-    """Opacus' default RDP orders plus the integers 2..64 and a few large ones: any order gives a valid bound,
-    so the minimum over more orders is the tightest valid epsilon an honest RDP ledger can report."""
+    """Opacus' default RDP orders plus the ledger's own (:data:`common.privacy.RDP_ORDERS`): any order gives a
+    valid bound, so the minimum over more orders is the tightest valid epsilon an honest RDP ledger can report."""
     from opacus.accountants import RDPAccountant
 
-    return sorted(set(RDPAccountant.DEFAULT_ALPHAS) | set(range(2, 65)) | {80, 96, 128, 192, 256, 512})
+    from common.privacy import RDP_ORDERS
+
+    return sorted(set(RDPAccountant.DEFAULT_ALPHAS) | set(RDP_ORDERS))
 
 
 def compose_epsilon(histories: Sequence[tuple[float, float, int]], *, delta: float, accountant: str = "rdp") -> float:
@@ -234,28 +236,61 @@ def recompute_epsilon(*, noise_multiplier: float, sample_rate: float, steps: int
     return compose_epsilon([(noise_multiplier, sample_rate, steps)], delta=delta, accountant=accountant)
 
 
+def ledger_history(entry: Mapping[str, Any]) -> tuple[list[tuple[float, float, int]], str]:
+    """The (sigma, q, steps) segments of one model's ledger summary, and where they came from.
+
+    A summary carries the accountant's whole ``history`` (the sample rate changes between rounds when released
+    images join a DP dataset); an older summary only its plan's (sigma, q) and the step count, one segment.
+    """
+    steps = int(entry.get("steps") or 0)
+    if entry.get("history") is not None:
+        hist = [(float(s), float(q), int(n)) for s, q, n in entry["history"]]
+        if sum(n for _, _, n in hist) != steps:
+            raise ValueError(f"history has {sum(n for _, _, n in hist)} steps, the summary says {steps}")
+        return hist, "history"
+    sigma, q = entry.get("noise_multiplier"), entry.get("sample_rate")
+    return ([(float(sigma), float(q), steps)] if sigma and q and steps else []), "summary (sigma, q, steps)"
+
+
 def check_ledger_model(entry: Mapping[str, Any], *, rel_tol: float = 1e-3) -> dict[str, Any]:
-    """One model's ledger summary with its epsilon recomputed from (sigma, q, steps) and a verdict.
+    """One model's ledger summary with its epsilon recomputed from its (sigma, q, steps) history and a verdict.
 
     ``consistent``: the reported epsilon is at least the recomputed one (a ledger may be conservative, e.g. a
-    coarser RDP order grid, never optimistic); ``slack`` = reported - recomputed.
+    coarser RDP order grid, never optimistic); ``slack`` = reported - recomputed; ``recomputed_from`` says whether
+    the full history or (older ledgers) the one-segment summary was used.
     """
     out = dict(entry)
-    sigma, q, steps = entry.get("noise_multiplier"), entry.get("sample_rate"), int(entry.get("steps") or 0)
+    steps = int(entry.get("steps") or 0)
     reported = float(entry.get("epsilon") or 0.0)
     if steps == 0:
         out.update(recomputed_epsilon=0.0, slack=reported, consistent=True)
         return out
-    if not sigma or not q:
+    try:
+        hist, source = ledger_history(entry)
+    except (TypeError, ValueError) as err:
+        out.update(recomputed_epsilon=None, consistent=False, note=f"malformed ledger history: {err}")
+        return out
+    if not hist:
         out.update(recomputed_epsilon=None, consistent=False, note="steps without noise multiplier/sample rate")
         return out
-    eps = recompute_epsilon(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=float(entry["delta"]),
-                            accountant=str(entry.get("accountant", "rdp")))
-    out.update(recomputed_epsilon=eps, slack=reported - eps, consistent=reported >= eps * (1 - rel_tol))
+    eps = compose_epsilon(hist, delta=float(entry["delta"]), accountant=str(entry.get("accountant", "rdp")))
+    out.update(recomputed_epsilon=eps, slack=reported - eps, consistent=reported >= eps * (1 - rel_tol),
+               recomputed_from=source)
     if not out["consistent"]:
-        out["note"] = (f"reported epsilon {reported:.4g} < {eps:.4g} recomputed from sigma={sigma:.4g}, q={q:.4g}, "
-                       f"{steps} steps (the ledger under-reports, or sigma/q changed during the run)")
+        out["note"] = (f"reported epsilon {reported:.4g} < {eps:.4g} recomputed from the {source} {hist} "
+                       "(the ledger under-reports, or sigma/q changed during the run without a recorded history)")
+    if entry.get("private_noise") is False:
+        out["consistent"] = False
+        out["note"] = ("DP noise was seeded from the public run seed (privacy.insecure-reproducible-noise, or a "
+                       "ledger older than site-secret noise): anyone with the seed can remove it; no DP guarantee")
     return out
+
+
+def _history_or_empty(entry: Mapping[str, Any]) -> list[tuple[float, float, int]]:
+    try:
+        return ledger_history(entry)[0]
+    except (TypeError, ValueError):
+        return []  # reported as a problem by check_ledger_model
 
 
 def dp_certificate(rounds: Sequence[Mapping[str, Any]], *, release_records: Sequence[Mapping[str, Any]] = (),
@@ -288,9 +323,8 @@ def dp_certificate(rounds: Sequence[Mapping[str, Any]], *, release_records: Sequ
         used = {m: e for m, e in checked.items() if int(e.get("steps") or 0) > 0}
         delta = sum(float(e["delta"]) for e in used.values())
         acc = next((str(e.get("accountant", "rdp")) for e in used.values()), "rdp")
-        joint = compose_epsilon([(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in used.values()
-                                 if e.get("noise_multiplier") and e.get("sample_rate")], delta=delta, accountant=acc) \
-            if used else 0.0
+        joint = compose_epsilon([seg for e in used.values() for seg in _history_or_empty(e)], delta=delta,
+                                accountant=acc) if used else 0.0
         sites[site] = {"models": checked, "epsilon_basic": sum(float(e.get("epsilon") or 0) for e in used.values()),
                        "epsilon_basic_recomputed": sum(float(e.get("recomputed_epsilon") or 0) for e in used.values()),
                        "delta_basic": delta, "epsilon_joint": joint, "accountant": acc}

@@ -233,7 +233,8 @@ class PrivacyLedger:
         return self._eps([h for acc in self._accountants.values() for h in acc.history], self.target_delta)
 
     def summary(self) -> dict[str, dict[str, Any]]:
-        """Per model: epsilon, delta, steps, noise_multiplier, sample_rate, accountant, exhausted, budget."""
+        """Per model: epsilon, delta, steps, noise_multiplier, sample_rate, accountant, exhausted, budget, private_noise
+        and the accountant's history (what an auditor recomputes epsilon from)."""
         out: dict[str, dict[str, Any]] = {}
         for m in self.budget_split:
             plan, (eps_budget, delta) = self._plans.get(m), self.budget(m)
@@ -241,7 +242,9 @@ class PrivacyLedger:
                       "noise_multiplier": plan and plan.noise_multiplier, "sample_rate": plan and plan.sample_rate,
                       "planned_steps": plan and plan.planned_steps, "accountant": self.accountant,
                       "exhausted": self.exhausted(m), "budget_epsilon": eps_budget,
-                      "private_noise": self.private_noise}
+                      "private_noise": self.private_noise,
+                      # every (sigma, q, steps) segment: q changes when released images join a DP dataset
+                      "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant_for(m).history]}
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -422,3 +422,30 @@ def test_audit_power_memorising_model_is_caught_and_dp_model_is_not(tmp_path: Pa
     assert dp["headline"]["dp"] and dp["training"]["epsilon"] <= 10
     assert abs(dp["headline"]["mia_generator_auc"] - 0.5) < 0.25
     assert dp["canary"]["epsilon_lower_bound"] <= dp["canary"]["accounted_epsilon"]
+
+
+def test_audit_agrees_with_a_ledger_whose_sample_rate_changed() -> None:
+    # Prepare: round 1 trains on 12 real images (q = 1/3), round 2 on 16 once released images join (q = 1/4)
+    ledger = PrivacyLedger(target_epsilon=None, target_delta=1e-5, budget_split={"classifier": 1.0})
+    ledger.plan("classifier", sample_rate=1 / 3, planned_total_steps=20, noise_multiplier=1.1)
+    acc = ledger.accountant_for("classifier")
+    for q in [1 / 3] * 10 + [1 / 4] * 10:
+        acc.step(noise_multiplier=1.1, sample_rate=q)
+    # Execute
+    entry = ledger.summary()["classifier"]
+    checked = check_ledger_model(entry)
+    cert = dp_certificate([{"round": 2, "ledger": {"site-a": ledger.summary()}}])
+    # Assert: recomputed from the stored history, exactly the ledger's figure, and no problem raised
+    assert [seg[1] for seg in entry["history"]] == [pytest.approx(1 / 3), pytest.approx(1 / 4)]
+    assert checked["consistent"] and checked["recomputed_from"] == "history"
+    assert checked["recomputed_epsilon"] == pytest.approx(entry["epsilon"], rel=1e-6)
+    assert cert["problems"] == []
+    # the one-segment recomputation from the summary alone would have over-charged it (what flagged it before)
+    assert recompute_epsilon(noise_multiplier=1.1, sample_rate=1 / 3, steps=20, delta=1e-5) > entry["epsilon"] * 1.01
+
+
+def test_audit_flags_a_history_that_does_not_add_up_and_public_noise() -> None:
+    entry = _ledger_summary(1.0, 0.2, 10)["generator"]
+    assert check_ledger_model({**entry, "history": [[1.0, 0.2, 3]]})["consistent"] is False
+    public = check_ledger_model({**entry, "private_noise": False})
+    assert public["consistent"] is False and "public run seed" in public["note"]
