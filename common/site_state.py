@@ -128,3 +128,22 @@ class SiteStateStore:
 
     def _path(self, server_round: int) -> Path:
         return self.folder / f"ledger-round-{server_round:03d}.json"
+
+
+def copy_site_secrets(src_run_dir: Path, dst_run_dir: Path) -> list[str]:
+    """Give the simulated sites of ``dst_run_dir`` the secrets of the same sites in ``src_run_dir``.
+
+    For experiments that simulate *the same hospitals* several times (the arms of a comparison): each site keeps
+    its secret, so the arms draw the same private noise and their differences are not noise. A site that already
+    has a secret in ``dst_run_dir`` keeps it. Returns the site names given a secret.
+    """
+    copied = []
+    for secret in sorted(Path(src_run_dir).glob(f"sites/*/{SECRET_FILE}")):
+        dst = Path(dst_run_dir) / "sites" / secret.parent.name / SECRET_FILE
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secret.read_bytes())
+            copied.append(secret.parent.name)
+    return copied

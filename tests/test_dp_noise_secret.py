@@ -21,7 +21,7 @@ from common.config import RunConfig
 from common.data.sites import load_site
 from common.local_update import local_train
 from common.privacy import PrivacyLedger, train_private
-from common.site_state import SECRET_FILE, SiteStateStore
+from common.site_state import SECRET_FILE, SiteStateStore, copy_site_secrets
 from simulations.launcher import run_simulation
 
 
@@ -61,6 +61,17 @@ def test_site_secret_is_created_once_private_to_the_owner_and_keys_the_seeds(tmp
     assert a.noise_seed("Ghana", 1, "classifier") == a.noise_seed("Ghana", 1, "classifier")
     assert a.noise_seed("Ghana", 1, "classifier") != a.noise_seed("Ghana", 2, "classifier")
     assert a.noise_seed("Ghana", 1, "classifier") != b.noise_seed("Ghana", 1, "classifier")
+
+
+def test_copied_site_secrets_are_owner_only_and_never_overwrite(tmp_path: Path) -> None:
+    src, dst = tmp_path / "arm-a", tmp_path / "arm-b"
+    for name in ("Ghana", "Malawi"):
+        SiteStateStore(src / "sites" / name).secret()
+    kept = SiteStateStore(dst / "sites" / "Malawi").secret()
+    assert copy_site_secrets(src, dst) == ["Ghana"]
+    assert SiteStateStore(dst / "sites" / "Ghana").secret() == SiteStateStore(src / "sites" / "Ghana").secret()
+    assert SiteStateStore(dst / "sites" / "Malawi").secret() == kept
+    assert stat.S_IMODE((dst / "sites" / "Ghana" / SECRET_FILE).stat().st_mode) == 0o600
 
 
 def _local_round(tmp_path: Path, name: str, **overrides: object) -> tuple[dict[str, np.ndarray], dict]:

@@ -6,7 +6,6 @@ Tiny models (smoke preset, 32x32). Each test starts and stops its own SuperLink 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import pytest
 
 from common.bundle import load_federated_file
 from common.config import RunConfig
-from common.site_state import SECRET_FILE
+from common.site_state import copy_site_secrets
 from simulations.launcher import run_simulation
 
 
@@ -59,9 +58,7 @@ def test_resume_after_kill_reaches_the_uninterrupted_result(tmp_path: Path) -> N
     # Execute
     ref = run_simulation(full, num_sites=2, echo=False, timeout_s=300)
     # The same sites: each keeps its secret (it keys the DP noise), so the killed run's sites get the full run's
-    for secret in (tmp_path / "full" / "sites").glob(f"*/{SECRET_FILE}"):
-        (tmp_path / "killed" / "sites" / secret.parent.name).mkdir(parents=True)
-        shutil.copy2(secret, tmp_path / "killed" / "sites" / secret.parent.name / SECRET_FILE)
+    assert len(copy_site_secrets(tmp_path / "full", tmp_path / "killed")) == 2
     crash = run_simulation(killed, num_sites=2, echo=False, timeout_s=300,
                            extra_env={"DIFUSAL_FAULT_AFTER_ROUND": "1"})
     after_crash = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())

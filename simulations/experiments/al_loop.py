@@ -9,6 +9,8 @@ Arms (identical seeds, data, privacy and rounds; only the coordinator differs):
 - ``random``: queries every round, random selection (no quality threshold, no balancing): the baseline;
 - ``acquisition``: queries every round with the configured acquisition (quality threshold, plane x GA balancing,
   k-center greedy inside bins by default).
+The arms simulate the same hospitals: every arm's sites get the site secrets of the first arm (they key the DP
+noise), so the arms draw the same private noise and differ only by the coordinator.
 Arms already finished in ``--out`` with the same config are reused, so an interrupted comparison resumes.
 Per round, the held-out plane accuracy / macro-F1 and GA MAE (days) are the sites' evaluation of the global
 downstream models on their test splits (no model or selection step sees them), pooled by example count.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from common.round_metrics import round_summary
+from common.site_state import copy_site_secrets
 from simulations.cli import add_data_arguments, build_config, count_sites
 from simulations.launcher import finished_as, run_simulation
 
@@ -169,7 +172,9 @@ def main() -> None:
         print(seeds_markdown(combine(args.combine, out)))
         return
     table: dict[str, list[dict[str, Any]]] = {}
-    for arm in args.arms.split(","):
+    arms = args.arms.split(",")
+    for arm in arms:
+        copy_site_secrets(out / arms[0], out / arm)  # nothing to copy before the first arm has trained
         sets = [*args.set, " ".join(f"{k}={v}" for k, v in ARMS[arm].items())]
         cfg = build_config(args.preset, sets, run_dir=str(out / arm), data=args.data, data_root=args.data_root,
                            seed=args.seed, prior=args.prior)
