@@ -1,13 +1,19 @@
 """The coordinator's query, both ends: the site answers it, the coordinator validates the answer.
 
 Schema of a reply's ``candidates`` arrays: ``images`` uint8 [N, H, W], ``plane`` int64 [N], ``ga`` float32 [N],
-``score.<name>`` float32 [N] for every name in :data:`common.scoring.SCORE_NAMES`.
+``score.<name>`` float32 [N] for every name in :data:`common.scoring.SCORE_NAMES` and optionally
+``score.memorization_ratio`` (when the site ran the memorization check); nothing else. Ranges (from
+:mod:`common.scoring`): ``quality``, ``entropy`` and ``memorization_ratio`` in [0, 1]; ``ga_std``, ``ga_error``
+and ``novelty`` >= 0 (``novelty`` may be +inf: the release is empty); ``uncertainty`` = ``entropy`` + ``ga_std``.
+Its ``site`` record: ``privacy`` (JSON object, ``epsilon`` >= 0, +inf without DP), ``scanner``, and
+``memorization-checked``, true exactly when the ratio is sent.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -16,6 +22,12 @@ from common.config import RunConfig
 from common.errors import ReplyValidationError
 from common.records import PLANES, UltrasoundRecord
 from common.scoring import SCORE_NAMES, Candidates, generate, nearest_private_ratio, score
+
+MEMORIZATION = "memorization_ratio"
+# Scores in [0, 1] (probabilities, a normalised entropy, a nearest/k-nearest distance ratio); the others are >= 0.
+UNIT_SCORES = ("quality", "entropy", MEMORIZATION)
+# float32 rounding of a score computed as a ratio or a sum (e.g. an entropy of 1 + 1e-7)
+SCORE_ATOL = 1e-5
 
 
 @dataclass(frozen=True)
@@ -59,7 +71,7 @@ def answer_query(
     if checked:
         priv = np.stack([r.image for r in private])  # type: ignore[union-attr]
         ratio = nearest_private_ratio(images, priv)
-        scores["memorization_ratio"] = ratio
+        scores[MEMORIZATION] = ratio
     return QueryAnswer(
         candidates=Candidates(images=images, plane=plane.astype(np.int64), ga=ga.astype(np.float32), scores=scores),
         used_local_model=bool(local_generator),
@@ -76,11 +88,20 @@ def validate_candidates(
     image_size: int,
     max_bytes: int,
 ) -> Candidates:
-    """Check a reply against the request: counts, shapes, dtypes, finite scores, the conditions asked for, size."""
+    """Check a reply against the request and the schema: keys, counts, shapes, dtypes, score ranges, conditions, size.
+
+    Raises
+    ------
+    ReplyValidationError
+        Naming ``who`` and the first problem found; nothing of a rejected reply is used.
+    """
     n = len(plane)
     images = arrays.get("images")
     if images is None or "plane" not in arrays or "ga" not in arrays:
         raise ReplyValidationError(f"{who}: reply lacks 'images', 'plane' or 'ga'")
+    allowed = {"images", "plane", "ga", f"score.{MEMORIZATION}", *(f"score.{name}" for name in SCORE_NAMES)}
+    if extra := sorted(set(arrays) - allowed):
+        raise ReplyValidationError(f"{who}: unexpected arrays {extra[:5]}")
     if images.dtype != np.uint8 or images.shape != (n, image_size, image_size):
         raise ReplyValidationError(
             f"{who}: images must be uint8 {(n, image_size, image_size)}, got {images.dtype} {images.shape}"
@@ -88,25 +109,76 @@ def validate_candidates(
     total = int(sum(np.asarray(v).nbytes for v in arrays.values()))
     if total > max_bytes:
         raise ReplyValidationError(f"{who}: reply of {total} bytes exceeds the bound of {max_bytes}")
-    if not np.array_equal(np.asarray(arrays["plane"]), plane) or not np.allclose(arrays["ga"], ga, atol=1e-4):
+    for key, dtype in (("plane", np.int64), ("ga", np.float32)):
+        _check_vector(arrays[key], key, dtype, n, who)
+    if not np.array_equal(arrays["plane"], plane) or not np.allclose(arrays["ga"], ga, atol=1e-4):
         raise ReplyValidationError(f"{who}: reply conditions differ from the ones requested")
     scores = {}
-    for name in SCORE_NAMES:
+    for name in (*SCORE_NAMES, MEMORIZATION):
         key = f"score.{name}"
         if key not in arrays:
+            if name == MEMORIZATION:
+                continue
             raise ReplyValidationError(f"{who}: score {name!r} is missing")
-        value = np.asarray(arrays[key], dtype=np.float32)
-        if value.shape != (n,):
-            raise ReplyValidationError(f"{who}: score {name!r} has shape {value.shape}, expected ({n},)")
+        value = _check_vector(arrays[key], f"score {name!r}", np.float32, n, who)
         finite = np.isfinite(value) | (np.isposinf(value) if name == "novelty" else False)
         if not finite.all():
             raise ReplyValidationError(f"{who}: score {name!r} has non-finite values")
+        if name in UNIT_SCORES:
+            if not ((value >= -SCORE_ATOL) & (value <= 1 + SCORE_ATOL)).all():
+                raise ReplyValidationError(f"{who}: {name} scores must lie in [0, 1]")
+            value = np.clip(value, 0, 1)
+        elif (value < 0).any():
+            raise ReplyValidationError(f"{who}: score {name!r} has negative values")
         scores[name] = value
-    if not ((scores["quality"] >= 0) & (scores["quality"] <= 1)).all():
-        raise ReplyValidationError(f"{who}: quality scores must lie in [0, 1]")
-    if "score.memorization_ratio" in arrays:
-        scores["memorization_ratio"] = np.asarray(arrays["score.memorization_ratio"], dtype=np.float32)
+    if not np.allclose(scores["uncertainty"], scores["entropy"] + scores["ga_std"], rtol=SCORE_ATOL, atol=SCORE_ATOL):
+        raise ReplyValidationError(f"{who}: score 'uncertainty' is not entropy + ga_std")
     return Candidates(images=images, plane=plane, ga=ga, scores=scores)
+
+
+def _check_vector(value: np.ndarray, what: str, dtype: type, n: int, who: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or value.dtype != dtype or value.shape != (n,):
+        raise ReplyValidationError(f"{who}: {what} must be {np.dtype(dtype)} of shape ({n},), got "
+                                   f"{getattr(value, 'dtype', type(value).__name__)} {np.shape(value)}")
+    return value
+
+
+@dataclass(frozen=True)
+class QuerySite:
+    """The validated ``site`` record of a query reply."""
+
+    privacy: dict[str, Any]
+    scanner: str
+    memorization_checked: bool
+
+
+def validate_query_site(site: Mapping[str, object], *, who: str, candidates: Candidates) -> QuerySite:
+    """Check a query reply's ``site`` record: its privacy JSON, scanner and memorization flag (see the schema).
+
+    Raises
+    ------
+    ReplyValidationError
+        Naming ``who``: the privacy is not a JSON object with an epsilon >= 0 (and a delta in [0, 1)), or the
+        memorization flag disagrees with whether ``candidates`` carry the ratio.
+    """
+    try:
+        privacy = json.loads(str(site.get("privacy", "{}")))
+    except json.JSONDecodeError as exc:
+        raise ReplyValidationError(f"{who}: 'privacy' is not valid JSON: {exc}") from exc
+    if not isinstance(privacy, dict):
+        raise ReplyValidationError(f"{who}: 'privacy' must be a JSON object, got {type(privacy).__name__}")
+    eps, delta = privacy.get("epsilon"), privacy.get("delta", 0.0)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ReplyValidationError(f"{who}: privacy epsilon must be a number >= 0 (inf without DP), got {eps!r}")
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta < 1:
+        raise ReplyValidationError(f"{who}: privacy delta must be a number in [0, 1), got {delta!r}")
+    checked, scanner = site.get("memorization-checked", False), site.get("scanner", "")
+    if not isinstance(checked, bool) or not isinstance(scanner, str):
+        raise ReplyValidationError(f"{who}: 'memorization-checked' must be a bool and 'scanner' a string")
+    if checked != (MEMORIZATION in candidates.scores):
+        raise ReplyValidationError(f"{who}: memorization-checked={checked} but the memorization ratio is "
+                                   f"{'absent' if checked else 'present'}")
+    return QuerySite(privacy=privacy, scanner=scanner, memorization_checked=checked)
 
 
 def release_to_arrays(records: Sequence[Mapping[str, object]], images: Sequence[np.ndarray]) -> dict[str, np.ndarray]:

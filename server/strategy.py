@@ -2,12 +2,17 @@
 
 Concerns are added by wrapping any ``flwr.serverapp.strategy`` strategy, as Flower's own
 ``DifferentialPrivacyServerSideFixedClipping`` does; ``Strategy.start`` is never copied.
+
+A site is not trusted to be honest: its reply must be float32, may move each parameter no further than the
+optimizer it was told to use can move it (:func:`adam_max_displacement`), may not claim more examples than its
+first reply did, keeps the name its Flower node id first used, and reports an epsilon that never decreases.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -16,12 +21,64 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, Strategy
+from flwr.serverapp.strategy import (
+    Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy,
+)
 from flwr.supercore import log
 
 from common.config import RunConfig
 from common.errors import ReplyValidationError
 from common.flwr_records import record_nbytes, record_to_arrays, validate_arrays
+
+
+# Sites reply with :func:`common.bundle.federated_arrays`, which casts every array to float32.
+REPLY_DTYPE = np.dtype(np.float32)
+# A site's real training examples (``num-examples``) above this are absurd (a hospital holds thousands).
+MAX_EXAMPLES = 1_000_000
+# Aggregators that already damp one large update (the outlier warning is for the averaging ones).
+ROBUST = (FedMedian, FedTrimmedAvg, MultiKrum, Bulyan)
+
+
+def adam_max_displacement(lr: float, steps: int, *, betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """Farthest one parameter can move in ``steps`` steps of torch's Adam from a fresh state, whatever the gradients.
+
+    Step t moves it by lr * sqrt(1 - b2^t) / (1 - b1^t) * |m_t| / (sqrt(v_t) + eps) (Kingma & Ba 2015, Alg. 1,
+    bias corrections folded into the step as torch does), with m_t = (1 - b1) sum_i b1^(t-i) g_i and
+    v_t = (1 - b2) sum_i b2^(t-i) g_i^2. Cauchy-Schwarz gives |m_t| / sqrt(v_t) <= (1 - b1) / sqrt(1 - b2) *
+    sqrt(sum_{k<t} (b1^2 / b2)^k), with equality for g_i ~ (b1 / b2)^(t-i): tight, for any clipped and noised
+    gradient. About lr per step for short rounds (1.06 lr at 20 steps, 1.6 lr at 100, at most 7.3 lr).
+    """
+    b1, b2 = betas
+    gamma = b1 * b1 / b2
+    if steps < 0 or not lr >= 0 or not 0 <= b1 < 1 or not 0 < b2 < 1 or gamma >= 1:
+        raise ValueError(f"need steps >= 0, lr >= 0, 0 <= b1 < 1, 0 < b2 < 1 and b1^2 < b2; got {steps}, {lr}, {betas}")
+    per_step = ((1 - b1) / (1 - b1**t) * math.sqrt((1 - b2**t) / (1 - b2) * (1 - gamma**t) / (1 - gamma))
+                for t in range(1, steps + 1))
+    return lr * math.fsum(per_step)
+
+
+@dataclass(frozen=True)
+class UpdateBound:
+    """What a site was told to do to one model part in a round: ``steps`` Adam steps of learning rate ``lr``."""
+
+    lr: float
+    steps: int
+
+    @property
+    def max_displacement(self) -> float:
+        """Largest honest change of one parameter in one round (:func:`adam_max_displacement`)."""
+        return adam_max_displacement(self.lr, self.steps)
+
+
+def update_bounds(cfg: RunConfig) -> dict[str, UpdateBound]:
+    """Per model part, the optimizer steps :func:`common.local_update.local_train` takes (``train_private``'s Adam).
+
+    The bound holds whatever the clipping norm and noise: Adam normalises the gradient. If the sites' optimizer
+    ever changes (SGD's step grows with the DP noise), this bound must change with it.
+    """
+    down = UpdateBound(lr=cfg.train.downstream_lr, steps=cfg.train.downstream_steps)
+    return {"generator": UpdateBound(lr=cfg.train.lr, steps=cfg.train.local_steps), "classifier": down,
+            "regressor": down}
 
 
 def make_strategy(cfg: RunConfig) -> Strategy:
@@ -61,6 +118,10 @@ class SiteReport:
     privacy: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
     compute_s: dict[str, float] = field(default_factory=dict)  # the site's handler time per message type
+    num_examples: int = 0
+    update_norms: dict[str, float] = field(default_factory=dict)  # L2 norm of (reply - sent) per model part
+    update_max: dict[str, float] = field(default_factory=dict)  # largest change of one parameter per model part
+    warnings: list[str] = field(default_factory=list)  # accepted but suspicious (an outlying update under FedAvg)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-safe view."""
@@ -78,26 +139,84 @@ def _split_link_errors(replies: Iterable[Message]) -> tuple[list[Message], list[
     return sites, errors
 
 
+def _contested_names(replies: Iterable[Message]) -> dict[str, list[int]]:
+    """Site names claimed by more than one node in one batch of replies (neither may take it by arriving first)."""
+    claims: dict[str, list[int]] = {}
+    for msg in replies:
+        if not msg.has_error() and isinstance(site := msg.content.get("site"), ConfigRecord):
+            claims.setdefault(str(site.get("name", "")), []).append(msg.metadata.src_node_id)
+    return {name: sorted(nodes) for name, nodes in claims.items() if len(set(nodes)) > 1}
+
+
+def _check_privacy(who: str, privacy: object, before: Mapping[str, float]) -> dict[str, float]:
+    """Each model's cumulative epsilon: a number >= 0, within the site's own budget, never below the last one."""
+    if not isinstance(privacy, dict):
+        raise ReplyValidationError(f"{who}: 'privacy' must be a JSON object per model, got {type(privacy).__name__}")
+    out = {}
+    for model, entry in privacy.items():
+        eps = entry.get("epsilon") if isinstance(entry, dict) else None
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ReplyValidationError(f"{who}: epsilon of {model!r} must be a number >= 0, got {eps!r}")
+        budget = entry.get("budget_epsilon")
+        if isinstance(budget, (int, float)) and eps > budget * (1 + 1e-9) + 1e-12:
+            raise ReplyValidationError(f"{who}: epsilon of {model!r} = {eps:.4g} exceeds its own budget {budget:.4g}")
+        if eps < before.get(model, 0.0) * (1 - 1e-9):
+            raise ReplyValidationError(f"{who}: cumulative epsilon of {model!r} decreased from "
+                                       f"{before[model]:.4g} to {eps:.4g}")
+        out[str(model)] = float(eps)
+    return out
+
+
 class GuardedStrategy(Strategy):
     """Wrap a strategy: validate replies before aggregation, skip exhausted sites, keep per-site reports.
 
-    A reply with an error, missing keys, wrong shapes or non-finite values is rejected and logged with the
-    site's name; it never reaches the wrapped strategy's aggregation.
+    A reply with an error, missing keys, wrong shapes or dtype, non-finite values, an update larger than the
+    sites' optimizer can make, an inflated example count, another site's name or a shrinking epsilon is rejected
+    and logged with the site's name; it never reaches the wrapped strategy's aggregation.
+
+    Parameters
+    ----------
+    update_bounds:
+        Per model part (the array names' first component), what the sites were told to do (:func:`update_bounds`);
+        each array of a reply may then differ from the weights sent this round by at most ``slack`` times the
+        optimizer's worst case, plus float32 rounding. ``None``: updates are measured but not bounded.
+    slack:
+        Factor on that worst case. The bound is already the worst case over all gradients, so 1.05 only covers
+        the site's float32 arithmetic; raise it for sites that legitimately train longer than configured.
+    outlier_factor:
+        Under an averaging aggregator (not median, trimmed mean or Krum), warn when a site's update norm for a
+        part exceeds this multiple of the median of the other sites' norms, or its example count that of theirs.
+    max_examples:
+        No site holds more real training examples than this.
     """
 
-    def __init__(self, base: Strategy, *, expected_shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, base: Strategy, *, expected_shapes: dict[str, tuple[int, ...]],
+                 update_bounds: Mapping[str, UpdateBound] | None = None, slack: float = 1.05,
+                 outlier_factor: float = 5.0, max_examples: int = MAX_EXAMPLES) -> None:
+        if not slack >= 1 or not outlier_factor > 1 or max_examples < 1:
+            raise ValueError(f"need slack >= 1, outlier_factor > 1, max_examples >= 1; got {slack}, {outlier_factor}, "
+                             f"{max_examples}")
         self.base = base
         self.expected_shapes = expected_shapes
-        self.node_names: dict[int, str] = {}
+        self.limits = {part: (b, slack * b.max_displacement) for part, b in (update_bounds or {}).items()}
+        self.bounded = update_bounds is not None
+        self.slack, self.outlier_factor, self.max_examples = slack, outlier_factor, max_examples
+        self.node_names: dict[int, str] = {}  # node id -> the name it registered or first reported (binding)
+        self.examples: dict[int, int] = {}  # node id -> num-examples of its first accepted reply
+        self.epsilons: dict[int, dict[str, float]] = {}  # node id -> model -> last accepted cumulative epsilon
         self.exhausted: set[int] = set()
         self.reports: dict[int, SiteReport] = {}
+        self.sent: dict[str, np.ndarray] | None = None  # global weights of this round's train messages
         # Records added to every train message (the shared synthetic release flows back to the sites).
         self.extra_train_records: dict[str, ArrayRecord] = {}
+        if not self.bounded:
+            log(WARNING, "GuardedStrategy without update_bounds: a site's update size is not bounded")
 
     # -- bookkeeping -------------------------------------------------------------------------
     def begin_round(self) -> None:
-        """Forget the previous round's reports."""
+        """Forget the previous round's reports and weights."""
         self.reports = {}
+        self.sent = None
 
     def _report(self, node_id: int) -> SiteReport:
         if node_id not in self.reports:
@@ -108,10 +227,11 @@ class GuardedStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Delegate, then drop sites that spent their budget; count bytes sent."""
+        """Delegate, then drop sites that spent their budget; count bytes sent; keep the weights sent."""
         for node in grid.get_nodes():  # deployment: names registered with `flwr supernode register --name`
             if getattr(node, "name", ""):
                 self.node_names.setdefault(node.node_id, node.name)
+        self.sent = {k: v.astype(np.float64) for k, v in record_to_arrays(arrays).items()}
         messages = []
         size = record_nbytes(arrays) + sum(record_nbytes(r) for r in self.extra_train_records.values())
         for msg in self.base.configure_train(server_round, arrays, config, grid):
@@ -132,6 +252,7 @@ class GuardedStrategy(Strategy):
         """Validate each reply; aggregate only the valid ones through the wrapped strategy."""
         valid: list[Message] = []
         replies, link_errors = _split_link_errors(replies)
+        contested = _contested_names(replies)
         answered: set[int] = set()
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -142,7 +263,7 @@ class GuardedStrategy(Strategy):
                 log(WARNING, "Round %s: %s failed: %s", server_round, report.name, msg.error.reason)
                 continue
             try:
-                self._validate_train_reply(msg, report)
+                self._validate_train_reply(msg, report, contested)
             except ReplyValidationError as exc:
                 report.status, report.reason = "rejected", str(exc)
                 log(WARNING, "Round %s: rejected reply of %s: %s", server_round, report.name, exc)
@@ -158,6 +279,8 @@ class GuardedStrategy(Strategy):
             return None, None
         # Arrival order is a race; floating-point sums are not associative: aggregate in site-name order.
         valid.sort(key=lambda m: (self._report(m.metadata.src_node_id).name, m.metadata.src_node_id))
+        if not isinstance(self.base, ROBUST):
+            self._warn_outliers(server_round, [self._report(m.metadata.src_node_id) for m in valid])
         return self.base.aggregate_train(server_round, valid)
 
     def _mark_unanswered(self, server_round: int, answered: set[int], link_errors: list[str]) -> None:
@@ -168,30 +291,124 @@ class GuardedStrategy(Strategy):
                 report.reason = link_errors[0] if link_errors else "no reply"
                 log(WARNING, "Round %s: %s did not reply (%s)", server_round, report.name, report.reason)
 
-    def _validate_train_reply(self, msg: Message, report: SiteReport) -> None:
+    def _validate_train_reply(self, msg: Message, report: SiteReport, contested: Mapping[str, list[int]]) -> None:
+        """Check every field; bind the name, example count and epsilon only once the whole reply is accepted."""
         content = msg.content
         if "site" not in content or "arrays" not in content or "metrics" not in content:
             raise ReplyValidationError(f"{report.name}: reply lacks one of 'site', 'arrays', 'metrics'")
-        site = content["site"]
-        report.name = str(site.get("name", report.name))
-        self.node_names[report.node_id] = report.name
+        site, arrays, metrics = content["site"], content["arrays"], content["metrics"]
+        if not (isinstance(site, ConfigRecord) and isinstance(arrays, ArrayRecord)
+                and isinstance(metrics, MetricRecord)):
+            raise ReplyValidationError(f"{report.name}: 'site', 'arrays' and 'metrics' must be a config, an array "
+                                       "and a metric record")
+        name = self._check_name(report.node_id, str(site.get("name", report.name)), contested)
+        report.name = name
         report.status = str(site.get("status", "ok"))
+        if report.status not in ("ok", "budget-exhausted"):
+            raise ReplyValidationError(f"{name}: status {report.status!r} is neither 'ok' nor 'budget-exhausted'")
         try:
             report.metrics = json.loads(str(site.get("metrics", "{}")))
             report.privacy = json.loads(str(site.get("privacy", "{}")))
-            report.reason = "; ".join(json.loads(str(site.get("messages", "[]"))))
-        except json.JSONDecodeError as exc:
-            raise ReplyValidationError(f"{report.name}: site record is not valid JSON: {exc}") from exc
-        report.compute_s["train"] = float(site.get("compute-s", 0.0))  # type: ignore[arg-type]
-        arrays = content["arrays"]
+            report.reason = "; ".join(str(m) for m in json.loads(str(site.get("messages", "[]"))))
+            report.compute_s["train"] = float(site.get("compute-s", 0.0))  # type: ignore[arg-type]
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise ReplyValidationError(f"{name}: site record is malformed: {exc}") from exc
         report.bytes_up = record_nbytes(arrays)
-        validate_arrays(record_to_arrays(arrays), self.expected_shapes, who=report.name)
-        metrics = content["metrics"]
+        received = record_to_arrays(arrays)
+        validate_arrays(received, self.expected_shapes, who=name)
+        for key, value in received.items():
+            if value.dtype != REPLY_DTYPE:
+                raise ReplyValidationError(f"{name}: array {key!r} is {value.dtype}, expected {REPLY_DTYPE} "
+                                           "(what the server sends and the sites' models hold)")
+        self._measure_update(received, report)
         for key, value in metrics.items():
             if not np.all(np.isfinite(np.asarray(value, dtype=float))):
-                raise ReplyValidationError(f"{report.name}: metric {key!r} is not finite ({value})")
-        if float(metrics.get("num-examples", -1)) < 0:  # type: ignore[arg-type]
-            raise ReplyValidationError(f"{report.name}: metric 'num-examples' is missing or negative")
+                raise ReplyValidationError(f"{name}: metric {key!r} is not finite ({value})")
+        report.num_examples = self._check_examples(report, metrics.get("num-examples"))
+        epsilons = _check_privacy(name, report.privacy, self.epsilons.get(report.node_id, {}))
+        # accepted: bind what later replies are held to
+        self.node_names[report.node_id] = name
+        if report.status == "ok":
+            self.examples.setdefault(report.node_id, report.num_examples)
+        self.epsilons[report.node_id] = {**self.epsilons.get(report.node_id, {}), **epsilons}
+
+    def _check_name(self, node: int, claimed: str, contested: Mapping[str, list[int]]) -> str:
+        """The node's name: the one it registered or first reported; another site's name is never accepted."""
+        bound = self.node_names.get(node)
+        owner = next((n for n, other in self.node_names.items() if other == claimed and n != node), None)
+        holder = f", the name of node {owner}" if owner is not None else ""
+        if bound is not None and claimed != bound:
+            raise ReplyValidationError(f"{bound}: node {node} is {bound!r} but its reply claims {claimed!r}{holder}")
+        if owner is not None:
+            raise ReplyValidationError(f"node-{node}: node {node} claims {claimed!r}{holder}")
+        if bound is None and len(contested.get(claimed, [])) > 1:
+            raise ReplyValidationError(f"node-{node}: nodes {contested[claimed]} all claim {claimed!r} in the same "
+                                       "round; none is given the name")
+        return claimed
+
+    def _measure_update(self, received: Mapping[str, np.ndarray], report: SiteReport) -> None:
+        """Norms of (reply - weights sent) per part; reject a change no honest optimizer step could make."""
+        if self.sent is None:
+            if self.bounded:
+                raise ReplyValidationError(f"{report.name}: no global weights were sent this round to measure the "
+                                           "update against")
+            return
+        squares: dict[str, float] = {}
+        for key, value in received.items():
+            part, sent = key.split(".", 1)[0], self.sent.get(key)
+            if sent is None:
+                raise ReplyValidationError(f"{report.name}: array {key!r} was not sent this round")
+            delta = np.abs(value.astype(np.float64) - sent)
+            moved = float(delta.max(initial=0.0))
+            squares[part] = squares.get(part, 0.0) + float(np.square(delta).sum())
+            report.update_max[part] = max(report.update_max.get(part, 0.0), moved)
+            if not self.bounded:
+                continue
+            if part not in self.limits:
+                raise ReplyValidationError(f"{report.name}: no update bound for model part {part!r}")
+            bound, limit = self.limits[part]
+            # float32 rounding of the site's parameter after each step (half an ulp, counted as a whole one)
+            rounding = bound.steps * np.finfo(np.float32).eps * (np.abs(sent) + limit)
+            if (delta > limit + rounding).any():
+                raise ReplyValidationError(
+                    f"{report.name}: update moves {key!r} by up to {moved:.3g}; {bound.steps} Adam steps of lr "
+                    f"{bound.lr:g} move a parameter by at most {limit:.3g} (slack {self.slack:g})")
+        # The per-parameter bound b implies ||delta||_2 <= sqrt(n) * b; the norm is kept for the outlier warning.
+        report.update_norms = {part: math.sqrt(sq) for part, sq in squares.items()}
+
+    def _check_examples(self, report: SiteReport, value: object) -> int:
+        """``num-examples`` (real training examples, :func:`common.local_update.local_train`): a sane integer, at
+        most what the node first reported (the synthetic release it is sent is not counted in it)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not float(value).is_integer():
+            raise ReplyValidationError(f"{report.name}: metric 'num-examples' must be an integer, got {value!r}")
+        n = int(value)
+        least = 1 if report.status == "ok" else 0  # a site that trained had data; an exhausted one reports 0
+        if not least <= n <= self.max_examples:
+            raise ReplyValidationError(f"{report.name}: metric 'num-examples' = {n} is outside [{least}, "
+                                       f"{self.max_examples}]")
+        first = self.examples.get(report.node_id)
+        if first is not None and n > first:
+            raise ReplyValidationError(f"{report.name}: claims {n} examples, but first reported {first}")
+        return n
+
+    def _warn_outliers(self, server_round: int, reports: list[SiteReport]) -> None:
+        """Warn (log and report) about a site whose update or example count dwarfs the others' under averaging."""
+        if len(reports) < 2:
+            return
+        parts = sorted({p for r in reports for p in r.update_norms})
+        for report in reports:
+            others = [o for o in reports if o is not report]
+            checks = [(f"update norm of {p!r}", report.update_norms.get(p, 0.0),
+                       float(np.median([o.update_norms.get(p, 0.0) for o in others]))) for p in parts]
+            median_examples = float(np.median([o.num_examples for o in others]))
+            checks.append(("num-examples", float(report.num_examples), median_examples))
+            for what, value, median in checks:
+                if median > 0 and value > self.outlier_factor * median:
+                    text = (f"{report.name}: {what} is {value:.3g}, {value / median:.1f}x the other sites' median "
+                            f"({median:.3g}): an outlier that {type(self.base).__name__} averages in unchanged")
+                    report.warnings.append(text)
+                    log(WARNING, "Round %s: %s", server_round, text)
 
     # -- evaluation ----------------------------------------------------------------------------
     def configure_evaluate(
@@ -209,15 +426,26 @@ class GuardedStrategy(Strategy):
             if msg.has_error():
                 log(WARNING, "Round %s: evaluation failed at %s: %s", server_round, report.name, msg.error.reason)
                 continue
-            if "site" in msg.content:
-                report.evaluation = json.loads(str(msg.content["site"].get("metrics", "{}")))
-                report.compute_s["evaluate"] = float(msg.content["site"].get("compute-s", 0.0))  # type: ignore[arg-type]
+            try:  # a malformed evaluation is dropped (logged), never a crash of the round
+                if "site" in msg.content:
+                    site = msg.content["site"]
+                    report.evaluation = json.loads(str(site.get("metrics", "{}")))
+                    report.compute_s["evaluate"] = float(site.get("compute-s", 0.0))  # type: ignore[arg-type]
+                metrics = msg.content["metrics"]
+                if not all(np.all(np.isfinite(np.asarray(v, dtype=float))) for v in metrics.values()):
+                    raise ValueError("a metric is not finite")
+                if not 0 <= float(metrics.get("num-examples", -1)) <= self.max_examples:  # type: ignore[arg-type]
+                    raise ValueError(f"num-examples {metrics.get('num-examples')!r} is not in [0, {self.max_examples}]")
+            except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+                log(WARNING, "Round %s: rejected evaluation of %s: %s", server_round, report.name, exc)
+                continue
             valid.append(msg)
         return self.base.aggregate_evaluate(server_round, valid) if valid else None
 
     def summary(self) -> None:
         """Log the wrapped strategy's summary."""
-        log(INFO, "\t├──> GuardedStrategy around %s (reply validation, budget tracking)", type(self.base).__name__)
+        log(INFO, "\t├──> GuardedStrategy around %s (reply validation, %s, budget tracking)",
+            type(self.base).__name__, f"update bound x{self.slack:g}" if self.bounded else "updates unbounded")
         self.base.summary()
 
     # -- state for checkpoints -----------------------------------------------------------------
