@@ -5,11 +5,16 @@ messages (``@app.query`` on the sites), validate each reply (the site is named w
 with the configured acquisition, append to the release with provenance and privacy per image, and optionally
 refine the generator and train the global downstream models on the release (post-processing of DP outputs: no
 privacy cost).
+
+The release advances with the checkpoints: a round's images are written before its checkpoint, so on the first use
+in a run the coordinator rolls the release back to what the last checkpoint recorded (records of later rounds, and
+what a kill mid-write left, go to the release's quarantine through :meth:`ReleaseStore.repair`, logged).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,10 +38,14 @@ from common.privacy import train_private
 from common.provenance import code_version
 from common.query import release_to_arrays, validate_candidates
 from common.records import PLANES
-from common.release import ReleaseItem, ReleaseStore, load_release_records
+from common.release import WRITER_LEFTOVERS, ReleaseDamagedError, ReleaseItem, ReleaseStore, load_release_records
 from common.scoring import features
 from common.seeding import derive_seed
 from common.viz import save_grid
+from server.checkpoint import RunFolder
+
+# Test hook: make the server process die right after this round's images are released, before its checkpoint.
+FAULT_ENV = "DIFUSAL_FAULT_AFTER_RELEASE"
 
 
 class Coordinator:
@@ -48,14 +57,61 @@ class Coordinator:
         self.store = ReleaseStore(self.run_dir / "release")
         self.timeout_s = timeout_s
         self.site_privacy: dict[str, Any] = {}
+        self._in_step = False  # whether the release was checked against the last checkpoint in this run
 
     def due(self, server_round: int) -> bool:
         """Whether a query round follows this federated round."""
         every = self.cfg.federation.al_every
         return every > 0 and server_round % every == 0
 
+    def sync_with_checkpoint(self) -> None:
+        """Roll the release back to what the run's last checkpoint recorded (once per run; a no-op when in step).
+
+        A round writes its images before its checkpoint: a kill in between leaves records of a round that the
+        resumed run will query again. They, and what a kill mid-write leaves (a torn last line, a PNG without its
+        line, temp files), move to the release's quarantine. Other damage (a corrupted middle line, a record
+        without its PNG) is not this writer's: it raises :class:`ReleaseDamagedError` naming the explicit repair.
+        """
+        if self._in_step:
+            return
+        committed, size, last_id = self._checkpointed_release()
+        plan = self.store.repair(up_to_round=committed, dry_run=True)
+        foreign = [m for m in plan.moved if m.reason not in WRITER_LEFTOVERS]
+        if foreign:
+            raise ReleaseDamagedError(
+                f"{self.store.folder} has damage an interrupted write does not leave:\n"
+                + "\n".join(f"  {m.describe()}" for m in foreign)
+                + f"\nrun `difusal release repair {self.store.folder}` (it moves them to a quarantine), then resume"
+            )
+        if size is not None and (plan.kept != size or last_id not in (None, plan.kept_last_id)):
+            raise ReleaseDamagedError(
+                f"{self.store.folder} holds {plan.kept} records up to round {committed} (last {plan.kept_last_id}) "
+                f"but the checkpoint of round {committed} recorded {size} (last {last_id}): the release is not the "
+                "one this run wrote; restore it (its quarantine keeps what repairs moved) or start a new run-dir"
+            )
+        if plan.moved or plan.terminated_last_line:
+            report = self.store.repair(up_to_round=committed,
+                                       reason=f"resume: roll the release back to the checkpoint of round {committed}")
+            for line in report.describe():
+                log(WARNING, "Release: %s", line)
+        self._in_step = True
+
+    def _checkpointed_release(self) -> tuple[int, int | None, str | None]:
+        """The last checkpointed round and the release size and last id its newest query round recorded."""
+        run = RunFolder(self.run_dir)
+        latest = run.latest()
+        if latest is None:
+            return 0, None, None
+        for server_round in range(latest.server_round, 0, -1):
+            path = run.checkpoints / f"round-{server_round:03d}" / "round.json"
+            query = json.loads(path.read_text()).get("active_learning") if path.is_file() else None
+            if query and "release_size" in query:
+                return latest.server_round, int(query["release_size"]), query.get("release_last_id")
+        return latest.server_round, None, None
+
     def release_record(self) -> ArrayRecord | None:
         """The release as one ArrayRecord for the train messages (``None`` while it is empty)."""
+        self.sync_with_checkpoint()
         records = self.store.records()
         if not records:
             return None
@@ -68,6 +124,7 @@ class Coordinator:
         ``site_names`` (node id -> site name, from the round's replies) makes each site's request a function of
         the seed, the round and the site, not of the node ids the SuperLink happened to hand out.
         """
+        self.sync_with_checkpoint()
         fed = self.cfg.federation
         names = dict(site_names or {})
         rng = np.random.default_rng(derive_seed(self.cfg.seed, "al", server_round))
@@ -128,7 +185,7 @@ class Coordinator:
                 })
         summary: dict[str, Any] = {"round": server_round, "sites": sites, "candidates": len(pooled)}
         if not pooled:
-            summary["selected"] = 0
+            summary.update(selected=0, **self._release_state())
             return summary
         images = np.stack([p["image"] for p in pooled])
         plane = np.array([p["plane"] for p in pooled])
@@ -155,9 +212,13 @@ class Coordinator:
         ]
         added = self.store.add(items)
         self._write_sidecar()
+        if os.environ.get(FAULT_ENV) == str(server_round):
+            log(INFO, "%s=%s: exiting after the release, before its checkpoint (fault injection)", FAULT_ENV,
+                server_round)
+            os._exit(137)
         self._grid(server_round, [pooled[i] for i in sel.indices])
         summary.update({
-            "selected": len(added.added), "duplicates": len(added.duplicates), "release_size": len(self.store),
+            "selected": len(added.added), "duplicates": len(added.duplicates), **self._release_state(),
             "selected_per_plane": bin_summary(condition_bins(plane[sel.indices], ga[sel.indices]).tolist()),
             "mean_quality_selected": float(np.mean([pooled[i]["scores"]["quality"] for i in sel.indices])) if sel.indices else None,
             "mean_quality_pool": float(np.mean([p["scores"]["quality"] for p in pooled])),
@@ -169,6 +230,11 @@ class Coordinator:
         log(INFO, "Query round %s: %s candidates from %s sites, %s released (release size %s)", server_round,
             len(pooled), sum(s["status"] == "ok" for s in sites), len(added.added), len(self.store))
         return summary
+
+    def _release_state(self) -> dict[str, Any]:
+        """What the round's checkpoint records of the release, so that a resume can roll it back to it."""
+        records = self.store.records()
+        return {"release_size": len(records), "release_last_id": records[-1]["id"] if records else None}
 
     def refine(self, bundle: ModelBundle, server_round: int) -> float:
         """Fine-tune the generator's trainable part on the release (non-DP: released images are public)."""

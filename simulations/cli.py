@@ -2,6 +2,7 @@
 
 Commands: ``demo`` (the main job), ``simulate``, ``preview``, ``pretrain``. Each reads a preset plus
 ``--set key=value`` overrides into one frozen :class:`RunConfig` and passes it down.
+``release repair RELEASE_DIR`` moves a damaged release's bad lines and stray files to its quarantine.
 """
 
 from __future__ import annotations
@@ -109,6 +110,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_release(args: argparse.Namespace) -> int:
+    """``release repair DIR``: move a release's damaged lines and stray files to its quarantine (logged)."""
+    from common.release import ReleaseStore
+
+    folder = Path(args.release_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: pass a release folder (metadata.jsonl + images/)")
+    report = ReleaseStore(folder).repair(reason="difusal release repair", dry_run=args.dry_run)
+    for line in report.describe():
+        print(f"[difusal] {line}")
+    return 0
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """``--data`` (a data preset) and ``--data-root``, as every command that builds a config takes them."""
     parser.add_argument("--data", default="", choices=["", *DATA_PRESETS],
@@ -147,6 +161,10 @@ def make_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("pretrain", help="train the public prior on phantoms (no privacy cost)")
     common(sp, "demo")
     sp.add_argument("--out", default="")
+    release = sub.add_parser("release", help="maintain a release folder").add_subparsers(dest="action", required=True)
+    sp = release.add_parser("repair", help="move damaged lines and stray files to RELEASE_DIR/quarantine/<time>/")
+    sp.add_argument("release_dir", metavar="RELEASE_DIR")
+    sp.add_argument("--dry-run", action="store_true", help="print what would move and write nothing")
     return p
 
 
@@ -162,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_preview(args)
     if args.command == "pretrain":
         return cmd_pretrain(args)
+    if args.command == "release":
+        return cmd_release(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse restricts the choices
 
 

@@ -63,7 +63,7 @@ def test_exact_duplicates_are_counted_and_skipped(tmp_path: Path) -> None:
     assert len(store) == 3
 
 
-def test_torn_last_line_and_orphan_png_are_repaired_and_counted(tmp_path: Path) -> None:
+def test_torn_last_line_and_orphan_png_are_counted_and_an_explicit_repair_quarantines_them(tmp_path: Path) -> None:
     # Prepare: two good records, then simulate a kill after the PNG of a third and half of its line
     folder = tmp_path / "r"
     store = ReleaseStore(folder)
@@ -73,9 +73,15 @@ def test_torn_last_line_and_orphan_png_are_repaired_and_counted(tmp_path: Path) 
         fh.write('{"file_name": "images/r001-site-1-deadbeef0000.png", "plane"')
     # Execute
     reopened = ReleaseStore(folder)
-    # Assert
-    assert reopened.open_report.torn_lines == 1
-    assert reopened.open_report.orphan_images == 1
+    opened = reopened.open_report
+    repair = reopened.repair()
+    # Assert: opening counted the damage; the repair moved it aside (nothing deleted) and the store takes writes
+    assert (opened.torn_lines, opened.orphan_images, opened.records) == (1, 1, 2)
+    assert not reopened.open_report.damaged  # reloaded after the repair
+    assert [m.reason for m in repair.moved] == ["torn", "orphan"] and repair.kept == 2
+    assert repair.quarantine is not None
+    moved = repair.quarantine / "images" / "r001-site-1-deadbeef0000.png.quarantined"
+    assert moved.read_bytes() == b"\x89PNG partial"
     assert len(reopened.records()) == 2
     reopened.add([_item(3)])
     assert [r["plane"] for r in ReleaseStore(folder).records()] == [1, 2, 3]
@@ -102,6 +108,7 @@ def test_store_survives_a_real_kill_mid_write(tmp_path: Path) -> None:
     proc.kill()
     proc.wait()
     store = ReleaseStore(folder)
+    store.repair()
     # Assert: every surviving record is whole and its image is readable and matches its hash
     records = store.records()
     assert len(records) > 0
