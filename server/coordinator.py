@@ -36,7 +36,7 @@ from common.flwr_records import arrays_to_record, record_to_arrays
 from common.generator import make_scheduler
 from common.privacy import train_private
 from common.provenance import code_version
-from common.query import release_to_arrays, validate_candidates
+from common.query import release_to_arrays, validate_candidates, validate_query_site
 from common.records import PLANES
 from common.release import WRITER_LEFTOVERS, ReleaseDamagedError, ReleaseItem, ReleaseStore, load_release_records
 from common.scoring import features
@@ -154,35 +154,46 @@ class Coordinator:
         replies = grid.send_and_receive(messages, timeout=self.timeout_s)
         pooled: list[dict[str, Any]] = []
         sites: list[dict[str, Any]] = []
+        answered: set[str] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 sites.append({"node_id": node, "status": "failed", "reason": reply.error.reason})
                 log(WARNING, "Query round %s: node %s failed: %s", server_round, node, reply.error.reason)
                 continue
-            name = str(reply.content["site"].get("name", f"node-{node}")) if "site" in reply.content else f"node-{node}"
+            # The site is who its node id is (bound by the training round), never what the reply calls itself;
+            # a node the training round did not name may use a name no other node holds.
+            content = reply.content
+            site_rec = content.get("site") if "site" in content else None
+            claimed = str(site_rec.get("name", "")) if isinstance(site_rec, Mapping) else ""
+            name = names.get(node) or claimed or f"node-{node}"
             try:
-                if "candidates" not in reply.content or node not in requests:
-                    raise ReplyValidationError(f"{name}: reply lacks 'candidates' or answers no request")
+                if node not in requests or not isinstance(content.get("candidates"), Mapping) \
+                        or not isinstance(site_rec, Mapping):
+                    raise ReplyValidationError(f"{name}: reply lacks a 'candidates' array record or a 'site' config "
+                                               "record, or answers no request")
+                if claimed != name:
+                    raise ReplyValidationError(f"{name}: node {node} answers as {claimed!r}")
+                if name in answered or (node not in names and name in names.values()):
+                    raise ReplyValidationError(f"{name}: node {node} claims a name another node holds")
+                answered.add(name)
                 cand = validate_candidates(
-                    record_to_arrays(reply.content["candidates"]), who=name, plane=requests[node][0],
+                    record_to_arrays(content["candidates"]), who=name, plane=requests[node][0],
                     ga=requests[node][1], image_size=self.cfg.data.image_size, max_bytes=fed.al_max_reply_bytes,
                 )
-                site = reply.content["site"]
-                privacy = json.loads(str(site.get("privacy", "{}")))
-            except (ReplyValidationError, json.JSONDecodeError) as exc:
+                site = validate_query_site(content["site"], who=name, candidates=cand)
+                pooled_here = [{
+                    "image": cand.images[i], "plane": int(cand.plane[i]), "ga": float(cand.ga[i]),
+                    "scores": {k: float(v[i]) for k, v in cand.scores.items()}, "site": name,
+                    "privacy": site.privacy, "scanner": site.scanner, "memo": site.memorization_checked,
+                } for i in range(len(cand.plane))]
+            except (ReplyValidationError, KeyError, TypeError, ValueError, AttributeError) as exc:
                 sites.append({"node_id": node, "name": name, "status": "rejected", "reason": str(exc)})
                 log(WARNING, "Query round %s: rejected reply of %s: %s", server_round, name, exc)
                 continue
-            self.site_privacy[name] = privacy
+            self.site_privacy[name] = site.privacy
             sites.append({"node_id": node, "name": name, "status": "ok", "candidates": len(cand.plane)})
-            for i in range(len(cand.plane)):
-                pooled.append({
-                    "image": cand.images[i], "plane": int(cand.plane[i]), "ga": float(cand.ga[i]),
-                    "scores": {k: float(v[i]) for k, v in cand.scores.items()}, "site": name,
-                    "privacy": privacy, "scanner": str(site.get("scanner", "")),
-                    "memo": bool(site.get("memorization-checked", False)),
-                })
+            pooled.extend(pooled_here)
         summary: dict[str, Any] = {"round": server_round, "sites": sites, "candidates": len(pooled)}
         if not pooled:
             summary.update(selected=0, **self._release_state())
@@ -205,7 +216,8 @@ class Coordinator:
                              "balanced": fed.al_balance, "quality_threshold": fed.al_quality_threshold},
                 privacy={"epsilon": pooled[i]["privacy"].get("epsilon"), "delta": pooled[i]["privacy"].get("delta"),
                          "accountant": pooled[i]["privacy"].get("accountant"), "model": "generator",
-                         "local_model": pooled[i]["privacy"].get("local", False)},
+                         "local_model": pooled[i]["privacy"].get("local", False),
+                         "private_noise": pooled[i]["privacy"].get("private_noise")},
                 scanner=pooled[i]["scanner"] or None, memorization_checked=pooled[i]["memo"],
             )
             for rank, (i, reason) in enumerate(zip(sel.indices, sel.reasons))

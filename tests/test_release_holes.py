@@ -286,3 +286,44 @@ def test_a_federation_killed_between_release_and_checkpoint_resumes_without_the_
     (quarantine,) = (release / "quarantine").iterdir()
     moved = json.loads((quarantine / "repair.json").read_text())["moved"]
     assert {m["reason"] for m in moved} == {"rollback"} and {m["id"] for m in moved} == uncommitted
+
+
+class _LyingGrid(_Grid):
+    """The same two sites; ``lie`` rewrites the reply of node 12 (its site record or candidates)."""
+
+    def __init__(self, cfg: Any, bundle: Any, lie: Any) -> None:
+        super().__init__(cfg, bundle)
+        self.lie = lie
+
+    def send_and_receive(self, messages: list[Any], timeout: float) -> list[Any]:
+        replies = super().send_and_receive(messages, timeout)
+        for r in replies:
+            if r.metadata.src_node_id == 12:
+                self.lie(r.content)
+        return replies
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("lie", [
+    pytest.param(lambda c: c["site"].update(name="site-0"), id="another-sites-name"),
+    pytest.param(lambda c: c.pop("site"), id="no-site-record"),
+    pytest.param(lambda c: c["site"].update(privacy="[1, 2]"), id="privacy-not-an-object"),
+    pytest.param(lambda c: c["site"].update(privacy='{"epsilon": NaN}'), id="nan-epsilon"),
+    pytest.param(lambda c: c.update(candidates="not arrays"), id="candidates-not-arrays"),
+])
+def test_a_lying_query_reply_is_rejected_naming_the_site_and_the_round_goes_on(tmp_path: Path, lie: Any) -> None:
+    from common.bundle import build_bundle
+    from server.checkpoint import RunFolder
+    from server.coordinator import Coordinator
+    from simulations.cli import build_config
+
+    cfg = build_config("smoke", ["federation.al-every=1", "federation.num-rounds=1"], run_dir=str(tmp_path))
+    RunFolder(tmp_path).start(cfg, resume=False)
+    bundle = build_bundle(cfg)
+    summary = Coordinator(cfg, run_dir=tmp_path).query_round(_LyingGrid(cfg, bundle, lie), bundle, 1,
+                                                             site_names={11: "site-0", 12: "site-1"})
+    status = {s["node_id"]: s for s in summary["sites"]}
+    assert status[11]["status"] == "ok" and status[11]["name"] == "site-0"
+    assert status[12]["status"] == "rejected" and status[12]["name"] == "site-1"
+    assert "site-1" in status[12]["reason"]
+    assert {r["source_site"] for r in ReleaseStore(tmp_path / "release").records()} == {"site-0"}
