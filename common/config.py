@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Mapping
 
@@ -28,6 +29,21 @@ def _check_range(name: str, value: float, lo: float | None = None, hi: float | N
         lo_s = "-inf" if lo is None else lo
         hi_s = "inf" if hi is None else hi
         raise ConfigError(f"{name}={value!r} is out of range; allowed: [{lo_s}, {hi_s}]")
+
+
+def _not_finite(name: str, value: Any) -> ConfigError:
+    """NaN or infinity passes every range check (all its comparisons are false): refused by name instead."""
+    off = " or 'none' to turn DP off" if name.endswith(("target-epsilon", "target_epsilon")) else ""
+    return ConfigError(f"{name}={value!r} is not a finite number (NaN and infinity are refused); give a finite "
+                       f"value{off}")
+
+
+def _check_finite(section: str, values: Any) -> None:
+    """Every float field of the section ``values`` is finite."""
+    for f in fields(values):
+        value = getattr(values, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _not_finite(f"{section}.{f.name}", value)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -245,6 +261,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_range("seed", self.seed, 0, 2**32 - 1)
         for name in _SECTIONS:
+            _check_finite(name, getattr(self, name))
+        for name in _SECTIONS:
             getattr(self, name).validate()
 
     # -- conversion ---------------------------------------------------------------------------
@@ -381,13 +399,16 @@ def _coerce(key: str, raw: Any, current: Any) -> Any:
             if isinstance(raw, float) and not raw.is_integer():
                 raise ValueError(raw)
             return int(raw)
-        if isinstance(current, float) or current is None:
-            return float(raw)
-        return str(raw)
+        if not (isinstance(current, float) or current is None):
+            return str(raw)
+        number = float(raw)
     except (TypeError, ValueError):
         raise ConfigError(
             f"config key {key!r}: cannot read {raw!r} as {type(current).__name__}"
         ) from None
+    if not math.isfinite(number):
+        raise _not_finite(key, raw)
+    return number
 
 
 def _smoke() -> RunConfig:

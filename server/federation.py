@@ -2,14 +2,20 @@
 
 Each round calls the wrapped strategy's ``start`` for one round, so that checkpoints, resume and the
 coordinator's queries sit between rounds without copying ``Strategy.start``.
+
+A round in which no site trained (every reply failed, was rejected or never came) ends the run: ``status.json``
+says ``failed`` and why, the round leaves no checkpoint, and :class:`RunFailedError` fails the ServerApp. The model
+did not change, so the next rounds would repeat the same failure; fix the cause and ``--resume`` from the last
+checkpoint. A round in which every site had spent its privacy budget is no failure: training ended as planned.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from logging import INFO
+from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +28,16 @@ from common.bundle import ModelBundle, build_bundle, expected_shapes, federated_
 from common.config import RunConfig
 from common.flwr_records import arrays_to_record, record_to_arrays
 from common.provenance import code_version
-from server.checkpoint import RunFolder
+from server.checkpoint import RunFolder, write_json_atomic
 from server.reporting import plot_rounds, save_sample_grid
-from server.strategy import GuardedStrategy, make_strategy
+from server.strategy import GuardedStrategy, SiteReport, make_strategy
 
 # Test hook: make the server process die right after checkpointing this round (simulates a kill).
 FAULT_ENV = "DIFUSAL_FAULT_AFTER_ROUND"
+
+
+class RunFailedError(RuntimeError):
+    """A round ended with no site trained; ``status.json`` holds the sites' reasons."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
         raise ValueError("run-dir is empty: the server needs a run folder for checkpoints and metrics")
     run = RunFolder(Path(cfg.run_dir))
     latest = run.start(cfg, resume=resume)
+    # A stale "failed" (or "finished") of an earlier attempt must not describe this one.
+    started = {"state": "running", "last_round": latest.server_round if latest else 0}
+    write_json_atomic(run.path / "status.json", started)
     bundle = build_bundle(cfg)
     strategy = GuardedStrategy(make_strategy(cfg), expected_shapes=expected_shapes(bundle))
     arrays = federated_arrays(bundle)
@@ -76,6 +89,9 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
             arrays = record_to_arrays(result.arrays)
             load_federated_arrays(bundle, arrays)
         sites = [r.as_dict() for r in strategy.reports.values()]
+        failure = round_failure(strategy.reports.values())
+        if failure is not None:
+            _fail(run, server_round, f"no site trained in round {server_round}: {failure}", sites)
         for report in strategy.reports.values():
             if report.privacy:
                 ledger[report.name] = report.privacy
@@ -107,6 +123,31 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
     last = run.latest()
     run.mark_finished(last.server_round if last else 0)
     return FederationResult(last_round=last.server_round if last else 0, run_dir=run.path, arrays=arrays)
+
+
+def round_failure(reports: Iterable[SiteReport]) -> str | None:
+    """Why no site trained in a round (each site's status and reason), or ``None`` when one did.
+
+    A round in which the sites only ran out of privacy budget is no failure.
+    """
+    reports = list(reports)
+    if not reports:
+        return "no site took part in the round"
+    if any(r.status in ("ok", "budget-exhausted") for r in reports):
+        return None
+    return "; ".join(f"{r.name} {r.status}: {r.reason or 'no reason given'}" for r in reports)
+
+
+def _fail(run: RunFolder, server_round: int, reason: str, sites: list[dict[str, Any]]) -> None:
+    """Mark the run failed (``status.json`` names the round, the reason and each site's report) and raise."""
+    last = run.latest()
+    last_round = last.server_round if last else 0
+    write_json_atomic(run.path / "status.json",
+                      {"state": "failed", "round": server_round, "last_round": last_round, "reason": reason,
+                       "sites": sites})
+    log(ERROR, "Run failed: %s", reason)
+    resume = f"fix it and resume from round {last_round}'s checkpoint" if last_round else "no checkpoint was written"
+    raise RunFailedError(f"{reason} (run folder {run.path}; {resume})")
 
 
 def _metrics(history: dict[int, Any]) -> dict[str, float]:

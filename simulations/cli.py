@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common.config import DATA_PRESETS, RunConfig, data_preset, parse_overrides
+from common.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,10 +34,12 @@ def build_config(preset: str, sets: Sequence[str], *, run_dir: str = "", data: s
                  **top: object) -> RunConfig:
     """Preset + data preset + ``--set`` overrides + top-level fields, validated."""
     flat: dict[str, object] = {"preset": preset}
+    if data_root and data in ("", "phantom"):  # phantom sites are generated: the folder would be silently unused
+        real = "|".join(sorted(set(DATA_PRESETS) - {"phantom"}))
+        raise ConfigError(f"--data-root {data_root} is given without a real-data preset ({data or 'phantom'} sites "
+                          f"never read it): add --data {real} (e.g. --data african), or drop --data-root")
     if data:
         flat.update(data_preset(data, str(Path(data_root).resolve()) if data_root else ""))
-    elif data_root:
-        flat["data.root"] = str(Path(data_root).resolve())
     for item in sets:
         flat.update(parse_overrides(item))
     flat.update({k.replace("_", "-"): v for k, v in top.items() if v is not None})
@@ -73,6 +76,9 @@ def cmd_simulate(args: argparse.Namespace, *, name: str) -> int:
     print(f"[difusal] preset={cfg.preset} sites={num_sites} rounds={cfg.federation.num_rounds} run-dir={cfg.run_dir}")
     result = run_simulation(cfg, num_sites=num_sites, resume=args.resume, echo=not args.quiet)
     summary = {"returncode": result.returncode, "wall_s": round(result.wall_s, 1), "run_dir": str(result.run_dir)}
+    if result.returncode != 0:
+        print(f"[difusal] FAILED: {json.dumps({**summary, 'reason': result.reason})}")
+        return result.returncode
     print(f"[difusal] finished: {json.dumps(summary)}")
     for fig in sorted((Path(cfg.run_dir) / "figures").glob("*.png")):
         print(f"[difusal] figure: {fig}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -28,16 +29,17 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from common.config import RunConfig
 from simulations.certs import (
     ServerCertificates, SiteKeys, certificate_hosts, check_site_name, make_server_certificates, make_site_keys,
 )
 from simulations.launcher import (
-    CONNECTION, LaunchResult, finished, flower_env, free_port, run_and_tee, run_config_string,
-    stage_app, stop_process_group, wait_http,
+    CONNECTION, LaunchResult, flower_env, free_port, outcome, run_and_tee, run_config_string, stage_app,
+    stop_process_group, wait_http,
 )
+from simulations.watchdog import Watchdog
 
 LOOPBACK = "127.0.0.1"
 MARKER_ENV = "DIFUSAL_DEPLOYMENT"  # every process started here carries it: `stop` finds orphans by it
@@ -284,9 +286,62 @@ def start_supernode(
     return _spawn(layout, f"supernode-{site.name}", cmd, _env(layout, home / ".flwr"))
 
 
+_NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _why_it_exited(text: str) -> str:
+    """The error block of a SuperNode's log (Flower's ``ERROR: Exit Code: N`` and its explanation), else its end."""
+    lines = [_ANSI.sub("", line).rstrip() for line in text.strip().splitlines()]
+    start = next((i for i, line in enumerate(lines) if line.startswith("ERROR")), None)
+    if start is None:
+        return "\n".join(lines[-8:])
+    block = lines[start:start + 8]
+    return "\n".join(block[:block.index("")] if "" in block else block)
+
+
+def wait_activated(layout: Layout, site: str, proc: subprocess.Popen[bytes], *, log_offset: int = 0,
+                   timeout_s: float = 120.0) -> int:
+    """Wait until the SuperLink activated the SuperNode ``proc`` of ``site``; return its node id.
+
+    Parameters
+    ----------
+    log_offset:
+        Where this start's output begins in ``logs/supernode-<site>.log`` (the log is appended to across starts).
+
+    Raises
+    ------
+    RuntimeError
+        The SuperNode exited first: the SuperLink refused it (an unregistered key, no key) or TLS failed; the
+        message quotes the error from its log.
+    TimeoutError
+        Neither within ``timeout_s``: it is still retrying (an unreachable SuperLink), and keeps running.
+    """
+    log_file = layout.path("logs", f"supernode-{site}.log")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with log_file.open("rb") as fh:
+            fh.seek(log_offset)
+            text = fh.read().decode(errors="replace")
+        if found := _NODE_ID.search(text):
+            return int(found.group(1))
+        if proc.poll() is not None:
+            raise RuntimeError(f"SuperNode {site} was refused or could not connect: it exited with code "
+                               f"{proc.returncode} before the SuperLink activated it. From {log_file}:\n"
+                               f"{_why_it_exited(text)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"SuperNode {site} (pid {proc.pid}) was not activated within {timeout_s:.0f}s; it keeps "
+                               f"retrying (is the SuperLink up?). See {log_file}; `deploy stop --dir {layout.root}` "
+                               f"stops it")
+        time.sleep(0.25)
+
+
 def run_federation(layout: Layout, cfg: RunConfig, *, resume: bool = False, echo: bool = True,
-                   timeout_s: float | None = None) -> LaunchResult:
-    """``flwr run`` the staged app against the deployment's SuperLink; the run folder's status decides success."""
+                   timeout_s: float | None = None, on_start: Callable[[int], None] | None = None) -> LaunchResult:
+    """``flwr run`` the staged app against the deployment's SuperLink; the run folder's status decides success.
+
+    ``on_start`` receives the pid of ``flwr run`` (a :class:`~simulations.watchdog.Watchdog` adopts it).
+    """
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_absolute():
         raise ValueError(f"run_dir must be absolute, got {run_dir!r}")
@@ -297,10 +352,11 @@ def run_federation(layout: Layout, cfg: RunConfig, *, resume: bool = False, echo
         cmd = ["timeout", str(int(timeout_s)), *cmd]  # a quiet stream never reaches run_and_tee's own check
     t0 = time.perf_counter()
     log_file = layout.path("logs", "flwr-run.log")
-    rc = run_and_tee(cmd, env=_env(layout, layout.path(".flwr")), log_file=log_file, echo=echo, timeout_s=timeout_s)
-    if rc == 0 and not finished(run_dir):
-        rc = 1  # `flwr run --stream` exits 0 even when the ServerApp raised
-    return LaunchResult(returncode=rc, run_dir=run_dir, wall_s=time.perf_counter() - t0, log_file=log_file)
+    rc = run_and_tee(cmd, env=_env(layout, layout.path(".flwr")), log_file=log_file, echo=echo, timeout_s=timeout_s,
+                     on_start=on_start)
+    rc, reason = outcome(run_dir, rc)  # `flwr run --stream` exits 0 even when the ServerApp raised
+    return LaunchResult(returncode=rc, run_dir=run_dir, wall_s=time.perf_counter() - t0, log_file=log_file,
+                        reason=reason)
 
 
 def deployment_processes(layout: Layout) -> list[int]:
@@ -346,12 +402,21 @@ def stop(layout: Layout, *, grace_s: float = 10.0) -> list[int]:
 
 
 class Deployment:
-    """A whole deployment on 127.0.0.1 in one object (for ``up`` and the tests); stops everything on exit."""
+    """A whole deployment on 127.0.0.1 in one object (for ``up`` and the tests); stops everything on exit.
+
+    A :class:`~simulations.watchdog.Watchdog` stops it too if this process is killed without unwinding (``kill -9``).
+    """
 
     def __init__(self, root: Path, *, port: int | None = None) -> None:
         self.layout = Layout(Path(root).resolve())
         self.port = port
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.watchdog: Watchdog | None = None
+
+    def _adopt(self, pid: int) -> None:
+        if self.watchdog is None:
+            self.watchdog = Watchdog()
+        self.watchdog.adopt(pid)
 
     def __enter__(self) -> Deployment:
         return self
@@ -366,15 +431,17 @@ class Deployment:
         for site in sites:
             make_site_keys(self.layout.path("keys"), site.name)
         self.procs["superlink"] = start_superlink(self.layout, port=self.port)
+        self._adopt(self.procs["superlink"].pid)
         nodes = register_sites(self.layout, [s.name for s in sites])
         for site in sites:
             self.procs[site.name] = start_supernode(self.layout, site)
+            self._adopt(self.procs[site.name].pid)
         wait_online(self.layout, {s.name: nodes[s.name] for s in sites}, timeout_s=timeout_s, procs=self.procs)
         return nodes
 
     def run(self, cfg: RunConfig, **kwargs: Any) -> LaunchResult:
         """:func:`run_federation` against this deployment."""
-        return run_federation(self.layout, cfg, **kwargs)
+        return run_federation(self.layout, cfg, on_start=self._adopt, **kwargs)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to a started process group (a site's name or ``superlink``); reap it."""
@@ -390,6 +457,9 @@ class Deployment:
         for name in order:
             stop_process_group(self.procs.pop(name))
         stop(self.layout)
+        if self.watchdog is not None:
+            self.watchdog.close()
+            self.watchdog = None
 
 
 def round_sites(run_dir: Path, nodes: Mapping[str, int]) -> list[dict[str, str]]:
@@ -445,6 +515,9 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     sn.add_argument("--epsilon", type=float, default=None)
     sn.add_argument("--state-dir", type=Path, default=None)
     sn.add_argument("--superlink", default=None, help="host:port (default: from superlink.json)")
+    sn.add_argument("--wait", type=float, default=120.0,
+                    help="seconds to wait for the SuperLink to accept the node (non-zero exit if it refuses it or "
+                         "does not answer in time); 0: start it and return at once")
     cmds["up"].add_argument("--sites", type=int, default=2)
     for name in ("run", "up"):
         cmds[name].add_argument("--preset", default="smoke")
@@ -469,8 +542,17 @@ def _cli(argv: Sequence[str] | None = None) -> int:
         print(f"SuperLink pid {proc.pid} on https://{layout.superlink_address()}; registered: {nodes}")
     elif args.command == "supernode":
         site = SiteNode(args.index, args.site, args.data_source, args.data_root, args.epsilon, args.state_dir)
+        log_file = layout.path("logs", f"supernode-{args.site}.log")
+        offset = log_file.stat().st_size if log_file.is_file() else 0
         proc = start_supernode(layout, site, superlink=args.superlink)
-        print(f"SuperNode {args.site} pid {proc.pid}; log {layout.path('logs', f'supernode-{args.site}.log')}")
+        print(f"SuperNode {args.site} pid {proc.pid}; log {log_file}")
+        if args.wait > 0:
+            try:
+                node = wait_activated(layout, args.site, proc, log_offset=offset, timeout_s=args.wait)
+            except (RuntimeError, TimeoutError) as exc:
+                print(f"error: {exc}")
+                return proc.returncode or 1
+            print(f"SuperNode {args.site} accepted by the SuperLink: node id {node}")
     elif args.command == "stop":
         print(f"stopped: {stop(layout)}")
     else:
@@ -478,13 +560,17 @@ def _cli(argv: Sequence[str] | None = None) -> int:
 
         cfg = build_config(args.preset, args.set, run_dir=args.run_dir or str(layout.path("run")))
         if args.command == "run":
-            return run_federation(layout, cfg, resume=args.resume, timeout_s=args.timeout).returncode
+            result = run_federation(layout, cfg, resume=args.resume, timeout_s=args.timeout)
+            if result.returncode != 0:
+                print(f"error: the run failed: {result.reason}")
+            return result.returncode
         cfg = replace(cfg, data=replace(cfg.data, num_sites=args.sites))
         with Deployment(layout.root, port=args.port) as dep:
             dep.start(default_sites(args.sites))
             result = dep.run(cfg, resume=args.resume, timeout_s=args.timeout)
         print(json.dumps({"returncode": result.returncode, "wall_s": round(result.wall_s, 1),
-                          "sites": round_sites(result.run_dir, layout.nodes()) if result.returncode == 0 else None}))
+                          "sites": round_sites(result.run_dir, layout.nodes()) if result.returncode == 0 else None,
+                          "reason": result.reason or None}))
         return result.returncode
     return 0
 

@@ -2,7 +2,8 @@
 
 The SuperLink runs with ``--disable-runtime-dependency-installation`` so that the project's own venv is
 used (no ``uv sync`` into a fresh environment), on a free loopback port, with ``FLWR_HOME`` inside the run
-folder; everything started here is stopped here, by process group.
+folder; everything started here is stopped here, by process group, and by a
+:class:`~simulations.watchdog.Watchdog` when the launcher dies without running its ``finally`` blocks (``kill -9``).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from common.config import RunConfig
 from common.provenance import code_version
+from simulations.watchdog import Watchdog
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONNECTION = "difusal"
@@ -36,6 +38,7 @@ class LaunchResult:
     run_dir: Path
     wall_s: float
     log_file: Path
+    reason: str = ""  # why the run did not finish (empty when it did)
 
 
 def free_port() -> int:
@@ -230,24 +233,48 @@ def run_simulation(
         "--database", ":flwr-in-memory:",
     ]
     t0 = time.perf_counter()
-    with terminate_as_exit(), process(superlink_cmd, log_file=logs / "superlink.log", env=env) as link:
+    with (terminate_as_exit(), Watchdog() as dog,
+          process(superlink_cmd, log_file=logs / "superlink.log", env=env) as link):
+        dog.adopt(link.pid)
         wait_http(f"http://127.0.0.1:{port}/health", timeout_s=60, proc=link)
         app_dir = stage_app(run_dir / ".app")
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
                "--run-config", run_config_string(cfg, resume=resume)]
-        rc = run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s)
-    # `flwr run --stream` exits 0 even when the ServerApp raised: the run folder's status is the truth.
-    if rc == 0 and not finished(run_dir):
-        rc = 1
-    return LaunchResult(returncode=rc, run_dir=run_dir, wall_s=time.perf_counter() - t0, log_file=logs / "flwr-run.log")
+        rc = run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s,
+                         on_start=dog.adopt)
+    rc, reason = outcome(run_dir, rc)
+    return LaunchResult(returncode=rc, run_dir=run_dir, wall_s=time.perf_counter() - t0, log_file=logs / "flwr-run.log",
+                        reason=reason)
+
+
+def run_status(run_dir: Path) -> dict[str, Any]:
+    """``status.json`` of ``run_dir`` (``{}`` when the server never wrote one)."""
+    import json
+
+    status = Path(run_dir) / "status.json"
+    return dict(json.loads(status.read_text())) if status.is_file() else {}
 
 
 def finished(run_dir: Path) -> bool:
     """Whether the server marked ``run_dir`` as finished."""
-    import json
+    return run_status(run_dir).get("state") == "finished"
 
-    status = Path(run_dir) / "status.json"
-    return status.is_file() and json.loads(status.read_text()).get("state") == "finished"
+
+def outcome(run_dir: Path, returncode: int) -> tuple[int, str]:
+    """The exit code and failure reason of a run whose ``flwr run`` exited with ``returncode``.
+
+    ``flwr run --stream`` exits 0 even when the ServerApp raised: the run folder's status is the truth.
+    """
+    status = run_status(run_dir)
+    if status.get("state") == "finished":
+        return returncode, "" if returncode == 0 else f"flwr run exited with code {returncode}"
+    if status.get("reason"):
+        reason = str(status["reason"])
+    elif status:
+        reason = f"the server stopped without finishing (status {status.get('state')!r}); see {run_dir}/logs/"
+    else:
+        reason = "the server wrote no status (it failed to start or was killed); see the run's logs/"
+    return returncode or 1, reason
 
 
 def finished_as(run_dir: Path, cfg: RunConfig) -> bool:
@@ -295,12 +322,19 @@ class EchoDeduplicator:
         return True
 
 
-def run_and_tee(cmd: list[str], *, env: Mapping[str, str], log_file: Path, echo: bool, timeout_s: float | None) -> int:
+def run_and_tee(cmd: list[str], *, env: Mapping[str, str], log_file: Path, echo: bool, timeout_s: float | None,
+                on_start: Callable[[int], None] | None = None) -> int:
+    """Run ``cmd`` in its own process group, its output to ``log_file`` (and stdout when ``echo``); its exit code.
+
+    ``on_start`` receives the pid once started (a :class:`~simulations.watchdog.Watchdog` adopts it).
+    """
     log_file.parent.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with log_file.open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(env),
                                 start_new_session=True, cwd=PROJECT_ROOT)
+        if on_start is not None:
+            on_start(proc.pid)
         dedup = EchoDeduplicator()
         try:
             assert proc.stdout is not None  # for the type checker: PIPE was requested
@@ -316,3 +350,4 @@ def run_and_tee(cmd: list[str], *, env: Mapping[str, str], log_file: Path, echo:
             return proc.wait()
         finally:
             stop_process_group(proc)
+

@@ -100,3 +100,42 @@ def test_data_presets_set_source_and_site_split_and_later_overrides_win(tmp_path
         build_config("demo", [], data="african")
     with pytest.raises(ConfigError, match="unknown; choose one of"):
         build_config("demo", [], data="mnist", data_root=str(tmp_path))
+
+
+def _float_keys() -> list[str]:
+    """Every ``float`` or ``float | None`` field, as a flat key."""
+    from dataclasses import fields
+
+    cfg = get_preset("smoke")
+    return sorted(f"{section}.{f.name.replace('_', '-')}" for section in ("data", "generator", "sampling", "privacy",
+                                                                          "train", "federation")
+                  for f in fields(getattr(cfg, section)) if "float" in str(f.type))
+
+
+@pytest.mark.parametrize("key", _float_keys())
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", float("nan"), float("inf")])
+def test_non_finite_floats_are_refused_for_every_float_key(key: str, value: object) -> None:
+    # Prepare / Execute / Assert: refused at config time, naming the key as it was written and the fix
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}.*not a finite number.*finite value"):
+        RunConfig.from_flat({"preset": "smoke", key: value})
+
+
+def test_non_finite_floats_are_refused_when_a_config_is_rebuilt_from_a_dict() -> None:
+    # Prepare: a saved config.json edited by hand (json.loads reads NaN)
+    d = get_preset("smoke").to_dict()
+    d["privacy"]["target_epsilon"] = float("nan")
+    # Execute / Assert
+    with pytest.raises(ConfigError, match="privacy.target_epsilon.*not a finite number"):
+        RunConfig.from_dict(d)
+
+
+def test_data_root_without_a_real_data_preset_is_an_error(tmp_path) -> None:
+    # Prepare
+    from simulations.cli import build_config
+
+    # Execute / Assert: a phantom run never reads the folder, so passing one is a mistake to report
+    with pytest.raises(ConfigError, match="--data-root.*--data african"):
+        build_config("smoke", [], data_root=str(tmp_path))
+    with pytest.raises(ConfigError, match="--data-root.*phantom"):
+        build_config("smoke", [], data="phantom", data_root=str(tmp_path))
+    assert build_config("smoke", [], data="hc18", data_root=str(tmp_path)).data.root == str(tmp_path)

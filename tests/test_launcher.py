@@ -94,3 +94,72 @@ def test_the_staged_app_reports_the_code_version_of_the_checkout_it_was_copied_f
                          capture_output=True, text=True, check=True)
     # Assert
     assert out.stdout.strip() == code_version() != "unknown"
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE  # exited; only its reaper is missing
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_a_watchdog_stops_what_a_launcher_killed_with_sigkill_had_started(tmp_path: Path) -> None:
+    # Prepare: a launcher-like script whose child (own session, like the SuperLink) starts a grandchild in a session
+    # of its own (like the SuperExec); the script is then killed with SIGKILL, so no `finally` of its runs
+    import os
+    import signal
+    import time
+
+    script = tmp_path / "launch.py"
+    script.write_text(
+        "import subprocess, time\n"
+        "from simulations.watchdog import Watchdog\n"
+        "dog = Watchdog(grace_s=1.0)\n"
+        "child = subprocess.Popen(['bash', '-c', 'setsid sleep 300 & echo $!; wait'], stdout=subprocess.PIPE,\n"
+        "                         text=True, start_new_session=True)\n"
+        "dog.adopt(child.pid)\n"
+        "print(child.pid, child.stdout.readline().strip(), dog.proc.pid, flush=True)\n"
+        "time.sleep(300)\n"
+    )
+    launcher = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=os.getcwd(),
+                                env={**os.environ, "PYTHONPATH": os.getcwd()})
+    pids = [int(p) for p in launcher.stdout.readline().split()]
+    assert len(pids) == 3, "the launcher script failed before starting its child"
+    try:
+        time.sleep(1.5)  # the watchdog records descendants twice a second
+        assert not any(_gone(p) for p in pids)
+        # Execute
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(timeout=10)
+        # Assert: child, grandchild and the watchdog itself are gone
+        deadline = time.monotonic() + 10
+        while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [p for p in pids if not _gone(p)] == []
+    finally:
+        for p in pids:
+            if not _gone(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def test_a_dismissed_watchdog_leaves_the_processes_it_watched_alone(tmp_path: Path) -> None:
+    # Prepare
+    import os
+    import signal
+
+    from simulations.watchdog import Watchdog
+
+    sleeper = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        dog = Watchdog(grace_s=1.0)
+        dog.adopt(sleeper.pid)
+        # Execute
+        dog.close()
+        # Assert: the helper exited on "done" and the owner's process still runs (its owner stops it)
+        assert dog.proc.returncode == 0
+        assert sleeper.poll() is None
+    finally:
+        os.kill(sleeper.pid, signal.SIGKILL)
+        sleeper.wait()
