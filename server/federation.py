@@ -30,7 +30,7 @@ from common.flwr_records import arrays_to_record, record_to_arrays
 from common.provenance import code_version
 from server.checkpoint import RunFolder, write_json_atomic
 from server.reporting import plot_rounds, save_sample_grid
-from server.strategy import GuardedStrategy, SiteReport, make_strategy
+from server.strategy import GuardedStrategy, SiteReport, make_strategy, update_bounds
 
 # Test hook: make the server process die right after checkpointing this round (simulates a kill).
 FAULT_ENV = "DIFUSAL_FAULT_AFTER_ROUND"
@@ -59,7 +59,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
     started = {"state": "running", "last_round": latest.server_round if latest else 0}
     write_json_atomic(run.path / "status.json", started)
     bundle = build_bundle(cfg)
-    strategy = GuardedStrategy(make_strategy(cfg), expected_shapes=expected_shapes(bundle))
+    strategy = GuardedStrategy(make_strategy(cfg), expected_shapes=expected_shapes(bundle),
+                               update_bounds=update_bounds(cfg))
     arrays = federated_arrays(bundle)
     ledger: dict[str, Any] = {}
     first = 1
@@ -104,7 +105,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
             "ledger": ledger,
         }
         if coordinator is not None and coordinator.due(server_round):
-            names = {r.node_id: r.name for r in strategy.reports.values() if r.name != "?"}
+            names = dict(strategy.node_names)  # bound to node ids by the training replies, not self-declared
             record["active_learning"] = coordinator.query_round(grid, bundle, server_round, site_names=names)
             arrays = federated_arrays(bundle)  # the coordinator may have refined the generator and downstream models
         save_sample_grid(bundle, cfg, run.figures / f"samples-round-{server_round:03d}.png", server_round=server_round)
