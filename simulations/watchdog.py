@@ -111,7 +111,7 @@ def _record_descendants(watched: dict[int, Any]) -> None:
             stack.append(child.pid)
 
 
-def _running(procs: Iterable[Any]) -> list[Any]:
+def still_running(procs: Iterable[Any]) -> list[Any]:
     """The processes of ``procs`` that still run (a zombie has exited; with no reaping init it stays listed)."""
     import psutil
 
@@ -151,7 +151,7 @@ def _stop_all(watched: dict[int, Any], *, grace_s: float) -> None:
         while True:
             _record_descendants(watched)
             _members(watched)
-            left = [p for p in _running(watched.values()) if p.pid != os.getpid()]
+            left = [p for p in still_running(watched.values()) if p.pid != os.getpid()]
             if not left:
                 return
             for proc in left:

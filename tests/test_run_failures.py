@@ -20,24 +20,13 @@ from simulations.certs import make_server_certificates, make_site_keys
 from simulations.deploy import Layout, _cli as deploy_cli, deployment_processes, register_sites, start_superlink, stop
 from server.federation import round_failure
 from server.strategy import SiteReport
+from simulations.watchdog import still_running
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "simulations.cli", *args]
-
-
-def _alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    """The processes of ``procs`` still running (a zombie has exited: only its parent has not reaped it yet)."""
-    out = []
-    for p in procs:
-        try:
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            continue
-    return out
 
 
 def test_a_round_fails_only_when_no_site_trained_and_not_every_site_was_out_of_budget() -> None:
@@ -112,7 +101,7 @@ def test_a_launcher_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             children = _tree(launcher.pid)
-            names = " ".join(_cmd(p) for p in _alive(children))
+            names = " ".join(_cmd(p) for p in still_running(children))
             if "flower-superlink" in names and "flwr run" in names and "raylet" in names \
                     and (run_dir / "config.json").is_file():
                 break
@@ -128,14 +117,14 @@ def test_a_launcher_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path)
         launcher.wait(timeout=10)
         # Assert: every process it had started, and every member of their process groups, is gone within seconds
         deadline = time.monotonic() + 15
-        while (left := _alive(children + _in_groups(groups))) and time.monotonic() < deadline:
+        while (left := still_running(children + _in_groups(groups))) and time.monotonic() < deadline:
             time.sleep(0.25)
         survivors = [(p.pid, _cmd(p)[:120]) for p in left]
         assert survivors == [], survivors
     finally:
         if launcher.poll() is None:
             launcher.kill()
-        for p in _alive(children + _in_groups(groups)):
+        for p in still_running(children + _in_groups(groups)):
             try:
                 p.kill()
             except psutil.NoSuchProcess:
