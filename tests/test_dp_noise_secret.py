@@ -134,3 +134,33 @@ def test_same_seed_dp_federations_differ_in_noise_and_the_secret_stays_home(tmp_
         assert len(secrets_) == 2
         needles = [s.read_bytes() for s in secrets_] + [s.read_bytes().hex().encode() for s in secrets_]
         assert _files_containing(run, needles, skip=set(secrets_)) == []
+
+
+def test_a_train_reply_carries_nothing_of_the_site_secret(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    # Prepare: the client's real train handler, in process, as the SuperNode of simulated site 0 would call it
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import client.app as client_app
+    from common.flwr_records import arrays_to_record
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # messages outside a Flower runtime need a task identity
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    run_config = {"preset": "smoke", "seed": 0, "run-dir": str(tmp_path / "run"), "prior": "", "resume": False,
+                  "overrides": "train.local-steps=2 train.downstream-steps=2"}
+    cfg = RunConfig.from_run_config(run_config)
+    content = RecordDict({"arrays": arrays_to_record(federated_arrays(build_bundle(cfg))),
+                          "config": ConfigRecord({"fl-round": 1})})
+    msg = Message(content=content, message_type="train", dst_node_id=1)
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                  run_config=run_config)
+    # Execute
+    reply = client_app.train(msg, ctx)
+    # Assert: the site trained, and no array or config value of its reply holds the secret (raw or hex)
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    (secret_file,) = (tmp_path / "run" / "sites").glob(f"*/{SECRET_FILE}")
+    secret = secret_file.read_bytes()
+    blobs = [arr.numpy().tobytes() for rec in reply.content.array_records.values() for arr in rec.values()]
+    blobs += [str(v).encode() for rec in reply.content.config_records.values() for v in rec.values()]
+    blobs += [str(v).encode() for rec in reply.content.metric_records.values() for v in rec.values()]
+    assert blobs and not any(secret in b or secret.hex().encode() in b for b in blobs)
