@@ -360,7 +360,7 @@ def train_private(
     noise_seed:
         Seeds the *private* randomness of DP-SGD: Poisson sampling and the Gaussian noise. It must be unknown to
         whoever sees the trained weights, or the noise can be regenerated and subtracted. A site passes a seed
-        derived from its secret (:meth:`common.site_state.SiteStateStore.noise_seed`); ``None`` draws a fresh
+        derived from its secret (:func:`common.local_update.dp_noise_seed`); ``None`` draws a fresh
         one from the operating system (:mod:`secrets`). Only ``privacy.insecure-reproducible-noise`` passes a
         seed anyone can know, and everything it produces is marked not private.
     strict:

@@ -8,7 +8,7 @@ nothing beyond the first attempt (see README, "Resume and privacy").
 
 The site's secret (``site-secret.key``, 32 random bytes from :mod:`secrets`, mode 0600) is drawn here on first
 use and never leaves this folder: it keys the seeds of DP-SGD's Poisson sampling and noise
-(:meth:`SiteStateStore.noise_seed`), so the server, which knows the run seed and the whole config, cannot
+(:func:`common.local_update.dp_noise_seed`), so the server, which knows the run seed and the whole config, cannot
 regenerate the noise; a replayed round draws the same noise again, as the replay argument above needs.
 """
 
@@ -27,7 +27,6 @@ import numpy as np
 from common.config import PrivacyConfig
 from common.errors import DataError
 from common.privacy import PrivacyLedger
-from common.seeding import secret_seed
 
 _SNAPSHOT = re.compile(r"^ledger-round-(\d{3,})\.json$")
 SECRET_FILE = "site-secret.key"
@@ -60,28 +59,12 @@ class SiteStateStore:
         """This site's secret, created (32 bytes from :mod:`secrets`, mode 0600) at first use; never sent."""
         path = self.folder / SECRET_FILE
         if not path.exists():
-            self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f".{SECRET_FILE}.{os.getpid()}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(secrets.token_bytes(_SECRET_BYTES))
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, path)  # atomic and never overwrites: a concurrent first use keeps one secret
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink()
+            _write_owner_only(path, secrets.token_bytes(_SECRET_BYTES))
         data = path.read_bytes()
         if len(data) != _SECRET_BYTES:
             raise DataError(f"{path} holds {len(data)} bytes, expected {_SECRET_BYTES}: the site secret is damaged. "
                             "Restore it from the site's backup; a new secret is safe only for a new run")
         return data
-
-    def noise_seed(self, *path: str | int) -> int:
-        """Seed of DP-SGD's private randomness for ``path`` (site, round, model), keyed by :meth:`secret`."""
-        return secret_seed(self.secret(), *path)
 
     def save_ledger(self, server_round: int, ledger: PrivacyLedger, *, info: dict[str, Any] | None = None) -> Path:
         """Write the ledger after ``server_round`` atomically."""
@@ -140,10 +123,24 @@ def copy_site_secrets(src_run_dir: Path, dst_run_dir: Path) -> list[str]:
     copied = []
     for secret in sorted(Path(src_run_dir).glob(f"sites/*/{SECRET_FILE}")):
         dst = Path(dst_run_dir) / "sites" / secret.parent.name / SECRET_FILE
-        if not dst.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(secret.read_bytes())
+        if not dst.exists() and _write_owner_only(dst, secret.read_bytes()):
             copied.append(secret.parent.name)
     return copied
+
+
+def _write_owner_only(path: Path, data: bytes) -> bool:
+    """Write ``data`` to ``path`` (mode 0600) atomically, never over an existing file; whether this call wrote it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    try:
+        os.link(tmp, path)  # atomic and never overwrites: a concurrent first use keeps one secret
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()

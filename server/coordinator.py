@@ -164,7 +164,7 @@ class Coordinator:
             # The site is who its node id is (bound by the training round), never what the reply calls itself;
             # a node the training round did not name may use a name no other node holds.
             content = reply.content
-            site_rec = content.get("site") if "site" in content else None
+            site_rec = content.get("site")
             claimed = str(site_rec.get("name", "")) if isinstance(site_rec, Mapping) else ""
             name = names.get(node) or claimed or f"node-{node}"
             try:

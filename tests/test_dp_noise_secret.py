@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 from common.bundle import build_bundle, federated_arrays, load_federated_file
 from common.config import RunConfig
 from common.data.sites import load_site
-from common.local_update import local_train
+from common.local_update import dp_noise_seed, local_train
 from common.privacy import PrivacyLedger, train_private
 from common.site_state import SECRET_FILE, SiteStateStore, copy_site_secrets
 from simulations.launcher import run_simulation
@@ -58,9 +58,11 @@ def test_site_secret_is_created_once_private_to_the_owner_and_keys_the_seeds(tmp
     secret = a.secret()
     assert len(secret) == 32 and a.secret() == secret != b.secret()
     assert stat.S_IMODE((tmp_path / "a" / SECRET_FILE).stat().st_mode) == 0o600
-    assert a.noise_seed("Ghana", 1, "classifier") == a.noise_seed("Ghana", 1, "classifier")
-    assert a.noise_seed("Ghana", 1, "classifier") != a.noise_seed("Ghana", 2, "classifier")
-    assert a.noise_seed("Ghana", 1, "classifier") != b.noise_seed("Ghana", 1, "classifier")
+    cfg = RunConfig.from_flat({"preset": "smoke"})
+    seed_a = dp_noise_seed(cfg, a.secret(), "Ghana", 1, "classifier")
+    assert seed_a == dp_noise_seed(cfg, a.secret(), "Ghana", 1, "classifier")
+    assert seed_a != dp_noise_seed(cfg, a.secret(), "Ghana", 2, "classifier")
+    assert seed_a != dp_noise_seed(cfg, b.secret(), "Ghana", 1, "classifier")
 
 
 def test_copied_site_secrets_are_owner_only_and_never_overwrite(tmp_path: Path) -> None:
