@@ -2,27 +2,26 @@
 
 from __future__ import annotations
 
-import warnings
-
 import json
 import math
 import os
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import SiteSpec, resolve_site
-from common.bundle import build_bundle, federated_arrays, load_federated_arrays
-from common.config import RunConfig
+from common.active_learning.query import answer_query, release_from_arrays
+from common.core.config import RunConfig
+from common.core.seeding import derive_seed
 from common.data.sites import SiteData, load_site
-from common.flwr_records import arrays_to_record, record_to_arrays
-from common.local_update import local_evaluate, local_train
-from common.query import answer_query, release_from_arrays
-from common.seeding import derive_seed
-from common.site_state import SiteStateStore
+from common.federated.flwr_records import arrays_to_record, record_to_arrays
+from common.federated.local_update import local_evaluate, local_train
+from common.models.bundle import build_bundle, federated_arrays, load_federated_arrays
+from common.privacy.site_state import SiteStateStore
 
 # Known-noisy third-party warnings (numpy 2 copy keyword in diffusers' solvers; Opacus' CPU autocast note).
 warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
-from common.config import RunConfig
-from common.errors import ConfigError
+from common.core.config import RunConfig
+from common.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

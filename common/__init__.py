@@ -1,0 +1,1 @@
+"""The federated DiFUSAL library, one subpackage per concern (see ``tests/test_import_rules.py`` for who may import whom)."""

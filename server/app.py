@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import warnings
-
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig
+from common.core.config import RunConfig
 from server.federation import run_federation
 
 # Known-noisy third-party warnings (numpy 2 copy keyword in diffusers' solvers; Opacus' CPU autocast note).

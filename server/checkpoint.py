@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.bundle import ModelBundle, load_federated_file, save_bundle
-from common.config import RunConfig
-from common.provenance import code_version
+from common.core.config import RunConfig
+from common.core.provenance import code_version
+from common.models.bundle import ModelBundle, load_federated_file, save_bundle
 
 _ROUND = re.compile(r"^round-(\d{3,})$")
 

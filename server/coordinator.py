@@ -25,23 +25,29 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from common.acquisition import bin_summary, bin_uncertainty, condition_bins, plan_conditions, select
-from common.bundle import ModelBundle, federated_arrays
-from common.config import RunConfig
+from common.active_learning.acquisition import bin_summary, bin_uncertainty, condition_bins, plan_conditions, select
+from common.active_learning.query import release_to_arrays, validate_candidates, validate_query_site
+from common.active_learning.release import (
+    WRITER_LEFTOVERS,
+    ReleaseDamagedError,
+    ReleaseItem,
+    ReleaseStore,
+    load_release_records,
+)
+from common.active_learning.scoring import features
+from common.core.config import RunConfig
+from common.core.errors import ReplyValidationError
+from common.core.provenance import code_version
+from common.core.records import PLANES
+from common.core.seeding import derive_seed
+from common.core.viz import save_grid
 from common.data.tensors import records_to_dataset
-from common.diffusion import make_loss_fn
-from common.downstream import classifier_loss, regressor_loss
-from common.errors import ReplyValidationError
-from common.flwr_records import arrays_to_record, record_to_arrays
-from common.generator import make_scheduler
-from common.privacy import train_private
-from common.provenance import code_version
-from common.query import release_to_arrays, validate_candidates, validate_query_site
-from common.records import PLANES
-from common.release import WRITER_LEFTOVERS, ReleaseDamagedError, ReleaseItem, ReleaseStore, load_release_records
-from common.scoring import features
-from common.seeding import derive_seed
-from common.viz import save_grid
+from common.diffusion.loss import make_loss_fn
+from common.diffusion.schedulers import make_scheduler
+from common.federated.flwr_records import arrays_to_record, record_to_arrays
+from common.models.bundle import ModelBundle, federated_arrays
+from common.models.downstream import classifier_loss, regressor_loss
+from common.privacy.dpsgd import train_private
 from server.checkpoint import RunFolder
 
 # Test hook: make the server process die right after this round's images are released, before its checkpoint.

@@ -9,13 +9,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from common.bundle import ModelBundle
-from common.config import RunConfig
-from common.diffusion import sample, to_uint8
-from common.records import PLANES
-from common.round_metrics import round_summary
-from common.seeding import derive_seed
-from common.viz import plot_series, save_grid
+from common.core.config import RunConfig
+from common.core.records import PLANES
+from common.core.seeding import derive_seed
+from common.core.viz import plot_series, save_grid
+from common.diffusion.sampling import sample, to_uint8
+from common.federated.round_metrics import round_summary
+from common.models.bundle import ModelBundle
 
 GRID_GA_WEEKS: tuple[float, ...] = (18.0, 26.0, 34.0)
 

@@ -22,16 +22,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
-    Bulyan, FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum, MultiKrum, Strategy,
+    Bulyan,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+    Strategy,
 )
 from flwr.supercore import log
 
-from common.config import RunConfig
-from common.errors import ReplyValidationError
-from common.flwr_records import record_nbytes, record_to_arrays, validate_arrays
+from common.core.config import RunConfig
+from common.core.errors import ReplyValidationError
+from common.federated.flwr_records import record_nbytes, record_to_arrays, validate_arrays
 
-
-# Sites reply with :func:`common.bundle.federated_arrays`, which casts every array to float32.
+# Sites reply with :func:`common.models.bundle.federated_arrays`, which casts every array to float32.
 REPLY_DTYPE = np.dtype(np.float32)
 # A site's real training examples (``num-examples``) above this are absurd (a hospital holds thousands).
 MAX_EXAMPLES = 1_000_000
@@ -71,7 +78,7 @@ class UpdateBound:
 
 
 def update_bounds(cfg: RunConfig) -> dict[str, UpdateBound]:
-    """Per model part, the optimizer steps :func:`common.local_update.local_train` takes (``train_private``'s Adam).
+    """Per model part, the optimizer steps :func:`common.federated.local_update.local_train` takes (``train_private``'s Adam).
 
     The bound holds whatever the clipping norm and noise: Adam normalises the gradient. If the sites' optimizer
     ever changes (SGD's step grows with the DP noise), this bound must change with it.
@@ -377,7 +384,7 @@ class GuardedStrategy(Strategy):
         report.update_norms = {part: math.sqrt(sq) for part, sq in squares.items()}
 
     def _check_examples(self, report: SiteReport, value: object) -> int:
-        """``num-examples`` (real training examples, :func:`common.local_update.local_train`): a sane integer, at
+        """``num-examples`` (real training examples, :func:`common.federated.local_update.local_train`): a sane integer, at
         most what the node first reported (the synthetic release it is sent is not counted in it)."""
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or not float(value).is_integer():

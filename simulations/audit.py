@@ -23,9 +23,16 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from common.audit import (EXACT_COPY_DISTANCE, HIGH_CORRELATION, NEAR_COPY_RATIO, closer_to_members_share,
-                          distance_to_closest, dp_certificate, memorization_scan)
-from common.config import RunConfig
+from common.analysis.audit import (
+    EXACT_COPY_DISTANCE,
+    HIGH_CORRELATION,
+    NEAR_COPY_RATIO,
+    closer_to_members_share,
+    distance_to_closest,
+    dp_certificate,
+    memorization_scan,
+)
+from common.core.config import RunConfig
 
 DEFAULT_T_FRACTIONS = (0.05, 0.1, 0.2, 0.4)  # fixed before looking at data (SecMI found small t most telling)
 
@@ -260,8 +267,8 @@ def load_models(ckpt: Path, cfg: RunConfig | None) -> Models:
     """The checkpoint's generator and (when the config gives its size) its plane classifier."""
     from safetensors.torch import load_file
 
-    from common.downstream import PlaneClassifier
-    from common.generator import load_generator
+    from common.models.downstream import PlaneClassifier
+    from common.models.generator import load_generator
 
     gen, _ = load_generator(ckpt / "generator")
     clf, notes = None, []
@@ -279,7 +286,7 @@ def memorization_part(rel: ImageSet, members: ImageSet, models: Models | None, o
     """Nearest private image of every released image; near-copy counts; gallery of the closest pairs."""
     feats = None
     if models is not None and models.classifier is not None:
-        from common.audit_mia import classifier_features
+        from common.analysis.audit_mia import classifier_features
 
         size = models.classifier.backbone.image_size
         feats = tuple(classifier_features(models.classifier, s.resized(size).tensors()[0], device=o.device)
@@ -323,7 +330,7 @@ def dcr_part(rel: ImageSet, mem: ImageSet, non: ImageSet, o: AuditOptions,
 def mia_part(mem: ImageSet, non: ImageSet, dm: np.ndarray, dn: np.ndarray, models: Models | None,
              o: AuditOptions, figures: dict[str, bytes]) -> dict[str, Any]:
     """Release-only attack (score = -DCR) and the generator's denoising-error attack, with bootstrap CIs."""
-    from common.audit_mia import denoising_errors, mia_summary, roc_auc
+    from common.analysis.audit_mia import denoising_errors, mia_summary, roc_auc
 
     out: dict[str, Any] = {"release": mia_summary(-dm, -dn, n_boot=o.n_boot, seed=o.seed)}
     curves = {"release only (-DCR)": out["release"]["roc"]}
@@ -339,7 +346,7 @@ def mia_part(mem: ImageSet, non: ImageSet, dm: np.ndarray, dn: np.ndarray, model
                                                   enumerate(ts)})
         curves["generator (-denoising error)"] = out["generator"]["roc"]
         if o.reference is not None:  # difficulty calibration against a model that never saw the private data
-            from common.generator import load_generator
+            from common.models.generator import load_generator
 
             ref, _ = load_generator(find_round(o.reference) / "generator")
             base = [denoising_errors(ref, *s.resized(ref.image_size).tensors()[:3], timesteps=ts, seed=o.seed + 1,
@@ -357,7 +364,7 @@ def canary_part(members: ImageSet, models: Models, cfg: RunConfig | None, cert: 
     """One-run canary audit of the site's training step, re-run from the checkpoint with its DP settings."""
     from torch.utils.data import TensorDataset
 
-    from common.audit_mia import checkpoint_canary_audit
+    from common.analysis.audit_mia import checkpoint_canary_audit
 
     sites = list(cert["sites"])
     site = o.canary_site or (sites[0] if len(sites) == 1 else members.ids[0].split("/")[0])

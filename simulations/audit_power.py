@@ -3,9 +3,9 @@
 ``python -m simulations.audit_power [--out runs/audit_power] [--quick]``
 
 One phantom site ("site0", 32x32), a tiny conditional UNet (channels 8/16, T = 100, v-prediction, no condition
-dropout). Each model is one training run (:func:`common.audit_mia.run_canary_training`, i.e. ``train_private``)
+dropout). Each model is one training run (:func:`common.analysis.audit_mia.run_canary_training`, i.e. ``train_private``)
 on its members plus ``m`` canaries (fresh phantoms with a stamped 8x8 binary patch and their own plane/GA,
-:func:`common.audit_mia.phantom_canaries`), each included with probability 1/2 (Steinke, Nasr & Jagielski 2023):
+:func:`common.analysis.audit_mia.phantom_canaries`), each included with probability 1/2 (Steinke, Nasr & Jagielski 2023):
 
 * ``memorising``: no DP, few members, many full passes (the audit must find it); its release is sampled at
   the members' labels (the extraction attack of Carlini et al. 2023, who prompt with training captions);
@@ -32,15 +32,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common.audit import canary_inclusion
-from common.audit_mia import phantom_canaries, run_canary_training
-from common.config import DataConfig, GeneratorConfig, RunConfig
+from common.active_learning.release import ReleaseItem, ReleaseStore
+from common.analysis.audit import canary_inclusion
+from common.analysis.audit_mia import phantom_canaries, run_canary_training
+from common.core.config import DataConfig, GeneratorConfig, RunConfig
 from common.data.tensors import records_to_dataset
-from common.diffusion import make_loss_fn, sample, to_uint8
-from common.generator import build_generator, make_scheduler, save_generator
-from common.phantom import make_phantoms
-from common.privacy import PrivacyLedger
-from common.release import ReleaseItem, ReleaseStore
+from common.diffusion.loss import make_loss_fn
+from common.diffusion.sampling import sample, to_uint8
+from common.diffusion.schedulers import make_scheduler
+from common.models.generator import build_generator, save_generator
+from common.phantoms.simulator import make_phantoms
+from common.privacy.ledger import PrivacyLedger
 from simulations.audit import AuditOptions, json_safe, run_audit
 
 SITE = "site0"

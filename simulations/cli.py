@@ -16,8 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from common.config import DATA_PRESETS, RunConfig, data_preset, parse_overrides
-from common.errors import ConfigError
+from common.core.config import DATA_PRESETS, RunConfig, data_preset, parse_overrides
+from common.core.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,7 +89,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     """Write phantom grids (by plane x GA, by scanner) and print a per-site summary."""
     from common.data.partition import format_summary, site_summary
     from common.data.sites import load_federated_data
-    from common.phantom import write_phantom_grids
+    from common.phantoms.simulator import write_phantom_grids
 
     out = Path(args.out or default_run_dir("preview"))
     for path in write_phantom_grids(out, size=args.size, seed=args.seed):
@@ -107,7 +107,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Train the public phantom prior (no DP) and write it as a prior folder."""
-    from common.pretrain import pretrain_prior
+    from common.analysis.pretrain import pretrain_prior
 
     cfg = build_config(args.preset, args.set, data=args.data, data_root=args.data_root, seed=args.seed)
     out = Path(args.out) if args.out else PROJECT_ROOT / "common" / "assets" / f"prior-{cfg.preset}"
@@ -118,7 +118,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_release(args: argparse.Namespace) -> int:
     """``release repair DIR``: move a release's damaged lines and stray files to its quarantine (logged)."""
-    from common.release import ReleaseStore
+    from common.active_learning.release import ReleaseStore
 
     folder = Path(args.release_dir)
     if not folder.is_dir():

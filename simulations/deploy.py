@@ -31,13 +31,26 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from common.config import RunConfig
+from common.core.config import RunConfig
 from simulations.certs import (
-    ServerCertificates, SiteKeys, certificate_hosts, check_site_name, make_server_certificates, make_site_keys,
+    ServerCertificates,
+    SiteKeys,
+    certificate_hosts,
+    check_site_name,
+    make_server_certificates,
+    make_site_keys,
 )
 from simulations.launcher import (
-    CONNECTION, LaunchResult, flower_env, free_port, outcome, run_and_tee, run_config_string, stage_app,
-    stop_process_group, wait_http,
+    CONNECTION,
+    LaunchResult,
+    flower_env,
+    free_port,
+    outcome,
+    run_and_tee,
+    run_config_string,
+    stage_app,
+    stop_process_group,
+    wait_http,
 )
 from simulations.watchdog import Watchdog
 

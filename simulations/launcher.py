@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from common.config import RunConfig
-from common.provenance import code_version
+from common.core.config import RunConfig
+from common.core.provenance import code_version
 from simulations.watchdog import Watchdog
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -144,10 +144,12 @@ def wait_http(
 
 
 APP_PACKAGES = ("common", "client", "server")
+# Left out of the bundle the sites and the server run: offline analysis (evaluation, audit, pretraining).
+APP_EXCLUDED = ("common/analysis",)
 
 
 def stage_app(dst: Path) -> Path:
-    """Copy the Flower app (pyproject + the three packages) to ``dst`` for ``flwr run``.
+    """Copy the Flower app (pyproject + the runtime packages, without :data:`APP_EXCLUDED`) to ``dst``.
 
     ``flwr run`` builds its FAB by walking the project folder, ``.venv`` included (seconds per run);
     a staged copy holds only what the app needs.
@@ -161,7 +163,9 @@ def stage_app(dst: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".*")
     for pkg in APP_PACKAGES:
         shutil.copytree(PROJECT_ROOT / pkg, dst / pkg, ignore=ignore)
-    # The copy is no git checkout: record the version of the code it was taken from (see common.provenance).
+    for excluded in APP_EXCLUDED:
+        shutil.rmtree(dst / excluded)
+    # The copy is no git checkout: record the version of the code it was taken from (see common.core.provenance).
     (dst / "common" / "_staged_version.py").write_text(f"CODE_VERSION = {code_version()!r}\n")
     return dst
 

@@ -23,9 +23,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from common.round_metrics import round_summary
-from common.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES, UltrasoundRecord
-from common.viz import plot_series, save_grid
+from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES, UltrasoundRecord
+from common.core.viz import plot_series, save_grid
+from common.federated.round_metrics import round_summary
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;max-width:1200px;color:#222}
@@ -47,7 +47,7 @@ def _img(data: bytes, caption: str) -> str:
 
 
 def _grid_png(rows: Sequence[Sequence[np.ndarray]], **kw: Any) -> bytes:
-    """``common.viz.save_grid`` into memory (through a temp file: the writer is atomic on disk)."""
+    """``common.core.viz.save_grid`` into memory (through a temp file: the writer is atomic on disk)."""
     with tempfile.TemporaryDirectory() as tmp:
         return save_grid(rows, Path(tmp) / "grid.png", **kw).read_bytes()
 
@@ -333,7 +333,7 @@ def build_report(run_dir: Path, *, curve_file: Path | None = None) -> Path:
     curve_file:
         A ``privacy_utility.json``; default ``run_dir/evaluation/privacy_utility.json`` or ``run_dir/../``.
     """
-    from common.evaluation import load_run
+    from common.analysis.evaluation import load_run
 
     run_dir = Path(run_dir)
     inputs = load_run(run_dir)
@@ -409,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.evaluate:
         import torch
 
-        from common.evaluation import EvalSettings
+        from common.analysis.evaluation import EvalSettings
         from simulations.experiments.downstream import evaluate_run
 
         torch.set_num_threads(1)  # a small shared CPU: more threads oversubscribe

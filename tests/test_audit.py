@@ -15,12 +15,30 @@ from hypothesis import strategies as st
 from PIL import Image
 from scipy import stats
 
-from common.audit import (canary_inclusion, check_ledger_model, closer_to_members_share, dp_certificate,
-                          make_canaries, memorization_scan, plant_canaries, recompute_epsilon, tiled_l2)
-from common.audit_mia import (bootstrap_ci, canary_audit, denoising_errors, mia_summary, roc_auc, roc_curve,
-                              steinke_epsilon_lower_bound, steinke_p_value, tpr_at_fpr)
-from common.phantom import make_phantoms
-from common.privacy import PrivacyLedger
+from common.analysis.audit import (
+    canary_inclusion,
+    check_ledger_model,
+    closer_to_members_share,
+    dp_certificate,
+    make_canaries,
+    memorization_scan,
+    plant_canaries,
+    recompute_epsilon,
+    tiled_l2,
+)
+from common.analysis.audit_mia import (
+    bootstrap_ci,
+    canary_audit,
+    denoising_errors,
+    mia_summary,
+    roc_auc,
+    roc_curve,
+    steinke_epsilon_lower_bound,
+    steinke_p_value,
+    tpr_at_fpr,
+)
+from common.phantoms.simulator import make_phantoms
+from common.privacy.ledger import PrivacyLedger
 
 
 def _phantoms(n: int, seed: int) -> np.ndarray:
@@ -257,8 +275,8 @@ def test_certificate_without_ledger_says_no_dp() -> None:
 # -- generator attack ------------------------------------------------------------------------------------------
 def _tiny_generator() -> torch.nn.Module:
     """A seeded (4, 8) conditional UNet at 32 px."""
-    from common.config import GeneratorConfig
-    from common.generator import build_generator
+    from common.core.config import GeneratorConfig
+    from common.models.generator import build_generator
 
     return build_generator(GeneratorConfig(block_out_channels=(4, 8), num_train_timesteps=50), image_size=32, seed=0)
 
@@ -287,8 +305,8 @@ class EmpiricalDenoiser(torch.nn.Module):
 
     def __init__(self, train: torch.Tensor, *, timesteps: int = 50, prediction_type: str = "v_prediction") -> None:
         super().__init__()
-        from common.config import GeneratorConfig
-        from common.generator import make_scheduler
+        from common.core.config import GeneratorConfig
+        from common.diffusion.schedulers import make_scheduler
 
         self.train_images = train
         self.generator_config = GeneratorConfig(block_out_channels=(4, 8), num_train_timesteps=timesteps,
@@ -312,7 +330,7 @@ class EmpiricalDenoiser(torch.nn.Module):
 def test_audit_has_power_on_the_ideal_memoriser(prediction_type: str) -> None:
     # Prepare: the fast variant of the power experiment: 8 members memorised exactly, 8 non-members
     from common.data.tensors import records_to_dataset
-    from common.diffusion import sample, to_uint8
+    from common.diffusion.sampling import sample, to_uint8
 
     recs = make_phantoms(16, size=32, seed=11)
     members, others = records_to_dataset(recs[:8], image_size=32), records_to_dataset(recs[8:], image_size=32)
@@ -342,9 +360,9 @@ def _write_dir(folder: Path, images: np.ndarray, planes: list[int], gas: list[fl
 
 def test_audit_command_end_to_end(tmp_path: Path) -> None:
     # Prepare: a smoke checkpoint with a ledger, 12 members / 12 non-members, a release with a planted copy
-    from common.bundle import build_bundle, save_bundle
-    from common.config import get_preset
-    from common.release import ReleaseItem, ReleaseStore
+    from common.active_learning.release import ReleaseItem, ReleaseStore
+    from common.core.config import get_preset
+    from common.models.bundle import build_bundle, save_bundle
     from simulations.audit import main
 
     cfg = get_preset("smoke")
@@ -386,7 +404,7 @@ def test_audit_command_end_to_end(tmp_path: Path) -> None:
 
 def test_specs_resolve_site_splits_and_folders_with_clear_errors(tmp_path: Path) -> None:
     # Prepare
-    from common.config import get_preset
+    from common.core.config import get_preset
     from common.data.sites import load_site
     from simulations.audit import find_round, load_spec
 

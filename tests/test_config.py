@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.config import PRESETS, RunConfig, get_preset
-from common.errors import ConfigError
+from common.core.config import PRESETS, RunConfig, get_preset
+from common.core.errors import ConfigError
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from common.core.records import UltrasoundRecord
 from common.data.dedup import dhash64, find_duplicates, pixel_hash
 from common.data.loaders import load_african
-from common.records import UltrasoundRecord
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

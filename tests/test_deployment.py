@@ -16,11 +16,23 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.config import RunConfig
-from simulations.certs import certificate_hosts, make_server_certificates, make_site_keys
+from common.core.config import RunConfig
+from simulations.certs import (
+    certificate_hosts,
+    make_server_certificates,
+    make_site_keys,
+)
 from simulations.deploy import (
-    Deployment, Layout, SiteNode, default_sites, deployment_processes, node_status, round_sites, start_superlink,
-    start_supernode, stop,
+    Deployment,
+    Layout,
+    SiteNode,
+    default_sites,
+    deployment_processes,
+    node_status,
+    round_sites,
+    start_superlink,
+    start_supernode,
+    stop,
 )
 from simulations.launcher import LaunchResult
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -10,10 +9,17 @@ from opacus import GradSampleModule
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.config import GeneratorConfig
-from common.diffusion import diffusion_loss, make_loss_fn, sample, to_uint8
-from common.generator import ConditionalUNet, build_generator, make_scheduler
-from common.metrics import frechet_distance
+from common.analysis.metrics import frechet_distance
+from common.core.config import GeneratorConfig
+from common.data import tensors
+from common.diffusion.loss import diffusion_loss, make_loss_fn
+from common.diffusion.sampling import sample, to_uint8
+from common.diffusion.schedulers import make_scheduler
+from common.models import downstream
+from common.models.generator import ConditionalUNet, build_generator
+from common.phantoms import simulator as phantom
+from common.privacy.dpsgd import train_private
+from common.privacy.ledger import PrivacyLedger
 
 TINY = GeneratorConfig(block_out_channels=(8, 16), num_train_timesteps=100)
 
@@ -170,15 +176,14 @@ def test_noise_multiplicity_reduces_loss_and_gradient_variance() -> None:
 
 def test_noise_multiplicity_leaves_accounting_unchanged() -> None:
     # Prepare
-    privacy = pytest.importorskip("common.privacy")
     data = TensorDataset(*_batch(32, seed=1))
     results = {}
 
     # Execute
     for k in (1, 4):
         model = _model()
-        ledger = privacy.PrivacyLedger(target_epsilon=None, target_delta=1e-5, accountant="rdp")
-        results[k] = privacy.train_private(
+        ledger = PrivacyLedger(target_epsilon=None, target_delta=1e-5, accountant="rdp")
+        results[k] = train_private(
             model, make_loss_fn(_ddpm(), noise_multiplicity=k, cond_dropout=0.1, seed=0), data, steps=3,
             batch_size=8, lr=1e-3, ledger=ledger, model_key="generator", planned_total_steps=3, noise_multiplier=1.0,
         )
@@ -306,8 +311,6 @@ def test_frechet_distance_rejects_bad_input() -> None:
 
 # -- integration with phantoms and DP training -------------------------------------------------------------
 def _phantom_split(n_train: int, n_hold: int, seed: int = 0) -> tuple[TensorDataset, tuple[torch.Tensor, ...]]:
-    phantom = pytest.importorskip("common.phantom")
-    tensors = pytest.importorskip("common.data.tensors")
     ds = tensors.records_to_dataset(phantom.make_phantoms(n_train + n_hold, size=32, seed=seed), image_size=32)
     return TensorDataset(*(t[:n_train] for t in ds.tensors)), tuple(t[n_train:] for t in ds.tensors)
 
@@ -324,14 +327,13 @@ def _holdout_loss(model: nn.Module, hold: tuple[torch.Tensor, ...]) -> float:
 
 def test_dp_finetune_lowers_holdout_loss_on_phantoms() -> None:
     # Prepare
-    privacy = pytest.importorskip("common.privacy")
     train, hold = _phantom_split(64, 32)
     model = build_generator(TINY, image_size=32, seed=0)
     before = _holdout_loss(model, hold)
-    ledger = privacy.PrivacyLedger(target_epsilon=10.0, target_delta=1e-5, accountant="rdp")
+    ledger = PrivacyLedger(target_epsilon=10.0, target_delta=1e-5, accountant="rdp")
 
     # Execute
-    result = privacy.train_private(
+    result = train_private(
         model, make_loss_fn(_ddpm(), noise_multiplicity=2, cond_dropout=0.1, seed=0), train, steps=8,
         batch_size=16, lr=3e-3, ledger=ledger, model_key="generator", planned_total_steps=8,
         grad_sample_mode="hooks",
@@ -346,16 +348,14 @@ def test_dp_finetune_lowers_holdout_loss_on_phantoms() -> None:
 @pytest.mark.slow
 def test_trained_generator_samples_are_recognised_as_their_plane() -> None:
     # Prepare: a short non-DP training on phantoms, and a plane classifier trained on phantoms
-    privacy = pytest.importorskip("common.privacy")
-    downstream = pytest.importorskip("common.downstream")
     train, hold = _phantom_split(512, 96)
     classifier = downstream.PlaneClassifier(image_size=32, width=16)
-    privacy.train_private(classifier, downstream.classifier_loss, train, steps=400, batch_size=64, lr=2e-3,
+    train_private(classifier, downstream.classifier_loss, train, steps=400, batch_size=64, lr=2e-3,
                           ledger=None, model_key="classifier", planned_total_steps=400)
     model = build_generator(GeneratorConfig(block_out_channels=(16, 32), num_train_timesteps=1000), image_size=32,
                             seed=0)
     scheduler = make_scheduler("ddpm", num_train_timesteps=1000, prediction_type="epsilon")
-    privacy.train_private(model, make_loss_fn(scheduler, noise_multiplicity=1, cond_dropout=0.1, seed=0), train,
+    train_private(model, make_loss_fn(scheduler, noise_multiplicity=1, cond_dropout=0.1, seed=0), train,
                           steps=500, batch_size=32, lr=2e-3, ledger=None, model_key="generator",
                           planned_total_steps=500)
     planes = torch.arange(6).repeat_interleave(12)

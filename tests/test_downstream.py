@@ -1,4 +1,4 @@
-"""Downstream models (common.downstream): DP compatibility, losses, training on synthetic tasks, metrics."""
+"""Downstream models (common.models.downstream): DP compatibility, losses, training on synthetic tasks, metrics."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from common.biometry import hc_mm
-from common.downstream import (
+from common.models.downstream import (
     GARegressor,
     PlaneClassifier,
     classifier_loss,
@@ -21,7 +20,9 @@ from common.downstream import (
     predict_planes,
     regressor_loss,
 )
-from common.privacy import PrivacyLedger, train_private
+from common.phantoms.biometry import hc_mm
+from common.privacy.dpsgd import train_private
+from common.privacy.ledger import PrivacyLedger
 
 # Opacus notes that a larger RDP order might tighten tiny budgets; the bound it returns is still valid.
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")

@@ -16,12 +16,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.bundle import build_bundle, federated_arrays, load_federated_file
-from common.config import RunConfig
+from common.core.config import RunConfig
 from common.data.sites import load_site
-from common.local_update import dp_noise_seed, local_train
-from common.privacy import PrivacyLedger, train_private
-from common.site_state import SECRET_FILE, SiteStateStore, copy_site_secrets
+from common.federated.local_update import dp_noise_seed, local_train
+from common.models.bundle import build_bundle, federated_arrays, load_federated_file
+from common.privacy.dpsgd import train_private
+from common.privacy.ledger import PrivacyLedger
+from common.privacy.site_state import SECRET_FILE, SiteStateStore, copy_site_secrets
 from simulations.launcher import run_simulation
 
 
@@ -144,7 +145,7 @@ def test_a_train_reply_carries_nothing_of_the_site_secret(tmp_path: Path, monkey
     from flwr.supercore.task_identity import TaskIdentity
 
     import client.app as client_app
-    from common.flwr_records import arrays_to_record
+    from common.federated.flwr_records import arrays_to_record
 
     for attr in ("_run_id", "_node_id", "_task_id"):  # messages outside a Flower runtime need a task identity
         monkeypatch.setattr(TaskIdentity, attr, 1)

@@ -11,13 +11,28 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import common.evaluation as ev
-from common.config import RunConfig
+import common.analysis.evaluation as ev
+from common.analysis.evaluation import (
+    DownstreamModels,
+    EvalSettings,
+    RunInputs,
+    classification_metrics,
+    evaluate_models,
+    generator_budget,
+    markdown_table,
+    phantom_prior,
+    regression_metrics,
+    run_protocol,
+)
+from common.core.config import RunConfig
 from common.data.sites import SiteData, load_federated_data, public_phantoms
 from common.data.tensors import records_to_dataset
-from common.downstream import GARegressor, PlaneClassifier, evaluate_classifier, evaluate_regressor
-from common.evaluation import (DownstreamModels, EvalSettings, RunInputs, classification_metrics, evaluate_models,
-                               generator_budget, markdown_table, phantom_prior, regression_metrics, run_protocol)
+from common.models.downstream import (
+    GARegressor,
+    PlaneClassifier,
+    evaluate_classifier,
+    evaluate_regressor,
+)
 
 SIZE, WIDTH = 32, 8
 
@@ -182,7 +197,7 @@ def test_load_run_rebuilds_the_sites_and_reads_the_release(tmp_path: Path) -> No
     # Prepare: a run folder with a config, a metrics line and a one-image release
     import json
 
-    from common.release import ReleaseItem, ReleaseStore
+    from common.active_learning.release import ReleaseItem, ReleaseStore
 
     cfg = _cfg(**{"run-dir": str(tmp_path)})
     (tmp_path / "config.json").write_text(json.dumps({"config": cfg.to_dict()}))

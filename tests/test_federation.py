@@ -9,11 +9,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-from common.bundle import load_federated_file
-from common.config import RunConfig
-from common.site_state import copy_site_secrets
+from common.core.config import RunConfig
+from common.models.bundle import load_federated_file
+from common.privacy.site_state import copy_site_secrets
 from simulations.launcher import run_simulation
 
 

@@ -12,12 +12,12 @@ from diffusers.models.attention_processor import Attention
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from common.config import GeneratorConfig
-from common.generator import (
+from common.core.config import GeneratorConfig
+from common.diffusion.schedulers import make_scheduler
+from common.models.generator import (
     ConditionalUNet,
     build_generator,
     load_generator,
-    make_scheduler,
     norm_groups,
     save_generator,
 )

@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from common.image_metrics import (ALEXNET_FILE, alexnet_weights_path, feature_set_metrics, kernel_inception_distance,
-                                  load_lpips, lpips_distance, lpips_diversity, lpips_random_backbone_for_tests,
-                                  mean_pairwise_distance, nearest_neighbours, precision_recall)
-from common.metrics import frechet_distance
-
+from common.analysis.image_metrics import (
+    ALEXNET_FILE,
+    alexnet_weights_path,
+    feature_set_metrics,
+    kernel_inception_distance,
+    load_lpips,
+    lpips_distance,
+    lpips_diversity,
+    lpips_random_backbone_for_tests,
+    mean_pairwise_distance,
+    nearest_neighbours,
+    precision_recall,
+)
+from common.analysis.metrics import frechet_distance
 
 
 @pytest.fixture(scope="module")

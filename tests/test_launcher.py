@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RunConfig
-from common.provenance import code_version
+from common.core.config import RunConfig
+from common.core.provenance import code_version
 from simulations.launcher import EchoDeduplicator, finished_as, stage_app
 
 
@@ -88,7 +88,7 @@ def test_a_finished_run_is_reused_only_when_its_config_is_the_one_asked_for(tmp_
 def test_the_staged_app_reports_the_code_version_of_the_checkout_it_was_copied_from(tmp_path: Path) -> None:
     # Prepare: a staged copy outside any git checkout (as in a run folder)
     app = stage_app(tmp_path / ".app")
-    probe = "from common.provenance import code_version; print(code_version())"
+    probe = "from common.core.provenance import code_version; print(code_version())"
     # Execute: import the copy's own `common`, as the ServerApp does
     out = subprocess.run([sys.executable, "-c", probe], cwd=app, env={"PYTHONPATH": str(app), "PATH": ""},
                          capture_output=True, text=True, check=True)

@@ -9,12 +9,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.biometry import ga_from_hc
+from common.core.errors import DataError
+from common.core.records import PLANE_INDEX
 from common.data.loaders import (
-    HADLOCK_HC_FORMULA, LoadResult, fit_square, load_african, load_fetal_planes_db, load_hc18, load_source,
+    HADLOCK_HC_FORMULA,
+    LoadResult,
+    fit_square,
+    load_african,
+    load_fetal_planes_db,
+    load_hc18,
+    load_source,
 )
-from common.errors import DataError
-from common.records import PLANE_INDEX
+from common.phantoms.biometry import ga_from_hc
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

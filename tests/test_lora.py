@@ -9,10 +9,16 @@ import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 
-from common.config import GeneratorConfig
-from common.diffusion import diffusion_loss
-from common.generator import ConditionalUNet, build_generator, load_generator, make_scheduler, save_generator
-from common.lora import (
+from common.core.config import GeneratorConfig
+from common.diffusion.loss import diffusion_loss
+from common.diffusion.schedulers import make_scheduler
+from common.models.generator import (
+    ConditionalUNet,
+    build_generator,
+    load_generator,
+    save_generator,
+)
+from common.models.lora import (
     add_lora,
     load_trainable_state_dict,
     merged_copy,

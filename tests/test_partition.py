@@ -5,11 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.core.records import PLANES, UltrasoundRecord
 from common.data.dedup import find_duplicates
 from common.data.partition import (
-    case_groups, format_summary, grouped_split, natural_sites, partition, site_summary,
+    case_groups,
+    format_summary,
+    grouped_split,
+    natural_sites,
+    partition,
+    site_summary,
 )
-from common.records import PLANES, UltrasoundRecord
 
 
 def make_records(n_patients: int = 60, per_patient: int = 3, seed: int = 0, sites: int = 3

@@ -10,12 +10,24 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from common.phantom import (
-    BONE, MASK_LABELS, SOFT, Capsule, ellipse_perimeter, image_scene, make_phantoms, render_phantom,
+from common.core.records import PLANE_INDEX, PLANES
+from common.phantoms.profiles import (
+    SCANNER_PROFILES,
+    ScannerProfile,
+    build_geometry,
+    get_profile,
+)
+from common.phantoms.simulator import (
+    BONE,
+    MASK_LABELS,
+    SOFT,
+    Capsule,
+    ellipse_perimeter,
+    image_scene,
+    make_phantoms,
+    render_phantom,
     write_phantom_grids,
 )
-from common.phantom_profiles import SCANNER_PROFILES, ScannerProfile, build_geometry, get_profile
-from common.records import PLANE_INDEX, PLANES
 
 BONE_LABEL = MASK_LABELS.index("bone")
 

@@ -13,8 +13,9 @@ from opacus.accountants import create_accountant
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from common.errors import BudgetExceededError, ConfigError, DataError
-from common.privacy import RDP_ORDERS, PrivacyLedger, noise_multiplier_for, train_private, validate_for_dp
+from common.core.errors import BudgetExceededError, ConfigError, DataError
+from common.privacy.dpsgd import train_private, validate_for_dp
+from common.privacy.ledger import RDP_ORDERS, PrivacyLedger, noise_multiplier_for
 
 # Opacus notes that a larger RDP order might tighten tiny budgets; the bound it returns is still valid.
 pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the")

@@ -7,13 +7,17 @@ import json
 import numpy as np
 import pytest
 
-from common.bundle import build_bundle
-from common.config import get_preset
-from common.errors import ReplyValidationError
-from common.query import (
-    answer_query, release_from_arrays, release_to_arrays, validate_candidates, validate_query_site,
+from common.active_learning.query import (
+    answer_query,
+    release_from_arrays,
+    release_to_arrays,
+    validate_candidates,
+    validate_query_site,
 )
-from common.scoring import SCORE_NAMES, nearest_private_ratio
+from common.active_learning.scoring import SCORE_NAMES, nearest_private_ratio
+from common.core.config import get_preset
+from common.core.errors import ReplyValidationError
+from common.models.bundle import build_bundle
 
 
 @pytest.fixture(scope="module")

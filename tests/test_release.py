@@ -10,7 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.release import METADATA, ReleaseItem, ReleaseStore, load_release_records
+from common.active_learning.release import (
+    METADATA,
+    ReleaseItem,
+    ReleaseStore,
+    load_release_records,
+)
 
 
 def _item(i: int, *, round_: int = 1) -> ReleaseItem:
@@ -94,7 +99,7 @@ def test_store_survives_a_real_kill_mid_write(tmp_path: Path) -> None:
         "import sys, numpy as np\n"
         "sys.path.insert(0, %r)\n"
         "from tests.test_release import _item\n"
-        "from common.release import ReleaseStore\n"
+        "from common.active_learning.release import ReleaseStore\n"
         "s = ReleaseStore(%r)\n"
         "print('ready', flush=True)\n"
         "for i in range(100000): s.add([_item(i)])\n"
@@ -142,10 +147,10 @@ def test_coordinator_trains_the_global_downstream_models_on_the_release_at_no_pr
 
     import torch
 
-    from common.bundle import build_bundle
     from common.data.sites import public_phantoms
     from common.data.tensors import records_to_dataset
-    from common.downstream import evaluate_classifier
+    from common.models.bundle import build_bundle
+    from common.models.downstream import evaluate_classifier
     from server.coordinator import Coordinator
     from simulations.cli import build_config
 

@@ -8,10 +8,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import numpy as np
 import pytest
 
-from common.release import METADATA, ReleaseDamagedError, ReleaseStore, load_release_records
+from common.active_learning.release import (
+    METADATA,
+    ReleaseDamagedError,
+    ReleaseStore,
+    load_release_records,
+)
 from tests.test_release import _item
 
 
@@ -164,9 +168,9 @@ class _Grid:
         return [11, 12]
 
     def send_and_receive(self, messages: list[Any], timeout: float) -> list[Any]:
-        from common.flwr_records import arrays_to_record, record_to_arrays
-        from common.query import answer_query
-        from common.seeding import derive_seed
+        from common.active_learning.query import answer_query
+        from common.core.seeding import derive_seed
+        from common.federated.flwr_records import arrays_to_record, record_to_arrays
 
         replies = []
         for msg in messages:
@@ -188,7 +192,7 @@ class _Grid:
 
 def _run(run_dir: Path, rounds: range, *, resume: bool, checkpoint_last: bool = True) -> Any:
     """The federation loop's release path: release_record, query round, checkpoint (the last one optionally lost)."""
-    from common.bundle import build_bundle
+    from common.models.bundle import build_bundle
     from server.checkpoint import RunFolder
     from server.coordinator import Coordinator
     from simulations.cli import build_config
@@ -264,7 +268,7 @@ def test_a_federation_killed_between_release_and_checkpoint_resumes_without_the_
     # Prepare: 2 rounds with a query after each (4 images each), killed after round 2's release, before its checkpoint.
     # Two real runs do not release the same pixels (the sites' DP noise is not seeded), so the resumed release is
     # checked against what the checkpoints committed, not against a second run.
-    from common.config import RunConfig
+    from common.core.config import RunConfig
     from simulations.launcher import run_simulation
 
     cfg = RunConfig.from_flat({"preset": "smoke", "run-dir": str(tmp_path / "run"), "federation.num-rounds": 2,
@@ -312,7 +316,7 @@ class _LyingGrid(_Grid):
     pytest.param(lambda c: c.update(candidates="not arrays"), id="candidates-not-arrays"),
 ])
 def test_a_lying_query_reply_is_rejected_naming_the_site_and_the_round_goes_on(tmp_path: Path, lie: Any) -> None:
-    from common.bundle import build_bundle
+    from common.models.bundle import build_bundle
     from server.checkpoint import RunFolder
     from server.coordinator import Coordinator
     from simulations.cli import build_config

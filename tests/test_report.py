@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import save_file
 
 import simulations.launcher as launcher
-from common.config import RunConfig
+from common.active_learning.release import ReleaseItem, ReleaseStore
+from common.analysis.evaluation import EvalSettings
+from common.core.config import RunConfig
+from common.core.viz import save_grid
 from common.data.sites import public_phantoms
-from common.downstream import GARegressor, PlaneClassifier
-from common.evaluation import EvalSettings
-from common.release import ReleaseItem, ReleaseStore
-from common.viz import save_grid
+from common.models.downstream import GARegressor, PlaneClassifier
 from simulations.experiments import downstream as exp
 from simulations.report import build_report, image_metrics_section
 
@@ -95,8 +95,8 @@ def test_evaluation_writes_the_protocol_table_and_image_metrics(evaluated_run: P
 
 def test_image_metrics_of_a_one_plane_dataset_use_a_ga_regressor_embedding(tmp_path: Path) -> None:
     # Prepare: HC18-like data, every image labelled with one plane and a GA: a plane classifier would learn nothing
+    from common.analysis.evaluation import RunInputs
     from common.data.sites import SiteData
-    from common.evaluation import RunInputs
 
     cfg = RunConfig.from_flat({"preset": "smoke", "run-dir": str(tmp_path), "data.public-images": 28})
     recs = [replace(r, plane=0, ga_weeks=float(r.ga_weeks or 25.0)) for r in public_phantoms(cfg.data, seed=3)]
@@ -245,7 +245,7 @@ def test_real_images_without_ga_get_their_own_columns_in_the_real_vs_synthetic_g
     # Prepare: real brain/femur images without GA (as in the African set), synthetic images with GA
     import numpy as np
 
-    from common.records import UltrasoundRecord
+    from common.core.records import UltrasoundRecord
     from simulations.report import real_vs_synthetic_cells, real_vs_synthetic_grid
 
     def rec(value: int, plane: int, ga: float | None) -> UltrasoundRecord:

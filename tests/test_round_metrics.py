@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.round_metrics import pooled, round_summary
+from common.federated.round_metrics import pooled, round_summary
 
 
 def test_pooling_weights_by_test_examples_and_skips_sites_without_the_metric() -> None:

@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from common.config import DataConfig
+from common.core.config import DataConfig
+from common.core.errors import ConfigError, DataError
+from common.core.records import PLANES, UltrasoundRecord
 from common.data.dedup import pixel_hash
 from common.data.sites import SiteData, load_federated_data, load_site, public_phantoms
 from common.data.tensors import records_to_dataset
-from common.errors import ConfigError, DataError
-from common.phantom import SCANNER_PROFILES
-from common.records import PLANES, UltrasoundRecord
+from common.phantoms.simulator import SCANNER_PROFILES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL = DataConfig(source="phantom", image_size=32, num_sites=3, images_per_site=12, test_fraction=0.25,

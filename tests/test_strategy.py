@@ -10,8 +10,8 @@ from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.config import get_preset
-from common.flwr_records import arrays_to_record, record_to_arrays
+from common.core.config import get_preset
+from common.federated.flwr_records import arrays_to_record, record_to_arrays
 from server.strategy import GuardedStrategy, make_strategy
 
 SHAPES = {"generator.w": (2, 3), "classifier.b": (4,)}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common.viz import LINE_HEIGHT, save_grid, to_uint8
+from common.core.viz import LINE_HEIGHT, save_grid, to_uint8
 
 
 def test_grid_without_labels_has_the_documented_size_and_cells(tmp_path: Path) -> None:
@@ -97,7 +97,7 @@ def test_plot_series_plots_finite_values_and_notes_a_panel_without_any() -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.viz import plot_series
+    from common.core.viz import plot_series
 
     fig, (a, b) = plt.subplots(1, 2)
     # Execute

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 from PIL import Image
 
-from common.records import UltrasoundRecord
+from common.core.records import UltrasoundRecord
 
 DuplicateKind = Literal["exact", "near"]
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)

@@ -20,9 +20,14 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
-from common.biometry import ga_from_hc
-from common.errors import DataError
-from common.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANE_INDEX, UltrasoundRecord
+from common.core.errors import DataError
+from common.core.records import (
+    GA_MAX_WEEKS,
+    GA_MIN_WEEKS,
+    PLANE_INDEX,
+    UltrasoundRecord,
+)
+from common.phantoms.biometry import ga_from_hc
 
 IMAGE_SIZES = (32, 64, 128)
 SOURCES = ("fetal_planes_db", "hc18", "african")

@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from common.core.records import PLANES, UltrasoundRecord
 from common.data.dedup import DuplicateReport, connected_components
-from common.records import PLANES, UltrasoundRecord
 
 PARTITION_KINDS = ("natural", "iid", "dirichlet", "quantity")
 _MAX_TRIES = 200  # Dirichlet redraws until no site is empty (NIID-Bench redraws the same way)

@@ -14,14 +14,21 @@ from typing import Any
 
 import numpy as np
 
-from common.config import DataConfig
+from common.core.config import DataConfig
+from common.core.errors import ConfigError
+from common.core.records import PLANES, UltrasoundRecord
+from common.core.seeding import stream_seed
 from common.data.dedup import find_duplicates
 from common.data.loaders import load_source
-from common.data.partition import case_groups, format_summary, grouped_split, natural_sites, partition, site_summary
-from common.errors import ConfigError
-from common.phantom import SCANNER_PROFILES, make_phantoms
-from common.seeding import stream_seed
-from common.records import PLANES, UltrasoundRecord
+from common.data.partition import (
+    case_groups,
+    format_summary,
+    grouped_split,
+    natural_sites,
+    partition,
+    site_summary,
+)
+from common.phantoms.simulator import SCANNER_PROFILES, make_phantoms
 
 # Tags of the independent seed streams derived from the run seed (np.random.SeedSequence entropy).
 _SITE_STREAM, _PUBLIC_STREAM, _QUANTITY_STREAM, _PARTITION_STREAM, _SPLIT_STREAM = 1, 2, 3, 4, 5

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from common.core.errors import DataError
+from common.core.records import PLANES, UltrasoundRecord
 from common.data.loaders import IMAGE_SIZES, fit_square
-from common.errors import DataError
-from common.records import PLANES, UltrasoundRecord
 
 
 def records_to_dataset(records: Sequence[UltrasoundRecord], *, image_size: int) -> TensorDataset:

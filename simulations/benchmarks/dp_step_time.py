@@ -2,7 +2,7 @@
 
 Everything runs side by side in one process on the same batch: a non-DP Adam step, then a DP step
 (per-sample gradients, clipping, noise; Opacus ``make_private`` with ``wrap_model=False`` as
-``common.privacy.train_private`` does) for each of ``functorch``, ``hooks`` and ``ghost``, for the whole
+``common.privacy.dpsgd.train_private`` does) for each of ``functorch``, ``hooks`` and ``ghost``, for the whole
 UNet and for LoRA r=8 (+ condition encoder). Fixed batches (no Poisson sampling) so that every timed step
 has the same size. Goal (issue): a LoRA r=8 DP step <= 1.3x the non-DP whole-model step.
 
@@ -28,10 +28,11 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.config import GeneratorConfig
-from common.diffusion import make_loss_fn
-from common.generator import build_generator, make_scheduler
-from common.lora import set_finetune_mode
+from common.core.config import GeneratorConfig
+from common.diffusion.loss import make_loss_fn
+from common.diffusion.schedulers import make_scheduler
+from common.models.generator import build_generator
+from common.models.lora import set_finetune_mode
 
 GOAL_RATIO = 1.3
 MODES = ("functorch", "hooks", "ghost")

@@ -27,7 +27,7 @@ from typing import Any
 
 import psutil
 
-from common.config import RunConfig
+from common.core.config import RunConfig
 from simulations.launcher import run_simulation
 
 

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 import scipy
 
-from common.phantom import make_phantoms
+from common.phantoms.simulator import make_phantoms
 
 GOAL_IMAGES, GOAL_SECONDS, GOAL_SIZE, GOAL_WORKERS = 10_000, 60.0, 64, 2
 

@@ -26,14 +26,16 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from common.config import GeneratorConfig
+from common.analysis.metrics import frechet_distance
+from common.core.config import GeneratorConfig
 from common.data.tensors import records_to_dataset
-from common.diffusion import make_loss_fn, sample
-from common.downstream import PlaneClassifier, classifier_loss
-from common.generator import ConditionalUNet, build_generator, load_generator, make_scheduler
-from common.metrics import frechet_distance
-from common.phantom import make_phantoms
-from common.privacy import train_private
+from common.diffusion.loss import make_loss_fn
+from common.diffusion.sampling import sample
+from common.diffusion.schedulers import make_scheduler
+from common.models.downstream import PlaneClassifier, classifier_loss
+from common.models.generator import ConditionalUNet, build_generator, load_generator
+from common.phantoms.simulator import make_phantoms
+from common.privacy.dpsgd import train_private
 
 DEFAULT_CONFIGS = "ddpm:1000,ddim:10,ddim:20,ddim:50,dpmsolver:10,dpmsolver:20,dpmsolver:50"
 GOAL_STEPS, GOAL_REL = 20, 0.10

@@ -26,8 +26,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from common.round_metrics import round_summary
-from common.site_state import copy_site_secrets
+from common.federated.round_metrics import round_summary
+from common.privacy.site_state import copy_site_secrets
 from simulations.cli import add_data_arguments, build_config, count_sites
 from simulations.launcher import finished_as, run_simulation
 
@@ -135,7 +135,7 @@ def plot_arms(table: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from common.viz import plot_series
+    from common.core.viz import plot_series
 
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
     for ax, key, title in zip(axes, ("plane_accuracy", "ga_mae_days", "release_size"),

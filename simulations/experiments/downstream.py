@@ -1,7 +1,7 @@
 """Does the synthetic data help, and how good is it? Evaluate a run folder, or sweep epsilon.
 
 ``python -m simulations.experiments.downstream evaluate RUN_DIR`` writes ``RUN_DIR/evaluation/``:
-``downstream.json`` + ``downstream.md`` (the protocol of :mod:`common.evaluation`) and ``image_metrics.json``.
+``downstream.json`` + ``downstream.md`` (the protocol of :mod:`common.analysis.evaluation`) and ``image_metrics.json``.
 ``python -m simulations.experiments.downstream curve --preset smoke --out DIR`` runs one federation per
 epsilon in {1, 4, 10, none} through Flower, evaluates each and writes ``DIR/privacy_utility.{json,md,png}``.
 """
@@ -21,13 +21,32 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from common.analysis.evaluation import (
+    EvalSettings,
+    RunInputs,
+    load_run,
+    markdown_table,
+    regression_metrics,
+    run_protocol,
+)
+from common.analysis.image_metrics import (
+    feature_set_metrics,
+    load_lpips,
+    lpips_distance,
+    lpips_diversity,
+    nearest_neighbours,
+)
+from common.core.seeding import derive_seed
 from common.data.tensors import records_to_dataset
-from common.downstream import GARegressor, PlaneClassifier, classifier_loss, predict_ga, predict_planes, regressor_loss
-from common.evaluation import EvalSettings, RunInputs, load_run, markdown_table, regression_metrics, run_protocol
-from common.image_metrics import (feature_set_metrics, load_lpips, lpips_distance, lpips_diversity,
-                                  nearest_neighbours)
-from common.privacy import train_private
-from common.seeding import derive_seed
+from common.models.downstream import (
+    GARegressor,
+    PlaneClassifier,
+    classifier_loss,
+    predict_ga,
+    predict_planes,
+    regressor_loss,
+)
+from common.privacy.dpsgd import train_private
 from simulations.cli import add_data_arguments
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -277,7 +296,7 @@ def plot_curve(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 def _default_prior(preset: str) -> str:
     """'shipped' when ``common/assets/prior-<preset>`` exists (the curve fine-tunes from the prior), else ''."""
-    from common.bundle import shipped_prior_folder
+    from common.models.bundle import shipped_prior_folder
 
     return "shipped" if (shipped_prior_folder(preset) / "generator").is_dir() else ""
 

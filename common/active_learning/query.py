@@ -1,9 +1,9 @@
 """The coordinator's query, both ends: the site answers it, the coordinator validates the answer.
 
 Schema of a reply's ``candidates`` arrays: ``images`` uint8 [N, H, W], ``plane`` int64 [N], ``ga`` float32 [N],
-``score.<name>`` float32 [N] for every name in :data:`common.scoring.SCORE_NAMES` and optionally
+``score.<name>`` float32 [N] for every name in :data:`common.active_learning.scoring.SCORE_NAMES` and optionally
 ``score.memorization_ratio`` (when the site ran the memorization check); nothing else. Ranges (from
-:mod:`common.scoring`): ``quality``, ``entropy`` and ``memorization_ratio`` in [0, 1]; ``ga_std``, ``ga_error``
+:mod:`common.active_learning.scoring`): ``quality``, ``entropy`` and ``memorization_ratio`` in [0, 1]; ``ga_std``, ``ga_error``
 and ``novelty`` >= 0 (``novelty`` may be +inf: the release is empty); ``uncertainty`` = ``entropy`` + ``ga_std``.
 Its ``site`` record: ``privacy`` (JSON object, ``epsilon`` >= 0, +inf without DP), ``scanner``, and
 ``memorization-checked``, true exactly when the ratio is sent.
@@ -17,11 +17,17 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from common.bundle import ModelBundle, load_federated_arrays, federated_arrays
-from common.config import RunConfig
-from common.errors import ReplyValidationError
-from common.records import PLANES, UltrasoundRecord
-from common.scoring import SCORE_NAMES, Candidates, generate, nearest_private_ratio, score
+from common.active_learning.scoring import (
+    SCORE_NAMES,
+    Candidates,
+    generate,
+    nearest_private_ratio,
+    score,
+)
+from common.core.config import RunConfig
+from common.core.errors import ReplyValidationError
+from common.core.records import PLANES, UltrasoundRecord
+from common.models.bundle import ModelBundle, federated_arrays, load_federated_arrays
 
 MEMORIZATION = "memorization_ratio"
 # Scores in [0, 1] (probabilities, a normalised entropy, a nearest/k-nearest distance ratio); the others are >= 0.

@@ -1,8 +1,8 @@
 """Seeded fetal ultrasound phantoms: anatomy of the six planes sized by Hadlock biometry, imaged in B-mode.
 
 This module builds the *scene* (what is scanned): tissue primitives with echogenicity, attenuation and
-specular reflectivity, sized from gestational age with :mod:`common.biometry` (Hadlock et al. 1984), and
-hands them to the simulated scanner of :mod:`common.phantom_profiles` (beam grid, speckle, PSF, attenuation
+specular reflectivity, sized from gestational age with :mod:`common.phantoms.biometry` (Hadlock et al. 1984), and
+hands them to the simulated scanner of :mod:`common.phantoms.profiles` (beam grid, speckle, PSF, attenuation
 and shadowing, TGC, log compression, scan conversion, overlays). ``pixel_spacing_mm = depth_mm / size``.
 Mask labels are positions in :data:`MASK_LABELS`.
 """
@@ -19,12 +19,19 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from common import biometry
-from common.phantom_profiles import (
-    SCANNER_PROFILES, Geometry, Grid, ScannerProfile, build_geometry, draw_overlays, get_profile, simulate_bmode,
+from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES, UltrasoundRecord
+from common.core.viz import save_grid
+from common.phantoms import biometry
+from common.phantoms.profiles import (
+    SCANNER_PROFILES,
+    Geometry,
+    Grid,
+    ScannerProfile,
+    build_geometry,
+    draw_overlays,
+    get_profile,
+    simulate_bmode,
 )
-from common.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES, UltrasoundRecord
-from common.viz import save_grid
 
 MASK_LABELS: tuple[str, ...] = (
     "background", "bone", "brain", "fluid", "fetal_soft_tissue", "heart", "placenta", "maternal_tissue",
@@ -509,7 +516,7 @@ def image_scene(primitives: Sequence[Primitive], background: Tissue, geom: Geome
     primitives, background:
         The scene; later primitives cover earlier ones.
     geom:
-        Scanner geometry from :func:`common.phantom_profiles.build_geometry`.
+        Scanner geometry from :func:`common.phantoms.profiles.build_geometry`.
     rng:
         Randomness (warp, texture, speckle, TGC).
     wall_mm:
@@ -570,7 +577,7 @@ def render_phantom(plane: int, ga_weeks: float, *, size: int, profile: ScannerPr
     Parameters
     ----------
     plane:
-        Index into :data:`common.records.PLANES` (0..5).
+        Index into :data:`common.core.records.PLANES` (0..5).
     ga_weeks:
         Gestational age in [14, 40] weeks; sizes the anatomy through Hadlock 1984.
     size:

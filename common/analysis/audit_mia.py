@@ -20,8 +20,9 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from common.config import RunConfig
-from common.privacy import LossFn, PrivacyLedger, PrivateTrainResult, train_private
+from common.core.config import RunConfig
+from common.privacy.dpsgd import LossFn, PrivateTrainResult, train_private
+from common.privacy.ledger import PrivacyLedger
 
 
 def _scores(member: np.ndarray, nonmember: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +167,7 @@ def denoising_errors(model: nn.Module, images: torch.Tensor, plane: torch.Tensor
 
     Parameters
     ----------
-    model: a :class:`~common.generator.ConditionalUNet` (its config gives T and the prediction type).
+    model: a :class:`~common.models.generator.ConditionalUNet` (its config gives T and the prediction type).
     images: ``[N, 1, H, W]`` in [-1, 1], ``H = W = model.image_size``.
     plane, ga: conditions ``[N]`` (plane -1 / GA NaN = unknown, the null token); the attacker knows the labels.
     timesteps: diffusion steps in ``[0, T)``.
@@ -178,7 +179,9 @@ def denoising_errors(model: nn.Module, images: torch.Tensor, plane: torch.Tensor
     -------
     Mean squared error between the model output and its target (epsilon or v), averaged over the noise draws.
     """
-    from common.generator import make_scheduler  # lazy: keeps the metric half of this module light
+    from common.diffusion.schedulers import (
+        make_scheduler,  # lazy: keeps the metric half of this module light
+    )
 
     cfg = model.generator_config  # type: ignore[attr-defined]
     size = int(model.image_size)  # type: ignore[attr-defined]
@@ -213,7 +216,7 @@ def denoising_errors(model: nn.Module, images: torch.Tensor, plane: torch.Tensor
 @torch.no_grad()
 def classifier_features(classifier: nn.Module, images: torch.Tensor, *, batch_size: int = 256,
                         device: str = "cpu") -> np.ndarray:
-    """Penultimate features ``[N, D]`` of a :class:`~common.downstream.PlaneClassifier` (eval mode, restored)."""
+    """Penultimate features ``[N, D]`` of a :class:`~common.models.downstream.PlaneClassifier` (eval mode, restored)."""
     was = classifier.training
     classifier.eval().to(device)
     try:
@@ -246,7 +249,7 @@ def run_canary_training(model: nn.Module, loss_fn: LossFn, base: TensorDataset, 
     Steinke, Nasr & Jagielski (2023), "Privacy auditing with one (1) training run": each of the ``m`` canaries
     is included independently with probability 1/2 (``included``); after training, each canary is scored by how
     much its denoising error fell (difficulty calibration against the untrained model, Watson et al. 2022), and
-    the top/bottom-k guesses are turned into an epsilon lower bound (:func:`common.audit.canary_audit`).
+    the top/bottom-k guesses are turned into an epsilon lower bound (:func:`common.analysis.audit.canary_audit`).
 
     Parameters
     ----------
@@ -310,10 +313,10 @@ def checkpoint_canary_audit(generator: nn.Module, members: TensorDataset, *, cfg
     """
     import copy
 
-    from common.audit import canary_inclusion
-    from common.diffusion import make_loss_fn
-    from common.generator import make_scheduler
-    from common.lora import set_finetune_mode
+    from common.analysis.audit import canary_inclusion
+    from common.diffusion.loss import make_loss_fn
+    from common.diffusion.schedulers import make_scheduler
+    from common.models.lora import set_finetune_mode
 
     gen = copy.deepcopy(generator)
     set_finetune_mode(gen, cfg.train.finetune, rank=cfg.train.lora_rank)  # type: ignore[arg-type]
@@ -337,10 +340,10 @@ def checkpoint_canary_audit(generator: nn.Module, members: TensorDataset, *, cfg
 
 
 def phantom_canaries(m: int, *, size: int, seed: int) -> TensorDataset:
-    """``m`` stamped phantom canaries (:func:`common.audit.make_canaries` with a phantom base) with their own
+    """``m`` stamped phantom canaries (:func:`common.analysis.audit.make_canaries` with a phantom base) with their own
     plane and GA conditions, as ``(images, plane, ga, spacing)``: public images, so no private data is spent."""
-    from common.audit import make_canaries
-    from common.phantom import make_phantoms
+    from common.analysis.audit import make_canaries
+    from common.phantoms.simulator import make_phantoms
 
     recs = make_phantoms(m, size=size, seed=seed, id_prefix="canary")
     imgs = make_canaries(m, size=size, seed=seed + 1, base=np.stack([r.image for r in recs]))

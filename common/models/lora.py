@@ -12,15 +12,15 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, TypeVar
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-if TYPE_CHECKING:
-    from common.generator import ConditionalUNet
+# Typed on nn.Module (the generator is one), so this module sits below common.models.generator.
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 LoraTarget = Literal["attn", "conv", "attn+conv", "all"]
 FinetuneMode = Literal["lora", "subset", "full"]
@@ -65,7 +65,7 @@ def lora_modules(model: nn.Module) -> list[str]:
 
 
 def add_lora(
-    model: ConditionalUNet,
+    model: nn.Module,
     *,
     rank: int,
     alpha: float | None = None,
@@ -107,7 +107,7 @@ def add_lora(
 
 
 def set_finetune_mode(
-    model: ConditionalUNet, mode: FinetuneMode, *, rank: int = 8, alpha: float | None = None,
+    model: nn.Module, mode: FinetuneMode, *, rank: int = 8, alpha: float | None = None,
     target: LoraTarget = "attn+conv",
 ) -> FinetuneInfo:
     """Select what trains: ``"lora"`` (adapters + encoder), ``"subset"`` (encoder, norms, time embedding) or ``"full"``.
@@ -195,7 +195,7 @@ def load_trainable_state_dict(model: nn.Module, state_dict: dict[str, torch.Tens
                 params[n].copy_(t.to(params[n].device, params[n].dtype))
 
 
-def merged_copy(model: ConditionalUNet) -> ConditionalUNet:
+def merged_copy(model: ModuleT) -> ModuleT:
     """A deep copy with every LoRA adapter merged into its base weight and the peft wrappers removed."""
     merged = copy.deepcopy(model)
     for name in lora_modules(merged):

@@ -1,7 +1,7 @@
 """The three models a site trains (generator, plane classifier, GA regressor), built from a prior.
 
 Only the trained part travels: the generator's fine-tuned parameters (LoRA adapters or a subset, see
-:mod:`common.lora`) and the downstream models whole (they are small). Names are prefixed with the model
+:mod:`common.models.lora`) and the downstream models whole (they are small). Names are prefixed with the model
 key (``generator.``, ``classifier.``, ``regressor.``) so that one ``ArrayRecord`` carries all three.
 """
 
@@ -20,10 +20,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.config import RunConfig
-from common.downstream import GARegressor, PlaneClassifier
-from common.generator import ConditionalUNet, build_generator, load_generator, save_generator
-from common.lora import load_trainable_state_dict, set_finetune_mode, trainable_state_dict
+from common.core.config import RunConfig
+from common.models.downstream import GARegressor, PlaneClassifier
+from common.models.generator import (
+    ConditionalUNet,
+    build_generator,
+    load_generator,
+    save_generator,
+)
+from common.models.lora import (
+    load_trainable_state_dict,
+    set_finetune_mode,
+    trainable_state_dict,
+)
 
 MODEL_KEYS: tuple[str, ...] = ("generator", "classifier", "regressor")
 ASSETS = Path(__file__).resolve().parent / "assets"

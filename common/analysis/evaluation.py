@@ -28,16 +28,23 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
-from common.config import RunConfig
+from common.active_learning.release import load_release_records
+from common.core.config import RunConfig
+from common.core.errors import ConfigError, DataError
+from common.core.records import PLANES, UltrasoundRecord
+from common.core.seeding import derive_seed
 from common.data.sites import SiteData, load_federated_data, public_phantoms
 from common.data.tensors import records_to_dataset
-from common.downstream import (GARegressor, PlaneClassifier, classifier_loss, predict_ga, predict_planes,
-                               regressor_loss)
-from common.errors import ConfigError, DataError
-from common.privacy import DEFAULT_BUDGET_SPLIT, PrivacyLedger, train_private
-from common.records import PLANES, UltrasoundRecord
-from common.release import load_release_records
-from common.seeding import derive_seed
+from common.models.downstream import (
+    GARegressor,
+    PlaneClassifier,
+    classifier_loss,
+    predict_ga,
+    predict_planes,
+    regressor_loss,
+)
+from common.privacy.dpsgd import train_private
+from common.privacy.ledger import DEFAULT_BUDGET_SPLIT, PrivacyLedger
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DP_SPLIT = {"classifier": 0.5, "regressor": 0.5}

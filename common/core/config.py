@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Mapping
 
-from common.errors import ConfigError
+from common.core.errors import ConfigError
 
 DataSource = Literal["phantom", "african", "fetal_planes_db", "hc18"]
 PartitionKind = Literal["natural", "iid", "dirichlet", "quantity"]
@@ -198,13 +198,13 @@ class FederationConfig:
     al_downstream_steps: int = 0  # server-side classifier/regressor steps on the release (public data, no DP cost)
     al_memorization_check: bool = False  # sites filter near-copies of private images (NOT covered by DP)
     al_max_reply_bytes: int = 16 * 1024 * 1024
-    # Planes the consortium's release covers (comma-separated names from common.records.PLANES; "" = all six).
+    # Planes the consortium's release covers (comma-separated names from common.core.records.PLANES; "" = all six).
     # Public scope, agreed by the consortium: the coordinator never asks a site for a plane outside it.
     al_planes: str = ""
 
     def plane_scope(self) -> tuple[int, ...]:
         """Indices of the planes in ``al_planes`` (all planes when it is empty), in PLANES order."""
-        from common.records import PLANE_INDEX, PLANES
+        from common.core.records import PLANE_INDEX, PLANES
 
         names = [t.strip() for t in self.al_planes.split(",") if t.strip()]
         if not names:

@@ -1,7 +1,7 @@
 """How good is a synthetic image set: LPIPS, Fréchet distance, KID, k-NN precision/recall, diversity.
 
 Every set-level metric here is computed in a *named* feature space given by the caller (in this project: the
-penultimate layer of a plane classifier trained on the run's real data, see :mod:`common.evaluation`), because
+penultimate layer of a plane classifier trained on the run's real data, see :mod:`common.analysis.evaluation`), because
 the Inception network of FID/KID is not available offline. Numbers from different feature spaces are not
 comparable, so every result dict carries ``feature_space``.
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.metrics import frechet_distance
+from common.analysis.metrics import frechet_distance
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's ImageNet AlexNet (AlexNet_Weights.IMAGENET1K_V1)
 ALEXNET_URL = f"https://download.pytorch.org/models/{ALEXNET_FILE}"

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Literal, Mapping
 import numpy as np
 from PIL import Image
 
-from common.records import PLANES, UltrasoundRecord
+from common.core.records import PLANES, UltrasoundRecord
 
 METADATA = "metadata.jsonl"
 SIDECAR = "release.json"

@@ -8,7 +8,7 @@ nothing beyond the first attempt (see README, "Resume and privacy").
 
 The site's secret (``site-secret.key``, 32 random bytes from :mod:`secrets`, mode 0600) is drawn here on first
 use and never leaves this folder: it keys the seeds of DP-SGD's Poisson sampling and noise
-(:func:`common.local_update.dp_noise_seed`), so the server, which knows the run seed and the whole config, cannot
+(:func:`common.federated.local_update.dp_noise_seed`), so the server, which knows the run seed and the whole config, cannot
 regenerate the noise; a replayed round draws the same noise again, as the replay argument above needs.
 """
 
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from common.config import PrivacyConfig
-from common.errors import DataError
-from common.privacy import PrivacyLedger
+from common.core.config import PrivacyConfig
+from common.core.errors import DataError
+from common.privacy.ledger import PrivacyLedger
 
 _SNAPSHOT = re.compile(r"^ledger-round-(\d{3,})\.json$")
 SECRET_FILE = "site-secret.key"

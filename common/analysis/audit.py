@@ -5,7 +5,7 @@ Parts: image distances and the memorisation criterion of Carlini et al. (2023); 
 recomputes every accounted epsilon from the ledger's own (noise multiplier, sampling rate, steps).
 Images are ``uint8`` ``[N, H, W]`` (or float in [-1, 1], ``[N, H, W]`` / ``[N, 1, H, W]``); distances are on
 the [0, 1] intensity scale. Attack metrics, the Steinke bound and the torch-side scores live in
-:mod:`common.audit_mia`.
+:mod:`common.analysis.audit_mia`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from common.records import PLANES, UltrasoundRecord
+from common.core.records import PLANES, UltrasoundRecord
 
 # Carlini et al. 2023, CIFAR-10 experiments: l(x^, x; S) = l2(x^, x) / (alpha * mean_{y in S} l2(x^, y)), S the
 # n nearest training images, alpha = 0.5, n = 50. We report the ratio d_1 / mean(d_2..d_{n+1}) (S without the
@@ -208,11 +208,11 @@ def plant_canaries(records: Sequence[UltrasoundRecord], canaries: np.ndarray, in
 
 # -- DP certificate ----------------------------------------------------------------------------------------
 def _rdp_orders() -> list[float]:
-    """Opacus' default RDP orders plus the ledger's own (:data:`common.privacy.RDP_ORDERS`): any order gives a
+    """Opacus' default RDP orders plus the ledger's own (:data:`common.privacy.ledger.RDP_ORDERS`): any order gives a
     valid bound, so the minimum over more orders is the tightest valid epsilon an honest RDP ledger can report."""
     from opacus.accountants import RDPAccountant
 
-    from common.privacy import RDP_ORDERS
+    from common.privacy.ledger import RDP_ORDERS
 
     return sorted(set(RDPAccountant.DEFAULT_ALPHAS) | set(RDP_ORDERS))
 
@@ -222,7 +222,9 @@ def compose_epsilon(histories: Sequence[tuple[float, float, int]], *, delta: flo
     hist = [(float(s), float(q), int(n)) for s, q, n in histories if int(n) > 0]
     if not hist:
         return 0.0
-    from opacus.accountants import create_accountant  # lazy: only the certificate needs it
+    from opacus.accountants import (
+        create_accountant,  # lazy: only the certificate needs it
+    )
 
     acc = create_accountant(mechanism=accountant)
     acc.history = hist

@@ -14,16 +14,22 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from common.bundle import ModelBundle
-from common.config import RunConfig
+from common.core.config import RunConfig
+from common.core.records import UltrasoundRecord
+from common.core.seeding import derive_seed, secret_seed
 from common.data.sites import SiteData
 from common.data.tensors import records_to_dataset
-from common.diffusion import diffusion_loss, make_loss_fn
-from common.downstream import classifier_loss, evaluate_classifier, evaluate_regressor, regressor_loss
-from common.generator import make_scheduler
-from common.privacy import PrivacyLedger, PrivateTrainResult, train_private
-from common.records import UltrasoundRecord
-from common.seeding import derive_seed, secret_seed
+from common.diffusion.loss import diffusion_loss, make_loss_fn
+from common.diffusion.schedulers import make_scheduler
+from common.models.bundle import ModelBundle
+from common.models.downstream import (
+    classifier_loss,
+    evaluate_classifier,
+    evaluate_regressor,
+    regressor_loss,
+)
+from common.privacy.dpsgd import PrivateTrainResult, train_private
+from common.privacy.ledger import PrivacyLedger
 
 
 @dataclass(frozen=True)
@@ -67,7 +73,7 @@ def local_train(
         Images of the shared synthetic release; post-processing of DP models, they add no privacy cost.
         They are pooled with the real images in the downstream models' DP datasets (accounted conservatively).
     secret:
-        The site's secret (:meth:`common.site_state.SiteStateStore.secret`); it keys DP-SGD's sampling and noise,
+        The site's secret (:meth:`common.privacy.site_state.SiteStateStore.secret`); it keys DP-SGD's sampling and noise,
         so a replayed round draws the same noise and nobody without it can regenerate it. ``None``: fresh noise
         from the operating system. Ignored under ``privacy.insecure-reproducible-noise`` (public seed).
     """

@@ -1,6 +1,6 @@
 """The simulated scanner: per-site profiles, beam geometry and the B-mode imaging chain of the phantoms.
 
-The anatomy (what is scanned) lives in :mod:`common.phantom`; this module is the machine that images it.
+The anatomy (what is scanned) lives in :mod:`common.phantoms.simulator`; this module is the machine that images it.
 The chain follows the textbook B-mode pipeline (Szabo, *Diagnostic Ultrasound Imaging*, 2nd ed., ch. 8-10;
 Jensen, *Linear description of ultrasound imaging systems*, 1991; speckle statistics after Burckhardt 1978):
 

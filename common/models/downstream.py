@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from common.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
+from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
 
 _GA_CENTER = (GA_MIN_WEEKS + GA_MAX_WEEKS) / 2.0  # 27 weeks
 _GA_SCALE = (GA_MAX_WEEKS - GA_MIN_WEEKS) / 2.0  # 13 weeks
@@ -134,7 +134,7 @@ class GARegressor(nn.Module):
         return mean, logvar
 
 
-# -- per-example losses for common.privacy.train_private ---------------------------------------------------
+# -- per-example losses for common.privacy.dpsgd.train_private ---------------------------------------------------
 def classifier_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
     """Per-example cross-entropy ``[B]``."""
     return F.cross_entropy(model(batch[0]), batch[1], reduction="none")

@@ -1,7 +1,7 @@
 """The public prior: generator and downstream models trained on phantoms without DP (no privacy cost).
 
 The recipe of Ghalebikesabi et al. 2023: pretrain on public data, then DP fine-tune at the sites. The prior
-folder is what :func:`common.bundle.build_bundle` loads when ``prior="shipped"`` or a path is given.
+folder is what :func:`common.models.bundle.build_bundle` loads when ``prior="shipped"`` or a path is given.
 """
 
 from __future__ import annotations
@@ -9,17 +9,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from common.bundle import build_bundle, save_bundle
-from common.config import RunConfig
+from common.core.config import RunConfig
+from common.core.provenance import code_version
+from common.core.seeding import derive_seed
 from common.data.sites import public_phantoms
 from common.data.tensors import records_to_dataset
-from common.diffusion import make_loss_fn
-from common.downstream import classifier_loss, regressor_loss
-from common.generator import make_scheduler
-from common.privacy import train_private
-from common.seeding import derive_seed
-from common.provenance import code_version
-
+from common.diffusion.loss import make_loss_fn
+from common.diffusion.schedulers import make_scheduler
+from common.models.bundle import build_bundle, save_bundle
+from common.models.downstream import classifier_loss, regressor_loss
+from common.privacy.dpsgd import train_private
 
 PROGRESS_EVERY = 100  # steps between progress lines
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.acquisition import entropy, novelty
-from common.bundle import ModelBundle
-from common.config import RunConfig
-from common.diffusion import sample, to_uint8
-from common.downstream import predict_ga, predict_planes
-from common.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
+from common.active_learning.acquisition import entropy, novelty
+from common.core.config import RunConfig
+from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
+from common.diffusion.sampling import sample, to_uint8
+from common.models.bundle import ModelBundle
+from common.models.downstream import predict_ga, predict_planes
 
 SCORE_NAMES: tuple[str, ...] = ("quality", "uncertainty", "entropy", "ga_std", "ga_error", "novelty")
 

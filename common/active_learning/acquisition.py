@@ -12,7 +12,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-from common.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
+from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
 
 Ordering = Literal["uncertainty", "kcenter", "random"]
 GA_BIN_EDGES: tuple[float, ...] = (GA_MIN_WEEKS, 20.0, 26.0, 32.0, GA_MAX_WEEKS)  # 4 GA bins (weeks)

@@ -17,17 +17,18 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from common.config import GeneratorConfig
-from common.provenance import code_version
-from common.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
+from common.core.config import GeneratorConfig
+from common.core.provenance import code_version
+from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
+from common.models.lora import merged_copy
 
 NUM_PLANES = len(PLANES)
 NULL_PLANE = NUM_PLANES  # embedding row of the "no plane" token (classifier-free guidance, Ho & Salimans 2022)
@@ -36,15 +37,6 @@ ENCODER_FILE = "condition_encoder.safetensors"
 ENCODER_JSON = "condition_encoder.json"
 SIDECAR_JSON = "sidecar.json"
 UNET_DIR = "unet"
-# Linear betas of Ho et al. (2020), 1e-4..0.02 at T=1000, scaled by 1000/T as improved-diffusion's
-# get_named_beta_schedule("linear") does, so that alpha_bar_T ~ 4e-5 for any T (diffusers' unscaled
-# betas leave alpha_bar_T ~ e^-1 at T=100, the smoke preset). Not the cosine schedule: it drives
-# alpha_bar_T to 2e-9, so with epsilon prediction x0 = (x_t - sqrt(1-abar) eps) / sqrt(abar) is amplified
-# ~2e4x at the first solver step and DPM-Solver++ diverged in our measurement (|x| ~ 1e4).
-BETA_START_T1000, BETA_END_T1000 = 1e-4, 0.02
-
-SchedulerName = Literal["ddpm", "ddim", "dpmsolver"]
-AnyScheduler = DDPMScheduler | DDIMScheduler | DPMSolverMultistepScheduler
 
 
 def norm_groups(channels: tuple[int, ...]) -> int:
@@ -227,39 +219,6 @@ def build_generator(cfg: GeneratorConfig, *, image_size: int, seed: int) -> Cond
     return ConditionalUNet(unet, encoder, generator_config=cfg, image_size=image_size)
 
 
-def make_scheduler(name: SchedulerName, *, num_train_timesteps: int, prediction_type: str) -> AnyScheduler:
-    """A diffusers noise scheduler sharing the training schedule (linear betas scaled to T).
-
-    Parameters
-    ----------
-    name: ``"ddpm"`` (ancestral, Ho et al. 2020), ``"ddim"`` (Song et al. 2021, eta=0, trailing timesteps)
-        or ``"dpmsolver"`` (DPM-Solver++ 2M, Lu et al. 2022).
-    num_train_timesteps: T of the training schedule.
-    prediction_type: ``"epsilon"`` or ``"v_prediction"``.
-
-    Returns
-    -------
-    The scheduler.
-    """
-    scale = 1000.0 / num_train_timesteps
-    common = {
-        "num_train_timesteps": num_train_timesteps, "beta_schedule": "linear", "prediction_type": prediction_type,
-        "beta_start": BETA_START_T1000 * scale, "beta_end": min(BETA_END_T1000 * scale, 0.999),
-    }
-    # Every sampler clips its x0 estimate to the data range [-1, 1] (DDPM/DDIM clip_sample, DPM-Solver++
-    # thresholding with sample_max_value=1, which is then a plain clip): pixel-space images, Ho et al. 2020.
-    if name == "ddpm":
-        return DDPMScheduler(**common, clip_sample=True)
-    if name == "ddim":
-        # "trailing" spacing starts sampling at t = T-1 (Lin et al. 2024, Table 2), better at few steps.
-        return DDIMScheduler(**common, timestep_spacing="trailing", clip_sample=True)
-    if name == "dpmsolver":
-        return DPMSolverMultistepScheduler(
-            **common, algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0
-        )
-    raise ValueError(f"scheduler {name!r} is unknown; choose one of ['ddpm', 'ddim', 'dpmsolver']")
-
-
 def _has_lora(model: nn.Module) -> bool:
     """Whether peft adapters are injected (module names containing ``lora_``)."""
     return any("lora_" in name for name, _ in model.named_parameters())
@@ -285,8 +244,6 @@ def save_generator(
         raise ValueError(f"dtype={dtype} is not supported; use torch.float32 or torch.float16")
     folder = Path(folder)
     if _has_lora(model):
-        from common.lora import merged_copy  # lazy: lora imports this module for its types
-
         model = merged_copy(model)
     meta = dict(sidecar)
     meta.setdefault("code_version", code_version())

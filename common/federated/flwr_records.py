@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import ArrayRecord
 
-from common.errors import ReplyValidationError
+from common.core.errors import ReplyValidationError
 
 
 def arrays_to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:

@@ -1,0 +1,1 @@
+"""Foundations every other package builds on: run config, errors, records, seeding, provenance, atomic I/O, figures."""

@@ -1,0 +1,1 @@
+"""The networks: the conditional diffusion generator, its LoRA adapters, the downstream heads, the model bundle."""

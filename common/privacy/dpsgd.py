@@ -1,0 +1,250 @@
+"""DP-SGD training of one model at one site with Opacus, charged to the site's ledger."""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+from opacus.validators import ModuleValidator
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from common.core.errors import BudgetExceededError, ConfigError, DataError
+from common.privacy.ledger import PrivacyLedger
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+LossFn = Callable[[nn.Module, tuple[Tensor, ...]], Tensor]
+
+
+@dataclass(frozen=True)
+class PrivateTrainResult:
+    """Outcome of one :func:`train_private` call (``epsilon`` is the model's cumulative spend)."""
+
+    steps: int
+    losses: list[float]
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    sample_rate: float
+    stopped_by_budget: bool
+    message: str
+
+
+def validate_for_dp(model: nn.Module) -> None:
+    """Raise :class:`ConfigError` listing every reason ``model`` cannot be trained with DP-SGD."""
+    was_training = model.training
+    model.train()
+    try:
+        problems = [str(e) for e in ModuleValidator.validate(model, strict=False)]
+    finally:
+        model.train(was_training)
+    # A frozen BatchNorm (skipped by Opacus) still mixes the examples of a batch through its statistics.
+    problems += [f"{name}: frozen {type(m).__name__} mixes the examples of a batch" for name, m in
+                 model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 and not any(p.requires_grad for p in m.parameters())]
+    if problems:
+        raise ConfigError(f"{type(model).__name__} is not DP-compatible (Opacus ModuleValidator): "
+                          + "; ".join(problems) + ". Fix: replace BatchNorm by GroupNorm (ModuleValidator.fix).")
+
+
+def _per_example_loss(loss_fn: LossFn, model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
+    """``loss_fn(model, batch)``, checked to be a ``[B]`` vector of per-example losses."""
+    loss = loss_fn(model, batch)
+    if loss.ndim != 1 or loss.shape[0] != batch[0].shape[0]:
+        raise ValueError(f"loss_fn must return per-example losses of shape [{batch[0].shape[0]}], got "
+                         f"{tuple(loss.shape)}; use reduction='none' and reduce the non-batch dims")
+    return loss
+
+
+def _batches(loader: DataLoader, dev: torch.device) -> Iterator[tuple[Tensor, ...]]:
+    """Endless batches of ``loader`` on ``dev`` (a new epoch starts when one ends)."""
+    while True:
+        for batch in loader:
+            yield tuple(t.to(dev) for t in batch)
+
+
+def train_private(
+    model: nn.Module, loss_fn: LossFn, dataset: TensorDataset, *, steps: int, batch_size: int, lr: float,
+    ledger: PrivacyLedger | None, model_key: str, planned_total_steps: int, max_grad_norm: float = 1.0,
+    grad_sample_mode: str = "functorch", seed: int = 0, device: str = "cpu", optimizer: str = "adam",
+    strict: bool = False, noise_multiplier: float | None = None, noise_seed: int | None = None,
+) -> PrivateTrainResult:
+    """Train the ``requires_grad`` parameters of ``model`` in place, with DP-SGD when a ledger is given.
+
+    Parameters
+    ----------
+    model:
+        Trained in place; afterwards it has no Opacus hooks, ``grad_sample`` attributes or ``_module.`` prefixes.
+    loss_fn:
+        ``loss_fn(model, batch) -> Tensor[B]`` per-example losses (reduced here by the mean).
+    dataset:
+        Private (or, with ``ledger=None``, public) examples; batches are tuples of its tensors.
+    steps, batch_size, lr:
+        Optimiser steps of this call; expected batch size (Poisson rate ``q = 1/ceil(N/batch_size)``); rate.
+    ledger:
+        The site's :class:`PrivacyLedger`; ``None`` trains without DP on shuffled batches (epsilon 0).
+    model_key:
+        Which budget/accountant of the ledger to use ("generator", "classifier", "regressor").
+    planned_total_steps:
+        Steps of this model over the whole run; fixes the noise multiplier at its first use.
+    max_grad_norm, grad_sample_mode, optimizer:
+        Clipping bound ``C``; Opacus per-sample gradient mode; ``"adam"``, ``"adamw"`` or ``"sgd"``.
+    seed, device:
+        Seeds the public randomness (shuffling without DP, the global RNG: forked, restored after); torch device.
+    noise_seed:
+        Seeds the *private* randomness of DP-SGD: Poisson sampling and the Gaussian noise. It must be unknown to
+        whoever sees the trained weights, or the noise can be regenerated and subtracted. A site passes a seed
+        derived from its secret (:func:`common.federated.local_update.dp_noise_seed`); ``None`` draws a fresh
+        one from the operating system (:mod:`secrets`). Only ``privacy.insecure-reproducible-noise`` passes a
+        seed anyone can know, and everything it produces is marked not private.
+    strict:
+        Raise :class:`BudgetExceededError` instead of stopping when the next step would exceed the budget.
+    noise_multiplier:
+        Overrides the derived noise multiplier at the model's first use (required if the ledger has no target).
+
+    Returns
+    -------
+    PrivateTrainResult
+        Steps done, per-step mean losses (NaN for an empty Poisson batch), cumulative epsilon, DP settings.
+    """
+    if steps < 0 or batch_size < 1 or not lr > 0 or not max_grad_norm > 0:
+        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0, max_grad_norm > 0; got {steps}, {batch_size}, "
+                         f"{lr}, {max_grad_norm}")
+    if grad_sample_mode not in GRAD_SAMPLE_MODES or optimizer not in OPTIMIZERS:
+        raise ValueError(f"grad_sample_mode must be in {list(GRAD_SAMPLE_MODES)} and optimizer in {list(OPTIMIZERS)};"
+                         f" got {grad_sample_mode!r}, {optimizer!r}")
+    if len(dataset) == 0:
+        raise DataError("train_private got an empty dataset: the site has no training examples")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True: nothing to train")
+    if ledger is not None:
+        validate_for_dp(model)
+    dev = torch.device(device)
+    was_training = model.training
+    model.to(dev).train()
+    opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer](params, lr=lr)
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        try:
+            if ledger is None:
+                return _train_public(model, loss_fn, dataset, opt, steps, batch_size, gen, dev)
+            private_seed = secrets.randbits(63) if noise_seed is None else int(noise_seed)
+            return _train_dp(model, loss_fn, dataset, opt, ledger, model_key, steps, batch_size, planned_total_steps,
+                             max_grad_norm, grad_sample_mode, private_seed, dev, strict, noise_multiplier)
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+
+
+def _train_public(model: nn.Module, loss_fn: LossFn, dataset: TensorDataset, opt: torch.optim.Optimizer,
+                  steps: int, batch_size: int, gen: torch.Generator, dev: torch.device) -> PrivateTrainResult:
+    """Ordinary shuffled minibatch training (public data, no DP)."""
+    batches = _batches(DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen), dev)
+    losses: list[float] = []
+    for _ in range(steps):
+        batch = next(batches)
+        opt.zero_grad(set_to_none=True)
+        loss = _per_example_loss(loss_fn, model, batch).mean()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return PrivateTrainResult(steps, losses, 0.0, 0.0, 0.0, 0.0, False, f"trained {steps} steps without DP")
+
+
+def _engine_with_private_rng(accountant: str, private_seed: int, dev: torch.device) -> PrivacyEngine:
+    """A ``PrivacyEngine`` whose Poisson sampler and noise draw from one generator seeded by ``private_seed``.
+
+    Opacus' ``secure_mode=True`` would take that generator from ``torchcsprng`` (unmaintained, not installable
+    for current torch). Its other half is kept: with ``secure_mode`` set, each noise draw sums four Gaussian
+    samples (Holohan & Braghin 2021), which defeats the floating-point attack on the noise's low bits
+    (Jin et al. 2022). The generator is torch's Mersenne Twister, seeded with 63 bits that only the site knows
+    (derived from its 256-bit secret, :mod:`common.privacy.site_state`); it is not a CSPRNG, which the README states.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=accountant, secure_mode=False)
+    engine.secure_mode = True  # noise as four summed draws; sampler and noise take engine.secure_rng
+    engine.secure_rng = torch.Generator(device=dev).manual_seed(int(private_seed))
+    return engine
+
+
+def _check_private_rng(engine: PrivacyEngine, dp_opt: Any, loader: DataLoader) -> None:
+    """Fail loudly if this Opacus version no longer routes sampling and noise through ``engine.secure_rng``."""
+    sampler = getattr(loader, "batch_sampler", None)
+    if (getattr(dp_opt, "generator", None) is not engine.secure_rng or not getattr(dp_opt, "secure_mode", False)
+            or getattr(sampler, "generator", None) is not engine.secure_rng):
+        raise RuntimeError(
+            "Opacus did not take the site's private generator for Poisson sampling and DP noise (its internals "
+            "changed); refusing to train with noise that may be predictable. Pin opacus to a tested version (>=1.5)."
+        )
+
+
+def _train_dp(model: nn.Module, loss_fn: LossFn, dataset: TensorDataset, opt: torch.optim.Optimizer,
+              ledger: PrivacyLedger, key: str, steps: int, batch_size: int, planned: int, clip: float, mode: str,
+              private_seed: int, dev: torch.device, strict: bool,
+              sigma_override: float | None) -> PrivateTrainResult:
+    """DP-SGD through Opacus with the ledger's accountant attached, so that its history continues."""
+    q = 1.0 / len(DataLoader(dataset, batch_size=batch_size))  # Opacus' convention for the Poisson rate
+    plan = ledger.plan(key, sample_rate=q, planned_total_steps=planned, noise_multiplier=sigma_override)
+    sigma = plan.noise_multiplier
+    engine = _engine_with_private_rng(ledger.accountant, private_seed, dev)
+    engine.accountant = ledger.accountant_for(key)  # before make_private: its step hook binds this accountant
+    made = engine.make_private(
+        module=model, optimizer=opt, data_loader=DataLoader(dataset, batch_size=batch_size),
+        noise_multiplier=sigma, max_grad_norm=clip, poisson_sampling=True, grad_sample_mode=mode, wrap_model=False,
+    )  # wrap_model=False: hooks on the original model, so no "_module." wrapper ever exists
+    hooks, dp_opt, loader = made[0], made[1], made[-1]
+    _check_private_rng(engine, dp_opt, loader)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    losses: list[float] = []
+    done, message, batches = 0, "", _batches(loader, dev)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(steps):
+                if ledger.would_exceed(key, noise_multiplier=sigma, sample_rate=q):
+                    eps_budget, delta = ledger.budget(key)
+                    message = (f"stopped after {done}/{steps} steps: one more step would take {key!r} past its "
+                               f"budget epsilon={eps_budget:.4g} (spent {ledger.epsilon(key):.4g}, delta={delta:.3g})")
+                    if strict:
+                        raise BudgetExceededError(message)
+                    break
+                batch = next(batches)
+                dp_opt.zero_grad(set_to_none=True)
+                n, step_loss = batch[0].shape[0], float("nan")
+                if n > 0:
+                    loss = _per_example_loss(loss_fn, model, batch)
+                    if mode == "ghost":  # two backward passes: norms, then the clipped sum (Li et al. 2022)
+                        DPTensorFastGradientClipping(hooks, dp_opt, loss, "mean").backward()
+                    else:
+                        loss.mean().backward()
+                    step_loss = float(loss.detach().mean())
+                losses.append(step_loss)
+                # An empty Poisson batch, or a parameter this batch did not use, still gets the noise-only update
+                # the privacy analysis assumes: give it a zero (per-example) gradient.
+                for p in trainable:
+                    if mode == "ghost" and p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    elif mode != "ghost" and getattr(p, "grad_sample", None) is None:
+                        p.grad_sample = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
+                dp_opt.step()  # clip, noise, scale; its hook records (sigma, q) in the ledger's accountant
+                done += 1
+    finally:
+        hooks.cleanup()
+        for obj, attrs in [(p, ("summed_grad", "grad_sample")) for p in model.parameters()] + [
+                (m, ("activations", "max_batch_len")) for m in model.modules()]:
+            for attr in attrs:
+                if hasattr(obj, attr):
+                    delattr(obj, attr)
+    eps, delta = ledger.epsilon(key), ledger.budget(key)[1]
+    message = message or f"trained {done} DP steps (sigma={sigma:.4g}, q={q:.4g}, C={clip}); epsilon={eps:.4g}"
+    return PrivateTrainResult(done, losses, eps, delta, sigma, q, done < steps, message)
+
