@@ -54,6 +54,7 @@ def _wait_for_line(path: Path, text: str, *, timeout_s: float) -> None:
     raise TimeoutError(f"{text!r} never appeared in {path}")
 
 
+@pytest.mark.e2e
 def test_certificates_name_only_loopback_and_private_keys_are_owner_only(tmp_path: Path) -> None:
     # Prepare / Execute
     certs = make_server_certificates(tmp_path / "certs")
@@ -80,6 +81,7 @@ def test_certificates_name_only_loopback_and_private_keys_are_owner_only(tmp_pat
         make_site_keys(tmp_path / "keys", "../escape")
 
 
+@pytest.mark.e2e
 def test_two_sites_one_round_and_one_query_over_tls_with_authentication(tmp_path: Path) -> None:
     # Prepare: one federated round followed by one coordinator query (smoke: 4 candidates per site, 4 selected)
     cfg = RunConfig.from_flat({"preset": "smoke", "run-dir": str(tmp_path / "run"), "federation.al-every": 1})
@@ -117,6 +119,7 @@ def test_two_sites_one_round_and_one_query_over_tls_with_authentication(tmp_path
     assert not list(layout.path("pids").glob("*.pid"))
 
 
+@pytest.mark.e2e
 def test_unregistered_and_insecure_supernodes_are_refused(tmp_path: Path) -> None:
     # Prepare: a SuperLink with one registered site (the control), plus three intruders
     with Deployment(tmp_path / "dep") as dep:
@@ -142,6 +145,7 @@ def test_unregistered_and_insecure_supernodes_are_refused(tmp_path: Path) -> Non
     assert deployment_processes(layout) == []
 
 
+@pytest.mark.e2e
 def test_a_killed_supernode_is_reported_missing_and_the_run_finishes(tmp_path: Path) -> None:
     # Prepare
     cfg = _cfg(tmp_path / "run")
@@ -166,6 +170,7 @@ def test_a_killed_supernode_is_reported_missing_and_the_run_finishes(tmp_path: P
     assert deployment_processes(dep.layout) == []
 
 
+@pytest.mark.e2e
 def test_superlink_binds_all_interfaces_and_advertises_a_certified_name(tmp_path: Path) -> None:
     # Prepare: a consortium SuperLink on every interface, dialled as "localhost" (a name in its certificate)
     layout = Layout(tmp_path / "dep")

@@ -7,6 +7,8 @@ site's state folder; only ``privacy.insecure-reproducible-noise`` seeds them pub
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import stat
 from pathlib import Path
@@ -113,6 +115,7 @@ def _files_containing(root: Path, needles: list[bytes], *, skip: set[Path]) -> l
             and any(n in p.read_bytes() for n in needles)]
 
 
+@pytest.mark.e2e
 def test_same_seed_dp_federations_differ_in_noise_and_the_secret_stays_home(tmp_path: Path) -> None:
     # Prepare: the same config and seed twice, in two run folders (as a server would replay them)
     runs = [tmp_path / "one", tmp_path / "two"]

@@ -5,6 +5,8 @@ Tiny models (smoke preset, 32x32). Each test starts and stops its own SuperLink 
 
 from __future__ import annotations
 
+import pytest
+
 import json
 from pathlib import Path
 
@@ -26,6 +28,7 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.e2e
 def test_two_sites_one_round_through_flower(tmp_path: Path) -> None:
     # Prepare
     cfg = _cfg(tmp_path / "run")
@@ -50,6 +53,7 @@ def test_two_sites_one_round_through_flower(tmp_path: Path) -> None:
     assert (run / "figures" / "samples-round-001.png").is_file() and (run / "figures" / "rounds.png").is_file()
 
 
+@pytest.mark.e2e
 def test_resume_after_kill_reaches_the_uninterrupted_result(tmp_path: Path) -> None:
     # Prepare: the same 2-round run, uninterrupted and killed after round 1
     full = _cfg(tmp_path / "full", **{"federation.num-rounds": 2})
@@ -76,6 +80,7 @@ def test_resume_after_kill_reaches_the_uninterrupted_result(tmp_path: Path) -> N
     assert [r["round"] for r in _records(tmp_path / "killed")] == [1, 2]
 
 
+@pytest.mark.e2e
 def test_a_failing_site_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path / "run")
     result = run_simulation(cfg, num_sites=2, echo=False, timeout_s=300,
@@ -87,6 +92,7 @@ def test_a_failing_site_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
     assert status[1][0] == "ok"
 
 
+@pytest.mark.e2e
 def test_a_site_past_its_budget_stops_contributing_and_the_ledger_says_why(tmp_path: Path) -> None:
     # Prepare: a fixed noise multiplier that spends the generator's share (0.6 x 5) after 3 of 4 steps
     # (q = 8/24: epsilon 1.93, 2.47, 2.87, 3.21 after 1..4 steps) and leaves the downstream shares no step
@@ -110,6 +116,7 @@ def test_a_site_past_its_budget_stops_contributing_and_the_ledger_says_why(tmp_p
     assert all(np.array_equal(r1[k], r2[k]) for k in r1)
 
 
+@pytest.mark.e2e
 def test_active_learning_round_releases_scored_images_that_flow_back(tmp_path: Path) -> None:
     # Prepare: 2 rounds, a query after each; smoke selects 4 of 2 x 4 candidates per query
     cfg = _cfg(tmp_path / "run", **{"federation.num-rounds": 2, "federation.al-every": 1,

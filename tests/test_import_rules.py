@@ -175,3 +175,14 @@ def test_the_staged_app_bundle_holds_only_the_runtime_packages(tmp_path):
     assert not (app / "common" / "analysis").exists()
     assert not (app / "simulations").exists() and not (app / "tests").exists()
     assert (app / "common" / "assets").is_dir()
+
+
+def test_the_readme_table_matches_the_tree():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## What is where"):readme.index("## Phantoms")]
+    listed = set(re.findall(r"^\| `([a-z_/]+)/` \|", table, re.M))
+    packages = {f"common/{p.name}" for p in (ROOT / "common").iterdir() if (p / "__init__.py").is_file()}
+    tops = {"client", "server", "simulations", "tests"}
+    assert listed == packages | tops, f"README lists {sorted(listed)}; the tree has {sorted(packages | tops)}"

@@ -263,6 +263,7 @@ def test_resume_refuses_to_repair_damage_that_is_not_its_own_interrupted_write(t
     assert _snapshot(release) == before
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_federation_killed_between_release_and_checkpoint_resumes_without_the_extra_images(tmp_path: Path) -> None:
     # Prepare: 2 rounds with a query after each (4 images each), killed after round 2's release, before its checkpoint.

@@ -51,6 +51,7 @@ def test_a_round_fails_only_when_no_site_trained_and_not_every_site_was_out_of_b
     assert "no site" in str(round_failure([]))
 
 
+@pytest.mark.e2e
 def test_a_run_in_which_every_site_fails_exits_non_zero_and_its_status_says_why(tmp_path: Path) -> None:
     # Prepare: a data folder that does not exist (the sites, not the server, read it)
     run_dir = tmp_path / "run"
@@ -97,6 +98,7 @@ def _in_groups(groups: set[int]) -> list[psutil.Process]:
     return out
 
 
+@pytest.mark.e2e
 def test_a_launcher_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path) -> None:
     # Prepare: a simulate run, killed once its ServerApp wrote the run folder and Ray runs the sites
     run_dir = tmp_path / "run"
@@ -138,6 +140,7 @@ def test_a_launcher_killed_with_sigkill_leaves_no_process_behind(tmp_path: Path)
                 pass
 
 
+@pytest.mark.e2e
 def test_deploy_supernode_returns_non_zero_when_the_superlink_refuses_the_node(tmp_path: Path, capsys) -> None:
     # Prepare: a SuperLink with node authentication; site-0 registered (the control), rogue never registered
     layout = Layout(tmp_path / "dep")
@@ -161,6 +164,7 @@ def test_deploy_supernode_returns_non_zero_when_the_superlink_refuses_the_node(t
     assert deployment_processes(layout) == []
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_simulate_refuses_a_non_finite_epsilon_before_starting_anything(tmp_path: Path, value: str) -> None:
     # Prepare
