@@ -164,7 +164,6 @@ def test_deploy_supernode_returns_non_zero_when_the_superlink_refuses_the_node(t
     assert deployment_processes(layout) == []
 
 
-@pytest.mark.e2e
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_simulate_refuses_a_non_finite_epsilon_before_starting_anything(tmp_path: Path, value: str) -> None:
     # Prepare
