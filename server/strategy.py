@@ -15,7 +15,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -34,8 +34,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore import log
 
-from common.core.config import RunConfig
-from common.core.errors import ReplyValidationError
+from common.core.config import RunConfig, StrategyName
+from common.core.errors import ConfigError, ReplyValidationError
 from common.federated.flwr_records import record_nbytes, record_to_arrays, validate_arrays
 
 # Sites reply with :func:`common.models.bundle.federated_arrays`, which casts every array to float32.
@@ -108,7 +108,9 @@ def make_strategy(cfg: RunConfig) -> Strategy:
         return FedMedian(**common)
     if fed.strategy == "trimmedmean":
         return FedTrimmedAvg(**common, beta=fed.trimmed_beta)
-    return Krum(**common, num_malicious_nodes=max(0, (cfg.data.num_sites - 3) // 2))
+    if fed.strategy == "krum":
+        return Krum(**common, num_malicious_nodes=max(0, (cfg.data.num_sites - 3) // 2))
+    raise ConfigError(f"federation.strategy={fed.strategy!r} is unknown; choose one of {list(get_args(StrategyName))}")
 
 
 @dataclass

@@ -11,6 +11,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.core.config import get_preset
+from common.core.errors import ConfigError
 from common.federated.flwr_records import arrays_to_record, record_to_arrays
 from server.strategy import GuardedStrategy, make_strategy
 
@@ -93,6 +94,17 @@ def test_strategy_is_selected_from_config(name: str, cls: str) -> None:
     cfg = get_preset("smoke")
     cfg = cfg.from_flat({"preset": "smoke", "federation.strategy": name})
     assert type(make_strategy(cfg)).__name__ == cls
+
+
+def test_an_unknown_strategy_is_an_error_in_the_config_and_in_the_factory() -> None:
+    # The config refuses the name and lists the choices
+    with pytest.raises(ConfigError, match=r"federation.strategy='krum2' is not allowed; choose one of \['fedavg'"):
+        get_preset("smoke").from_flat({"preset": "smoke", "federation.strategy": "krum2"})
+    # A config that got past validation does not fall through to Krum (it used to)
+    cfg = get_preset("smoke")
+    object.__setattr__(cfg.federation, "strategy", "krum2")
+    with pytest.raises(ConfigError, match="federation.strategy='krum2' is unknown"):
+        make_strategy(cfg)
 
 
 def test_fedadam_state_round_trips_for_resume() -> None:

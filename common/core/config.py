@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, get_args
 
 from common.core.errors import ConfigError
 
@@ -218,11 +218,7 @@ class FederationConfig:
     def validate(self) -> None:
         self.plane_scope()
         _check_range("federation.num_rounds", self.num_rounds, 1, 10_000)
-        _check_choice(
-            "federation.strategy",
-            self.strategy,
-            ("fedavg", "fedprox", "fedadam", "fedmedian", "trimmedmean", "krum"),
-        )
+        _check_choice("federation.strategy", self.strategy, get_args(StrategyName))
         _check_range("federation.fraction_train", self.fraction_train, 0.01, 1.0)
         _check_range("federation.min_sites", self.min_sites, 1, 10_000)
         _check_range("federation.reply_timeout_s", self.reply_timeout_s, 1.0, 7 * 86400.0)
