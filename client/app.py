@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -49,6 +50,7 @@ def _site(context: Context) -> tuple[SiteSpec, SiteData, str, Path]:
 def _guarded(handler):  # type: ignore[no-untyped-def]
     """Reply with an error that names the site instead of crashing the ClientApp."""
 
+    @functools.wraps(handler)
     def wrapper(msg: Message, context: Context) -> Message:
         name = str(context.node_config.get("site-name", f"site-{context.node_config.get('partition-id', '?')}"))
         try:
@@ -61,7 +63,6 @@ def _guarded(handler):  # type: ignore[no-untyped-def]
             traceback.print_exc()
             return Message(Error(code=SITE_FAILURE, reason=f"site {name}: {type(exc).__name__}: {exc}"), reply_to=msg)
 
-    wrapper.__name__ = handler.__name__
     return wrapper
 
 

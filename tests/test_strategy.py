@@ -122,3 +122,16 @@ def test_fedadam_state_round_trips_for_resume() -> None:
     for key, value in state.items():
         attr, _, name = key.partition("/")
         assert np.array_equal(getattr(other.base, attr)[name], value)
+
+
+def test_the_client_handler_wrapper_keeps_the_handler_identity() -> None:
+    from client.app import _guarded, train
+
+    def handler(msg, context):  # type: ignore[no-untyped-def]
+        """The handler's own docstring."""
+        raise AssertionError("not called")
+
+    wrapped = _guarded(handler)
+    assert wrapped.__wrapped__ is handler
+    assert (wrapped.__name__, wrapped.__doc__) == ("handler", "The handler's own docstring.")
+    assert train.__name__ == "train" and train.__wrapped__.__name__ == "train"
