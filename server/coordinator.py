@@ -41,7 +41,7 @@ from common.core.provenance import code_version
 from common.core.records import PLANES
 from common.core.seeding import derive_seed
 from common.core.viz import save_grid
-from common.data.tensors import records_to_dataset
+from common.data.tensors import has_ga, records_to_dataset
 from common.diffusion.loss import make_loss_fn
 from common.diffusion.schedulers import make_scheduler
 from common.federated.flwr_records import arrays_to_record, record_to_arrays
@@ -274,7 +274,7 @@ class Coordinator:
         steps, lr = self.cfg.federation.al_downstream_steps, self.cfg.train.downstream_lr
         out = {"classifier": self._train_public(bundle.classifier, classifier_loss, data, steps=steps, lr=lr,
                                                 key="classifier", server_round=server_round)}
-        if bool(torch.isfinite(data.tensors[2]).any()):
+        if has_ga(data):
             out["regressor"] = self._train_public(bundle.regressor, regressor_loss, data, steps=steps, lr=lr,
                                                   key="regressor", server_round=server_round)
         return out

@@ -26,7 +26,6 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from torch.utils.data import TensorDataset
 
 from common.active_learning.release import load_release_records
 from common.core.config import RunConfig
@@ -34,7 +33,7 @@ from common.core.errors import ConfigError, DataError
 from common.core.records import PLANES, UltrasoundRecord
 from common.core.seeding import derive_seed
 from common.data.sites import SiteData, load_federated_data, public_phantoms
-from common.data.tensors import records_to_dataset
+from common.data.tensors import has_ga, records_to_dataset
 from common.models.downstream import (
     GARegressor,
     PlaneClassifier,
@@ -107,9 +106,6 @@ class DownstreamModels:
     epsilon: float | None = None  # DP spend of the pair (sum of both models), None without DP
 
 
-def _has_ga(data: TensorDataset) -> bool:
-    return bool(torch.isfinite(data.tensors[2]).any())
-
 
 def train_downstream(records: Sequence[UltrasoundRecord], *, image_size: int, width: int, settings: EvalSettings,
                      seed: int, dp: tuple[float, float] | None = None,
@@ -130,7 +126,7 @@ def train_downstream(records: Sequence[UltrasoundRecord], *, image_size: int, wi
         classifier.load_state_dict(dict(init["classifier"]))
         regressor.load_state_dict(dict(init["regressor"]))
     ledger = None if dp is None else PrivacyLedger(target_epsilon=dp[0], target_delta=dp[1], budget_split=DP_SPLIT)
-    out = DownstreamModels(classifier, regressor if _has_ga(data) else None,
+    out = DownstreamModels(classifier, regressor if has_ga(data) else None,
                            spacing_known=bool(torch.isfinite(data.tensors[3]).any()))
     for key, model, loss in (("classifier", classifier, classifier_loss), ("regressor", out.regressor, regressor_loss)):
         if model is None:

@@ -57,3 +57,8 @@ def records_to_dataset(records: Sequence[UltrasoundRecord], *, image_size: int) 
             spacing[k] = record.pixel_spacing_mm / scale
     pixels = torch.from_numpy(images).to(torch.float32) / 127.5 - 1.0
     return TensorDataset(pixels, torch.from_numpy(planes), torch.from_numpy(ga), torch.from_numpy(spacing))
+
+
+def has_ga(data: TensorDataset) -> bool:
+    """Whether any example of a :func:`records_to_dataset` dataset has a known GA (its third tensor, NaN = unknown)."""
+    return bool(torch.isfinite(data.tensors[2]).any())

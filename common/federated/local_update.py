@@ -18,7 +18,7 @@ from common.core.config import RunConfig
 from common.core.records import UltrasoundRecord
 from common.core.seeding import derive_seed, secret_seed
 from common.data.sites import SiteData
-from common.data.tensors import records_to_dataset
+from common.data.tensors import has_ga, records_to_dataset
 from common.diffusion.loss import diffusion_loss, make_loss_fn
 from common.diffusion.schedulers import make_scheduler
 from common.models.bundle import ModelBundle
@@ -94,7 +94,7 @@ def local_train(
         ("generator", bundle.generator, gen_loss, real, cfg.train.local_steps, cfg.train.lr),
         ("classifier", bundle.classifier, classifier_loss, down, cfg.train.downstream_steps, cfg.train.downstream_lr),
     ]
-    if _has_ga(down):
+    if has_ga(down):
         jobs.append(("regressor", bundle.regressor, regressor_loss, down, cfg.train.downstream_steps, cfg.train.downstream_lr))
     metrics: dict[str, float] = {"real-examples": float(len(real)), "synthetic-examples": float(len(synthetic))}
     messages: list[str] = []
@@ -138,7 +138,7 @@ def local_evaluate(bundle: ModelBundle, site: SiteData, cfg: RunConfig) -> dict[
     out: dict[str, float] = {"num-examples": float(len(test))}
     cls = evaluate_classifier(bundle.classifier, test)
     out.update({"plane-accuracy": float(cls["accuracy"]), "plane-macro-f1": float(cls["macro_f1"])})
-    if _has_ga(test):
+    if has_ga(test):
         reg = evaluate_regressor(bundle.regressor, test)
         out.update({"ga-mae-days": float(reg["mae_days"]), "ga-coverage": float(reg["coverage"])})
     out["denoise-loss"] = heldout_denoise_loss(bundle, test, cfg)
@@ -166,6 +166,3 @@ def dp_noise_seed(cfg: RunConfig, secret: bytes | None, site_name: str, server_r
         return derive_seed(cfg.seed, site_name, server_round, key, "dp-noise")
     return None if secret is None else secret_seed(secret, site_name, server_round, key)
 
-
-def _has_ga(data: TensorDataset) -> bool:
-    return bool(torch.isfinite(data.tensors[2]).any())

@@ -37,7 +37,7 @@ from common.analysis.image_metrics import (
     nearest_neighbours,
 )
 from common.core.seeding import derive_seed
-from common.data.tensors import records_to_dataset
+from common.data.tensors import has_ga, records_to_dataset
 from common.models.downstream import (
     GARegressor,
     PlaneClassifier,
@@ -90,7 +90,7 @@ def image_quality(inputs: RunInputs, settings: EvalSettings, *, lpips_model: tor
     test_recs = [r for s in inputs.sites for r in s.test]
     train = records_to_dataset(train_recs, image_size=size)
     width = cfg.train.downstream_width
-    by_ga = train.tensors[1].unique().numel() < 2 and bool(torch.isfinite(train.tensors[2]).any())
+    by_ga = train.tensors[1].unique().numel() < 2 and has_ga(train)
     torch.manual_seed(derive_seed(settings.seed, "feature-net"))
     net: PlaneClassifier | GARegressor = GARegressor(size, width) if by_ga else PlaneClassifier(image_size=size,
                                                                                                   width=width)
