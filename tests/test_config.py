@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from common.core.config import PRESETS, RunConfig, get_preset
@@ -139,3 +141,14 @@ def test_data_root_without_a_real_data_preset_is_an_error(tmp_path) -> None:
     with pytest.raises(ConfigError, match="--data-root.*phantom"):
         build_config("smoke", [], data="phantom", data_root=str(tmp_path))
     assert build_config("smoke", [], data="hc18", data_root=str(tmp_path)).data.root == str(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("key", "choices"),
+    [("data.source", ["phantom", "african", "fetal_planes_db", "hc18"]), ("privacy.accountant", ["rdp", "prv"]),
+     ("privacy.grad-sample-mode", ["hooks", "functorch", "ghost"]),
+     ("federation.al-acquisition", ["uncertainty", "kcenter", "random"]), ("sampling.scheduler", ["ddpm", "ddim", "dpmsolver"])],
+)
+def test_a_choice_outside_its_literal_type_is_refused_with_the_choices(key: str, choices: list[str]) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"is not allowed; choose one of {choices}")):
+        get_preset("smoke").from_flat({"preset": "smoke", key: "bogus"})

@@ -8,8 +8,10 @@ same names as ``[tool.flwr.app.config]`` and ``flwr run --run-config "k=v"``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Mapping, get_args
 
@@ -22,6 +24,8 @@ GradSampleMode = Literal["hooks", "functorch", "ghost"]
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "trimmedmean", "krum"]
 SchedulerName = Literal["ddpm", "ddim", "dpmsolver"]
 PredictionType = Literal["epsilon", "v_prediction"]
+AccountantName = Literal["rdp", "prv"]
+AcquisitionName = Literal["uncertainty", "kcenter", "random"]
 
 
 def _check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
@@ -51,6 +55,19 @@ def _check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
 
 
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_literal(section: Any, prefix: str, field: str) -> None:
+    """Check a ``Literal``-typed field against the choices its annotation declares (stated once, in the type)."""
+    allowed = get_args(_field_types(type(section))[field])
+    if not allowed:
+        raise TypeError(f"{type(section).__name__}.{field} is not Literal-typed")
+    _check_choice(f"{prefix}.{field}", getattr(section, field), allowed)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where the sites' data comes from and how it is split among them."""
@@ -66,10 +83,10 @@ class DataConfig:
     public_images: int = 2048  # phantoms for the public prior
 
     def validate(self) -> None:
-        _check_choice("data.source", self.source, ("phantom", "african", "fetal_planes_db", "hc18"))
+        _check_literal(self, "data", "source")
         _check_choice("data.image_size", self.image_size, (32, 64, 128))
         _check_range("data.num_sites", self.num_sites, 1, 64)
-        _check_choice("data.partition", self.partition, ("natural", "iid", "dirichlet", "quantity"))
+        _check_literal(self, "data", "partition")
         _check_range("data.dirichlet_alpha", self.dirichlet_alpha, 1e-3, 1e3)
         _check_range("data.images_per_site", self.images_per_site, 4, 1_000_000)
         _check_range("data.test_fraction", self.test_fraction, 0.05, 0.9)
@@ -96,7 +113,7 @@ class GeneratorConfig:
             raise ConfigError("generator.block_out_channels must be a non-empty tuple of ints >= 4")
         _check_range("generator.layers_per_block", self.layers_per_block, 1, 4)
         _check_range("generator.num_train_timesteps", self.num_train_timesteps, 10, 4000)
-        _check_choice("generator.prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
+        _check_literal(self, "generator", "prediction_type")
         _check_range("generator.cond_dropout", self.cond_dropout, 0.0, 0.9)
         _check_range("generator.max_sites", self.max_sites, 1, 1024)
 
@@ -110,7 +127,7 @@ class SamplingConfig:
     guidance_scale: float = 2.0
 
     def validate(self) -> None:
-        _check_choice("sampling.scheduler", self.scheduler, ("ddpm", "ddim", "dpmsolver"))
+        _check_literal(self, "sampling", "scheduler")
         _check_range("sampling.num_inference_steps", self.num_inference_steps, 1, 4000)
         _check_range("sampling.guidance_scale", self.guidance_scale, 0.0, 20.0)
 
@@ -122,7 +139,7 @@ class PrivacyConfig:
     target_epsilon: float | None = 10.0
     target_delta: float = 1e-5
     max_grad_norm: float = 1.0
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: AccountantName = "rdp"
     grad_sample_mode: GradSampleMode = "functorch"
     noise_multiplicity: int = 4  # K noise/timestep draws averaged per example before clipping (DPDM)
     # Fixed DP-SGD noise multiplier; None derives it from the target (epsilon, delta) and the planned steps.
@@ -137,8 +154,8 @@ class PrivacyConfig:
             _check_range("privacy.target_epsilon", self.target_epsilon, 0.01, 1000.0)
         _check_range("privacy.target_delta", self.target_delta, 1e-12, 0.1)
         _check_range("privacy.max_grad_norm", self.max_grad_norm, 1e-4, 1e4)
-        _check_choice("privacy.accountant", self.accountant, ("rdp", "prv"))
-        _check_choice("privacy.grad_sample_mode", self.grad_sample_mode, ("hooks", "functorch", "ghost"))
+        _check_literal(self, "privacy", "accountant")
+        _check_literal(self, "privacy", "grad_sample_mode")
         _check_range("privacy.noise_multiplicity", self.noise_multiplicity, 1, 64)
         if self.grad_sample_mode == "ghost" and self.noise_multiplicity > 1:
             raise ConfigError(
@@ -168,7 +185,7 @@ class TrainConfig:
         _check_range("train.batch_size", self.batch_size, 1, 4096)
         _check_range("train.lr", self.lr, 1e-7, 1.0)
         _check_range("train.local_steps", self.local_steps, 1, 100_000)
-        _check_choice("train.finetune", self.finetune, ("lora", "subset", "full"))
+        _check_literal(self, "train", "finetune")
         _check_range("train.lora_rank", self.lora_rank, 1, 256)
         _check_range("train.downstream_width", self.downstream_width, 4, 512)
         _check_range("train.downstream_lr", self.downstream_lr, 1e-7, 1.0)
@@ -191,7 +208,7 @@ class FederationConfig:
     al_every: int = 0  # run a coordinator query every k rounds (0: never)
     al_candidates_per_site: int = 16
     al_select: int = 16
-    al_acquisition: Literal["uncertainty", "kcenter", "random"] = "kcenter"
+    al_acquisition: AcquisitionName = "kcenter"
     al_balance: bool = True  # balance the selection across plane x GA bins
     al_quality_threshold: float = 0.3  # minimum classifier confidence in the requested plane
     al_refine_steps: int = 0  # server-side generator refinement steps on the release (post-processing, no DP cost)
@@ -218,7 +235,7 @@ class FederationConfig:
     def validate(self) -> None:
         self.plane_scope()
         _check_range("federation.num_rounds", self.num_rounds, 1, 10_000)
-        _check_choice("federation.strategy", self.strategy, get_args(StrategyName))
+        _check_literal(self, "federation", "strategy")
         _check_range("federation.fraction_train", self.fraction_train, 0.01, 1.0)
         _check_range("federation.min_sites", self.min_sites, 1, 10_000)
         _check_range("federation.reply_timeout_s", self.reply_timeout_s, 1.0, 7 * 86400.0)
@@ -227,7 +244,7 @@ class FederationConfig:
         _check_range("federation.al_every", self.al_every, 0, 10_000)
         _check_range("federation.al_candidates_per_site", self.al_candidates_per_site, 1, 100_000)
         _check_range("federation.al_select", self.al_select, 1, 1_000_000)
-        _check_choice("federation.al_acquisition", self.al_acquisition, ("uncertainty", "kcenter", "random"))
+        _check_literal(self, "federation", "al_acquisition")
         _check_range("federation.al_quality_threshold", self.al_quality_threshold, 0.0, 1.0)
         _check_range("federation.al_refine_steps", self.al_refine_steps, 0, 100_000)
         _check_range("federation.al_downstream_steps", self.al_downstream_steps, 0, 100_000)

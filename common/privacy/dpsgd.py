@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, get_args
 
 import torch
 from opacus import PrivacyEngine
@@ -14,10 +14,11 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from common.core.config import GradSampleMode
 from common.core.errors import BudgetExceededError, ConfigError, DataError
 from common.privacy.ledger import PrivacyLedger
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES = get_args(GradSampleMode)
 OPTIMIZERS = ("adam", "adamw", "sgd")
 LossFn = Callable[[nn.Module, tuple[Tensor, ...]], Tensor]
 

@@ -19,15 +19,16 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, get_args
 
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from common.core.config import AccountantName
 from common.core.errors import ConfigError, DataError
 
 DEFAULT_BUDGET_SPLIT: Mapping[str, float] = {"generator": 0.6, "classifier": 0.2, "regressor": 0.2}
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = get_args(AccountantName)
 _LEDGER_FORMAT = "difusal-privacy-ledger/1"
 # RDP orders. Opacus' default list has 99 fractional orders whose log-moments are slow series (about 0.2-0.8 s
 # per epsilon on this CPU); integer orders have a closed form (Mironov et al. 2019, Sec. 3.3) and cost ~1 ms.
