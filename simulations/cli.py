@@ -22,12 +22,6 @@ from common.core.errors import ConfigError
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _setup_env() -> None:
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TORCH_HOME", str(PROJECT_ROOT / ".cache" / "torch"))
-    os.environ.setdefault("MPLCONFIGDIR", str(PROJECT_ROOT / ".cache" / "mpl"))
 
 
 def build_config(preset: str, sets: Sequence[str], *, run_dir: str = "", data: str = "", data_root: str = "",
@@ -176,7 +170,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point."""
-    _setup_env()
+    from simulations.launcher import set_offline_env
+
+    set_offline_env()
     args = make_parser().parse_args(argv)
     if getattr(args, "seed", None) is None and args.command in ("preview", "pretrain"):
         args.seed = 0

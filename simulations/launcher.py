@@ -48,15 +48,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# The offline environment, stated once: no hub downloads, no Flower telemetry or update check.
+OFFLINE_ENV: Mapping[str, str] = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def set_offline_env() -> None:
+    """Default this process to :data:`OFFLINE_ENV` and caches inside the project (values already set are kept)."""
+    for key, value in {**OFFLINE_ENV, "TORCH_HOME": str(PROJECT_ROOT / ".cache" / "torch"),
+                       "MPLCONFIGDIR": str(PROJECT_ROOT / ".cache" / "mpl")}.items():
+        os.environ.setdefault(key, value)
+
+
 def flower_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """Environment for Flower processes: offline, no telemetry, caches in the project."""
     env = dict(os.environ)
     env.update(
         {
+            **OFFLINE_ENV,
             "FLWR_HOME": str(flwr_home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "HF_HUB_OFFLINE": "1",
             "TORCH_HOME": env.get("TORCH_HOME", str(PROJECT_ROOT / ".cache" / "torch")),
             "RAY_TMPDIR": env.get("RAY_TMPDIR", "/tmp/ray-difusal"),
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",

@@ -9,6 +9,8 @@ from typing import Iterator
 import pytest
 import torch
 
+from simulations.launcher import OFFLINE_ENV
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -24,9 +26,8 @@ def _one_torch_thread() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test writes under its own tmp folder, offline, with Flower telemetry off."""
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for key, value in OFFLINE_ENV.items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setenv("DIFUSAL_RUNS", str(tmp_path / "runs"))
     monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
 

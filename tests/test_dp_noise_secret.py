@@ -7,13 +7,12 @@ site's state folder; only ``privacy.insecure-reproducible-noise`` seeds them pub
 
 from __future__ import annotations
 
-import pytest
-
 import json
 import stat
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset

@@ -5,12 +5,11 @@ Tiny models (smoke preset, 32x32). Each test starts and stops its own SuperLink 
 
 from __future__ import annotations
 
-import pytest
-
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from common.core.config import RunConfig
 from common.models.bundle import load_federated_file

@@ -307,10 +307,9 @@ def _parse_eps(text: str) -> list[float | None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line (see the module docstring)."""
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TORCH_HOME", str(PROJECT_ROOT / ".cache" / "torch"))
-    os.environ.setdefault("MPLCONFIGDIR", str(PROJECT_ROOT / ".cache" / "mpl"))
+    from simulations.launcher import set_offline_env
+
+    set_offline_env()
     p = argparse.ArgumentParser(prog="python -m simulations.experiments.downstream", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("evaluate", "curve"):
