@@ -133,12 +133,7 @@ def test_entropy_and_novelty_values() -> None:
 
 
 def test_bin_uncertainty_means_per_bin_and_plans_more_where_the_models_are_unsure() -> None:
-    from common.active_learning.acquisition import (
-        bin_uncertainty,
-        condition_bins,
-        num_bins,
-        plan_conditions,
-    )
+    from common.active_learning.acquisition import bin_uncertainty, condition_bins, num_bins, plan_conditions
 
     # Prepare: bins 0 and 1 scored (0.2 twice, 0.9 once); every other bin unseen; one NaN score ignored
     bins = np.array([0, 0, 1, 1])

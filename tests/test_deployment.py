@@ -17,11 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from common.core.config import RunConfig
-from simulations.certs import (
-    certificate_hosts,
-    make_server_certificates,
-    make_site_keys,
-)
+from simulations.certs import certificate_hosts, make_server_certificates, make_site_keys
 from simulations.deploy import (
     Deployment,
     Layout,

@@ -27,12 +27,7 @@ from common.analysis.evaluation import (
 from common.core.config import RunConfig
 from common.data.sites import SiteData, load_federated_data, public_phantoms
 from common.data.tensors import records_to_dataset
-from common.models.downstream import (
-    GARegressor,
-    PlaneClassifier,
-    evaluate_classifier,
-    evaluate_regressor,
-)
+from common.models.downstream import GARegressor, PlaneClassifier, evaluate_classifier, evaluate_regressor
 
 SIZE, WIDTH = 32, 8
 

@@ -14,13 +14,7 @@ from torch import nn
 
 from common.core.config import GeneratorConfig
 from common.diffusion.schedulers import make_scheduler
-from common.models.generator import (
-    ConditionalUNet,
-    build_generator,
-    load_generator,
-    norm_groups,
-    save_generator,
-)
+from common.models.generator import ConditionalUNet, build_generator, load_generator, norm_groups, save_generator
 
 TINY = GeneratorConfig(block_out_channels=(8, 16), num_train_timesteps=100)
 

@@ -13,12 +13,7 @@ import pytest
 from PIL import Image
 
 from common.core.errors import DataError
-from common.data.loaders import (
-    LoadResult,
-    load_african,
-    load_fetal_planes_db,
-    load_hc18,
-)
+from common.data.loaders import LoadResult, load_african, load_fetal_planes_db, load_hc18
 
 # source -> (loader, image folder, CSV path, header, row template, whether CSV names carry ".png")
 LAYOUTS: dict[str, tuple[Callable[..., LoadResult], str, str, str, str, bool]] = {

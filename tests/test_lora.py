@@ -12,19 +12,8 @@ from opacus.validators import ModuleValidator
 from common.core.config import GeneratorConfig
 from common.diffusion.loss import diffusion_loss
 from common.diffusion.schedulers import make_scheduler
-from common.models.generator import (
-    ConditionalUNet,
-    build_generator,
-    load_generator,
-    save_generator,
-)
-from common.models.lora import (
-    add_lora,
-    load_trainable_state_dict,
-    merged_copy,
-    set_finetune_mode,
-    trainable_state_dict,
-)
+from common.models.generator import ConditionalUNet, build_generator, load_generator, save_generator
+from common.models.lora import add_lora, load_trainable_state_dict, merged_copy, set_finetune_mode, trainable_state_dict
 
 CFG = GeneratorConfig(block_out_channels=(8, 16), num_train_timesteps=100, attention=True)
 

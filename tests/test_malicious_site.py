@@ -24,19 +24,9 @@ from common.core.config import RunConfig
 from common.data.sites import load_site
 from common.federated.flwr_records import arrays_to_record, record_to_arrays
 from common.federated.local_update import local_train
-from common.models.bundle import (
-    build_bundle,
-    expected_shapes,
-    federated_arrays,
-    load_federated_arrays,
-)
+from common.models.bundle import build_bundle, expected_shapes, federated_arrays, load_federated_arrays
 from common.privacy.site_state import SiteStateStore
-from server.strategy import (
-    GuardedStrategy,
-    UpdateBound,
-    adam_max_displacement,
-    update_bounds,
-)
+from server.strategy import GuardedStrategy, UpdateBound, adam_max_displacement, update_bounds
 
 SHAPES = {"generator.w": (2, 3), "classifier.b": (4,)}
 BOUNDS = {"generator": UpdateBound(lr=1e-3, steps=2), "classifier": UpdateBound(lr=2e-3, steps=2)}

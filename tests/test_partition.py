@@ -7,14 +7,7 @@ import pytest
 
 from common.core.records import PLANES, UltrasoundRecord
 from common.data.dedup import find_duplicates
-from common.data.partition import (
-    case_groups,
-    format_summary,
-    grouped_split,
-    natural_sites,
-    partition,
-    site_summary,
-)
+from common.data.partition import case_groups, format_summary, grouped_split, natural_sites, partition, site_summary
 
 
 def make_records(n_patients: int = 60, per_patient: int = 3, seed: int = 0, sites: int = 3

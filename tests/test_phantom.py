@@ -11,12 +11,7 @@ from PIL import Image
 from scipy import ndimage
 
 from common.core.records import PLANE_INDEX, PLANES
-from common.phantoms.profiles import (
-    SCANNER_PROFILES,
-    ScannerProfile,
-    build_geometry,
-    get_profile,
-)
+from common.phantoms.profiles import SCANNER_PROFILES, ScannerProfile, build_geometry, get_profile
 from common.phantoms.simulator import (
     BONE,
     MASK_LABELS,

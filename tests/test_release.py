@@ -10,12 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.active_learning.release import (
-    METADATA,
-    ReleaseItem,
-    ReleaseStore,
-    load_release_records,
-)
+from common.active_learning.release import METADATA, ReleaseItem, ReleaseStore, load_release_records
 
 
 def _item(i: int, *, round_: int = 1) -> ReleaseItem:

@@ -10,12 +10,7 @@ from typing import Any
 
 import pytest
 
-from common.active_learning.release import (
-    METADATA,
-    ReleaseDamagedError,
-    ReleaseStore,
-    load_release_records,
-)
+from common.active_learning.release import METADATA, ReleaseDamagedError, ReleaseStore, load_release_records
 from tests.test_release import _item
 
 

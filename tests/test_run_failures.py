@@ -19,13 +19,7 @@ import pytest
 from server.federation import round_failure
 from server.strategy import SiteReport
 from simulations.certs import make_server_certificates, make_site_keys
-from simulations.deploy import (
-    Layout,
-    deployment_processes,
-    register_sites,
-    start_superlink,
-    stop,
-)
+from simulations.deploy import Layout, deployment_processes, register_sites, start_superlink, stop
 from simulations.deploy import _cli as deploy_cli
 from simulations.watchdog import still_running
 

@@ -17,13 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from common.active_learning.scoring import (
-    SCORE_NAMES,
-    Candidates,
-    generate,
-    nearest_private_ratio,
-    score,
-)
+from common.active_learning.scoring import SCORE_NAMES, Candidates, generate, nearest_private_ratio, score
 from common.core.config import RunConfig
 from common.core.errors import ReplyValidationError
 from common.core.records import PLANES, UltrasoundRecord

@@ -222,9 +222,7 @@ def compose_epsilon(histories: Sequence[tuple[float, float, int]], *, delta: flo
     hist = [(float(s), float(q), int(n)) for s, q, n in histories if int(n) > 0]
     if not hist:
         return 0.0
-    from opacus.accountants import (
-        create_accountant,  # lazy: only the certificate needs it
-    )
+    from opacus.accountants import create_accountant  # lazy: only the certificate needs it
 
     acc = create_accountant(mechanism=accountant)
     acc.history = hist

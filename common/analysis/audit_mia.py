@@ -179,9 +179,7 @@ def denoising_errors(model: nn.Module, images: torch.Tensor, plane: torch.Tensor
     -------
     Mean squared error between the model output and its target (epsilon or v), averaged over the noise draws.
     """
-    from common.diffusion.schedulers import (
-        make_scheduler,  # lazy: keeps the metric half of this module light
-    )
+    from common.diffusion.schedulers import make_scheduler  # lazy: keeps the metric half of this module light
 
     cfg = model.generator_config  # type: ignore[attr-defined]
     size = int(model.image_size)  # type: ignore[attr-defined]

@@ -21,12 +21,7 @@ import numpy as np
 from PIL import Image
 
 from common.core.errors import DataError
-from common.core.records import (
-    GA_MAX_WEEKS,
-    GA_MIN_WEEKS,
-    PLANE_INDEX,
-    UltrasoundRecord,
-)
+from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANE_INDEX, UltrasoundRecord
 from common.phantoms.biometry import ga_from_hc
 
 IMAGE_SIZES = (32, 64, 128)

@@ -20,14 +20,7 @@ from common.core.records import PLANES, UltrasoundRecord
 from common.core.seeding import stream_seed
 from common.data.dedup import find_duplicates
 from common.data.loaders import load_source
-from common.data.partition import (
-    case_groups,
-    format_summary,
-    grouped_split,
-    natural_sites,
-    partition,
-    site_summary,
-)
+from common.data.partition import case_groups, format_summary, grouped_split, natural_sites, partition, site_summary
 from common.phantoms.simulator import SCANNER_PROFILES, make_phantoms
 
 # Tags of the independent seed streams derived from the run seed (np.random.SeedSequence entropy).

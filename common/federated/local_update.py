@@ -22,12 +22,7 @@ from common.data.tensors import has_ga, records_to_dataset
 from common.diffusion.loss import diffusion_loss, make_loss_fn
 from common.diffusion.schedulers import make_scheduler
 from common.models.bundle import ModelBundle
-from common.models.downstream import (
-    classifier_loss,
-    evaluate_classifier,
-    evaluate_regressor,
-    regressor_loss,
-)
+from common.models.downstream import classifier_loss, evaluate_classifier, evaluate_regressor, regressor_loss
 from common.privacy.dpsgd import PrivateTrainResult, train_private
 from common.privacy.ledger import PrivacyLedger
 

@@ -22,17 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from common.core.config import RunConfig
 from common.models.downstream import GARegressor, PlaneClassifier
-from common.models.generator import (
-    ConditionalUNet,
-    build_generator,
-    load_generator,
-    save_generator,
-)
-from common.models.lora import (
-    load_trainable_state_dict,
-    set_finetune_mode,
-    trainable_state_dict,
-)
+from common.models.generator import ConditionalUNet, build_generator, load_generator, save_generator
+from common.models.lora import load_trainable_state_dict, set_finetune_mode, trainable_state_dict
 
 MODEL_KEYS: tuple[str, ...] = ("generator", "classifier", "regressor")
 ASSETS = Path(__file__).resolve().parent / "assets"
