@@ -99,10 +99,9 @@ def test_the_walk_sees_the_whole_layout():
     for package in LAYERS:
         assert f"common.{package}" in MODULES, f"common/{package}/__init__.py is missing"
     assert len(MODULES) > 60
-    # the walk resolves both import forms to modules
-    assert "common.core.config" in IMPORTS["client.app"] or any(
-        n.startswith("common.core.config") for n in IMPORTS["client.app"]
-    )
+    # `from common.core.config import RunConfig` resolves to the module; `from common.data import tensors` to the submodule
+    assert "common.core.config" in IMPORTS["client.app"]
+    assert "common.data.tensors" in IMPORTS["tests.test_diffusion"]
 
 
 def test_common_imports_no_app_and_no_simulations():

@@ -60,12 +60,12 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _check_literal(section: Any, prefix: str, field: str) -> None:
+def _check_literal(section: Any, prefix: str, name: str) -> None:
     """Check a ``Literal``-typed field against the choices its annotation declares (stated once, in the type)."""
-    allowed = get_args(_field_types(type(section))[field])
+    allowed = get_args(_field_types(type(section))[name])
     if not allowed:
-        raise TypeError(f"{type(section).__name__}.{field} is not Literal-typed")
-    _check_choice(f"{prefix}.{field}", getattr(section, field), allowed)
+        raise TypeError(f"{type(section).__name__}.{name} is not Literal-typed")
+    _check_choice(f"{prefix}.{name}", getattr(section, name), allowed)
 
 
 @dataclass(frozen=True)
