@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Callable
 
 import pytest
 import torch
@@ -66,13 +67,18 @@ def _params(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def budget_examples(n: int, *, eps: tuple[float, float], q: tuple[float, float],
+                    steps: tuple[int, int]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Run a test on ``n`` drawn budgets: ``eps``, sample rate ``q`` and ``steps`` in the given closed ranges."""
+    def wrap(test: Callable[..., None]) -> Callable[..., None]:
+        drawn = given(eps=st.floats(*eps), q=st.floats(*q), steps=st.integers(*steps))(test)
+        return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])(drawn)
+
+    return wrap
+
+
 # -- noise multiplier ------------------------------------------------------------------------------------------
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    eps=st.floats(min_value=0.5, max_value=10.0),
-    q=st.floats(min_value=0.002, max_value=0.05),
-    steps=st.integers(min_value=1, max_value=200),
-)
+@budget_examples(5, eps=(0.5, 10.0), q=(0.002, 0.05), steps=(1, 200))
 def test_noise_multiplier_never_overshoots_target(eps: float, q: float, steps: int) -> None:
     # Prepare
     acc = create_accountant(mechanism="rdp")
@@ -156,23 +162,18 @@ def test_epsilon_composes_exactly_across_save_and_restore(accountant: str) -> No
                                           budget_split=split)._eps([(3.0, 0.125, 3)], 1e-5)
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    eps=st.floats(min_value=1.0, max_value=5.0),
-    q=st.floats(min_value=0.01, max_value=0.05),
-    planned=st.integers(min_value=2, max_value=15),
-)
-def test_budget_check_refuses_the_overshooting_step(eps: float, q: float, planned: int) -> None:
-    # Prepare
+@budget_examples(4, eps=(1.0, 5.0), q=(0.01, 0.05), steps=(2, 15))
+def test_budget_check_refuses_the_overshooting_step(eps: float, q: float, steps: int) -> None:
+    # Prepare: a budget planned for ``steps`` steps
     ledger = PrivacyLedger(target_epsilon=eps, target_delta=1e-5, budget_split={"generator": 1.0})
-    plan = ledger.plan("generator", sample_rate=q, planned_total_steps=planned)
+    plan = ledger.plan("generator", sample_rate=q, planned_total_steps=steps)
     acc = ledger.accountant_for("generator")
     # Execute: take steps as long as the ledger allows them
     while not ledger.would_exceed("generator", noise_multiplier=plan.noise_multiplier, sample_rate=q):
         acc.step(noise_multiplier=plan.noise_multiplier, sample_rate=q)
-        assert ledger.steps("generator") <= 10 * planned  # the loop must end
+        assert ledger.steps("generator") <= 10 * steps  # the loop must end
     # Assert: every planned step was allowed, the spend is within budget and the next step would overshoot
-    assert ledger.steps("generator") >= planned
+    assert ledger.steps("generator") >= steps
     assert ledger.epsilon("generator") <= eps
     assert ledger.exhausted("generator")
     acc.step(noise_multiplier=plan.noise_multiplier, sample_rate=q)

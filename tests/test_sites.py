@@ -15,11 +15,10 @@ from common.core.config import DataConfig
 from common.core.errors import ConfigError, DataError
 from common.core.records import PLANES, UltrasoundRecord
 from common.data.dedup import pixel_hash
-from common.data.sites import SiteData, load_federated_data, load_site, public_phantoms
+from common.data.sites import FederatedData, SiteData, load_federated_data, load_site, public_phantoms
 from common.data.tensors import records_to_dataset
 from common.phantoms.simulator import SCANNER_PROFILES
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SMALL = DataConfig(source="phantom", image_size=32, num_sites=3, images_per_site=12, test_fraction=0.25,
                    public_images=16, partition="iid")
 
@@ -35,6 +34,15 @@ def same_records(a: list[UltrasoundRecord], b: list[UltrasoundRecord]) -> bool:
     """Same ids and identical pixels, in order."""
     return [r.image_id for r in a] == [r.image_id for r in b] and all(
         np.array_equal(x.image, y.image) for x, y in zip(a, b))
+
+
+def shared_natural_sites(shared: Path, folder: str, source: str, num_sites: int) -> FederatedData:
+    """The shared real dataset ``shared/folder`` split into its natural sites (32 px, seed 0); skip when absent."""
+    root = shared / folder
+    if not root.is_dir():
+        pytest.skip(f"real data not found at {root}")
+    cfg = DataConfig(source=source, root=str(root), image_size=32, num_sites=num_sites, partition="natural")
+    return load_federated_data(cfg, seed=0)
 
 
 # -- phantoms ---------------------------------------------------------------------------------
@@ -130,14 +138,9 @@ def test_official_split_drops_test_copies_of_training_cases(tmp_path: Path) -> N
     assert fed.report["duplicates"]["exact_pairs"] == 1
 
 
-def test_african_shared_natural_sites_keep_cases_whole() -> None:
-    # Prepare
-    root = SHARED / "african_fetal_planes"
-    if not root.is_dir():
-        pytest.skip(f"real data not found at {root}")
-    cfg = DataConfig(source="african", root=str(root), image_size=32, num_sites=2, partition="natural")
+def test_african_shared_natural_sites_keep_cases_whole(shared_data: Path) -> None:
     # Execute
-    fed = load_federated_data(cfg, seed=0)
+    fed = shared_natural_sites(shared_data, "african_fetal_planes", "african", num_sites=2)
     # Assert: 5 countries (num_sites=2 overridden and reported); every record used once; no patient or
     # duplicated image on two sites or on both sides of a site's split
     assert [s.name for s in fed.sites] == ["Algeria", "Egypt", "Ghana", "Malawi", "Uganda"]
@@ -188,14 +191,9 @@ def test_records_to_dataset_rejects_empty_and_bad_records() -> None:
         records_to_dataset([bad], image_size=30)
 
 
-def test_fpdb_shared_natural_sites_by_machine() -> None:
-    # Prepare
-    root = SHARED / "fetal_planes_db"
-    if not root.is_dir():
-        pytest.skip(f"real data not found at {root}")
-    cfg = DataConfig(source="fetal_planes_db", root=str(root), image_size=32, num_sites=4, partition="natural")
+def test_fpdb_shared_natural_sites_by_machine(shared_data: Path) -> None:
     # Execute
-    fed = load_federated_data(cfg, seed=0)
+    fed = shared_natural_sites(shared_data, "fetal_planes_db", "fetal_planes_db", num_sites=4)
     # Assert: the 100 shipped images are all official-train, so each site is split by case group instead;
     # Voluson S10's 7 images come from one patient: no test side there, and the report says so
     sites = {s.name: s for s in fed.sites}

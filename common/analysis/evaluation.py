@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import TensorDataset
 
 from common.active_learning.release import load_release_records
 from common.core.config import RunConfig
@@ -42,7 +43,7 @@ from common.models.downstream import (
     predict_planes,
     regressor_loss,
 )
-from common.privacy.dpsgd import train_private
+from common.privacy.dpsgd import PrivateTrainResult, train_private
 from common.privacy.ledger import DEFAULT_BUDGET_SPLIT, PrivacyLedger
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -128,19 +129,30 @@ def train_downstream(records: Sequence[UltrasoundRecord], *, image_size: int, wi
     ledger = None if dp is None else PrivacyLedger(target_epsilon=dp[0], target_delta=dp[1], budget_split=DP_SPLIT)
     out = DownstreamModels(classifier, regressor if has_ga(data) else None,
                            spacing_known=bool(torch.isfinite(data.tensors[3]).any()))
-    for key, model, loss in (("classifier", classifier, classifier_loss), ("regressor", out.regressor, regressor_loss)):
+    for key, model in (("classifier", classifier), ("regressor", out.regressor)):
         if model is None:
             out.notes.append("no GA label in the training data: no regressor")
             continue
-        res = train_private(model, loss, data, steps=settings.steps, batch_size=min(settings.batch_size, len(data)),
-                            lr=settings.lr, ledger=ledger, model_key=key, planned_total_steps=settings.steps,
-                            max_grad_norm=settings.max_grad_norm, grad_sample_mode=settings.grad_sample_mode,
-                            seed=derive_seed(seed, key), device=settings.device)
+        res = train_model(model, key, data, settings, seed=derive_seed(seed, key), ledger=ledger)
         if res.stopped_by_budget:
             out.notes.append(f"{key}: {res.message}")
     if ledger is not None:
         out.epsilon = ledger.total_epsilon()
     return out
+
+
+def train_model(model: PlaneClassifier | GARegressor, key: str, data: TensorDataset, settings: EvalSettings, *,
+                seed: int, ledger: PrivacyLedger | None = None) -> PrivateTrainResult:
+    """Train one downstream model in place with the fixed ``settings``: DP-SGD when a ``ledger`` is given.
+
+    ``key`` (``"classifier"`` or ``"regressor"``) picks the loss and the ledger's budget; ``seed`` seeds the
+    public randomness (batch order).
+    """
+    loss = {"classifier": classifier_loss, "regressor": regressor_loss}[key]
+    return train_private(model, loss, data, steps=settings.steps, batch_size=min(settings.batch_size, len(data)),
+                         lr=settings.lr, ledger=ledger, model_key=key, planned_total_steps=settings.steps,
+                         max_grad_norm=settings.max_grad_norm, grad_sample_mode=settings.grad_sample_mode,
+                         seed=seed, device=settings.device)
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:

@@ -218,6 +218,19 @@ def _require_csv(path: Path, source: str) -> None:
                                 f"unpack it unchanged (expected: {layout}).")
 
 
+def _open_single_csv(root: str | os.PathLike[str], source: str, csv_name: str, image_dir: str, strict: bool,
+                     limit: int | None) -> tuple[Path, Path, _Rows, set[str]]:
+    """Open a dataset read from one CSV: ``(folder, CSV path, row bookkeeping with a new report, image listing)``.
+
+    Raises FileNotFoundError (naming what to download) when the folder or the CSV is absent.
+    """
+    folder = _root(root, source)
+    csv_path = folder / csv_name
+    _require_csv(csv_path, source)
+    rows = _Rows(LoadReport(source, str(folder)), csv_path.name, strict, limit)
+    return folder, csv_path, rows, _listing(folder / image_dir)
+
+
 def _not_utf8(values: list[str]) -> int | None:
     """Index of the first value holding undecodable bytes (lone surrogates from ``surrogateescape``), or None."""
     try:
@@ -309,6 +322,22 @@ class _Rows:
             return True
         return False
 
+    def read(self, path: Path, records: list[UltrasoundRecord], *, delimiter: str, required: tuple[str, ...],
+             source: str) -> Iterator[tuple[int, dict[str, str]]]:
+        """Yield ``(line, row)`` for each well-formed row of ``path`` until ``records`` holds ``limit`` records.
+
+        Every row read is counted in the report; a malformed or not-UTF-8 row is counted as bad (strict
+        raises) and not yielded.
+        """
+        for line, row, problem in _rows(path, delimiter=delimiter, required=required, source=source):
+            if self.full(len(records)):
+                return
+            self.report.rows += 1
+            if problem is not None:  # malformed or not UTF-8
+                self.bad(problem[0], line, problem[1])
+                continue
+            yield line, row
+
 
 # -- FETAL_PLANES_DB --------------------------------------------------------------------------
 FPDB_COLUMNS = ("Image_name", "Patient_num", "Plane", "Brain_plane", "Operator", "US_Machine", "Train")
@@ -322,16 +351,12 @@ def load_fetal_planes_db(root: str | os.PathLike[str], *, image_size: int = 64, 
     ----------
     root:
         Folder holding the CSV and ``Images/`` as published.
-    image_size:
-        Output side (32, 64 or 128).
     site_column:
         ``"US_Machine"`` (4 scanners) or ``"Operator"``: the column used as the site.
     split:
         ``"all"``, ``"train"`` (``Train`` = 1) or ``"test"`` (``Train`` = 0), the paper's official split.
-    strict:
-        Raise :class:`DataError` on unknown planes or bad values instead of counting them.
-    limit:
-        Stop after this many records.
+    image_size, strict, limit:
+        As for every loader: see :func:`load_source`.
 
     Returns
     -------
@@ -340,22 +365,13 @@ def load_fetal_planes_db(root: str | os.PathLike[str], *, image_size: int = 64, 
     _check_args(image_size, split, ("all", "train", "test"), limit)
     if site_column not in ("US_Machine", "Operator"):
         raise ValueError(f"site_column={site_column!r} is not allowed; choose 'US_Machine' or 'Operator'")
-    folder = _root(root, "fetal_planes_db")
-    csv_path = folder / "FETAL_PLANES_DB_data.csv"
-    _require_csv(csv_path, "fetal_planes_db")
-    report = LoadReport("fetal_planes_db", str(folder))
-    rows = _Rows(report, csv_path.name, strict, limit)
-    present, real = _listing(folder / "Images"), folder.resolve()
+    folder, csv_path, rows, present = _open_single_csv(root, "fetal_planes_db", "FETAL_PLANES_DB_data.csv", "Images",
+                                                       strict, limit)
+    report, real = rows.report, folder.resolve()
     if not present:
         report.notes.append(f"no images found in {folder / 'Images'}")
     records: list[UltrasoundRecord] = []
-    for line, row, problem in _rows(csv_path, delimiter=";", required=FPDB_COLUMNS, source="fetal_planes_db"):
-        if rows.full(len(records)):
-            break
-        report.rows += 1
-        if problem is not None:  # malformed or not UTF-8
-            rows.bad(problem[0], line, problem[1])
-            continue
+    for line, row in rows.read(csv_path, records, delimiter=";", required=FPDB_COLUMNS, source="fetal_planes_db"):
         if row["Train"] not in ("0", "1"):
             rows.bad("bad_value", line, f"Train={row['Train']!r}, expected 0 or 1")
             continue
@@ -396,12 +412,8 @@ def load_hc18(root: str | os.PathLike[str], *, image_size: int = 64, strict: boo
     ----------
     root:
         Folder holding the CSV and ``training_set/`` as published.
-    image_size:
-        Output side (32, 64 or 128).
-    strict:
-        Raise :class:`DataError` on bad values instead of counting them.
-    limit:
-        Stop after this many records.
+    image_size, strict, limit:
+        As for every loader: see :func:`load_source`.
 
     Returns
     -------
@@ -409,20 +421,11 @@ def load_hc18(root: str | os.PathLike[str], *, image_size: int = 64, strict: boo
     pixel spacing rescaled to the fitted image, patient id ``NNN`` (``NNN_2HC.png`` repeats grouped).
     """
     _check_args(image_size, "all", ("all",), limit)
-    folder = _root(root, "hc18")
-    csv_path = folder / "training_set_pixel_size_and_HC.csv"
-    _require_csv(csv_path, "hc18")
-    report = LoadReport("hc18", str(folder))
-    rows = _Rows(report, csv_path.name, strict, limit)
-    present, real = _listing(folder / "training_set"), folder.resolve()
+    folder, csv_path, rows, present = _open_single_csv(root, "hc18", "training_set_pixel_size_and_HC.csv",
+                                                       "training_set", strict, limit)
+    report, real = rows.report, folder.resolve()
     records: list[UltrasoundRecord] = []
-    for line, row, problem in _rows(csv_path, delimiter=",", required=HC18_COLUMNS, source="hc18"):
-        if rows.full(len(records)):
-            break
-        report.rows += 1
-        if problem is not None:  # malformed or not UTF-8
-            rows.bad(problem[0], line, problem[1])
-            continue
+    for line, row in rows.read(csv_path, records, delimiter=",", required=HC18_COLUMNS, source="hc18"):
         try:
             spacing, hc = float(row["pixel size(mm)"]), float(row["head circumference (mm)"])
         except ValueError:
@@ -476,14 +479,10 @@ def load_african(root: str | os.PathLike[str], *, image_size: int = 64, split: s
     ----------
     root:
         Folder holding ``train/`` (and ``test/``) as published; each CSV's PNGs lie beside it.
-    image_size:
-        Output side (32, 64 or 128).
     split:
         ``"train"``, ``"test"`` or ``"all"`` (both; a missing one is noted in the report).
-    strict:
-        Raise :class:`DataError` on unknown planes or bad values instead of counting them.
-    limit:
-        Stop after this many records.
+    image_size, strict, limit:
+        As for every loader: see :func:`load_source`.
 
     Returns
     -------
@@ -507,13 +506,7 @@ def load_african(root: str | os.PathLike[str], *, image_size: int = 64, split: s
         rows = _Rows(report, f"{part}/{csv_path.name}", strict, limit)
         image_dirs = [csv_path.parent, folder / part]
         listings = [_listing(d) for d in image_dirs]
-        for line, row, problem in _rows(csv_path, delimiter=",", required=AFRICAN_COLUMNS, source="african"):
-            if rows.full(len(records)):
-                break
-            report.rows += 1
-            if problem is not None:  # malformed or not UTF-8
-                rows.bad(problem[0], line, problem[1])
-                continue
+        for line, row in rows.read(csv_path, records, delimiter=",", required=AFRICAN_COLUMNS, source="african"):
             plane = plane_index(row["Plane"])
             if plane is None:
                 rows.bad("unknown_plane", line, f"Plane={row['Plane']!r}")
@@ -553,9 +546,11 @@ def load_source(name: str, root: str | os.PathLike[str], *, image_size: int = 64
     root:
         Dataset folder.
     image_size:
-        Output side.
+        Output side (32, 64 or 128).
     **kw:
-        Passed to the loader (``split``, ``strict``, ``limit``, ``site_column``).
+        Passed to the loader: ``split`` and ``site_column`` (see each loader), and the keywords every loader takes:
+        ``strict``, raise :class:`DataError` on a row with an unknown plane or a bad value instead of counting and
+        skipping it; ``limit``, stop after this many records.
 
     Returns
     -------

@@ -7,32 +7,36 @@ the functions below take and return millimetres.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 from numpy.typing import ArrayLike
 
-
-def hc_mm(ga_weeks: ArrayLike) -> np.ndarray:
-    """Head circumference: HC[cm] = -11.48 + 1.56 MA - 0.0002548 MA^3."""
-    ma = np.asarray(ga_weeks, dtype=np.float64)
-    return 10.0 * (-11.48 + 1.56 * ma - 0.0002548 * ma**3)
+Curve = Callable[[ArrayLike], np.ndarray]
 
 
-def bpd_mm(ga_weeks: ArrayLike) -> np.ndarray:
-    """Biparietal diameter: BPD[cm] = -3.08 + 0.41 MA - 0.000061 MA^3."""
-    ma = np.asarray(ga_weeks, dtype=np.float64)
-    return 10.0 * (-3.08 + 0.41 * ma - 0.000061 * ma**3)
+def _signed(x: float) -> str:
+    return f"{'-' if x < 0 else '+'} {np.format_float_positional(abs(x))}"
 
 
-def ac_mm(ga_weeks: ArrayLike) -> np.ndarray:
-    """Abdominal circumference: AC[cm] = -13.3 + 1.61 MA - 0.00998 MA^2."""
-    ma = np.asarray(ga_weeks, dtype=np.float64)
-    return 10.0 * (-13.3 + 1.61 * ma - 0.00998 * ma**2)
+def _hadlock_curve(name: str, label: str, a: float, b: float, c: float, power: int) -> Curve:
+    """Hadlock's regression of one length on menstrual age, ``L[cm] = a + b MA + c MA^power``, in millimetres."""
+
+    def curve(ga_weeks: ArrayLike) -> np.ndarray:
+        ma = np.asarray(ga_weeks, dtype=np.float64)
+        return 10.0 * (a + b * ma + c * ma**power)
+
+    curve.__name__ = curve.__qualname__ = f"{name}_mm"
+    curve.__doc__ = (f"{label}: {name.upper()}[cm] = {np.format_float_positional(a)} {_signed(b)} MA "
+                     f"{_signed(c)} MA^{power}.")
+    return curve
 
 
-def fl_mm(ga_weeks: ArrayLike) -> np.ndarray:
-    """Femur length: FL[cm] = -3.91 + 0.427 MA - 0.0034 MA^2."""
-    ma = np.asarray(ga_weeks, dtype=np.float64)
-    return 10.0 * (-3.91 + 0.427 * ma - 0.0034 * ma**2)
+# name, what it measures, and the coefficients a, b, c and power of MA of Hadlock et al. 1984
+hc_mm = _hadlock_curve("hc", "Head circumference", -11.48, 1.56, -0.0002548, 3)
+bpd_mm = _hadlock_curve("bpd", "Biparietal diameter", -3.08, 0.41, -0.000061, 3)
+ac_mm = _hadlock_curve("ac", "Abdominal circumference", -13.3, 1.61, -0.00998, 2)
+fl_mm = _hadlock_curve("fl", "Femur length", -3.91, 0.427, -0.0034, 2)
 
 
 def ga_from_hc(hc_millimetres: ArrayLike) -> np.ndarray:

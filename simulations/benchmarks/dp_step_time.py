@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,17 +30,10 @@ from common.diffusion.loss import make_loss_fn
 from common.diffusion.schedulers import make_scheduler
 from common.models.generator import build_generator
 from common.models.lora import set_finetune_mode
+from simulations.benchmarks._common import parse_args, write_report
 
 GOAL_RATIO = 1.3
 MODES = ("functorch", "hooks", "ghost")
-
-
-def machine_info() -> dict[str, Any]:
-    """Facts that explain a timing: CPU, threads, load, library versions."""
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_1_5_15": [round(x, 2) for x in load]}
 
 
 def _batch(size: int, batch_size: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -148,10 +138,7 @@ def run(out_dir: Path, *, sizes: Sequence[int], batch_size: int, rank: int, chan
             print(json.dumps(row), flush=True)
         results.extend(rows.values())
     lora_dp = [r for r in results if r["finetune"] == "lora" and r["mode"] != "non-dp" and "ratio_vs_nondp_full" in r]
-    report = {
-        "benchmark": "dp_step_time",
-        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+    return write_report(out_dir, "dp_step_time", {
         "setup": {"block_out_channels": list(channels), "batch_size": batch_size, "lora_rank": rank,
                   "noise_multiplicity": noise_multiplicity, "warmup_steps": warmup, "timed_steps": timed,
                   "optimizer": "adam", "poisson_sampling": False,
@@ -164,11 +151,7 @@ def run(out_dir: Path, *, sizes: Sequence[int], batch_size: int, rank: int, chan
                  "met": {str(s): any(r["ratio_vs_nondp_full"] <= GOAL_RATIO for r in lora_dp if r["size"] == s)
                          for s in sizes}},
         "results": results,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "dp_step_time.json"
-    path.write_text(json.dumps(report, indent=2))
-    return path
+    })
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -183,10 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--noise-multiplicity", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--timed", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
-    args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, argv)
     path = run(args.out, sizes=[int(s) for s in args.sizes.split(",")], batch_size=args.batch_size, rank=args.rank,
                channels=tuple(int(c) for c in args.channels.split(",")), modes=args.modes.split(","),
                noise_multiplicity=args.noise_multiplicity, warmup=args.warmup, timed=args.timed)

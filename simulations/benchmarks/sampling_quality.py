@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,19 +33,12 @@ from common.models.downstream import PlaneClassifier, classifier_loss
 from common.models.generator import ConditionalUNet, build_generator, load_generator
 from common.phantoms.simulator import make_phantoms
 from common.privacy.dpsgd import train_private
+from simulations.benchmarks._common import parse_args, write_report
 
 DEFAULT_CONFIGS = "ddpm:1000,ddim:10,ddim:20,ddim:50,dpmsolver:10,dpmsolver:20,dpmsolver:50"
 GOAL_STEPS, GOAL_REL = 20, 0.10
 FEATURE_SPACE = ("penultimate layer (PlaneClassifier.features) of a PlaneClassifier trained in this script on "
                  "phantoms; reference = held-out phantoms")
-
-
-def machine_info() -> dict[str, Any]:
-    """Facts that explain a timing: CPU, threads, load, library versions."""
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
-    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "load_average_1_5_15": [round(x, 2) for x in load]}
 
 
 @torch.no_grad()
@@ -119,10 +109,7 @@ def run(out_dir: Path, *, prior: Path | None, size: int, train_images: int, trai
             r["fd_relative_to_ddpm"] = round(r["frechet_distance"] / max(reference["frechet_distance"], 1e-12), 4)
             if r["steps"] == GOAL_STEPS:
                 goal["met"][r["scheduler"]] = bool(r["fd_relative_to_ddpm"] <= 1 + GOAL_REL)
-    report = {
-        "benchmark": "sampling_quality",
-        "time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(),
+    return write_report(out_dir, "sampling_quality", {
         "feature_space": FEATURE_SPACE,
         "setup": {"image_size": size, "n_samples": n_samples, "guidance_scale": guidance, "seed": seed,
                   "train_images": train_images, "classifier_steps": classifier_steps,
@@ -131,11 +118,7 @@ def run(out_dir: Path, *, prior: Path | None, size: int, train_images: int, trai
                    "classifier_accuracy_on_reference": round(float((ref_pred == plane.numpy()).mean()), 4)},
         "goal": goal,
         "results": results,
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "sampling_quality.json"
-    path.write_text(json.dumps(report, indent=2))
-    return path
+    })
 
 
 def _configs(text: str) -> list[tuple[str, int]]:
@@ -165,10 +148,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated scheduler:steps")
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
-    args = parser.parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, argv)
     path = run(args.out, prior=args.prior, size=args.image_size, train_images=args.train_images,
                train_steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
                channels=tuple(int(c) for c in args.channels.split(",")), classifier_steps=args.classifier_steps,

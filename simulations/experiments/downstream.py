@@ -28,6 +28,7 @@ from common.analysis.evaluation import (
     markdown_table,
     regression_metrics,
     run_protocol,
+    train_model,
 )
 from common.analysis.image_metrics import (
     feature_set_metrics,
@@ -38,15 +39,7 @@ from common.analysis.image_metrics import (
 )
 from common.core.seeding import derive_seed
 from common.data.tensors import has_ga, records_to_dataset
-from common.models.downstream import (
-    GARegressor,
-    PlaneClassifier,
-    classifier_loss,
-    predict_ga,
-    predict_planes,
-    regressor_loss,
-)
-from common.privacy.dpsgd import train_private
+from common.models.downstream import GARegressor, PlaneClassifier, predict_ga, predict_planes
 from simulations.cli import add_data_arguments
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -94,10 +87,8 @@ def image_quality(inputs: RunInputs, settings: EvalSettings, *, lpips_model: tor
     torch.manual_seed(derive_seed(settings.seed, "feature-net"))
     net: PlaneClassifier | GARegressor = GARegressor(size, width) if by_ga else PlaneClassifier(image_size=size,
                                                                                                   width=width)
-    train_private(net, regressor_loss if by_ga else classifier_loss, train, steps=settings.steps,
-                  batch_size=min(settings.batch_size, len(train)), lr=settings.lr, ledger=None,
-                  model_key="regressor" if by_ga else "classifier", planned_total_steps=settings.steps,
-                  seed=derive_seed(settings.seed, "feature-net-sgd"), device=settings.device)
+    train_model(net, "regressor" if by_ga else "classifier", train, settings,
+                seed=derive_seed(settings.seed, "feature-net-sgd"))
     space = (f"GA-regressor image embedding ({4 * width}-d; GARegressor width {width}, {settings.steps} non-DP "
              f"steps on the pooled real train split, {len(train)} images, seed {settings.seed}; the split holds one "
              "plane, on which a plane classifier learns nothing)" if by_ga else
