@@ -47,10 +47,10 @@ from simulations.launcher import (
     free_port,
     outcome,
     run_and_tee,
-    run_config_string,
     stage_app,
     stop_process_group,
     wait_http,
+    write_run_config,
 )
 from simulations.watchdog import Watchdog
 
@@ -360,7 +360,7 @@ def run_federation(layout: Layout, cfg: RunConfig, *, resume: bool = False, echo
         raise ValueError(f"run_dir must be absolute, got {run_dir!r}")
     app = stage_app(layout.path(".app"))
     cmd = [str(VENV_BIN / "flwr"), "run", str(app), CONNECTION, "--stream",
-           "--run-config", run_config_string(cfg, resume=resume)]
+           "--run-config", str(write_run_config(cfg, layout.path(".flwr"), resume=resume))]
     if timeout_s is not None and shutil.which("timeout"):
         cmd = ["timeout", str(int(timeout_s)), *cmd]  # a quiet stream never reaches run_and_tee's own check
     t0 = time.perf_counter()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from common.core.config import RunConfig
+from common.core.config import RunConfig, run_config_toml
 from common.core.provenance import code_version
 from simulations.watchdog import Watchdog
 
@@ -179,21 +179,16 @@ def stage_app(dst: Path) -> Path:
     return dst
 
 
-def run_config_string(cfg: RunConfig, *, resume: bool) -> str:
-    """``--run-config`` value: the preset plus every field as an override, so the app rebuilds ``cfg`` exactly."""
-    flat = cfg.to_flat()
-    overrides = " ".join(
-        f"{k}={'none' if v is None else v}" for k, v in flat.items() if k not in ("preset", "seed", "run-dir", "prior")
-    )
-    parts = [
-        f'preset="{cfg.preset}"',
-        f"seed={cfg.seed}",
-        f'run-dir="{cfg.run_dir}"',
-        f'prior="{cfg.prior}"',
-        f'overrides="{overrides}"',
-        f"resume={'true' if resume else 'false'}",
-    ]
-    return " ".join(parts)
+def write_run_config(cfg: RunConfig, folder: Path, *, resume: bool) -> Path:
+    """Write ``cfg`` as ``<folder>/run-config.toml`` for ``flwr run --run-config``; the app rebuilds ``cfg`` exactly.
+
+    A TOML file, not a ``k=v`` string: every value is quoted by a TOML writer, so paths with spaces or quotes
+    survive (see :func:`common.core.config.run_config_toml`).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "run-config.toml"
+    path.write_text(run_config_toml(cfg, resume=resume), encoding="utf-8")
+    return path
 
 
 def write_connection(flwr_home: Path, *, port: int, num_sites: int, cpus_per_site: float = 1.0) -> None:
@@ -252,7 +247,7 @@ def run_simulation(
         wait_http(f"http://127.0.0.1:{port}/health", timeout_s=60, proc=link)
         app_dir = stage_app(run_dir / ".app")
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
-               "--run-config", run_config_string(cfg, resume=resume)]
+               "--run-config", str(write_run_config(cfg, flwr_home, resume=resume))]
         rc = run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s,
                          on_start=dog.adopt)
     rc, reason = outcome(run_dir, rc)

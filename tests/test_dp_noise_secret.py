@@ -152,7 +152,7 @@ def test_a_train_reply_carries_nothing_of_the_site_secret(tmp_path: Path, monkey
     for attr in ("_run_id", "_node_id", "_task_id"):  # messages outside a Flower runtime need a task identity
         monkeypatch.setattr(TaskIdentity, attr, 1)
     run_config = {"preset": "smoke", "seed": 0, "run-dir": str(tmp_path / "run"), "prior": "", "resume": False,
-                  "overrides": "train.local-steps=2 train.downstream-steps=2"}
+                  "train.local-steps": 2, "train.downstream-steps": 2}
     cfg = RunConfig.from_run_config(run_config)
     content = RecordDict({"arrays": arrays_to_record(federated_arrays(build_bundle(cfg))),
                           "config": ConfigRecord({"fl-round": 1})})

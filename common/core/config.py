@@ -2,7 +2,8 @@
 
 Read once at the edge (CLI or ``Context.run_config``) with :meth:`RunConfig.from_flat`, then passed down.
 Presets are Python objects (``smoke``, ``demo``, ``paper``); overrides are flat kebab-case keys, the
-same names as ``[tool.flwr.app.config]`` and ``flwr run --run-config "k=v"``.
+same names as ``[tool.flwr.app.config]`` (which declares every field, see :func:`run_config_declaration`) and
+``flwr run --run-config "k=v"``.
 """
 
 from __future__ import annotations
@@ -203,7 +204,9 @@ class FederationConfig:
     fraction_train: float = 1.0
     min_sites: int = 1  # sites that must be connected before a round starts (deployment)
     reply_timeout_s: float = 3600.0  # how long a round waits for replies before going on without a site
-    proximal_mu: float = 0.01
+    # FedProx's mu: each site's local objective gets (mu/2)·||w - w_global||² (w_global: the weights it received
+    # this round). > 0 exactly when strategy is "fedprox"; its gradient bypasses DP-SGD's noise (no privacy cost).
+    proximal_mu: float = 0.0
     trimmed_beta: float = 0.2
     al_every: int = 0  # run a coordinator query every k rounds (0: never)
     al_candidates_per_site: int = 16
@@ -240,6 +243,14 @@ class FederationConfig:
         _check_range("federation.min_sites", self.min_sites, 1, 10_000)
         _check_range("federation.reply_timeout_s", self.reply_timeout_s, 1.0, 7 * 86400.0)
         _check_range("federation.proximal_mu", self.proximal_mu, 0.0, 100.0)
+        if self.strategy == "fedprox" and self.proximal_mu == 0:
+            raise ConfigError("federation.strategy='fedprox' needs federation.proximal_mu > 0 (the weight mu of the "
+                              "proximal term (mu/2)·||w - w_global||² at the sites; with 0 it is FedAvg): set e.g. "
+                              "federation.proximal-mu=0.01")
+        if self.strategy != "fedprox" and self.proximal_mu != 0:
+            raise ConfigError(f"federation.proximal_mu={self.proximal_mu!r} adds FedProx's proximal term to the sites' "
+                              f"local training, but federation.strategy={self.strategy!r}: use "
+                              f"federation.strategy=fedprox, or set federation.proximal-mu=0")
         _check_range("federation.trimmed_beta", self.trimmed_beta, 0.0, 0.49)
         _check_range("federation.al_every", self.al_every, 0, 10_000)
         _check_range("federation.al_candidates_per_site", self.al_candidates_per_site, 1, 100_000)
@@ -311,16 +322,23 @@ class RunConfig:
             kwargs[name] = sub_cls(**sub)
         return cls(**kwargs)
 
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Every field as Flower run-config values (``bool``, ``int``, ``float``, ``str``), keyed as
+        ``[tool.flwr.app.config]`` declares them; :meth:`from_run_config` rebuilds this config exactly.
+
+        ``None`` travels as ``"none"`` and a tuple as ``"1,2"`` (run-config values are scalars).
+        """
+        return {k: "none" if v is None else v for k, v in self.to_flat().items()}
+
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
         """Build from Flower's ``context.run_config``.
 
-        ``[tool.flwr.app.config]`` holds ``preset``, ``seed``, ``run-dir``, ``prior`` and ``overrides``, a
-        string of ``key=value`` pairs (space or ``;`` separated) applied on top of the preset, because
-        ``flwr run --run-config`` only overrides keys that pyproject.toml declares.
+        ``[tool.flwr.app.config]`` declares every field (:func:`run_config_declaration`), because
+        ``flwr run --run-config`` only overrides declared keys. A declared default of ``""`` means "the preset's
+        value"; ``resume`` is a launch flag, not part of the config. Unknown keys raise :class:`ConfigError`.
         """
-        flat = {k: v for k, v in run_config.items() if k not in ("overrides", "resume")}
-        flat.update(parse_overrides(str(run_config.get("overrides", ""))))
+        flat = {k: v for k, v in run_config.items() if k not in RUN_FLAGS and not (v == "" and "." in k)}
         return cls.from_flat(flat)
 
     @classmethod
@@ -377,6 +395,47 @@ def parse_overrides(text: str) -> dict[str, str]:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         out[key.strip()] = value.strip()
     return out
+
+
+# Run-config keys that are launch flags of the ServerApp, not fields of :class:`RunConfig`.
+RUN_FLAGS: tuple[str, ...] = ("resume",)
+
+
+def _declared_defaults() -> dict[str, bool | int | float | str]:
+    """The ``[tool.flwr.app.config]`` defaults: the top-level fields, then every section field as ``""``."""
+    top: dict[str, bool | int | float | str] = {"preset": "smoke", "seed": 0, "run-dir": "", "prior": ""}
+    sections = {k: "" for k in get_preset("smoke").to_flat() if k not in top}
+    return {**top, **sections, "resume": False}
+
+
+def run_config_declaration() -> str:
+    """The TOML of ``[tool.flwr.app.config]`` (pyproject.toml holds exactly this; a test checks it)."""
+    lines = ["[tool.flwr.app.config]"]
+    defaults = _declared_defaults()
+    lines += [f"{k} = {_toml_value(v)}" for k, v in defaults.items() if "." not in k]
+    for section in _SECTIONS:
+        lines += ["", f"[tool.flwr.app.config.{section}]"]
+        prefix = f"{section}."
+        lines += [f"{k[len(prefix):]} = {_toml_value(v)}" for k, v in defaults.items() if k.startswith(prefix)]
+    return "\n".join(lines) + "\n"
+
+
+def run_config_toml(cfg: "RunConfig", *, resume: bool) -> str:
+    """``cfg`` as a TOML file for ``flwr run --run-config <file>.toml``: every field, quoting-safe.
+
+    Strings are written as TOML basic strings (JSON escapes are valid TOML), so a data root with spaces,
+    quotes or ``=`` survives the trip.
+    """
+    values = {**cfg.to_run_config(), "resume": resume}
+    return "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in values.items())
+
+
+def _toml_value(value: bool | int | float | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value, ensure_ascii=False)
 
 
 def _section_classes() -> dict[str, type]:
