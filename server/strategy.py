@@ -101,6 +101,8 @@ def make_strategy(cfg: RunConfig) -> Strategy:
     if fed.strategy == "fedavg":
         return FedAvg(**common)
     if fed.strategy == "fedprox":
+        # FedProx only puts "proximal-mu" into the train config; the sites take mu from their run config instead
+        # (one source of truth) and apply it in common.federated.local_update.local_train. Server-side it is FedAvg.
         return FedProx(**common, proximal_mu=fed.proximal_mu)
     if fed.strategy == "fedadam":
         return FedAdam(**common, eta=1e-2, eta_l=cfg.train.lr, tau=1e-3)

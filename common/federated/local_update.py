@@ -1,7 +1,8 @@
 """What a site does in one federated round, as plain functions (the client app adapts them to Flower).
 
 Train: DP fine-tune the generator's trainable part, then the plane classifier and the GA regressor, each
-with its own accountant in the site's single ledger. Evaluate: the downstream metrics and a held-out
+with its own accountant in the site's single ledger (under FedProx, each with the proximal term toward the
+weights the site received this round). Evaluate: the downstream metrics and a held-out
 denoising loss on the site's test split.
 """
 
@@ -23,7 +24,7 @@ from common.diffusion.loss import diffusion_loss, make_loss_fn
 from common.diffusion.schedulers import make_scheduler
 from common.models.bundle import ModelBundle
 from common.models.downstream import classifier_loss, evaluate_classifier, evaluate_regressor, regressor_loss
-from common.privacy.dpsgd import PrivateTrainResult, train_private
+from common.privacy.dpsgd import PrivateTrainResult, ProximalTerm, train_private
 from common.privacy.ledger import PrivacyLedger
 
 
@@ -71,6 +72,10 @@ def local_train(
         The site's secret (:meth:`common.privacy.site_state.SiteStateStore.secret`); it keys DP-SGD's sampling and noise,
         so a replayed round draws the same noise and nobody without it can regenerate it. ``None``: fresh noise
         from the operating system. Ignored under ``privacy.insecure-reproducible-noise`` (public seed).
+
+    The bundle must hold the weights the site received this round: with ``federation.proximal-mu`` > 0 (FedProx)
+    every model's local objective gets (mu/2)·||w - w_global||², anchored at those weights as they are on entry
+    (:class:`common.privacy.dpsgd.ProximalTerm`; its gradient bypasses DP-SGD's clipping and noise, no privacy cost).
     """
     size = cfg.data.image_size
     real = records_to_dataset(site.train, image_size=size)
@@ -91,6 +96,11 @@ def local_train(
     ]
     if has_ga(down):
         jobs.append(("regressor", bundle.regressor, regressor_loss, down, cfg.train.downstream_steps, cfg.train.downstream_lr))
+    # mu comes from the site's run config, the one source of truth; the "proximal-mu" key Flower's FedProx puts into
+    # the train message's config is not read (make_strategy gives FedProx the same config value).
+    mu = cfg.federation.proximal_mu
+    # w_global: each model's trainable weights now, before any of them is trained this round.
+    anchors = {key: ProximalTerm.at(model, mu) for key, model, *_ in jobs} if mu > 0 else {}
     metrics: dict[str, float] = {"real-examples": float(len(real)), "synthetic-examples": float(len(synthetic))}
     messages: list[str] = []
     if len(jobs) == 2:
@@ -113,6 +123,7 @@ def local_train(
             seed=derive_seed(seed, key),
             noise_multiplier=cfg.privacy.noise_multiplier if ledger is not None else None,
             noise_seed=dp_noise_seed(cfg, secret, site.name, server_round, key),
+            proximal=anchors.get(key),
         )
         metrics[f"{key}-steps"] = float(result.steps)
         finite = [x for x in result.losses if np.isfinite(x)]  # an empty Poisson batch has no loss (NaN)

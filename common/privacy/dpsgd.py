@@ -5,10 +5,11 @@ from __future__ import annotations
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, get_args
+from typing import Any, Callable, Iterator, Sequence, get_args
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
@@ -35,6 +36,51 @@ class PrivateTrainResult:
     sample_rate: float
     stopped_by_budget: bool
     message: str
+
+
+@dataclass(frozen=True)
+class ProximalTerm:
+    """FedProx's proximal term (mu/2)·||w - w_global||² on a model's trainable parameters (Li et al. 2020).
+
+    ``anchor`` is w_global: one detached copy per trainable parameter, in ``model.parameters()`` order. The term is
+    applied as its gradient, mu·(w - w_global), added to ``p.grad`` right before each optimizer update; the losses
+    :func:`train_private` reports stay the data loss alone.
+
+    It costs no privacy. Under DP-SGD it is added *after* Opacus has clipped, summed, noised and scaled the
+    per-example gradients, never through them: it depends only on the current weights and on w_global, not on any
+    private example. Each update is then a function of the previous weights, w_global and the privatized gradient,
+    which is post-processing of the DP-SGD mechanism; the accountant sees the same (sigma, q) per step with or
+    without it. (Put through per-example clipping it would instead use up each example's norm bound C and be
+    divided by the batch size.) w_global is the global model the server sent: for this site already the output of
+    DP training, accounted in earlier rounds.
+    """
+
+    mu: float
+    anchor: tuple[Tensor, ...]
+
+    def __post_init__(self) -> None:
+        if not (self.mu >= 0 and self.mu < float("inf")):
+            raise ValueError(f"proximal mu must be finite and >= 0; got {self.mu!r}")
+
+    @classmethod
+    def at(cls, model: nn.Module, mu: float) -> "ProximalTerm":
+        """The term anchored at ``model``'s trainable weights now (at the start of a round: the global weights)."""
+        return cls(float(mu), tuple(p.detach().clone() for p in model.parameters() if p.requires_grad))
+
+    def check(self, params: Sequence[Tensor]) -> None:
+        """Raise ``ValueError`` unless the anchor has one tensor of the right shape per parameter of ``params``."""
+        shapes = [tuple(p.shape) for p in params]
+        if shapes != [tuple(w.shape) for w in self.anchor]:
+            raise ValueError(f"proximal anchor does not match the trainable parameters: {len(self.anchor)} anchor "
+                             f"tensors for {len(shapes)} parameters, or their shapes differ")
+
+    @torch.no_grad()
+    def add_gradient(self, params: Sequence[Tensor]) -> None:
+        """``p.grad += mu·(p - w_global)`` for every parameter (a missing ``p.grad`` counts as zero)."""
+        for p, w0 in zip(params, self.anchor, strict=True):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.add_(p - w0.to(p.device), alpha=self.mu)
 
 
 def validate_for_dp(model: nn.Module) -> None:
@@ -75,6 +121,7 @@ def train_private(
     ledger: PrivacyLedger | None, model_key: str, planned_total_steps: int, max_grad_norm: float = 1.0,
     grad_sample_mode: str = "functorch", seed: int = 0, device: str = "cpu", optimizer: str = "adam",
     strict: bool = False, noise_multiplier: float | None = None, noise_seed: int | None = None,
+    proximal: ProximalTerm | None = None,
 ) -> PrivateTrainResult:
     """Train the ``requires_grad`` parameters of ``model`` in place, with DP-SGD when a ledger is given.
 
@@ -108,6 +155,9 @@ def train_private(
         Raise :class:`BudgetExceededError` instead of stopping when the next step would exceed the budget.
     noise_multiplier:
         Overrides the derived noise multiplier at the model's first use (required if the ledger has no target).
+    proximal:
+        FedProx's :class:`ProximalTerm` (anchored at the round's global weights), or ``None`` for plain local
+        training. Its gradient joins the update after DP-SGD's clipping and noise (no privacy cost).
 
     Returns
     -------
@@ -125,6 +175,8 @@ def train_private(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True: nothing to train")
+    if proximal is not None:
+        proximal.check(params)
     if ledger is not None:
         validate_for_dp(model)
     dev = torch.device(device)
@@ -136,25 +188,29 @@ def train_private(
         gen = torch.Generator().manual_seed(seed)
         try:
             if ledger is None:
-                return _train_public(model, loss_fn, dataset, opt, steps, batch_size, gen, dev)
+                return _train_public(model, loss_fn, dataset, opt, steps, batch_size, gen, dev, proximal)
             private_seed = secrets.randbits(63) if noise_seed is None else int(noise_seed)
             return _train_dp(model, loss_fn, dataset, opt, ledger, model_key, steps, batch_size, planned_total_steps,
-                             max_grad_norm, grad_sample_mode, private_seed, dev, strict, noise_multiplier)
+                             max_grad_norm, grad_sample_mode, private_seed, dev, strict, noise_multiplier, proximal)
         finally:
             model.zero_grad(set_to_none=True)
             model.train(was_training)
 
 
 def _train_public(model: nn.Module, loss_fn: LossFn, dataset: TensorDataset, opt: torch.optim.Optimizer,
-                  steps: int, batch_size: int, gen: torch.Generator, dev: torch.device) -> PrivateTrainResult:
+                  steps: int, batch_size: int, gen: torch.Generator, dev: torch.device,
+                  proximal: ProximalTerm | None) -> PrivateTrainResult:
     """Ordinary shuffled minibatch training (public data, no DP)."""
     batches = _batches(DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen), dev)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     losses: list[float] = []
     for _ in range(steps):
         batch = next(batches)
         opt.zero_grad(set_to_none=True)
         loss = _per_example_loss(loss_fn, model, batch).mean()
         loss.backward()
+        if proximal is not None:
+            proximal.add_gradient(trainable)
         opt.step()
         losses.append(float(loss.detach()))
     return PrivateTrainResult(steps, losses, 0.0, 0.0, 0.0, 0.0, False, f"trained {steps} steps without DP")
@@ -177,6 +233,20 @@ def _engine_with_private_rng(accountant: str, private_seed: int, dev: torch.devi
     return engine
 
 
+def _dp_step(dp_opt: DPOptimizer, params: Sequence[Tensor], proximal: ProximalTerm | None) -> None:
+    """``dp_opt.step()``, with FedProx's proximal gradient added between the privatisation and the update.
+
+    ``DPOptimizer.step`` is ``pre_step()`` (clip, sum, noise, scale into ``p.grad``; its step hook records
+    (sigma, q) in the ledger's accountant), then ``original_optimizer.step()``; the same two calls here, with
+    ``proximal.add_gradient`` between them, so the proximal gradient mu·(w - w_global) is neither clipped nor
+    noised nor charged: it reads no private data (:class:`ProximalTerm`).
+    """
+    if dp_opt.pre_step():
+        if proximal is not None:
+            proximal.add_gradient(params)
+        dp_opt.original_optimizer.step()
+
+
 def _check_private_rng(engine: PrivacyEngine, dp_opt: Any, loader: DataLoader) -> None:
     """Fail loudly if this Opacus version no longer routes sampling and noise through ``engine.secure_rng``."""
     sampler = getattr(loader, "batch_sampler", None)
@@ -191,7 +261,7 @@ def _check_private_rng(engine: PrivacyEngine, dp_opt: Any, loader: DataLoader) -
 def _train_dp(model: nn.Module, loss_fn: LossFn, dataset: TensorDataset, opt: torch.optim.Optimizer,
               ledger: PrivacyLedger, key: str, steps: int, batch_size: int, planned: int, clip: float, mode: str,
               private_seed: int, dev: torch.device, strict: bool,
-              sigma_override: float | None) -> PrivateTrainResult:
+              sigma_override: float | None, proximal: ProximalTerm | None) -> PrivateTrainResult:
     """DP-SGD through Opacus with the ledger's accountant attached, so that its history continues."""
     q = 1.0 / len(DataLoader(dataset, batch_size=batch_size))  # Opacus' convention for the Poisson rate
     plan = ledger.plan(key, sample_rate=q, planned_total_steps=planned, noise_multiplier=sigma_override)
@@ -236,7 +306,7 @@ def _train_dp(model: nn.Module, loss_fn: LossFn, dataset: TensorDataset, opt: to
                         p.grad = torch.zeros_like(p)
                     elif mode != "ghost" and getattr(p, "grad_sample", None) is None:
                         p.grad_sample = torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device)
-                dp_opt.step()  # clip, noise, scale; its hook records (sigma, q) in the ledger's accountant
+                _dp_step(dp_opt, trainable, proximal)
                 done += 1
     finally:
         hooks.cleanup()
