@@ -105,7 +105,7 @@ def make_strategy(cfg: RunConfig) -> Strategy:
         # (one source of truth) and apply it in common.federated.local_update.local_train. Server-side it is FedAvg.
         return FedProx(**common, proximal_mu=fed.proximal_mu)
     if fed.strategy == "fedadam":
-        return FedAdam(**common, eta=1e-2, eta_l=cfg.train.lr, tau=1e-3)
+        return FedAdam(**common, eta=fed.fedadam_eta, eta_l=cfg.train.lr, tau=fed.fedadam_tau)
     if fed.strategy == "fedmedian":
         return FedMedian(**common)
     if fed.strategy == "trimmedmean":

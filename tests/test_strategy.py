@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -111,6 +113,37 @@ def test_fedprox_tells_the_sites_the_configured_mu() -> None:
     strategy = make_strategy(cfg)
     # Flower's FedProx puts it into the train config; the sites read the same value from their run config
     assert strategy.proximal_mu == 0.3  # type: ignore[attr-defined]
+
+
+def _fedadam_round(extra: dict[str, float]) -> tuple[Any, np.ndarray]:
+    """One FedAdam aggregation from weights 0 of two replies, 1 and 3 (average 2): the strategy and the result."""
+    cfg = get_preset("smoke").from_flat({"preset": "smoke", "federation.strategy": "fedadam", **extra})
+    strategy = GuardedStrategy(make_strategy(cfg), expected_shapes=SHAPES)
+    strategy.base.current_arrays = {k: v.copy() for k, v in _good(0.0).items()}  # what configure_train sets
+    arrays, _ = strategy.aggregate_train(1, [_reply(1, _good(1.0)), _reply(2, _good(3.0))])
+    assert arrays is not None
+    return strategy.base, record_to_arrays(arrays)["generator.w"]
+
+
+def _first_fedadam_step(eta: float, tau: float, delta: float = 2.0, b1: float = 0.9, b2: float = 0.99) -> float:
+    """Flower's FedAdam at round 1: m = (1-b1) delta, v = (1-b2) delta^2, bias-corrected with exponent 2."""
+    eta_norm = eta * math.sqrt(1 - b2**2) / (1 - b1**2)
+    return eta_norm * (1 - b1) * delta / (math.sqrt((1 - b2) * delta**2) + tau)
+
+
+def test_fedadam_takes_eta_and_tau_from_the_config() -> None:
+    # Execute
+    default, moved_default = _fedadam_round({})
+    custom, moved = _fedadam_round({"federation.fedadam-eta": 0.5, "federation.fedadam-tau": 0.1})
+    # Assert: the defaults are the former hard-coded values; the configured ones reach Flower's strategy and its step
+    assert (default.eta, default.tau) == (1e-2, 1e-3)
+    assert (custom.eta, custom.tau) == (0.5, 0.1)
+    assert np.allclose(moved_default, _first_fedadam_step(1e-2, 1e-3), rtol=1e-6, atol=0)
+    assert np.allclose(moved, _first_fedadam_step(0.5, 0.1), rtol=1e-6, atol=0)
+    assert not np.allclose(moved, moved_default)
+    for key in ("federation.fedadam-eta", "federation.fedadam-tau"):
+        with pytest.raises(ConfigError, match=rf"{key.replace('-', '_')}=0.0 is out of range"):
+            get_preset("smoke").from_flat({"preset": "smoke", "federation.strategy": "fedadam", key: 0.0})
 
 
 def test_an_unknown_strategy_is_an_error_in_the_config_and_in_the_factory() -> None:

@@ -208,6 +208,11 @@ class FederationConfig:
     # this round). > 0 exactly when strategy is "fedprox"; its gradient bypasses DP-SGD's noise (no privacy cost).
     proximal_mu: float = 0.0
     trimmed_beta: float = 0.2
+    # FedAdam's server optimizer (Reddi et al. 2021) on each round's averaged update: eta is its learning rate, in
+    # weight units (a round moves each weight by about eta while the updates keep their sign); tau its adaptivity,
+    # added to sqrt(v) (larger tau: closer to plain server momentum). Both > 0; used by strategy "fedadam" only.
+    fedadam_eta: float = 1e-2
+    fedadam_tau: float = 1e-3
     al_every: int = 0  # run a coordinator query every k rounds (0: never)
     al_candidates_per_site: int = 16
     al_select: int = 16
@@ -252,6 +257,8 @@ class FederationConfig:
                               f"local training, but federation.strategy={self.strategy!r}: use "
                               f"federation.strategy=fedprox, or set federation.proximal-mu=0")
         _check_range("federation.trimmed_beta", self.trimmed_beta, 0.0, 0.49)
+        _check_range("federation.fedadam_eta", self.fedadam_eta, 1e-7, 10.0)
+        _check_range("federation.fedadam_tau", self.fedadam_tau, 1e-12, 10.0)
         _check_range("federation.al_every", self.al_every, 0, 10_000)
         _check_range("federation.al_candidates_per_site", self.al_candidates_per_site, 1, 100_000)
         _check_range("federation.al_select", self.al_select, 1, 1_000_000)
