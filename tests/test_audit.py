@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import pytest
@@ -22,7 +23,6 @@ from common.analysis.audit import (
     dp_certificate,
     make_canaries,
     memorization_scan,
-    plant_canaries,
     recompute_epsilon,
     tiled_l2,
 )
@@ -37,6 +37,7 @@ from common.analysis.audit_mia import (
     steinke_p_value,
     tpr_at_fpr,
 )
+from common.core.records import PLANES, UltrasoundRecord
 from common.phantoms.simulator import make_phantoms
 from common.privacy.ledger import PrivacyLedger
 
@@ -44,6 +45,18 @@ from common.privacy.ledger import PrivacyLedger
 def _phantoms(n: int, seed: int) -> np.ndarray:
     """``n`` seeded 32x32 phantom images."""
     return np.stack([r.image for r in make_phantoms(n, size=32, seed=seed)])
+
+
+def plant_canaries(records: Sequence[Any], canaries: np.ndarray, included: np.ndarray, *, site: str, seed: int,
+                   planes: Sequence[int] | None = None,
+                   ga_weeks: Sequence[float | None] | None = None) -> list[Any]:
+    """The site's records plus the included canaries as records (given or random planes; GA given or unknown)."""
+    plane = np.random.default_rng(seed).integers(0, len(PLANES), len(canaries)) if planes is None else planes
+    ga = [None] * len(canaries) if ga_weeks is None else ga_weeks
+    extra = [UltrasoundRecord(image=np.asarray(c, np.uint8), plane=int(plane[i]), ga_weeks=ga[i], pixel_spacing_mm=None,
+                              site=site, patient_id=f"canary-{i}", image_id=f"canary-{i}", source="canary",
+                              extra={"canary": i}) for i, c in enumerate(canaries) if included[i]]
+    return list(records) + extra
 
 
 def _ledger_summary(sigma: float, q: float, steps: int) -> dict:

@@ -16,7 +16,6 @@ from common.analysis.image_metrics import (
     load_lpips,
     lpips_distance,
     lpips_diversity,
-    lpips_random_backbone_for_tests,
     mean_pairwise_distance,
     nearest_neighbours,
     precision_recall,
@@ -25,9 +24,16 @@ from common.analysis.metrics import frechet_distance
 
 
 @pytest.fixture(scope="module")
-def lpips_test_model() -> torch.nn.Module:
-    """The random-backbone LPIPS (built once: constructing AlexNet takes a moment)."""
-    return lpips_random_backbone_for_tests(seed=0)
+def lpips_test_model(tmp_path_factory: pytest.TempPathFactory) -> torch.nn.Module:
+    """LPIPS loaded by :func:`load_lpips` from a stand-in AlexNet state dict (seeded random weights, not ImageNet):
+    for the plumbing only, never an LPIPS number (built once: constructing AlexNet takes a moment)."""
+    import torchvision
+
+    path = tmp_path_factory.mktemp("alexnet") / ALEXNET_FILE
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    return load_lpips(weights=path)
 
 
 def _gauss(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:
@@ -120,7 +126,7 @@ def test_feature_set_metrics_names_the_feature_space() -> None:
     assert res["diversity_fake"] == pytest.approx(res["diversity_real"])
 
 
-def test_lpips_test_variant_is_symmetric_and_zero_on_identical_images(lpips_test_model: torch.nn.Module) -> None:
+def test_lpips_is_symmetric_and_zero_on_identical_images(lpips_test_model: torch.nn.Module) -> None:
     # Prepare
     rng = np.random.default_rng(10)
     a = rng.integers(0, 256, size=(4, 32, 32), dtype=np.uint8)

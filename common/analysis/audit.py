@@ -15,8 +15,6 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from common.core.records import PLANES, UltrasoundRecord
-
 # Carlini et al. 2023, CIFAR-10 experiments: l(x^, x; S) = l2(x^, x) / (alpha * mean_{y in S} l2(x^, y)), S the
 # n nearest training images, alpha = 0.5, n = 50. We report the ratio d_1 / mean(d_2..d_{n+1}) (S without the
 # nearest itself, so that a copy does not dilute its own reference; ratio ~ alpha * l) and flag a near-copy when
@@ -192,18 +190,6 @@ def make_canaries(m: int, *, size: int, seed: int, cells: int = 8, base: np.ndar
 def canary_inclusion(m: int, *, seed: int, p: float = 0.5) -> np.ndarray:
     """Independent inclusion flags ``bool [m]``, each true with probability ``p`` (Steinke et al. 2023: 1/2)."""
     return np.random.default_rng(seed).random(m) < p
-
-
-def plant_canaries(records: Sequence[UltrasoundRecord], canaries: np.ndarray, included: np.ndarray, *, site: str,
-                   seed: int, planes: Sequence[int] | None = None,
-                   ga_weeks: Sequence[float | None] | None = None) -> list[UltrasoundRecord]:
-    """The site's records plus the included canaries as records (given or random planes; GA given or unknown)."""
-    plane = np.random.default_rng(seed).integers(0, len(PLANES), len(canaries)) if planes is None else planes
-    ga = [None] * len(canaries) if ga_weeks is None else ga_weeks
-    extra = [UltrasoundRecord(image=np.asarray(c, np.uint8), plane=int(plane[i]), ga_weeks=ga[i], pixel_spacing_mm=None,
-                              site=site, patient_id=f"canary-{i}", image_id=f"canary-{i}", source="canary",
-                              extra={"canary": i}) for i, c in enumerate(canaries) if included[i]]
-    return list(records) + extra
 
 
 # -- DP certificate ----------------------------------------------------------------------------------------

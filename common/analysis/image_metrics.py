@@ -34,22 +34,6 @@ def alexnet_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_FILE
 
 
-def _lpips_with_random_trunk(seed: int) -> nn.Module:
-    """``lpips.LPIPS`` (AlexNet, v0.1) with its calibrated linear heads and a seeded random trunk.
-
-    ``pnet_rand=False`` would call ``torchvision.models.alexnet(pretrained=True)``, which downloads; with
-    ``pnet_rand=True`` the trunk is built without weights, and ``pretrained=True`` only loads the linear heads
-    shipped inside the ``lpips`` package (``lpips/weights/v0.1/alex.pth``), never from the network.
-    """
-    import lpips
-
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-        torch.manual_seed(seed)
-        warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated" warnings
-        model = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
-    return model.eval()
-
-
 def load_lpips(*, weights: Path | None = None, device: str = "cpu") -> nn.Module:
     """Calibrated LPIPS-AlexNet (Zhang et al. 2018, v0.1) from local files only.
 
@@ -64,6 +48,7 @@ def load_lpips(*, weights: Path | None = None, device: str = "cpu") -> nn.Module
     -------
     The ``lpips.LPIPS`` module in eval mode (inputs ``[N, 3, H, W]`` in [-1, 1]).
     """
+    import lpips
     import torchvision
 
     path = Path(weights) if weights is not None else alexnet_weights_path()
@@ -73,7 +58,13 @@ def load_lpips(*, weights: Path | None = None, device: str = "cpu") -> nn.Module
             f"Provide them once: download {ALEXNET_URL} on a machine with network access and copy the file to "
             f"{path} (the folder is $TORCH_HOME/hub/checkpoints; set TORCH_HOME to choose it)."
         )
-    model = _lpips_with_random_trunk(seed=0)
+    # pnet_rand=False would call torchvision.models.alexnet(pretrained=True), which downloads; with pnet_rand=True
+    # the trunk is built untrained (every weight of it is replaced below, or this function fails), and
+    # pretrained=True only loads the linear heads shipped inside the lpips package (lpips/weights/v0.1/alex.pth).
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        torch.manual_seed(0)
+        warnings.simplefilter("ignore")  # torchvision's "pretrained is deprecated" warnings
+        model = lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=True, verbose=False)
     alex = torchvision.models.alexnet(weights=None)
     try:
         alex.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -84,11 +75,6 @@ def load_lpips(*, weights: Path | None = None, device: str = "cpu") -> nn.Module
         for name, layer in sl.named_children():
             layer.load_state_dict(alex.features[int(name)].state_dict())
     return model.to(device).eval()
-
-
-def lpips_random_backbone_for_tests(*, seed: int = 0, device: str = "cpu") -> nn.Module:
-    """LPIPS heads on a *random* AlexNet trunk: for unit tests of the plumbing only, never a reported LPIPS."""
-    return _lpips_with_random_trunk(seed).to(device)
 
 
 def _to_lpips_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -116,7 +102,7 @@ def lpips_distance(model: nn.Module, a: np.ndarray | torch.Tensor, b: np.ndarray
     Parameters
     ----------
     model:
-        From :func:`load_lpips` (or the test-only random-backbone variant).
+        From :func:`load_lpips` (the tests pass one loaded with a stand-in AlexNet state dict).
     a, b:
         Same number of images, uint8 ``[N, H, W]`` or float ``[N, 1|3, H, W]`` in [-1, 1].
     """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence, get_args
+from typing import Any, Callable, Iterator, Literal, Sequence, get_args
 
 import torch
 from opacus import PrivacyEngine
@@ -20,8 +20,11 @@ from common.core.errors import BudgetExceededError, ConfigError, DataError
 from common.privacy.ledger import PrivacyLedger
 
 GRAD_SAMPLE_MODES = get_args(GradSampleMode)
-OPTIMIZERS = ("adam", "adamw", "sgd")
+OptimizerName = Literal["adam", "adamw", "sgd"]
+OPTIMIZERS = get_args(OptimizerName)
 LossFn = Callable[[nn.Module, tuple[Tensor, ...]], Tensor]
+_OPTIMIZER_CLASSES: dict[OptimizerName, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ def _batches(loader: DataLoader, dev: torch.device) -> Iterator[tuple[Tensor, ..
 def train_private(
     model: nn.Module, loss_fn: LossFn, dataset: TensorDataset, *, steps: int, batch_size: int, lr: float,
     ledger: PrivacyLedger | None, model_key: str, planned_total_steps: int, max_grad_norm: float = 1.0,
-    grad_sample_mode: str = "functorch", seed: int = 0, device: str = "cpu", optimizer: str = "adam",
+    grad_sample_mode: str = "functorch", seed: int = 0, device: str = "cpu", optimizer: OptimizerName = "adam",
     strict: bool = False, noise_multiplier: float | None = None, noise_seed: int | None = None,
     proximal: ProximalTerm | None = None,
 ) -> PrivateTrainResult:
@@ -142,7 +145,7 @@ def train_private(
     planned_total_steps:
         Steps of this model over the whole run; fixes the noise multiplier at its first use.
     max_grad_norm, grad_sample_mode, optimizer:
-        Clipping bound ``C``; Opacus per-sample gradient mode; ``"adam"``, ``"adamw"`` or ``"sgd"``.
+        Clipping bound ``C``; Opacus per-sample gradient mode; one of :data:`OPTIMIZERS` (:data:`OptimizerName`).
     seed, device:
         Seeds the public randomness (shuffling without DP, the global RNG: forked, restored after); torch device.
     noise_seed:
@@ -182,7 +185,7 @@ def train_private(
     dev = torch.device(device)
     was_training = model.training
     model.to(dev).train()
-    opt = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[optimizer](params, lr=lr)
+    opt = _OPTIMIZER_CLASSES[optimizer](params, lr=lr)
     with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
