@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as save_tensors
 
+from common.core.atomic_io import write_json_atomic, write_text_atomic
 from common.core.config import RunConfig
 from common.core.provenance import code_version
 from common.models.bundle import ModelBundle, load_federated_file, save_bundle
@@ -88,11 +88,8 @@ class RunFolder:
         """Write ``checkpoints/round-NNN`` atomically, then append the round to ``metrics.jsonl``."""
         extra = {"round.json": json.dumps(dict(record), indent=2, default=str).encode()}
         if strategy_state:
-            fd, tmp = tempfile.mkstemp(suffix=".safetensors")
-            os.close(fd)
-            save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in strategy_state.items()}, tmp)
-            extra["strategy.safetensors"] = Path(tmp).read_bytes()
-            os.unlink(tmp)
+            extra["strategy.safetensors"] = save_tensors(
+                {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in strategy_state.items()})
         folder = self.checkpoints / f"round-{server_round:03d}"
         save_bundle(bundle, folder, sidecar=sidecar, extra_files=extra)
         with self.metrics_file.open("a") as fh:
@@ -113,18 +110,3 @@ class RunFolder:
         kept = [r for r in self.read_metrics() if int(r.get("round", 0)) <= last_round]
         write_text_atomic(self.metrics_file, "".join(json.dumps(r, default=str) + "\n" for r in kept))
 
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON via a temp file and ``os.replace``."""
-    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text via a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)

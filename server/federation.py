@@ -24,11 +24,12 @@ from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from common.core.atomic_io import write_json_atomic
 from common.core.config import RunConfig
 from common.core.provenance import code_version
 from common.federated.flwr_records import arrays_to_record, record_to_arrays
 from common.models.bundle import ModelBundle, build_bundle, expected_shapes, federated_arrays, load_federated_arrays
-from server.checkpoint import RunFolder, write_json_atomic
+from server.checkpoint import RunFolder
 from server.reporting import plot_rounds, save_sample_grid
 from server.strategy import GuardedStrategy, SiteReport, make_strategy, update_bounds
 

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from common.core.atomic_io import write_text_atomic
 from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES, UltrasoundRecord
 from common.core.viz import plot_series, save_grid
 from common.federated.round_metrics import round_summary
@@ -390,10 +391,7 @@ def build_report(run_dir: Path, *, curve_file: Path | None = None) -> Path:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>DiFUSAL report {html.escape(run_dir.name)}"
             f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
     out = run_dir / "report.html"
-    tmp = out.with_name(".report.html.tmp")
-    tmp.write_text(page)
-    os.replace(tmp, out)
-    return out
+    return write_text_atomic(out, page, mode=0o644)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -31,11 +30,13 @@ from typing import Any, Iterable, Literal, Mapping
 import numpy as np
 from PIL import Image
 
+from common.core.atomic_io import write_bytes_atomic, write_json_atomic
 from common.core.records import PLANES, UltrasoundRecord
 
 METADATA = "metadata.jsonl"
 SIDECAR = "release.json"
 QUARANTINE = "quarantine"
+_SHARED_MODE = 0o644  # the release is shared: its files are world-readable (atomic_io's temp files are 0600)
 
 logger = logging.getLogger(__name__)
 
@@ -223,11 +224,7 @@ class ReleaseStore:
         """Write ``release.json`` (config, sites, privacy certificate, counts, code version) atomically."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / SIDECAR
-        fd, tmp = tempfile.mkstemp(prefix=".release-", dir=self.folder)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({**dict(payload), "num_images": len(self)}, fh, indent=2, default=str)
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, {**dict(payload), "num_images": len(self)}, mode=_SHARED_MODE)
 
     # -- repair ----------------------------------------------------------------------------
     def repair(self, *, up_to_round: int | None = None, reason: str = "release repair",
@@ -266,17 +263,17 @@ class ReleaseStore:
             quarantine = _new_quarantine(self.folder)
             # the dropped lines and the manifest reach the disk before metadata.jsonl forgets them
             if dropped:
-                _write_bytes_atomic(quarantine / "dropped.jsonl", b"".join(ln.raw + b"\n" for ln in dropped))
-            _write_bytes_atomic(quarantine / "repair.json", json.dumps({
+                write_bytes_atomic(quarantine / "dropped.jsonl", b"".join(ln.raw + b"\n" for ln in dropped))
+            write_json_atomic(quarantine / "repair.json", {
                 "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "release": str(self.folder),
                 "up_to_round": up_to_round, "kept_records": len(kept),
                 "moved": [{**m.__dict__, **({"to": f"{m.name}.quarantined"} if m.kind == "file" else
                                             {"to": "dropped.jsonl"})} for m in moved],
                 "restore": "a moved file is its original path plus '.quarantined'; a moved line is in dropped.jsonl, "
                            "in the order of metadata.jsonl",
-            }, indent=2).encode())
+            }, default=None)
         if dropped or terminate:
-            _write_bytes_atomic(self.folder / METADATA, b"".join(ln.raw + b"\n" for ln in kept))
+            write_bytes_atomic(self.folder / METADATA, b"".join(ln.raw + b"\n" for ln in kept), mode=_SHARED_MODE)
         # a kill in this loop leaves PNGs without a record: the next repair moves them
         for rel, *_ in files if quarantine is not None else []:
             target = quarantine / f"{rel}.quarantined"
@@ -390,7 +387,10 @@ def _stray_files(folder: Path, lines: list[_Line]) -> list[tuple[str, Reason, st
             out.append((rel, "rollback", f"the image of line {ln.number}: {ln.detail}", rid))
         else:
             out.append((rel, "orphan", "no whole record names it", None))
+    # common.core.atomic_io names its temp files ".<name>.<random>.tmp"; ".metadata-*" and ".release-*" are the
+    # temp names of earlier versions, still counted in a release they left
     temps = [*(sorted(images.glob(".*.tmp")) if images.is_dir() else []),
+             *sorted(folder.glob(f".{METADATA}.*.tmp")), *sorted(folder.glob(f".{SIDECAR}.*.tmp")),
              *sorted(folder.glob(".metadata-*")), *sorted(folder.glob(".release-*"))]
     out += [(str(p.relative_to(folder)), "temp", "temporary file of an interrupted write", None) for p in temps]
     return out
@@ -428,19 +428,7 @@ def _new_quarantine(folder: Path) -> Path:
     raise FileExistsError(f"{folder / QUARANTINE}: 1000 quarantines named {stamp}; remove old ones")
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-" if path.name != METADATA else ".metadata-", dir=path.parent)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _write_png_atomic(path: Path, image: np.ndarray) -> None:
     buf = io.BytesIO()
     Image.fromarray(image, mode="L").save(buf, format="PNG")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
-
+    write_bytes_atomic(path, buf.getvalue(), mode=_SHARED_MODE)

@@ -9,13 +9,13 @@ row-label column as wide as the widest row label (+ ``pad``) if ``row_labels``; 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from common.core.atomic_io import atomic_path
 
 FONT_SIZE = 11
 LINE_HEIGHT = 14
@@ -51,7 +51,7 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def save_grid(images: Sequence[Sequence[np.ndarray]], path: Path, *, row_labels: Sequence[str] = (),
               col_labels: Sequence[str] = (), title: str = "",
               cell_captions: Sequence[Sequence[str]] | None = None, scale: int = 2, pad: int = 2) -> Path:
-    """Write a labelled grid of images as a PNG, atomically (temp file + ``os.replace``).
+    """Write a labelled grid of images as a PNG, atomically (:func:`common.core.atomic_io.atomic_path`).
 
     Parameters
     ----------
@@ -112,16 +112,8 @@ def save_grid(images: Sequence[Sequence[np.ndarray]], path: Path, *, row_labels:
                 for i, line in enumerate(str(cell_captions[r][c]).split("\n")):
                     draw.text((left + pad + c * (cw + pad), y + ch + 1 + i * LINE_HEIGHT), line, fill=ink, font=font)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            canvas.save(fh, format="PNG")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a figure is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, mode=0o644) as tmp:  # a figure is meant to be read
+        canvas.save(tmp, format="PNG")
     return path
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from common.core.atomic_io import atomic_dir
 from common.core.config import RunConfig
 from common.models.downstream import GARegressor, PlaneClassifier
 from common.models.generator import ConditionalUNet, build_generator, load_generator, save_generator
@@ -127,16 +126,14 @@ def expected_shapes(bundle: ModelBundle) -> dict[str, tuple[int, ...]]:
 def save_bundle(
     bundle: ModelBundle, folder: Path, *, sidecar: Mapping[str, Any], extra_files: Mapping[str, bytes] | None = None
 ) -> Path:
-    """Write the bundle as a prior/checkpoint folder, atomically.
+    """Write the bundle as a prior/checkpoint folder, atomically (:func:`common.core.atomic_io.atomic_dir`).
 
     Layout: ``generator/`` (diffusers-style folder with its own sidecar), ``federated.safetensors``
     (the trained part, what :func:`load_federated_arrays` takes), ``classifier.safetensors``,
     ``regressor.safetensors`` and ``sidecar.json``.
     """
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         save_generator(bundle.generator, tmp / "generator", sidecar=dict(sidecar))
         save_file({k: torch.from_numpy(v) for k, v in federated_arrays(bundle).items()},
                   str(tmp / "federated.safetensors"))
@@ -145,17 +142,6 @@ def save_bundle(
         (tmp / "sidecar.json").write_text(json.dumps(dict(sidecar), indent=2, default=str))
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

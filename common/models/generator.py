@@ -13,9 +13,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from common.core.atomic_io import atomic_dir
 from common.core.config import GeneratorConfig
 from common.core.provenance import code_version
 from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
@@ -227,7 +225,7 @@ def _has_lora(model: nn.Module) -> bool:
 def save_generator(
     model: ConditionalUNet, folder: Path, *, sidecar: dict[str, Any], dtype: torch.dtype = torch.float32
 ) -> Path:
-    """Write a diffusers-style folder atomically (temp dir + ``os.replace``).
+    """Write a diffusers-style folder atomically (:func:`common.core.atomic_io.atomic_dir`).
 
     Parameters
     ----------
@@ -252,9 +250,7 @@ def save_generator(
         json.dumps(meta)
     except TypeError as exc:
         raise ValueError(f"sidecar must be JSON-serialisable: {exc}") from exc
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_dir(folder) as tmp:
         unet = copy.deepcopy(model.unet).cpu()
         if dtype == torch.float16:
             unet.half()  # not .to(dtype): diffusers warns on that path for every cast
@@ -268,16 +264,6 @@ def save_generator(
         }
         (tmp / ENCODER_JSON).write_text(json.dumps(enc_meta, indent=2))
         (tmp / SIDECAR_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        old = None
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

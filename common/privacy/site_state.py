@@ -15,15 +15,14 @@ regenerate the noise; a replayed round draws the same noise again, as the replay
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from common.core.atomic_io import atomic_path, create_exclusive, write_json_atomic
 from common.core.config import PrivacyConfig
 from common.core.errors import DataError
 from common.privacy.ledger import PrivacyLedger
@@ -59,7 +58,7 @@ class SiteStateStore:
         """This site's secret, created (32 bytes from :mod:`secrets`, mode 0600) at first use; never sent."""
         path = self.folder / SECRET_FILE
         if not path.exists():
-            _write_owner_only(path, secrets.token_bytes(_SECRET_BYTES))
+            create_exclusive(path, secrets.token_bytes(_SECRET_BYTES), mode=0o600)
         data = path.read_bytes()
         if len(data) != _SECRET_BYTES:
             raise DataError(f"{path} holds {len(data)} bytes, expected {_SECRET_BYTES}: the site secret is damaged. "
@@ -71,13 +70,7 @@ class SiteStateStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         payload = {"round": server_round, "ledger": ledger.state_dict(), "info": info or {}}
         path = self._path(server_round)
-        fd, tmp = tempfile.mkstemp(prefix=".ledger-", dir=self.folder)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(path, payload, indent=None, default=None)
 
     def save_local_model(self, server_round: int, arrays: dict[str, "np.ndarray"]) -> Path:
         """Keep the site's own DP fine-tuned generator part of ``server_round`` (used to answer queries)."""
@@ -85,9 +78,8 @@ class SiteStateStore:
 
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"local-model-round-{server_round:03d}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path, mode=0o644) as tmp:  # readable, as before: it is DP-trained, not a secret
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp))
         return path
 
     def load_local_model(self, *, up_to_round: int) -> dict[str, "np.ndarray"] | None:
@@ -123,24 +115,7 @@ def copy_site_secrets(src_run_dir: Path, dst_run_dir: Path) -> list[str]:
     copied = []
     for secret in sorted(Path(src_run_dir).glob(f"sites/*/{SECRET_FILE}")):
         dst = Path(dst_run_dir) / "sites" / secret.parent.name / SECRET_FILE
-        if not dst.exists() and _write_owner_only(dst, secret.read_bytes()):
+        if not dst.exists() and create_exclusive(dst, secret.read_bytes(), mode=0o600):
             copied.append(secret.parent.name)
     return copied
 
-
-def _write_owner_only(path: Path, data: bytes) -> bool:
-    """Write ``data`` to ``path`` (mode 0600) atomically, never over an existing file; whether this call wrote it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    try:
-        os.link(tmp, path)  # atomic and never overwrites: a concurrent first use keeps one secret
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink()
