@@ -44,7 +44,7 @@ from common.models.downstream import (
     regressor_loss,
 )
 from common.privacy.dpsgd import PrivateTrainResult, train_private
-from common.privacy.ledger import DEFAULT_BUDGET_SPLIT, PrivacyLedger
+from common.privacy.ledger import PrivacyLedger
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DP_SPLIT = {"classifier": 0.5, "regressor": 0.5}
@@ -284,7 +284,7 @@ def generator_budget(inputs: RunInputs, site: str) -> tuple[float, float] | None
     p = inputs.cfg.privacy
     if p.target_epsilon is None:
         return None
-    f = DEFAULT_BUDGET_SPLIT["generator"]
+    f = p.budget_split()["generator"]
     return p.target_epsilon * f, p.target_delta * f
 
 

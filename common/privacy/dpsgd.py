@@ -283,6 +283,8 @@ def _train_dp(model: nn.Module, loss_fn: LossFn, dataset: TensorDataset, opt: to
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            # functorch mode asks torch for CPU autocast in float32, which torch declines (harmless, two lines a step)
+            warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
             for _ in range(steps):
                 if ledger.would_exceed(key, noise_multiplier=sigma, sample_rate=q):
                     eps_budget, delta = ledger.budget(key)

@@ -24,10 +24,11 @@ from typing import Any, Iterator, Mapping, get_args
 from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.core.config import AccountantName
+from common.core.config import AccountantName, PrivacyConfig
 from common.core.errors import ConfigError, DataError
 
-DEFAULT_BUDGET_SPLIT: Mapping[str, float] = {"generator": 0.6, "classifier": 0.2, "regressor": 0.2}
+# The default shares of the site budget: the config's defaults (privacy.budget-generator etc.), stated there once.
+DEFAULT_BUDGET_SPLIT: Mapping[str, float] = PrivacyConfig().budget_split()
 ACCOUNTANTS = get_args(AccountantName)
 _LEDGER_FORMAT = "difusal-privacy-ledger/1"
 # RDP orders. Opacus' default list has 99 fractional orders whose log-moments are slow series (about 0.2-0.8 s

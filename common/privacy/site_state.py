@@ -24,7 +24,7 @@ import numpy as np
 
 from common.core.atomic_io import atomic_path, create_exclusive, write_json_atomic
 from common.core.config import PrivacyConfig
-from common.core.errors import DataError
+from common.core.errors import ConfigError, DataError
 from common.privacy.ledger import PrivacyLedger
 
 _SNAPSHOT = re.compile(r"^ledger-round-(\d{3,})\.json$")
@@ -46,10 +46,15 @@ class SiteStateStore:
                 target_epsilon=privacy.target_epsilon,
                 target_delta=privacy.target_delta,
                 accountant=privacy.accountant,
+                budget_split=privacy.budget_split(),
             )
         else:
             payload = json.loads(self._path(max(rounds)).read_text())
             ledger = PrivacyLedger.from_state_dict(payload["ledger"])
+            if ledger.budget_split != privacy.budget_split():
+                raise ConfigError(
+                    f"the site's ledger of round {max(rounds)} splits the budget as {ledger.budget_split}, the config "
+                    f"as {privacy.budget_split()}: a run keeps one split (restore privacy.budget-* or start a new run)")
         if privacy.insecure_reproducible_noise:
             ledger.mark_noise_not_private()
         return ledger
