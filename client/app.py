@@ -5,46 +5,68 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import time
 import traceback
-import warnings
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import SiteSpec, resolve_site
-from common.active_learning.query import answer_query, release_from_arrays
+from common.active_learning.query import answer_query
+from common.active_learning.release_sync import ReleaseCache
+from common.active_learning.scoring import features
 from common.core.config import RunConfig
+from common.core.records import UltrasoundRecord
 from common.core.seeding import derive_seed
 from common.data.sites import SiteData, load_site
-from common.federated.flwr_records import arrays_to_record, record_to_arrays
+from common.federated.flwr_records import (
+    ROUND_KEY,
+    arrays_to_record,
+    bundle_to_record,
+    delta_from_content,
+    held_to_config,
+    load_bundle_record,
+    record_to_arrays,
+)
 from common.federated.local_update import local_evaluate, local_train
-from common.models.bundle import build_bundle, federated_arrays, load_federated_arrays
+from common.models.bundle import ModelBundle, build_bundle
 from common.privacy.site_state import SiteStateStore
-
-# Known-noisy third-party warnings (numpy 2 copy keyword in diffusers' solvers; Opacus' CPU autocast note).
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-# Opacus' functorch mode asks for CPU autocast in float32, which torch declines (a two-line message)
-warnings.filterwarnings("ignore", message="In CPU autocast, but the target dtype is not supported")
 
 app = ClientApp()
 
 # Error code for a site-side failure (Flower's codes are < 100).
 SITE_FAILURE = 700
-# Test hook: a site whose name (or "site-<index>") equals this variable raises in every handler.
-FAULT_ENV = "DIFUSAL_FAULT_SITE"
+# The site's copy of the shared release, in its state folder (public images: post-processing of DP generators).
+RELEASE_CACHE = "release-cache"
 
 
 def _site(context: Context) -> tuple[SiteSpec, SiteData, str, Path]:
     """This site's spec, its data, its name and its state folder."""
     spec = resolve_site(context.node_config, RunConfig.from_run_config(context.run_config))
     site = load_site(spec.cfg.data, seed=spec.cfg.seed, site_index=spec.index)
-    if FAULT_ENV in os.environ and os.environ[FAULT_ENV] in (site.name, f"site-{spec.index}"):
-        raise RuntimeError(f"fault injected by {FAULT_ENV}")
     name, state_dir = spec.resolved(site.name, Path(spec.cfg.run_dir or "runs/latest"))
     return spec, site, name, state_dir
+
+
+def receive_release(msg: Message, state_dir: Path) -> tuple[list[UltrasoundRecord], dict[str, int | str]]:
+    """Apply the message's release delta to the site's cache: the release as records, and what the site now holds.
+
+    A message without a delta means the release is empty: no synthetic images this round.
+    """
+    delta = delta_from_content(msg.content)
+    if delta is None:
+        return [], {}
+    cache = ReleaseCache(state_dir / RELEASE_CACHE)
+    held = cache.apply(delta)
+    return cache.records(), held_to_config(held)
+
+
+def _received_bundle(msg: Message, cfg: RunConfig) -> ModelBundle:
+    bundle = build_bundle(cfg)
+    load_bundle_record(bundle, msg.content["arrays"])
+    return bundle
 
 
 def _guarded(handler):  # type: ignore[no-untyped-def]
@@ -72,21 +94,21 @@ def train(msg: Message, context: Context) -> Message:
     """Fine-tune generator + downstream models with DP on the site's private data; reply with the trained part."""
     spec, site, name, state_dir = _site(context)
     cfg = spec.cfg
-    server_round = int(msg.content["config"]["fl-round"])  # type: ignore[arg-type]
-    bundle = build_bundle(cfg)
-    load_federated_arrays(bundle, record_to_arrays(msg.content["arrays"]))
+    server_round = int(msg.content["config"][ROUND_KEY])  # type: ignore[arg-type]
+    bundle = _received_bundle(msg, cfg)
     store = SiteStateStore(state_dir)
     ledger = store.load_ledger(before_round=server_round, privacy=cfg.privacy) if cfg.privacy.target_epsilon else None
-    synthetic = release_from_arrays(record_to_arrays(msg.content["release"])) if "release" in msg.content else []
+    synthetic, held = receive_release(msg, state_dir)
     if cfg.privacy.insecure_reproducible_noise and ledger is not None:
         print(f"site {name}: WARNING privacy.insecure-reproducible-noise is on: DP noise is seeded from the public "
               "run seed, anyone who knows it can remove the noise; nothing this run produces is private", flush=True)
     result = local_train(bundle, site, ledger, cfg, server_round=server_round, synthetic=synthetic,
                          secret=store.secret() if ledger is not None else None)
-    arrays = federated_arrays(bundle)
+    weights = bundle_to_record(bundle)
     if ledger is not None:
         store.save_ledger(server_round, ledger, info={"site": name, "messages": result.messages})
-    store.save_local_model(server_round, {k: v for k, v in arrays.items() if k.startswith("generator.")})
+    store.save_local_model(server_round, {k: v for k, v in record_to_arrays(weights).items()
+                                          if k.startswith("generator.")})
     status = "ok" if result.trained_any else "budget-exhausted"
     # Aggregated metrics must be finite and have the same keys at every site: a model that took no step this
     # round reports 0.0 here; the site record below keeps the NaN and the step counts.
@@ -103,9 +125,10 @@ def train(msg: Message, context: Context) -> Message:
             "metrics": json.dumps(result.metrics),
             "privacy": json.dumps(result.privacy),
             "messages": json.dumps(result.messages),
+            **held,
         }
     )
-    content = RecordDict({"arrays": arrays_to_record(arrays), "metrics": metrics, "site": site_record})
+    content = RecordDict({"arrays": weights, "metrics": metrics, "site": site_record})
     return Message(content=content, reply_to=msg)
 
 
@@ -118,8 +141,7 @@ def _finite(value: float) -> float:
 def evaluate(msg: Message, context: Context) -> Message:
     """Report the global models' metrics on the site's held-out data."""
     spec, site, name, _ = _site(context)
-    bundle = build_bundle(spec.cfg)
-    load_federated_arrays(bundle, record_to_arrays(msg.content["arrays"]))
+    bundle = _received_bundle(msg, spec.cfg)
     metrics = local_evaluate(bundle, site, spec.cfg)
     fixed = {k: _finite(metrics.get(k, 0.0)) for k in ("num-examples", "plane-accuracy", "denoise-loss")}
     content = RecordDict(
@@ -135,17 +157,19 @@ def query(msg: Message, context: Context) -> Message:
     spec, site, name, state_dir = _site(context)
     cfg = spec.cfg
     config = msg.content["config"]
-    server_round = int(config["fl-round"])  # type: ignore[arg-type]
-    bundle = build_bundle(cfg)
-    load_federated_arrays(bundle, record_to_arrays(msg.content["arrays"]))
+    server_round = int(config[ROUND_KEY])  # type: ignore[arg-type]
+    bundle = _received_bundle(msg, cfg)
     store = SiteStateStore(state_dir)
     request = record_to_arrays(msg.content["request"])
+    released, held = receive_release(msg, state_dir)
+    # the release's features in the global classifier's space, from the site's own copy (novelty of candidates)
+    bank = features(bundle, np.stack([r.image for r in released])).astype(np.float32) if released else None
     answer = answer_query(
         bundle,
         cfg,
         plane=request["plane"],
         ga=request["ga"],
-        bank=request.get("bank"),
+        bank=bank,
         local_generator=store.load_local_model(up_to_round=server_round),
         private=site.train if bool(config.get("memorization-check", False)) else None,
         seed=derive_seed(int(config.get("seed", 0)), name),  # type: ignore[arg-type]
@@ -158,6 +182,7 @@ def query(msg: Message, context: Context) -> Message:
             "privacy": json.dumps({**privacy, "model": "generator", "local": answer.used_local_model}),
             "scanner": str(site.train[0].extra.get("profile", site.name)) if site.train else site.name,
             "memorization-checked": answer.memorization_checked,
+            **held,
         }
     )
     payload = {"images": answer.candidates.images, "plane": answer.candidates.plane, "ga": answer.candidates.ga}

@@ -14,27 +14,22 @@ what a kill mid-write left, go to the release's quarantine through :meth:`Releas
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Callable, Mapping, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from common.active_learning.acquisition import bin_summary, bin_uncertainty, condition_bins, plan_conditions, select
-from common.active_learning.query import release_to_arrays, validate_candidates, validate_query_site
-from common.active_learning.release import (
-    WRITER_LEFTOVERS,
-    ReleaseDamagedError,
-    ReleaseItem,
-    ReleaseStore,
-    load_release_records,
-)
+from common.active_learning.query import validate_candidates, validate_query_site
+from common.active_learning.release import WRITER_LEFTOVERS, ReleaseDamagedError, ReleaseStore, load_release_records
+from common.active_learning.release_sync import Held, make_delta
 from common.active_learning.scoring import features
+from common.active_learning.step import Pooled, QueryRequest, SiteAnswer, plan_requests, pool, select_items
 from common.core.config import RunConfig
 from common.core.errors import ReplyValidationError
 from common.core.provenance import code_version
@@ -44,25 +39,36 @@ from common.core.viz import save_grid
 from common.data.tensors import has_ga, records_to_dataset
 from common.diffusion.loss import make_loss_fn
 from common.diffusion.schedulers import make_scheduler
-from common.federated.flwr_records import arrays_to_record, record_to_arrays
-from common.models.bundle import ModelBundle, federated_arrays
+from common.federated.flwr_records import (
+    ROUND_KEY,
+    arrays_to_record,
+    bundle_to_record,
+    delta_to_records,
+    held_from_config,
+    record_nbytes,
+    record_to_arrays,
+)
+from common.models.bundle import ModelBundle
 from common.models.downstream import classifier_loss, regressor_loss
 from common.privacy.dpsgd import train_private
 from server.checkpoint import RunFolder
-
-# Test hook: make the server process die right after this round's images are released, before its checkpoint.
-FAULT_ENV = "DIFUSAL_FAULT_AFTER_RELEASE"
 
 
 class Coordinator:
     """Owns the release of one run (``<run-dir>/release``)."""
 
-    def __init__(self, cfg: RunConfig, *, run_dir: Path, timeout_s: float = 3600.0) -> None:
+    def __init__(self, cfg: RunConfig, *, run_dir: Path, timeout_s: float = 3600.0,
+                 on_release: Callable[[int], None] | None = None) -> None:
+        """``on_release(server_round)`` is called after a round's images are written, before its checkpoint (an
+        observer: the fault-injection tests kill the server there)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.store = ReleaseStore(self.run_dir / "release")
         self.timeout_s = timeout_s
+        self.on_release = on_release
         self.site_privacy: dict[str, Any] = {}
+        # per node id, what the site last said it holds of the release (lost on restart: then it gets everything)
+        self.held: dict[int, Held] = {}
         self._in_step = False  # whether the release was checked against the last checkpoint in this run
 
     def due(self, server_round: int) -> bool:
@@ -115,50 +121,54 @@ class Coordinator:
                 return latest.server_round, int(query["release_size"]), query.get("release_last_id")
         return latest.server_round, None, None
 
-    def release_record(self) -> ArrayRecord | None:
-        """The release as one ArrayRecord for the train messages (``None`` while it is empty)."""
+    # -- the release at the sites: per-site deltas ------------------------------------------------
+    def train_records(self, node: int) -> dict[str, Any]:
+        """The records that bring ``node``'s copy of the release up to date (none while the release is empty)."""
         self.sync_with_checkpoint()
         records = self.store.records()
         if not records:
-            return None
-        return arrays_to_record(release_to_arrays(records, [self.store.load_image(r) for r in records]))
+            return {}
+        return delta_to_records(make_delta(records, self.store.load_image, self.held.get(node)))
 
+    def acknowledge(self, held: Mapping[int, Held | None]) -> None:
+        """What each node said it holds after a round; a node that said nothing gets the whole release next time."""
+        for node, value in held.items():
+            if value is None:
+                self.held.pop(node, None)
+            else:
+                self.held[node] = value
+
+    # -- one query round ----------------------------------------------------------------------------
     def query_round(self, grid: Grid, bundle: ModelBundle, server_round: int,
                     site_names: Mapping[int, str] | None = None) -> dict[str, Any]:
         """One query -> validate -> select -> release cycle; returns its summary for ``metrics.jsonl``.
 
         ``site_names`` (node id -> site name, from the round's replies) makes each site's request a function of
-        the seed, the round and the site, not of the node ids the SuperLink happened to hand out.
+        the seed, the round and the site, not of the node ids the SuperLink happened to hand out. The pure step is
+        :mod:`common.active_learning.step`; this method is its Flower I/O and storage.
         """
         self.sync_with_checkpoint()
         fed = self.cfg.federation
         names = dict(site_names or {})
-        rng = np.random.default_rng(derive_seed(self.cfg.seed, "al", server_round))
         existing = self.store.records()
         bank = features(bundle, np.stack([self.store.load_image(r) for r in existing])) if existing else None
-        release_bins = condition_bins(np.array([r["plane"] for r in existing], dtype=int),
-                                      np.array([r["ga_weeks"] for r in existing])) if existing else np.zeros(0, int)
-        # where the models were least certain: the uncertainty the sites scored on what the release holds
-        uncertain = bin_uncertainty(release_bins, np.array([r["scores"].get("uncertainty", np.nan) for r in existing],
-                                                           dtype=float))
-        global_arrays = arrays_to_record(federated_arrays(bundle))
-        requests: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        nodes = sorted(grid.get_node_ids(), key=lambda n: (n not in names, names.get(n, ""), n))
+        plans = plan_requests(self.cfg, existing, server_round, [names.get(n, str(n)) for n in nodes])
+        requests = {n: plans[names.get(n, str(n))] for n in nodes}
+        weights = bundle_to_record(bundle)
         messages = []
-        for node in sorted(grid.get_node_ids(), key=lambda n: (n not in names, names.get(n, ""), n)):
-            site_rng = np.random.default_rng(derive_seed(self.cfg.seed, "al-plan", server_round, names.get(node, str(node))))
-            plane, ga = plan_conditions(release_bins, fed.al_candidates_per_site, rng=site_rng,
-                                        bin_uncertainty=uncertain, planes=fed.plane_scope())
-            requests[node] = (plane, ga)
-            request = {"plane": plane, "ga": ga, **({"bank": bank.astype(np.float32)} if bank is not None else {})}
+        for node in nodes:
             content = RecordDict({
-                "arrays": global_arrays,
-                "request": arrays_to_record(request),
-                "config": ConfigRecord({"fl-round": server_round, "seed": derive_seed(self.cfg.seed, "query", server_round),
+                "arrays": weights,
+                "request": arrays_to_record({"plane": requests[node].plane, "ga": requests[node].ga}),
+                "config": ConfigRecord({ROUND_KEY: server_round, "seed": derive_seed(self.cfg.seed, "query", server_round),
                                         "memorization-check": fed.al_memorization_check}),
+                **self.train_records(node),  # the site computes the release's features from its own copy
             })
             messages.append(Message(content=content, message_type=MessageType.QUERY, dst_node_id=node))
+        sent = {m.metadata.dst_node_id: sum(record_nbytes(r) for r in m.content.values()) for m in messages}
         replies = grid.send_and_receive(messages, timeout=self.timeout_s)
-        pooled: list[dict[str, Any]] = []
+        answers: list[SiteAnswer] = []
         sites: list[dict[str, Any]] = []
         answered: set[str] = set()
         for reply in replies:
@@ -166,88 +176,71 @@ class Coordinator:
             if reply.has_error():
                 sites.append({"node_id": node, "status": "failed", "reason": reply.error.reason})
                 log(WARNING, "Query round %s: node %s failed: %s", server_round, node, reply.error.reason)
+                self.held.pop(node, None)
                 continue
-            # The site is who its node id is (bound by the training round), never what the reply calls itself;
-            # a node the training round did not name may use a name no other node holds.
-            content = reply.content
-            site_rec = content.get("site")
-            claimed = str(site_rec.get("name", "")) if isinstance(site_rec, Mapping) else ""
-            name = names.get(node) or claimed or f"node-{node}"
             try:
-                if node not in requests or not isinstance(content.get("candidates"), Mapping) \
-                        or not isinstance(site_rec, Mapping):
-                    raise ReplyValidationError(f"{name}: reply lacks a 'candidates' array record or a 'site' config "
-                                               "record, or answers no request")
-                if claimed != name:
-                    raise ReplyValidationError(f"{name}: node {node} answers as {claimed!r}")
-                if name in answered or (node not in names and name in names.values()):
-                    raise ReplyValidationError(f"{name}: node {node} claims a name another node holds")
-                answered.add(name)
-                cand = validate_candidates(
-                    record_to_arrays(content["candidates"]), who=name, plane=requests[node][0],
-                    ga=requests[node][1], image_size=self.cfg.data.image_size, max_bytes=fed.al_max_reply_bytes,
-                )
-                site = validate_query_site(content["site"], who=name, candidates=cand)
-                pooled_here = [{
-                    "image": cand.images[i], "plane": int(cand.plane[i]), "ga": float(cand.ga[i]),
-                    "scores": {k: float(v[i]) for k, v in cand.scores.items()}, "site": name,
-                    "privacy": site.privacy, "scanner": site.scanner, "memo": site.memorization_checked,
-                } for i in range(len(cand.plane))]
+                answer = self._read_answer(reply, requests, names, answered)
             except (ReplyValidationError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                name = names.get(node) or f"node-{node}"
                 sites.append({"node_id": node, "name": name, "status": "rejected", "reason": str(exc)})
                 log(WARNING, "Query round %s: rejected reply of %s: %s", server_round, name, exc)
                 continue
-            self.site_privacy[name] = site.privacy
-            sites.append({"node_id": node, "name": name, "status": "ok", "candidates": len(cand.plane)})
-            pooled.extend(pooled_here)
+            self.site_privacy[answer.name] = answer.site.privacy
+            sites.append({"node_id": node, "name": answer.name, "status": "ok",
+                          "candidates": len(answer.candidates.plane), "bytes_down": sent.get(node, 0)})
+            answers.append(answer)
+        answers.sort(key=lambda a: a.name)  # replies arrive in a race; the pool's order must not
+        pooled = pool(answers)
         summary: dict[str, Any] = {"round": server_round, "sites": sites, "candidates": len(pooled)}
-        if not pooled:
+        step = select_items(self.cfg, pooled, server_round=server_round, features=lambda x: features(bundle, x),
+                            bank=bank)
+        if not step.items:
             summary.update(selected=0, **self._release_state())
             return summary
-        images = np.stack([p["image"] for p in pooled])
-        plane = np.array([p["plane"] for p in pooled])
-        ga = np.array([p["ga"] for p in pooled])
-        sel = select(
-            k=fed.al_select, bins=condition_bins(plane, ga),
-            quality=np.array([p["scores"]["quality"] for p in pooled]),
-            uncertainty=np.array([p["scores"]["uncertainty"] for p in pooled]),
-            features=features(bundle, images), ordering=fed.al_acquisition,
-            quality_threshold=fed.al_quality_threshold, balance=fed.al_balance, existing=bank, rng=rng,
-        )
-        items = [
-            ReleaseItem(
-                image=pooled[i]["image"], plane=pooled[i]["plane"], ga_weeks=pooled[i]["ga"],
-                source_site=pooled[i]["site"], round=server_round, scores=pooled[i]["scores"],
-                acquisition={"function": fed.al_acquisition, "reason": reason, "rank": rank,
-                             "balanced": fed.al_balance, "quality_threshold": fed.al_quality_threshold},
-                privacy={"epsilon": pooled[i]["privacy"].get("epsilon"), "delta": pooled[i]["privacy"].get("delta"),
-                         "accountant": pooled[i]["privacy"].get("accountant"), "model": "generator",
-                         "local_model": pooled[i]["privacy"].get("local", False),
-                         "private_noise": pooled[i]["privacy"].get("private_noise")},
-                scanner=pooled[i]["scanner"] or None, memorization_checked=pooled[i]["memo"],
-            )
-            for rank, (i, reason) in enumerate(zip(sel.indices, sel.reasons))
-        ]
-        added = self.store.add(items)
+        added = self.store.add(step.items)
         self._write_sidecar()
-        if os.environ.get(FAULT_ENV) == str(server_round):
-            log(INFO, "%s=%s: exiting after the release, before its checkpoint (fault injection)", FAULT_ENV,
-                server_round)
-            os._exit(137)
-        self._grid(server_round, [pooled[i] for i in sel.indices])
-        summary.update({
-            "selected": len(added.added), "duplicates": len(added.duplicates), **self._release_state(),
-            "selected_per_plane": bin_summary(condition_bins(plane[sel.indices], ga[sel.indices]).tolist()),
-            "mean_quality_selected": float(np.mean([pooled[i]["scores"]["quality"] for i in sel.indices])) if sel.indices else None,
-            "mean_quality_pool": float(np.mean([p["scores"]["quality"] for p in pooled])),
-        })
+        if self.on_release is not None:
+            self.on_release(server_round)
+        self._grid(server_round, step.chosen)
+        summary.update({"selected": len(added.added), "duplicates": len(added.duplicates), **self._release_state(),
+                        **step.summary})
         if fed.al_refine_steps > 0 and len(self.store) > 0:
             summary["refine_loss"] = self.refine(bundle, server_round)
         if fed.al_downstream_steps > 0 and len(self.store) > 0:
             summary["downstream_refine_loss"] = self.refine_downstream(bundle, server_round)
         log(INFO, "Query round %s: %s candidates from %s sites, %s released (release size %s)", server_round,
-            len(pooled), sum(s["status"] == "ok" for s in sites), len(added.added), len(self.store))
+            len(pooled), len(answers), len(added.added), len(self.store))
         return summary
+
+    def _read_answer(self, reply: Message, requests: Mapping[int, QueryRequest], names: Mapping[int, str],
+                     answered: set[str]) -> SiteAnswer:
+        """A query reply as a :class:`SiteAnswer`, or :class:`ReplyValidationError` naming the site.
+
+        The site is who its node id is (bound by the training round), never what the reply calls itself; a node the
+        training round did not name may use a name no other node holds.
+        """
+        node = reply.metadata.src_node_id
+        content = reply.content
+        site_rec = content.get("site")
+        claimed = str(site_rec.get("name", "")) if isinstance(site_rec, Mapping) else ""
+        name = names.get(node) or claimed or f"node-{node}"
+        if node not in requests or not isinstance(content.get("candidates"), Mapping) \
+                or not isinstance(site_rec, Mapping):
+            raise ReplyValidationError(f"{name}: reply lacks a 'candidates' array record or a 'site' config "
+                                       "record, or answers no request")
+        if claimed != name:
+            raise ReplyValidationError(f"{name}: node {node} answers as {claimed!r}")
+        if name in answered or (node not in names and name in names.values()):
+            raise ReplyValidationError(f"{name}: node {node} claims a name another node holds")
+        answered.add(name)
+        request = requests[node]
+        cand = validate_candidates(
+            record_to_arrays(content["candidates"]), who=name, plane=request.plane, ga=request.ga,
+            image_size=self.cfg.data.image_size, max_bytes=self.cfg.federation.al_max_reply_bytes,
+        )
+        site = validate_query_site(site_rec, who=name, candidates=cand)
+        self.acknowledge({node: held_from_config(site_rec)})  # type: ignore[arg-type]
+        return SiteAnswer(name=name, candidates=cand, site=site)
 
     def _release_state(self) -> dict[str, Any]:
         """What the round's checkpoint records of the release, so that a resume can roll it back to it."""
@@ -305,15 +298,15 @@ class Coordinator:
             "code_version": code_version(),
         })
 
-    def _grid(self, server_round: int, chosen: list[dict[str, Any]]) -> None:
+    def _grid(self, server_round: int, chosen: Sequence[Pooled]) -> None:
         rows, captions, labels = [], [], []
         for p, name in enumerate(PLANES):
-            mine = [c for c in chosen if c["plane"] == p][:6]
+            mine = [c for c in chosen if c.plane == p][:6]
             if not mine:
                 continue
-            rows.append([c["image"] for c in mine])
-            captions.append([f"q {c['scores']['quality']:.2f}\nu {c['scores']['uncertainty']:.2f}\n"
-                             f"n {c['scores'].get('novelty', float('nan')):.2f}\n{c['site'][:10]}" for c in mine])
+            rows.append([c.image for c in mine])
+            captions.append([f"q {c.scores['quality']:.2f}\nu {c.scores['uncertainty']:.2f}\n"
+                             f"n {c.scores.get('novelty', float('nan')):.2f}\n{c.answer.name[:10]}" for c in mine])
             labels.append(name)
         if rows:  # ragged rows: a plane with fewer images leaves its cells blank
             save_grid(rows, self.run_dir / "figures" / f"release-round-{server_round:03d}.png", row_labels=labels, scale=3,

@@ -1,7 +1,10 @@
 """The server's round loop: train, evaluate, query (active learning), checkpoint; resumable.
 
-Each round calls the wrapped strategy's ``start`` for one round, so that checkpoints, resume and the
-coordinator's queries sit between rounds without copying ``Strategy.start``.
+A round drives the strategy through its four public steps (``configure_train``, ``aggregate_train``,
+``configure_evaluate``, ``aggregate_evaluate``) with the true round number, so that Flower's ``server-round`` and the
+logs agree with the checkpoints, and checkpoints, resume and the coordinator's queries sit between rounds.
+Between rounds the server holds the weights in one form, the :class:`~common.models.bundle.ModelBundle`; they
+become an ``ArrayRecord`` only at the Flower boundary (:mod:`common.federated.flwr_records`).
 
 A round in which no site trained (every reply failed, was rejected or never came) ends the run: ``status.json``
 says ``failed`` and why, the round leaves no checkpoint, and :class:`RunFailedError` fails the ServerApp. The model
@@ -11,30 +14,26 @@ checkpoint. A round in which every site had spent its privacy budget is no failu
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from logging import ERROR, INFO
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
 from common.core.atomic_io import write_json_atomic
 from common.core.config import RunConfig
 from common.core.provenance import code_version
-from common.federated.flwr_records import arrays_to_record, record_to_arrays
+from common.federated.flwr_records import ROUND_KEY, bundle_to_record, load_bundle_record
 from common.models.bundle import ModelBundle, build_bundle, expected_shapes, federated_arrays, load_federated_arrays
 from server.checkpoint import RunFolder
 from server.reporting import plot_rounds, save_sample_grid
 from server.strategy import GuardedStrategy, SiteReport, make_strategy, update_bounds
-
-# Test hook: make the server process die right after checkpointing this round (simulates a kill).
-FAULT_ENV = "DIFUSAL_FAULT_AFTER_ROUND"
 
 
 class RunFailedError(RuntimeError):
@@ -50,8 +49,13 @@ class FederationResult:
     arrays: dict[str, np.ndarray]
 
 
-def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordinator: Any = None) -> FederationResult:
-    """Run (or resume) ``cfg.federation.num_rounds`` rounds against the sites reachable through ``grid``."""
+def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordinator: Any = None,
+                   on_checkpoint: Callable[[int], None] | None = None) -> FederationResult:
+    """Run (or resume) ``cfg.federation.num_rounds`` rounds against the sites reachable through ``grid``.
+
+    ``on_checkpoint(server_round)`` is called after each round's checkpoint is written (an observer: the
+    fault-injection tests kill the server there).
+    """
     if not cfg.run_dir:
         raise ValueError("run-dir is empty: the server needs a run folder for checkpoints and metrics")
     run = RunFolder(Path(cfg.run_dir))
@@ -62,34 +66,27 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
     bundle = build_bundle(cfg)
     strategy = GuardedStrategy(make_strategy(cfg), expected_shapes=expected_shapes(bundle),
                                update_bounds=update_bounds(cfg))
-    arrays = federated_arrays(bundle)
     ledger: dict[str, Any] = {}
     first = 1
     if latest is not None:
-        arrays = latest.arrays()
+        load_federated_arrays(bundle, latest.arrays())
         strategy.load_state_arrays(latest.strategy_state())
         ledger = dict(latest.info().get("ledger", {}))
         first = latest.server_round + 1
         log(INFO, "Resuming %s from round %s", run.path, latest.server_round)
-    load_federated_arrays(bundle, arrays)
     rounds = cfg.federation.num_rounds
+    strategy.summary()
     for server_round in range(first, rounds + 1):
         t0 = time.perf_counter()
+        log(INFO, "")
+        log(INFO, "[ROUND %s/%s]", server_round, rounds)
         strategy.begin_round()
-        config = {"fl-round": server_round}
-        release = coordinator.release_record() if coordinator is not None else None
-        strategy.extra_train_records = {"release": release} if release is not None else {}
-        result = strategy.start(
-            grid,
-            arrays_to_record(arrays),
-            num_rounds=1,
-            timeout=cfg.federation.reply_timeout_s,
-            train_config=ConfigRecord(dict(config)),
-            evaluate_config=ConfigRecord(dict(config)),
-        )
-        if len(result.arrays) > 0:
-            arrays = record_to_arrays(result.arrays)
-            load_federated_arrays(bundle, arrays)
+        if coordinator is not None:
+            strategy.extra_train_records = coordinator.train_records
+        train_metrics, evaluate_metrics = fl_round(strategy, grid, bundle, server_round,
+                                                   timeout=cfg.federation.reply_timeout_s)
+        if coordinator is not None:  # what each site that was sent the release now holds of it
+            coordinator.acknowledge({node: r.release_held for node, r in strategy.reports.items() if r.bytes_down})
         sites = [r.as_dict() for r in strategy.reports.values()]
         failure = round_failure(strategy.reports.values())
         if failure is not None:
@@ -100,15 +97,15 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
         record: dict[str, Any] = {
             "round": server_round,
             "wall_s": round(time.perf_counter() - t0, 3),
-            "train": _metrics(result.train_metrics_clientapp),
-            "evaluate": _metrics(result.evaluate_metrics_clientapp),
+            "train": _metrics(train_metrics),
+            "evaluate": _metrics(evaluate_metrics),
             "sites": sites,
             "ledger": ledger,
         }
         if coordinator is not None and coordinator.due(server_round):
             names = dict(strategy.node_names)  # bound to node ids by the training replies, not self-declared
+            # the coordinator may refine the generator and the downstream models in the bundle
             record["active_learning"] = coordinator.query_round(grid, bundle, server_round, site_names=names)
-            arrays = federated_arrays(bundle)  # the coordinator may have refined the generator and downstream models
         save_sample_grid(bundle, cfg, run.figures / f"samples-round-{server_round:03d}.png", server_round=server_round)
         run.save_checkpoint(
             server_round,
@@ -118,13 +115,31 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
             sidecar=_sidecar(cfg, bundle, server_round, ledger),
         )
         _log_round(record, rounds)
-        if os.environ.get(FAULT_ENV) == str(server_round):
-            log(INFO, "%s=%s: exiting after the checkpoint (fault injection)", FAULT_ENV, server_round)
-            os._exit(137)
+        if on_checkpoint is not None:
+            on_checkpoint(server_round)
     plot_rounds(run.read_metrics(), run.figures)
     last = run.latest()
     run.mark_finished(last.server_round if last else 0)
-    return FederationResult(last_round=last.server_round if last else 0, run_dir=run.path, arrays=arrays)
+    return FederationResult(last_round=last.server_round if last else 0, run_dir=run.path,
+                            arrays=federated_arrays(bundle))
+
+
+def fl_round(strategy: GuardedStrategy, grid: Grid, bundle: ModelBundle, server_round: int, *,
+             timeout: float) -> tuple[MetricRecord | None, MetricRecord | None]:
+    """One federated round: train at the sites, aggregate into ``bundle`` (in place), evaluate at the sites.
+
+    Returns the aggregated train and evaluate metrics (``None`` where no valid reply came).
+    """
+    config = ConfigRecord({ROUND_KEY: server_round})
+    sent = bundle_to_record(bundle)
+    replies = grid.send_and_receive(strategy.configure_train(server_round, sent, config, grid), timeout=timeout)
+    aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
+    if aggregated is not None:
+        load_bundle_record(bundle, aggregated)
+    current = aggregated if aggregated is not None else sent
+    replies = grid.send_and_receive(strategy.configure_evaluate(server_round, current, ConfigRecord(dict(config)), grid),
+                                    timeout=timeout)
+    return train_metrics, strategy.aggregate_evaluate(server_round, replies)
 
 
 def round_failure(reports: Iterable[SiteReport]) -> str | None:
@@ -152,11 +167,10 @@ def _fail(run: RunFolder, server_round: int, reason: str, sites: list[dict[str, 
     raise RunFailedError(f"{reason} (run folder {run.path}; {resume})")
 
 
-def _metrics(history: dict[int, Any]) -> dict[str, float]:
-    if not history:
+def _metrics(record: MetricRecord | None) -> dict[str, float]:
+    if record is None:
         return {}
-    latest = history[max(history)]
-    return {k: float(v) for k, v in latest.items() if isinstance(v, (int, float))}
+    return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
 
 
 def _sidecar(cfg: RunConfig, bundle: ModelBundle, server_round: int, ledger: dict[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Strategy choice and the wrapper that guards aggregation (validation, budgets, bookkeeping).
 
 Concerns are added by wrapping any ``flwr.serverapp.strategy`` strategy, as Flower's own
-``DifferentialPrivacyServerSideFixedClipping`` does; ``Strategy.start`` is never copied.
+``DifferentialPrivacyServerSideFixedClipping`` does. The server drives the wrapper through the strategy's public
+steps, one round at a time with the true round number (:func:`server.federation.fl_round`).
 
 A site is not trusted to be honest: its reply must be float32, may move each parameter no further than the
 optimizer it was told to use can move it (:func:`adam_max_displacement`), may not claim more examples than its
@@ -12,13 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any, get_args
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -34,9 +35,13 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore import log
 
+from common.active_learning.release_sync import Held
 from common.core.config import RunConfig, StrategyName
 from common.core.errors import ConfigError, ReplyValidationError
-from common.federated.flwr_records import record_nbytes, record_to_arrays, validate_arrays
+from common.federated.flwr_records import held_from_config, record_nbytes, record_to_arrays, validate_arrays
+
+# Per node, the extra records a train message carries (the release delta for that site).
+ExtraRecords = Callable[[int], Mapping[str, ArrayRecord | ConfigRecord]]
 
 # Sites reply with :func:`common.models.bundle.federated_arrays`, which casts every array to float32.
 REPLY_DTYPE = np.dtype(np.float32)
@@ -133,10 +138,17 @@ class SiteReport:
     update_norms: dict[str, float] = field(default_factory=dict)  # L2 norm of (reply - sent) per model part
     update_max: dict[str, float] = field(default_factory=dict)  # largest change of one parameter per model part
     warnings: list[str] = field(default_factory=list)  # accepted but suspicious (an outlying update under FedAvg)
+    release_held: Held | None = None  # what the site says it holds of the release after this round
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-safe view."""
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        out["release_held"] = self.release_held.count if self.release_held is not None else None
+        return out
+
+
+def _no_extra_records(node: int) -> Mapping[str, ArrayRecord | ConfigRecord]:
+    return {}
 
 
 def _split_link_errors(replies: Iterable[Message]) -> tuple[list[Message], list[str]]:
@@ -218,8 +230,8 @@ class GuardedStrategy(Strategy):
         self.exhausted: set[int] = set()
         self.reports: dict[int, SiteReport] = {}
         self.sent: dict[str, np.ndarray] | None = None  # global weights of this round's train messages
-        # Records added to every train message (the shared synthetic release flows back to the sites).
-        self.extra_train_records: dict[str, ArrayRecord] = {}
+        # Records added to each site's train message (its delta of the shared synthetic release).
+        self.extra_train_records: ExtraRecords = _no_extra_records
         if not self.bounded:
             log(WARNING, "GuardedStrategy without update_bounds: a site's update size is not bounded")
 
@@ -244,16 +256,18 @@ class GuardedStrategy(Strategy):
                 self.node_names.setdefault(node.node_id, node.name)
         self.sent = {k: v.astype(np.float64) for k, v in record_to_arrays(arrays).items()}
         messages = []
-        size = record_nbytes(arrays) + sum(record_nbytes(r) for r in self.extra_train_records.values())
         for msg in self.base.configure_train(server_round, arrays, config, grid):
-            for key, record in self.extra_train_records.items():
-                msg.content[key] = record
             node = msg.metadata.dst_node_id
             if node in self.exhausted:
                 report = self._report(node)
                 report.status, report.reason = "budget-exhausted", "skipped: privacy budget spent in an earlier round"
                 continue
-            self._report(node).bytes_down = size
+            extra = self.extra_train_records(node)
+            if extra:  # the base strategy's messages share one RecordDict: give this node its own
+                content = RecordDict({**dict(msg.content.items()), **extra})
+                msg = Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node)
+            self._report(node).bytes_down = sum(record_nbytes(r) for r in msg.content.values()
+                                                if isinstance(r, (ArrayRecord, ConfigRecord)))
             messages.append(msg)
         return messages
 
@@ -325,6 +339,7 @@ class GuardedStrategy(Strategy):
         except (json.JSONDecodeError, TypeError, ValueError) as exc:
             raise ReplyValidationError(f"{name}: site record is malformed: {exc}") from exc
         report.bytes_up = record_nbytes(arrays)
+        report.release_held = held_from_config(site)
         received = record_to_arrays(arrays)
         validate_arrays(received, self.expected_shapes, who=name)
         for key, value in received.items():

@@ -157,11 +157,21 @@ APP_PACKAGES = ("common", "client", "server")
 APP_EXCLUDED = ("common/analysis",)
 
 
-def stage_app(dst: Path) -> Path:
+@dataclass(frozen=True)
+class AppOverlay:
+    """A module added to a staged app and the components that replace the product's (tests stage fault apps so)."""
+
+    module: Path
+    serverapp: str
+    clientapp: str
+
+
+def stage_app(dst: Path, overlay: AppOverlay | None = None) -> Path:
     """Copy the Flower app (pyproject + the runtime packages, without :data:`APP_EXCLUDED`) to ``dst``.
 
     ``flwr run`` builds its FAB by walking the project folder, ``.venv`` included (seconds per run);
-    a staged copy holds only what the app needs.
+    a staged copy holds only what the app needs. ``overlay`` adds one module at the top of the copy and points
+    ``[tool.flwr.app.components]`` at its apps.
     """
     import shutil
 
@@ -176,7 +186,19 @@ def stage_app(dst: Path) -> Path:
         shutil.rmtree(dst / excluded)
     # The copy is no git checkout: record the version of the code it was taken from (see common.core.provenance).
     (dst / "common" / "_staged_version.py").write_text(f"CODE_VERSION = {code_version()!r}\n")
+    if overlay is not None:
+        shutil.copy2(overlay.module, dst / overlay.module.name)
+        pyproject = (dst / "pyproject.toml").read_text()
+        components = f'serverapp = "{PRODUCT_COMPONENTS[0]}"\nclientapp = "{PRODUCT_COMPONENTS[1]}"\n'
+        if components not in pyproject:
+            raise RuntimeError(f"pyproject.toml no longer declares the components {PRODUCT_COMPONENTS}: update stage_app")
+        (dst / "pyproject.toml").write_text(pyproject.replace(
+            components, f'serverapp = "{overlay.serverapp}"\nclientapp = "{overlay.clientapp}"\n'))
     return dst
+
+
+# What ``[tool.flwr.app.components]`` names: the product's ServerApp and ClientApp.
+PRODUCT_COMPONENTS = ("server.app:app", "client.app:app")
 
 
 def write_run_config(cfg: RunConfig, folder: Path, *, resume: bool) -> Path:
@@ -215,6 +237,7 @@ def run_simulation(
     echo: bool = True,
     timeout_s: float | None = None,
     cpus_per_site: float = 1.0,
+    overlay: AppOverlay | None = None,
 ) -> LaunchResult:
     """Run ``cfg`` with ``num_sites`` simulated SuperNodes through a SuperLink and ``flwr run``.
 
@@ -226,6 +249,8 @@ def run_simulation(
         Stream the run's log to this process' stdout as well as to ``logs/flwr-run.log``.
     cpus_per_site:
         Ray CPUs reserved per simulated site: ``os.cpu_count()`` runs one site at a time.
+    overlay:
+        Replace the product's apps in the staged bundle (:func:`stage_app`; the fault-injection tests use it).
     """
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_absolute():
@@ -245,7 +270,7 @@ def run_simulation(
           process(superlink_cmd, log_file=logs / "superlink.log", env=env) as link):
         dog.adopt(link.pid)
         wait_http(f"http://127.0.0.1:{port}/health", timeout_s=60, proc=link)
-        app_dir = stage_app(run_dir / ".app")
+        app_dir = stage_app(run_dir / ".app", overlay)
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
                "--run-config", str(write_run_config(cfg, flwr_home, resume=resume))]
         rc = run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s,

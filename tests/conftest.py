@@ -9,7 +9,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from simulations.launcher import OFFLINE_ENV
+from simulations.launcher import OFFLINE_ENV, AppOverlay
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -40,6 +40,20 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages outside a Flower runtime need a task identity (restored after the test)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+
+
+# The product's apps with faults injected by environment variables (tests/fault_app.py), for run_simulation(overlay=).
+FAULT_APP = AppOverlay(module=Path(__file__).with_name("fault_app.py"), serverapp="fault_app:server",
+                       clientapp="fault_app:client")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import tomllib
 from flwr.common.config import flatten_dict
 
 from common.core.config import PRESETS, RunConfig, get_preset, run_config_declaration
@@ -194,3 +194,22 @@ def test_data_root_without_a_real_data_preset_is_an_error(tmp_path) -> None:
 def test_a_choice_outside_its_literal_type_is_refused_with_the_choices(key: str, choices: list[str]) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"is not allowed; choose one of {choices}")):
         get_preset("smoke").from_flat({"preset": "smoke", key: "bogus"})
+
+
+def test_the_budget_split_is_config_and_reaches_the_sites_ledger(tmp_path: Path) -> None:
+    # Prepare
+    from common.privacy.site_state import SiteStateStore
+
+    cfg = RunConfig.from_flat({"preset": "smoke", "privacy.budget-generator": 0.5, "privacy.budget-classifier": 0.3})
+    store = SiteStateStore(tmp_path / "site")
+    # Execute
+    ledger = store.load_ledger(before_round=1, privacy=cfg.privacy)
+    store.save_ledger(1, ledger, info={})
+    other = replace(cfg.privacy, budget_generator=0.6, budget_classifier=0.2)
+    # Assert: the ledger enforces the configured shares; a resumed site with another split is refused
+    assert ledger.budget_split == {"generator": 0.5, "classifier": 0.3, "regressor": 0.2}
+    assert ledger.budget("generator")[0] == pytest.approx(0.5 * cfg.privacy.target_epsilon)
+    with pytest.raises(ConfigError, match="a run keeps one split"):
+        store.load_ledger(before_round=2, privacy=other)
+    with pytest.raises(ConfigError, match="sum to at most 1"):
+        RunConfig.from_flat({"preset": "smoke", "privacy.budget-generator": 0.9})

@@ -155,7 +155,7 @@ def test_a_train_reply_carries_nothing_of_the_site_secret(tmp_path: Path, monkey
                   "train.local-steps": 2, "train.downstream-steps": 2}
     cfg = RunConfig.from_run_config(run_config)
     content = RecordDict({"arrays": arrays_to_record(federated_arrays(build_bundle(cfg))),
-                          "config": ConfigRecord({"fl-round": 1})})
+                          "config": ConfigRecord({"server-round": 1})})
     msg = Message(content=content, message_type="train", dst_node_id=1)
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
                   run_config=run_config)

@@ -15,6 +15,7 @@ from common.core.config import RunConfig
 from common.models.bundle import load_federated_file
 from common.privacy.site_state import copy_site_secrets
 from simulations.launcher import run_simulation
+from tests.conftest import FAULT_APP
 
 
 def _cfg(run_dir: Path, **overrides: object) -> RunConfig:
@@ -62,7 +63,7 @@ def test_resume_after_kill_reaches_the_uninterrupted_result(tmp_path: Path) -> N
     # The same sites: each keeps its secret (it keys the DP noise), so the killed run's sites get the full run's
     assert len(copy_site_secrets(tmp_path / "full", tmp_path / "killed")) == 2
     crash = run_simulation(killed, num_sites=2, echo=False, timeout_s=300,
-                           extra_env={"DIFUSAL_FAULT_AFTER_ROUND": "1"})
+                           extra_env={"DIFUSAL_FAULT_AFTER_ROUND": "1"}, overlay=FAULT_APP)
     after_crash = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
     resumed = run_simulation(killed, num_sites=2, resume=True, echo=False, timeout_s=300)
     # Assert
@@ -83,7 +84,7 @@ def test_resume_after_kill_reaches_the_uninterrupted_result(tmp_path: Path) -> N
 def test_a_failing_site_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path / "run")
     result = run_simulation(cfg, num_sites=2, echo=False, timeout_s=300,
-                            extra_env={"DIFUSAL_FAULT_SITE": "site-1"})
+                            extra_env={"DIFUSAL_FAULT_SITE": "site-1"}, overlay=FAULT_APP)
     assert result.returncode == 0
     (record,) = _records(tmp_path / "run")
     status = sorted((s["status"], s["reason"]) for s in record["sites"])

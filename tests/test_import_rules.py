@@ -25,8 +25,9 @@ LAYERS = {
     "phantoms": 1, "privacy": 1,
     "data": 2, "models": 2,
     "diffusion": 3,
-    "federated": 4, "active_learning": 4,
-    "analysis": 5,
+    "active_learning": 4,
+    "federated": 5,  # the Flower seam: what crosses it (weights, release deltas) is defined below it
+    "analysis": 6,
 }
 FLOWER_MODULE = "common.federated.flwr_records"
 

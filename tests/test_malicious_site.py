@@ -69,7 +69,7 @@ def _honest(node: int, scale: float = 0.5) -> dict[str, np.ndarray]:
 
 def _reply(node: int, arrays: dict[str, np.ndarray], *, n: float = 10, name: str | None = None,
            epsilon: float = 1.0, status: str = "ok") -> Message:
-    request = Message(content=RecordDict({"config": ConfigRecord({"fl-round": 1})}), dst_node_id=node,
+    request = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
                       message_type="train")
     privacy = {"generator": {"epsilon": epsilon, "delta": 1e-5, "budget_epsilon": 8.0}}
     content = {

@@ -8,9 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 
 from common.active_learning.release import METADATA, ReleaseDamagedError, ReleaseStore, load_release_records
+from tests.conftest import FAULT_APP
 from tests.test_release import _item
 
 
@@ -144,15 +146,6 @@ def test_valid_last_line_without_its_newline_is_kept_and_appended_after(tmp_path
 
 
 # -- resume: the release advances with the checkpoints ----------------------------------------------------------
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages outside a Flower runtime need a task identity (restored after the test)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
-
-
 class _Grid:
     """Two sites that answer query messages with the real site-side code (``answer_query``), without Flower."""
 
@@ -163,7 +156,9 @@ class _Grid:
         return [11, 12]
 
     def send_and_receive(self, messages: list[Any], timeout: float) -> list[Any]:
+        from client.app import receive_release
         from common.active_learning.query import answer_query
+        from common.active_learning.scoring import features
         from common.core.seeding import derive_seed
         from common.federated.flwr_records import arrays_to_record, record_to_arrays
 
@@ -172,21 +167,23 @@ class _Grid:
             node = msg.metadata.dst_node_id
             request = record_to_arrays(msg.content["request"])
             name = f"site-{node - 11}"
+            released, held = receive_release(msg, Path(self.cfg.run_dir) / "sites" / name)
+            bank = features(self.bundle, np.stack([r.image for r in released])) if released else None
             ans = answer_query(self.bundle, self.cfg, plane=request["plane"], ga=request["ga"],
-                               bank=request.get("bank"), local_generator=None, private=None,
+                               bank=bank, local_generator=None, private=None,
                                seed=derive_seed(int(msg.content["config"]["seed"]), name))
             c = ans.candidates
             payload = {"images": c.images, "plane": c.plane, "ga": c.ga,
                        **{f"score.{k}": v for k, v in c.scores.items()}}
             site = {"name": name, "privacy": json.dumps({"epsilon": 1.5, "delta": 1e-5, "accountant": "rdp"}),
-                    "scanner": "", "memorization-checked": False}
+                    "scanner": "", "memorization-checked": False, **held}
             replies.append(SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: False,
                                            content={"site": site, "candidates": arrays_to_record(payload)}))
         return replies
 
 
 def _run(run_dir: Path, rounds: range, *, resume: bool, checkpoint_last: bool = True) -> Any:
-    """The federation loop's release path: release_record, query round, checkpoint (the last one optionally lost)."""
+    """The federation loop's release path: train_records, query round, checkpoint (the last one optionally lost)."""
     from common.models.bundle import build_bundle
     from server.checkpoint import RunFolder
     from server.coordinator import Coordinator
@@ -200,7 +197,7 @@ def _run(run_dir: Path, rounds: range, *, resume: bool, checkpoint_last: bool = 
     bundle = build_bundle(cfg)
     grid = _Grid(cfg, bundle)
     for server_round in rounds:
-        coordinator.release_record()
+        coordinator.train_records(0)
         summary = coordinator.query_round(grid, bundle, server_round)  # type: ignore[arg-type]
         if server_round < rounds.stop - 1 or checkpoint_last:
             run.save_checkpoint(server_round, bundle, strategy_state={},
@@ -254,7 +251,7 @@ def test_resume_refuses_to_repair_damage_that_is_not_its_own_interrupted_write(t
 
     cfg = build_config("smoke", ["federation.al-every=1"], run_dir=str(tmp_path / "run"))
     with pytest.raises(ReleaseDamagedError, match="release repair"):
-        Coordinator(cfg, run_dir=tmp_path / "run").release_record()
+        Coordinator(cfg, run_dir=tmp_path / "run").train_records(0)
     assert _snapshot(release) == before
 
 
@@ -271,7 +268,8 @@ def test_a_federation_killed_between_release_and_checkpoint_resumes_without_the_
                                "federation.al-every": 1})
     release = tmp_path / "run" / "release"
     # Execute
-    crash = run_simulation(cfg, num_sites=2, echo=False, timeout_s=400, extra_env={"DIFUSAL_FAULT_AFTER_RELEASE": "2"})
+    crash = run_simulation(cfg, num_sites=2, echo=False, timeout_s=400, extra_env={"DIFUSAL_FAULT_AFTER_RELEASE": "2"},
+                           overlay=FAULT_APP)
     committed = [line for line in (release / METADATA).read_text().splitlines() if json.loads(line)["round"] == 1]
     uncommitted = {r["id"] for r in ReleaseStore(release).records() if r["round"] == 2}
     resumed = run_simulation(cfg, num_sites=2, resume=True, echo=False, timeout_s=400)

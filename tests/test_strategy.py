@@ -28,7 +28,7 @@ def _task_identity() -> None:
 
 def _reply(node: int, arrays: dict[str, np.ndarray], *, status: str = "ok", n: int = 10,
            metrics: dict | None = None, drop: str = "") -> Message:
-    request = Message(content=RecordDict({"config": ConfigRecord({"fl-round": 1})}), dst_node_id=node,
+    request = Message(content=RecordDict({"config": ConfigRecord({"server-round": 1})}), dst_node_id=node,
                       message_type="train")
     content = {
         "arrays": arrays_to_record(arrays),

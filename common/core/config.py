@@ -149,8 +149,24 @@ class PrivacyConfig:
     # secret, so whoever knows the seed can subtract the noise: nothing it produces is private, and the ledger,
     # checkpoints and release certificates say so ("private_noise": false).
     insecure_reproducible_noise: bool = False
+    # The site budget's split across the models that read private data: model m may spend budget_m * epsilon
+    # (and budget_m * delta); the fractions are positive and sum to at most 1 (basic composition across models).
+    budget_generator: float = 0.6
+    budget_classifier: float = 0.2
+    budget_regressor: float = 0.2
+
+    def budget_split(self) -> dict[str, float]:
+        """Fraction of the site budget per model key (what the site's ledger enforces)."""
+        return {"generator": self.budget_generator, "classifier": self.budget_classifier,
+                "regressor": self.budget_regressor}
 
     def validate(self) -> None:
+        for model, fraction in self.budget_split().items():
+            _check_range(f"privacy.budget_{model}", fraction, 1e-6, 1.0)
+        if sum(self.budget_split().values()) > 1.0 + 1e-9:
+            raise ConfigError(f"privacy.budget_generator + budget_classifier + budget_regressor = "
+                              f"{sum(self.budget_split().values()):.6g} > 1: the models' shares of the site budget "
+                              "must sum to at most 1")
         if self.target_epsilon is not None:
             _check_range("privacy.target_epsilon", self.target_epsilon, 0.01, 1000.0)
         _check_range("privacy.target_delta", self.target_delta, 1e-12, 0.1)
