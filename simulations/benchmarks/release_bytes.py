@@ -7,8 +7,9 @@ For each run folder (a finished ``simulate`` run with active learning), per roun
 train messages had to bring to the sites, and per site the bytes of its train message and of its query message
 (the payload of every record, as :func:`common.federated.flwr_records.record_nbytes` counts it; from
 ``metrics.jsonl``, where the server records them as it sends). Runs of code that recorded no query bytes report
-``null`` there. Writes ``release_bytes.json``: one entry per run, with its label, and for each the ratio of the last
-round's train bytes to the first round's (1.0 = flat).
+``null`` there. ``release_bytes_per_site`` is a train message's size less round 1's (which carries no release):
+what the release costs on top of the weights. Writes ``release_bytes.json``: one entry per run, with its label,
+and for each the ratio of the last round's train bytes to the first round's (1.0 = flat).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def run_bytes(run_dir: Path) -> dict[str, Any]:
         release = int((record.get("active_learning") or {}).get("release_size", release))
     first, last = rounds[0]["train_bytes_per_site"], rounds[-1]["train_bytes_per_site"]
     growth = max(last.values()) / max(first.values()) if first and last else None
+    if rounds[0]["release_size_at_train"] == 0 and first:  # round 1 carries no release: its size is the weights'
+        for r in rounds:
+            r["release_bytes_per_site"] = {k: v - first.get(k, 0) for k, v in r["train_bytes_per_site"].items()}
     config = json.loads((run_dir / "config.json").read_text()).get("config", {}) if (run_dir / "config.json").is_file() else {}
     return {"run_dir": str(run_dir), "preset": config.get("preset"), "image_size": config.get("data", {}).get("image_size"),
             "rounds": rounds, "train_bytes_last_over_first": growth}
