@@ -13,6 +13,7 @@ from typing import Mapping
 
 from common.core.config import RunConfig
 from common.core.errors import ConfigError
+from common.core.run_layout import RunLayout
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,7 @@ class SiteSpec:
     def resolved(self, data_name: str, run_dir: Path) -> tuple[str, Path]:
         """Final ``(name, state_dir)`` once the site's data (and so its natural name) is known."""
         name = self.name or data_name
-        return name, self.state_dir or run_dir / "sites" / name
+        return name, self.state_dir or RunLayout(run_dir).site(name)
 
 
 def resolve_site(node_config: Mapping[str, object], cfg: RunConfig) -> SiteSpec:

@@ -16,6 +16,7 @@ from safetensors.torch import save as save_tensors
 from common.core.atomic_io import write_json_atomic, write_text_atomic
 from common.core.config import RunConfig
 from common.core.provenance import code_version
+from common.core.run_layout import RunLayout
 from common.models.bundle import ModelBundle, load_federated_file, save_bundle
 
 _ROUND = re.compile(r"^round-(\d{3,})$")
@@ -43,13 +44,14 @@ class Checkpoint:
 
 
 class RunFolder:
-    """``config.json``, ``metrics.jsonl``, ``checkpoints/round-NNN/``, ``figures/`` of one run."""
+    """``config.json``, ``metrics.jsonl``, ``checkpoints/round-NNN/``, ``figures/`` of one run (:class:`RunLayout`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.checkpoints = self.path / "checkpoints"
-        self.figures = self.path / "figures"
-        self.metrics_file = self.path / "metrics.jsonl"
+        self.layout = RunLayout(self.path)
+        self.checkpoints = self.layout.checkpoints
+        self.figures = self.layout.figures
+        self.metrics_file = self.layout.metrics
 
     def start(self, cfg: RunConfig, *, resume: bool) -> Checkpoint | None:
         """Create the folder (or reopen it to resume) and return the checkpoint to continue from."""
@@ -60,13 +62,13 @@ class RunFolder:
                 "pass resume=true to continue it or choose another run-dir"
             )
         if resume and latest is not None:
-            saved = RunConfig.from_dict(json.loads((self.path / "config.json").read_text())["config"])
+            saved = RunConfig.from_dict(json.loads(self.layout.config.read_text())["config"])
             if saved.to_dict() != cfg.to_dict():
                 raise ValueError(f"cannot resume {self.path}: the config differs from the one it was started with")
             self._truncate_metrics(latest.server_round)
         self.path.mkdir(parents=True, exist_ok=True)
         self.figures.mkdir(exist_ok=True)
-        write_json_atomic(self.path / "config.json", {"config": cfg.to_dict(), "code_version": code_version()})
+        write_json_atomic(self.layout.config, {"config": cfg.to_dict(), "code_version": code_version()})
         return latest
 
     def latest(self) -> Checkpoint | None:
@@ -74,7 +76,7 @@ class RunFolder:
         if not self.checkpoints.is_dir():
             return None
         rounds = [int(m.group(1)) for p in self.checkpoints.iterdir() if (m := _ROUND.match(p.name))]
-        return Checkpoint(max(rounds), self.checkpoints / f"round-{max(rounds):03d}") if rounds else None
+        return Checkpoint(max(rounds), self.layout.checkpoint(max(rounds))) if rounds else None
 
     def save_checkpoint(
         self,
@@ -90,7 +92,7 @@ class RunFolder:
         if strategy_state:
             extra["strategy.safetensors"] = save_tensors(
                 {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in strategy_state.items()})
-        folder = self.checkpoints / f"round-{server_round:03d}"
+        folder = self.layout.checkpoint(server_round)
         save_bundle(bundle, folder, sidecar=sidecar, extra_files=extra)
         with self.metrics_file.open("a") as fh:
             fh.write(json.dumps(dict(record), default=str) + "\n")
@@ -98,7 +100,7 @@ class RunFolder:
 
     def mark_finished(self, last_round: int) -> None:
         """Write ``status.json``: the run reached its last round (the launcher checks it)."""
-        write_json_atomic(self.path / "status.json", {"state": "finished", "last_round": last_round})
+        write_json_atomic(self.layout.status, {"state": "finished", "last_round": last_round})
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """All round records so far."""

@@ -34,6 +34,7 @@ from common.core.config import RunConfig
 from common.core.errors import ReplyValidationError
 from common.core.provenance import code_version
 from common.core.records import PLANES
+from common.core.run_layout import RunLayout
 from common.core.seeding import derive_seed
 from common.core.viz import save_grid
 from common.data.tensors import has_ga, records_to_dataset
@@ -63,7 +64,8 @@ class Coordinator:
         observer: the fault-injection tests kill the server there)."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self.store = ReleaseStore(self.run_dir / "release")
+        self.layout = RunLayout(self.run_dir)
+        self.store = ReleaseStore(self.layout.release)
         self.timeout_s = timeout_s
         self.on_release = on_release
         self.site_privacy: dict[str, Any] = {}
@@ -309,6 +311,6 @@ class Coordinator:
                              f"n {c.scores.get('novelty', float('nan')):.2f}\n{c.answer.name[:10]}" for c in mine])
             labels.append(name)
         if rows:  # ragged rows: a plane with fewer images leaves its cells blank
-            save_grid(rows, self.run_dir / "figures" / f"release-round-{server_round:03d}.png", row_labels=labels, scale=3,
+            save_grid(rows, self.layout.figures / f"release-round-{server_round:03d}.png", row_labels=labels, scale=3,
                       cell_captions=captions,
                       title=f"Released after round {server_round} (q=quality, u=uncertainty, n=novelty)")

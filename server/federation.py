@@ -62,7 +62,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
     latest = run.start(cfg, resume=resume)
     # A stale "failed" (or "finished") of an earlier attempt must not describe this one.
     started = {"state": "running", "last_round": latest.server_round if latest else 0}
-    write_json_atomic(run.path / "status.json", started)
+    write_json_atomic(run.layout.status, started)
     bundle = build_bundle(cfg)
     strategy = GuardedStrategy(make_strategy(cfg), expected_shapes=expected_shapes(bundle),
                                update_bounds=update_bounds(cfg))
@@ -159,7 +159,7 @@ def _fail(run: RunFolder, server_round: int, reason: str, sites: list[dict[str, 
     """Mark the run failed (``status.json`` names the round, the reason and each site's report) and raise."""
     last = run.latest()
     last_round = last.server_round if last else 0
-    write_json_atomic(run.path / "status.json",
+    write_json_atomic(run.layout.status,
                       {"state": "failed", "round": server_round, "last_round": last_round, "reason": reason,
                        "sites": sites})
     log(ERROR, "Run failed: %s", reason)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from common.core.config import RunConfig, run_config_toml
 from common.core.provenance import code_version
+from common.core.run_layout import RunLayout
 from simulations.watchdog import Watchdog
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -255,11 +256,12 @@ def run_simulation(
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_absolute():
         raise ValueError(f"run_dir must be absolute, got {run_dir}")
-    flwr_home = run_dir / ".flwr"
+    layout = RunLayout(run_dir)
+    flwr_home = layout.flower_home
     port = free_port()
     write_connection(flwr_home, port=port, num_sites=num_sites, cpus_per_site=cpus_per_site)
     env = flower_env(flwr_home, extra_env)
-    logs = run_dir / "logs"
+    logs = layout.logs
     superlink_cmd = [
         _bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
         "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
@@ -270,7 +272,7 @@ def run_simulation(
           process(superlink_cmd, log_file=logs / "superlink.log", env=env) as link):
         dog.adopt(link.pid)
         wait_http(f"http://127.0.0.1:{port}/health", timeout_s=60, proc=link)
-        app_dir = stage_app(run_dir / ".app", overlay)
+        app_dir = stage_app(layout.app, overlay)
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
                "--run-config", str(write_run_config(cfg, flwr_home, resume=resume))]
         rc = run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s,
@@ -284,7 +286,7 @@ def run_status(run_dir: Path) -> dict[str, Any]:
     """``status.json`` of ``run_dir`` (``{}`` when the server never wrote one)."""
     import json
 
-    status = Path(run_dir) / "status.json"
+    status = RunLayout(Path(run_dir)).status
     return dict(json.loads(status.read_text())) if status.is_file() else {}
 
 
@@ -319,7 +321,7 @@ def finished_as(run_dir: Path, cfg: RunConfig) -> bool:
 
     if not finished(run_dir):
         return False
-    saved = RunConfig.from_dict(json.loads((Path(run_dir) / "config.json").read_text())["config"])
+    saved = RunConfig.from_dict(json.loads(RunLayout(Path(run_dir)).config.read_text())["config"])
     want, have = cfg.to_flat(), saved.to_flat()
     if want != have:
         diff = sorted(k for k in {*want, *have} if want.get(k) != have.get(k))

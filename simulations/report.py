@@ -25,6 +25,7 @@ import numpy as np
 
 from common.core.atomic_io import write_text_atomic
 from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES, UltrasoundRecord
+from common.core.run_layout import RunLayout
 from common.core.viz import plot_series, save_grid
 from common.federated.round_metrics import round_summary
 
@@ -340,13 +341,14 @@ def build_report(run_dir: Path, *, curve_file: Path | None = None) -> Path:
     inputs = load_run(run_dir)
     cfg = inputs.cfg
     real = [r for s in inputs.sites for r in s.train]
-    ev_dir = run_dir / "evaluation"
+    layout = RunLayout(run_dir)
+    ev_dir = layout.evaluation
     result, image_metrics = _read_json(ev_dir / "downstream.json"), _read_json(ev_dir / "image_metrics.json")
     curve_path = curve_file or next((p for p in (ev_dir / "privacy_utility.json",
                                                  run_dir.parent / "privacy_utility.json") if p.is_file()), None)
     curve = _read_json(curve_path) if curve_path else None
-    status = _read_json(run_dir / "status.json") or {}
-    code = (_read_json(run_dir / "config.json") or {}).get("code_version", "?")
+    status = _read_json(layout.status) or {}
+    code = (_read_json(layout.config) or {}).get("code_version", "?")
     parts = [f"<h1>DiFUSAL run report: {html.escape(run_dir.name)}</h1>",
              _table(["preset", "seed", "data", "sites", "rounds done", "target epsilon", "delta", "release size",
                      "code version"],
@@ -383,14 +385,14 @@ def build_report(run_dir: Path, *, curve_file: Path | None = None) -> Path:
     curve_table, curve_png = curve_section(curve)
     parts.append((_img(curve_png, f"privacy-utility curve from {curve_path}") if curve_png else "") + curve_table)
     parts.append("<h2>Run figures</h2>")
-    figs = run_dir / "figures"
+    figs = layout.figures
     samples = sorted(figs.glob("samples-round-*.png"))[-1:] + sorted(figs.glob("release-round-*.png"))[-3:]
     for path in [figs / "rounds.png", *samples]:
         if path.is_file():
             parts.append(_img(path.read_bytes(), f"figures/{path.name}"))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>DiFUSAL report {html.escape(run_dir.name)}"
             f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
-    out = run_dir / "report.html"
+    out = layout.report
     return write_text_atomic(out, page, mode=0o644)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from common.core.atomic_io import atomic_path, create_exclusive, write_json_atomic
 from common.core.config import PrivacyConfig
 from common.core.errors import ConfigError, DataError
+from common.core.run_layout import RunLayout
 from common.privacy.ledger import PrivacyLedger
 
 _SNAPSHOT = re.compile(r"^ledger-round-(\d{3,})\.json$")
@@ -119,7 +120,7 @@ def copy_site_secrets(src_run_dir: Path, dst_run_dir: Path) -> list[str]:
     """
     copied = []
     for secret in sorted(Path(src_run_dir).glob(f"sites/*/{SECRET_FILE}")):
-        dst = Path(dst_run_dir) / "sites" / secret.parent.name / SECRET_FILE
+        dst = RunLayout(Path(dst_run_dir)).site(secret.parent.name) / SECRET_FILE
         if not dst.exists() and create_exclusive(dst, secret.read_bytes(), mode=0o600):
             copied.append(secret.parent.name)
     return copied

@@ -28,6 +28,7 @@ from typing import Any
 import psutil
 
 from common.core.config import RunConfig
+from common.core.run_layout import RunLayout
 from simulations.launcher import run_simulation
 
 
@@ -69,7 +70,7 @@ def _run(preset: str, sites: int, rounds: int, cpus_per_site: float, workdir: Pa
         result = run_simulation(cfg, num_sites=sites, echo=False, cpus_per_site=cpus_per_site, timeout_s=3000)
     if result.returncode != 0:
         raise RuntimeError(f"run failed; see {result.log_file}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in RunLayout(run_dir).metrics.read_text().splitlines()]
     per_round = []
     for r in records:
         compute = sum(s["compute_s"].get("train", 0.0) + s["compute_s"].get("evaluate", 0.0) for s in r["sites"])

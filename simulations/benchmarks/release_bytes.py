@@ -19,12 +19,14 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from common.core.run_layout import RunLayout
 from simulations.benchmarks._common import write_report
 
 
 def run_bytes(run_dir: Path) -> dict[str, Any]:
     """Per round of ``run_dir``: release size, and per site the train and query bytes it was sent."""
-    path = run_dir / "metrics.jsonl"
+    layout = RunLayout(run_dir)
+    path = layout.metrics
     if not path.is_file():
         raise SystemExit(f"{run_dir} has no metrics.jsonl: give the folder of a finished run")
     rounds, release = [], 0
@@ -41,7 +43,7 @@ def run_bytes(run_dir: Path) -> dict[str, Any]:
     if rounds[0]["release_size_at_train"] == 0 and first:  # round 1 carries no release: its size is the weights'
         for r in rounds:
             r["release_bytes_per_site"] = {k: v - first.get(k, 0) for k, v in r["train_bytes_per_site"].items()}
-    config = json.loads((run_dir / "config.json").read_text()).get("config", {}) if (run_dir / "config.json").is_file() else {}
+    config = json.loads(layout.config.read_text()).get("config", {}) if layout.config.is_file() else {}
     return {"run_dir": str(run_dir), "preset": config.get("preset"), "image_size": config.get("data", {}).get("image_size"),
             "rounds": rounds, "train_bytes_last_over_first": growth}
 

@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from common.core.run_layout import RunLayout
 from common.federated.round_metrics import round_summary
 from common.privacy.site_state import copy_site_secrets
 from simulations.cli import add_data_arguments, build_config, count_sites
@@ -41,7 +42,7 @@ ARMS: dict[str, dict[str, object]] = {
 
 def summarise(run_dir: Path) -> list[dict[str, Any]]:
     """Per-round pooled held-out metrics of one run."""
-    return [round_summary(json.loads(line)) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [round_summary(json.loads(line)) for line in RunLayout(run_dir).metrics.read_text().splitlines()]
 
 
 def to_markdown(table: dict[str, list[dict[str, Any]]]) -> str:
