@@ -3,6 +3,7 @@
 Commands: ``demo`` (the main job), ``simulate``, ``preview``, ``pretrain``. Each reads a preset plus
 ``--set key=value`` overrides into one frozen :class:`RunConfig` and passes it down.
 ``release repair RELEASE_DIR`` moves a damaged release's bad lines and stray files to its quarantine.
+``evaluate FOLDER --data SOURCE --data-root DIR`` scores a checkpoint's or prior's downstream models on a dataset.
 """
 
 from __future__ import annotations
@@ -123,6 +124,30 @@ def cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a checkpoint's (or prior's) classifier and regressor on a dataset folder; print (and write) the JSON.
+
+    A user error (missing folder, corrupt CSV, unknown split) is one line on stderr and exit status 2.
+    """
+    from common.analysis.score import score_folder
+    from common.core.errors import DifusalError
+
+    try:
+        result = score_folder(Path(args.folder), args.data, args.data_root, split=args.split,
+                              log=lambda line: print(f"[difusal] {line}", file=sys.stderr))
+    except (DifusalError, FileNotFoundError) as err:
+        print(f"[difusal] evaluate: error: {err}", file=sys.stderr)
+        return 2
+    text = json.dumps(result, allow_nan=False)
+    print(text)
+    if args.json:
+        from common.core.atomic_io import write_text_atomic
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(Path(args.json), text + "\n")
+    return 0
+
+
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """``--data`` (a data preset) and ``--data-root``, as every command that builds a config takes them."""
     parser.add_argument("--data", default="", choices=["", *DATA_PRESETS],
@@ -165,6 +190,18 @@ def make_parser() -> argparse.ArgumentParser:
     sp = release.add_parser("repair", help="move damaged lines and stray files to RELEASE_DIR/quarantine/<time>/")
     sp.add_argument("release_dir", metavar="RELEASE_DIR")
     sp.add_argument("--dry-run", action="store_true", help="print what would move and write nothing")
+    sp = sub.add_parser("evaluate", help="score a checkpoint's (or prior's) classifier and GA regressor on a dataset "
+                                         "folder (e.g. a hospital's own held-out scans); prints one JSON object")
+    sp.add_argument("folder", metavar="FOLDER", help="checkpoint folder (runs/<run>/checkpoints/round-NNN/) or prior "
+                                                     "folder (common/assets/prior-demo)")
+    from common.data.loaders import SOURCES
+
+    sp.add_argument("--data", required=True, choices=list(SOURCES),
+                    help="layout of the dataset folder")
+    sp.add_argument("--data-root", required=True, help="dataset folder in its published layout")
+    sp.add_argument("--split", default="test", choices=["train", "test", "all"],
+                    help="which published split to score (default: %(default)s; HC18: all)")
+    sp.add_argument("--json", default="", metavar="OUT", help="also write the JSON object to this file")
     return p
 
 
@@ -184,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_pretrain(args)
     if args.command == "release":
         return cmd_release(args)
+    if args.command == "evaluate":
+        return cmd_evaluate(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse restricts the choices
 
 

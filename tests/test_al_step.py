@@ -31,7 +31,7 @@ def test_each_sites_request_depends_on_its_name_not_on_the_order_of_the_sites() 
         np.testing.assert_array_equal(a[name].ga, b[name].ga)
         assert len(a[name].plane) == cfg.federation.al_candidates_per_site
     assert not np.array_equal(a["site-0"].ga, other_round["site-0"].ga)
-    assert set(a["site-0"].plane.tolist()) <= set(cfg.federation.plane_scope())
+    assert set(a["site-0"].plane.tolist()) <= set(cfg.data.plane_scope())
 
 
 def test_selected_items_carry_the_source_site_its_certificate_and_why_they_were_chosen() -> None:

@@ -134,12 +134,12 @@ def test_data_presets_set_source_and_site_split_and_later_overrides_win(tmp_path
     assert (hc18.data.source, hc18.data.partition, hc18.data.num_sites) == ("hc18", "iid", 3)
     assert (fpdb.data.source, fpdb.data.partition) == ("fetal_planes_db", "dirichlet")
     assert phantom == build_config("demo", [])
-    # the release's plane scope follows the data: four fetal planes (African), brain only (HC18), all six
-    assert african.federation.plane_scope() == (0, 1, 2, 3)
-    assert hc18.federation.plane_scope() == (0,)
-    assert fpdb.federation.plane_scope() == phantom.federation.plane_scope() == tuple(range(6))
+    # the consortium's label scope follows the data: four fetal planes (African), brain only (HC18), all six
+    assert african.data.plane_scope() == (0, 1, 2, 3)
+    assert hc18.data.plane_scope() == (0,)
+    assert fpdb.data.plane_scope() == phantom.data.plane_scope() == tuple(range(6))
     with pytest.raises(ConfigError, match="unknown plane.*fetal_brain"):
-        build_config("demo", ["federation.al-planes=fetal_brain,heart"])
+        build_config("demo", ["data.planes=fetal_brain,heart"])
     with pytest.raises(ConfigError, match="--data-root"):
         build_config("demo", [], data="african")
     with pytest.raises(ConfigError, match="unknown; choose one of"):

@@ -16,7 +16,7 @@ import torch
 
 from common.active_learning.acquisition import entropy, novelty
 from common.core.config import RunConfig
-from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
+from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS
 from common.diffusion.sampling import sample, to_uint8
 from common.models.bundle import ModelBundle
 from common.models.downstream import predict_ga, predict_planes
@@ -69,8 +69,9 @@ def score(bundle: ModelBundle, images: np.ndarray, plane: np.ndarray, ga: np.nda
     Synthetic images have no known pixel spacing; the GA regressor is fed NaN (its "unknown spacing" input).
     """
     x = to_model_input(images)
-    probs = predict_planes(bundle.classifier, x).numpy()
-    ent = entropy(probs) / np.log(len(PLANES))
+    probs = predict_planes(bundle.classifier, x).numpy()  # zero outside the label scope
+    scope = list(bundle.classifier.planes)  # entropy over the in-scope planes, normalised to [0, 1]
+    ent = entropy(probs[:, scope]) / np.log(len(scope)) if len(scope) > 1 else np.zeros(len(x))
     mean, std = predict_ga(bundle.regressor, x, torch.full((len(x),), float("nan")))
     ga_std = std.numpy() / (GA_MAX_WEEKS - GA_MIN_WEEKS)
     out = {

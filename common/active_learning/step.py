@@ -73,7 +73,7 @@ def plan_requests(cfg: RunConfig, release: Sequence[Mapping[str, Any]], server_r
     for name in sites:
         rng = np.random.default_rng(derive_seed(cfg.seed, "al-plan", server_round, name))
         plane, ga = plan_conditions(bins, fed.al_candidates_per_site, rng=rng, bin_uncertainty=uncertain,
-                                    planes=fed.plane_scope())
+                                    planes=cfg.data.plane_scope())
         out[name] = QueryRequest(plane=plane, ga=ga)
     return out
 

@@ -20,7 +20,6 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -39,6 +38,8 @@ from common.models.downstream import (
     GARegressor,
     PlaneClassifier,
     classifier_loss,
+    ga_metrics,
+    plane_metrics,
     predict_ga,
     predict_planes,
     regressor_loss,
@@ -110,11 +111,14 @@ class DownstreamModels:
 
 def train_downstream(records: Sequence[UltrasoundRecord], *, image_size: int, width: int, settings: EvalSettings,
                      seed: int, dp: tuple[float, float] | None = None,
-                     init: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> DownstreamModels:
+                     init: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                     planes: Sequence[int] | None = None) -> DownstreamModels:
     """Train a plane classifier and a GA regressor on ``records``.
 
     Parameters
     ----------
+    planes:
+        The classifier's label scope (``cfg.data.plane_scope()``); ``None``: all planes.
     dp:
         ``(epsilon, delta)`` for the pair, split evenly (DP-SGD, RDP accountant); ``None``: no DP.
     init:
@@ -122,7 +126,8 @@ def train_downstream(records: Sequence[UltrasoundRecord], *, image_size: int, wi
     """
     data = records_to_dataset(records, image_size=image_size)
     torch.manual_seed(seed)
-    classifier, regressor = PlaneClassifier(image_size=image_size, width=width), GARegressor(image_size, width)
+    classifier = PlaneClassifier(image_size=image_size, width=width, planes=planes)
+    regressor = GARegressor(image_size, width)
     if init is not None:
         classifier.load_state_dict(dict(init["classifier"]))
         regressor.load_state_dict(dict(init["regressor"]))
@@ -159,9 +164,11 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-def checkpoint_models(folder: Path, *, image_size: int, width: int) -> DownstreamModels:
-    """The classifier and regressor saved in a checkpoint (or prior) folder."""
-    clf, reg = PlaneClassifier(image_size=image_size, width=width), GARegressor(image_size, width)
+def checkpoint_models(folder: Path, *, image_size: int, width: int,
+                      planes: Sequence[int] | None = None) -> DownstreamModels:
+    """The classifier (with the label scope ``planes``, default all) and regressor saved in a checkpoint (or prior)
+    folder."""
+    clf, reg = PlaneClassifier(image_size=image_size, width=width, planes=planes), GARegressor(image_size, width)
     clf.load_state_dict(_load_state(Path(folder) / "classifier.safetensors"))
     reg.load_state_dict(_load_state(Path(folder) / "regressor.safetensors"))
     return DownstreamModels(clf, reg)
@@ -202,28 +209,15 @@ def replace_steps(settings: EvalSettings, steps: int) -> EvalSettings:
 
 
 # -- metrics from predictions ------------------------------------------------------------------------------
-def classification_metrics(pred: np.ndarray, labels: np.ndarray, num_classes: int = len(PLANES)) -> dict[str, Any]:
-    """Accuracy, macro-F1 (labels in truth or prediction), per-class recall (NaN if absent): as evaluate_classifier."""
-    recalls, f1s = [], []
-    for k in range(num_classes):
-        tp, n_true, n_pred = int(((pred == k) & (labels == k)).sum()), int((labels == k).sum()), int((pred == k).sum())
-        recalls.append(tp / n_true if n_true else float("nan"))
-        if n_true or n_pred:
-            f1s.append(2 * tp / (n_true + n_pred))
-    n = int(len(labels))
-    return {"accuracy": float((pred == labels).mean()) if n else float("nan"),
-            "macro_f1": float(np.mean(f1s)) if f1s else float("nan"), "per_class_recall": recalls, "n": n}
+def classification_metrics(pred: np.ndarray, labels: np.ndarray, num_classes: int = len(PLANES), *,
+                           planes: Sequence[int] | None = None) -> dict[str, Any]:
+    """Accuracy, macro-F1, recall per in-scope plane (``planes``, default all): :func:`plane_metrics`."""
+    return plane_metrics(pred, labels, planes, num_classes)
 
 
 def regression_metrics(mean: np.ndarray, std: np.ndarray, ga: np.ndarray, *, coverage_level: float) -> dict[str, Any]:
-    """MAE (days) and coverage of the central Gaussian interval over examples with known GA."""
-    known = np.isfinite(ga)
-    if not known.any():
-        return {"mae_days": float("nan"), "coverage": float("nan"), "n_ga": 0}
-    z = NormalDist().inv_cdf(0.5 + coverage_level / 2)
-    err = np.abs(mean[known] - ga[known])
-    return {"mae_days": float(err.mean() * 7.0), "coverage": float((err <= z * std[known]).mean()),
-            "n_ga": int(known.sum())}
+    """MAE (days), coverage and mean width (days) of the central Gaussian interval over examples with known GA."""
+    return ga_metrics(mean, std, ga, coverage_level=coverage_level)
 
 
 def evaluate_models(models: Mapping[str, DownstreamModels], sites: Sequence[SiteData], *, image_size: int,
@@ -232,10 +226,12 @@ def evaluate_models(models: Mapping[str, DownstreamModels], sites: Sequence[Site
 
     Returns
     -------
-    ``{"per_site": {name: metrics}, "pooled": metrics}``; metrics hold accuracy, macro_f1, per_class_recall, n,
-    mae_days, coverage, n_ga (NaN where no regressor or no GA label).
+    ``{"per_site": {name: metrics}, "pooled": metrics}``; metrics hold accuracy, macro_f1, per_plane_recall (per
+    plane of the classifier's scope; pooled: of the union of the sites' scopes), per_class_recall, n, mae_days,
+    coverage, interval_width_days, n_ga (NaN where no regressor or no GA label).
     """
     parts: dict[str, tuple[np.ndarray, ...]] = {}
+    scopes: dict[str, tuple[int, ...]] = {}
     for site in sites:
         if not site.test:
             continue
@@ -249,15 +245,18 @@ def evaluate_models(models: Mapping[str, DownstreamModels], sites: Sequence[Site
             mu, sd = predict_ga(m.regressor, images, sp, device=device)
             mean, std = mu.numpy(), sd.numpy()
         parts[site.name] = (pred, labels.numpy(), mean, std, ga.numpy())
+        scopes[site.name] = m.classifier.planes
 
-    def _metrics(pred: np.ndarray, labels: np.ndarray, mean: np.ndarray, std: np.ndarray, ga: np.ndarray) -> dict:
+    def _metrics(pred: np.ndarray, labels: np.ndarray, mean: np.ndarray, std: np.ndarray, ga: np.ndarray,
+                 planes: Sequence[int]) -> dict:
         reg = regression_metrics(mean, std, np.where(np.isfinite(mean), ga, np.nan), coverage_level=coverage_level)
-        return {**classification_metrics(pred, labels), **reg}
+        return {**classification_metrics(pred, labels, planes=planes), **reg}
 
     if not parts:
         raise DataError("no site has a test split: the protocol needs held-out real images")
     pooled = [np.concatenate([p[i] for p in parts.values()]) for i in range(5)]
-    return {"per_site": {k: _metrics(*v) for k, v in parts.items()}, "pooled": _metrics(*pooled)}
+    union = sorted({k for planes in scopes.values() for k in planes})
+    return {"per_site": {k: _metrics(*v, scopes[k]) for k, v in parts.items()}, "pooled": _metrics(*pooled, union)}
 
 
 # -- the protocol ------------------------------------------------------------------------------------------
@@ -298,7 +297,7 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
     "prior_source", "n_synthetic", "n_train", "n_test"}``.
     """
     cfg, sites, syn = inputs.cfg, inputs.sites, inputs.synthetic
-    size, width = cfg.data.image_size, cfg.train.downstream_width
+    size, width, planes = cfg.data.image_size, cfg.train.downstream_width, cfg.data.plane_scope()
     arms: list[dict[str, Any]] = []
 
     def add(arm: str, description: str, models: Mapping[str, DownstreamModels], **extra: Any) -> None:
@@ -310,7 +309,8 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
 
     def per_site(tag: str, extra: Sequence[UltrasoundRecord] = (), **kw: Any) -> dict[str, DownstreamModels]:
         return {s.name: train_downstream(list(s.train) + list(extra), image_size=size, width=width, settings=settings,
-                                         seed=derive_seed(settings.seed, tag, s.name), **kw) for s in sites}
+                                         seed=derive_seed(settings.seed, tag, s.name), planes=planes, **kw)
+                for s in sites}
 
     add("local-real", "each site alone on its real train split (no DP, model stays local)", per_site("local"))
     clean, final = _federated_rounds(inputs)
@@ -318,7 +318,7 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
     for rnd, label in ((clean, "no synthetic yet"), (final, "with synthetic") if final != clean else (None, "")):
         if rnd is None:
             continue
-        m = checkpoint_models(folders[rnd], image_size=size, width=width)
+        m = checkpoint_models(folders[rnd], image_size=size, width=width, planes=planes)
         how = "DP-SGD at every site" if cfg.privacy.target_epsilon is not None else "no DP"
         add(f"federated-r{rnd}", f"the federation's checkpoint of round {rnd} ({how}; {label})",
             {s.name: m for s in sites}, checkpoint_round=rnd)
@@ -327,7 +327,7 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
             per_site("local+syn", syn))
         if len(syn) >= 2:
             m = train_downstream(syn, image_size=size, width=width, settings=settings,
-                                 seed=derive_seed(settings.seed, "syn-only"))
+                                 seed=derive_seed(settings.seed, "syn-only"), planes=planes)
             add("synthetic-only", f"the {len(syn)} released images alone, tested on real images", {s.name: m for s in sites})
     prior, prior_source = phantom_prior(cfg, settings)
     budgets = {s.name: generator_budget(inputs, s.name) for s in sites}
@@ -338,7 +338,7 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
             try:
                 models[s.name] = train_downstream(s.train, image_size=size, width=width, settings=settings,
                                                   seed=derive_seed(settings.seed, tag, s.name), dp=budgets[s.name],
-                                                  init=init)
+                                                  init=init, planes=planes)
             except ConfigError as err:  # the budget admits no noise multiplier for these steps
                 skipped.append(f"{s.name}: {err}")
         if skipped:
@@ -358,13 +358,13 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
 
 def per_round_utility(inputs: RunInputs, settings: EvalSettings) -> list[dict[str, Any]]:
     """Pooled test metrics of every checkpoint's downstream models, with the release size after that round."""
-    size, width = inputs.cfg.data.image_size, inputs.cfg.train.downstream_width
+    size, width, planes = inputs.cfg.data.image_size, inputs.cfg.train.downstream_width, inputs.cfg.data.plane_scope()
     release = {int(r["round"]): (r.get("active_learning") or {}).get("release_size") for r in inputs.metrics}
     synthetic = {int(r["round"]): int(sum(float(s.get("metrics", {}).get("synthetic-examples", 0) or 0)
                                           for s in r.get("sites", []))) for r in inputs.metrics}
     out = []
     for rnd, folder in inputs.checkpoints:
-        m = checkpoint_models(folder, image_size=size, width=width)
+        m = checkpoint_models(folder, image_size=size, width=width, planes=planes)
         res = evaluate_models({s.name: m for s in inputs.sites}, inputs.sites, image_size=size,
                               coverage_level=settings.coverage_level, device=settings.device)["pooled"]
         out.append({"round": rnd, "release_size": release.get(rnd), "synthetic_examples_used": synthetic.get(rnd),

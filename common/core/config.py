@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, Mapping, get_args
 
 from common.core.errors import ConfigError
+from common.core.records import PLANE_INDEX, PLANES
 
 DataSource = Literal["phantom", "african", "fetal_planes_db", "hc18"]
 PartitionKind = Literal["natural", "iid", "dirichlet", "quantity"]
@@ -82,8 +83,25 @@ class DataConfig:
     images_per_site: int = 64  # phantom sites only
     test_fraction: float = 0.25
     public_images: int = 2048  # phantoms for the public prior
+    # The consortium's label scope: the planes its sites have (comma-separated names from
+    # common.core.records.PLANES; "" = all six, which the phantom simulator draws). Public, agreed by the
+    # consortium: the plane classifier puts no probability outside it, a site's record outside it is refused at
+    # load time, the evaluation reports per in-scope plane and the coordinator never asks for another plane.
+    planes: str = ""
+
+    def plane_scope(self) -> tuple[int, ...]:
+        """Indices of the planes in ``planes`` (all planes when it is empty), in PLANES order."""
+        names = [t.strip() for t in self.planes.split(",") if t.strip()]
+        if not names:
+            return tuple(range(len(PLANES)))
+        unknown = [n for n in names if n not in PLANE_INDEX]
+        if unknown:
+            raise ConfigError(f"data.planes names unknown plane(s) {unknown}; use names from {list(PLANES)}, "
+                              f"comma-separated, or '' for all")
+        return tuple(sorted({PLANE_INDEX[n] for n in names}))
 
     def validate(self) -> None:
+        self.plane_scope()
         _check_literal(self, "data", "source")
         _check_choice("data.image_size", self.image_size, (32, 64, 128))
         _check_range("data.num_sites", self.num_sites, 1, 64)
@@ -239,25 +257,8 @@ class FederationConfig:
     al_downstream_steps: int = 0  # server-side classifier/regressor steps on the release (public data, no DP cost)
     al_memorization_check: bool = False  # sites filter near-copies of private images (NOT covered by DP)
     al_max_reply_bytes: int = 16 * 1024 * 1024
-    # Planes the consortium's release covers (comma-separated names from common.core.records.PLANES; "" = all six).
-    # Public scope, agreed by the consortium: the coordinator never asks a site for a plane outside it.
-    al_planes: str = ""
-
-    def plane_scope(self) -> tuple[int, ...]:
-        """Indices of the planes in ``al_planes`` (all planes when it is empty), in PLANES order."""
-        from common.core.records import PLANE_INDEX, PLANES
-
-        names = [t.strip() for t in self.al_planes.split(",") if t.strip()]
-        if not names:
-            return tuple(range(len(PLANES)))
-        unknown = [n for n in names if n not in PLANE_INDEX]
-        if unknown:
-            raise ConfigError(f"federation.al_planes names unknown plane(s) {unknown}; use names from {list(PLANES)}, "
-                              f"comma-separated, or '' for all")
-        return tuple(sorted({PLANE_INDEX[n] for n in names}))
 
     def validate(self) -> None:
-        self.plane_scope()
         _check_range("federation.num_rounds", self.num_rounds, 1, 10_000)
         _check_literal(self, "federation", "strategy")
         _check_range("federation.fraction_train", self.fraction_train, 0.01, 1.0)
@@ -332,8 +333,13 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; reads a config saved before the label scope moved to ``data.planes`` too
+        (its ``federation.al_planes`` becomes ``data.planes``)."""
         kwargs: dict[str, Any] = {k: d[k] for k in ("preset", "seed", "run_dir", "prior") if k in d}
+        legacy = dict(d.get("federation", {}))
+        if "al_planes" in legacy:
+            planes = legacy.pop("al_planes")
+            d = {**d, "federation": legacy, "data": {"planes": planes, **dict(d.get("data", {}))}}
         for name, sub_cls in _section_classes().items():
             sub = dict(d.get(name, {}))
             for f in fields(sub_cls):
@@ -555,10 +561,12 @@ DATA_PRESETS: dict[str, dict[str, str]] = {
     "phantom": {"data.source": "phantom"},  # the size preset's phantom sites (scanner profiles + its label skew)
     # one site per country (`Center`); the public African set has the four fetal planes only
     "african": {"data.source": "african", "data.partition": "natural",
-                "federation.al-planes": "fetal_brain,fetal_abdomen,fetal_femur,fetal_thorax"},
-    "fetal_planes_db": {"data.source": "fetal_planes_db", "data.partition": "natural"},  # one site per US_Machine
-    # one hospital's head scans, split by patient (grouped): the release asks for brain planes across GA
-    "hc18": {"data.source": "hc18", "data.partition": "iid", "federation.al-planes": "fetal_brain"},
+                "data.planes": "fetal_brain,fetal_abdomen,fetal_femur,fetal_thorax"},
+    # one site per US_Machine; the dataset has all six planes (its "Other" and "Maternal cervix" included)
+    "fetal_planes_db": {"data.source": "fetal_planes_db", "data.partition": "natural", "data.planes": ",".join(PLANES)},
+    # one hospital's head scans, split by patient (grouped): every HC18 image is a brain plane, so the scope is
+    # that one plane (the classifier is trivial there) and the release asks for brain planes across GA
+    "hc18": {"data.source": "hc18", "data.partition": "iid", "data.planes": "fetal_brain"},
 }
 
 

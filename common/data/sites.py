@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from common.core.config import DataConfig
-from common.core.errors import ConfigError
+from common.core.errors import ConfigError, DataError
 from common.core.records import PLANES, UltrasoundRecord
 from common.core.seeding import stream_seed
 from common.data.dedup import find_duplicates
@@ -174,6 +174,32 @@ def _real_federation(cfg: DataConfig, seed: int) -> FederatedData:
     return FederatedData(sites=sites, report=report)
 
 
+# -- label scope ------------------------------------------------------------------------------
+def check_label_scope(sites: list[SiteData], cfg: DataConfig) -> None:
+    """Refuse a site whose records have a plane outside the consortium's label scope (``data.planes``).
+
+    Such a record is bad input, not something to skip: the classifier puts no probability outside the scope,
+    so it could neither learn nor be scored on it. The error names the site, the planes and their counts, and
+    the config key to fix. Checked when the sites are built, before any training.
+    """
+    scope = set(cfg.plane_scope())
+    bad: list[str] = []
+    for site in sites:
+        for part, records in (("train", site.train), ("test", site.test)):
+            counts: dict[str, int] = {}
+            for r in records:
+                if r.plane not in scope:
+                    counts[r.plane_name] = counts.get(r.plane_name, 0) + 1
+            if counts:
+                bad.append(f"site {site.name!r} {part}: " + ", ".join(f"{n} x {p}" for p, n in sorted(counts.items())))
+    if bad:
+        names = ",".join(PLANES[k] for k in sorted(scope))
+        raise DataError(f"records outside the consortium's label scope data.planes={names!r} "
+                        f"(data.source={cfg.source!r}): {'; '.join(bad)}. Add those planes to data.planes "
+                        f"(--set data.planes=...; names from {list(PLANES)}, '' for all) or remove the records "
+                        f"from the site's data")
+
+
 # -- entry points -----------------------------------------------------------------------------
 def load_federated_data(cfg: DataConfig, *, seed: int) -> FederatedData:
     """Build every site's train/test records for ``cfg`` (phantoms or a real dataset).
@@ -192,9 +218,12 @@ def load_federated_data(cfg: DataConfig, *, seed: int) -> FederatedData:
     """
     cfg.validate()
     if cfg.source != "phantom":
-        return _real_federation(cfg, seed)
+        fed = _real_federation(cfg, seed)
+        check_label_scope(fed.sites, cfg)
+        return fed
     sizes = phantom_site_sizes(cfg, seed=seed)
     sites = [_phantom_site(cfg, seed, i, n) for i, n in enumerate(sizes)]
+    check_label_scope(sites, cfg)
     names = [s.name for s in sites]
     train_rows = site_summary([r for s in sites for r in s.train], _ranges([len(s.train) for s in sites]), names)
     test_rows = site_summary([r for s in sites for r in s.test], _ranges([len(s.test) for s in sites]), names)
@@ -233,9 +262,12 @@ def load_site(cfg: DataConfig, *, seed: int, site_index: int) -> SiteData:
     if cfg.source == "phantom":
         if not 0 <= site_index < cfg.num_sites:
             raise ConfigError(f"site_index={site_index} is out of range; data.num_sites={cfg.num_sites}")
-        return _phantom_site(cfg, seed, site_index, phantom_site_sizes(cfg, seed=seed)[site_index])
+        site = _phantom_site(cfg, seed, site_index, phantom_site_sizes(cfg, seed=seed)[site_index])
+        check_label_scope([site], cfg)
+        return site
     sites = _real_federation(cfg, seed).sites
     if not 0 <= site_index < len(sites):
         raise ConfigError(f"site_index={site_index} is out of range; {cfg.source} with partition="
                           f"{cfg.partition!r} has {len(sites)} sites ({', '.join(s.name for s in sites)})")
+    check_label_scope([sites[site_index]], cfg)  # a site is told about its own records
     return sites[site_index]

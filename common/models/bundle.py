@@ -75,7 +75,8 @@ def build_bundle(cfg: RunConfig, *, finetune: bool = True) -> ModelBundle:
     size = cfg.data.image_size
     prior = resolve_prior(cfg)
     torch.manual_seed(cfg.seed)
-    classifier = PlaneClassifier(image_size=size, width=cfg.train.downstream_width)
+    # the consortium's label scope: no probability on a plane outside it (the head's shape stays the same)
+    classifier = PlaneClassifier(image_size=size, width=cfg.train.downstream_width, planes=cfg.data.plane_scope())
     regressor = GARegressor(image_size=size, width=cfg.train.downstream_width)
     if prior is None:
         generator = build_generator(cfg.generator, image_size=size, seed=cfg.seed)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -59,7 +61,14 @@ class _Backbone(nn.Module):
 
 
 class PlaneClassifier(nn.Module):
-    """Fetal-plane classifier over :data:`PLANES`.
+    """Fetal-plane classifier over :data:`PLANES`, restricted to the consortium's label scope.
+
+    The head keeps one logit per plane of :data:`PLANES` (so the federated array shapes do not depend on the
+    scope), and :meth:`forward` sets the logits of planes outside ``planes`` to ``-inf``: softmax puts exactly
+    zero probability on them, argmax never picks them, and cross-entropy is taken over the in-scope logits
+    only (their weights get zero gradient). The scope is a non-persistent buffer: it is not in the state dict
+    (checkpoints and federated arrays are unchanged); whoever builds the model gives it from the config
+    (``cfg.data.plane_scope()``).
 
     Parameters
     ----------
@@ -69,13 +78,23 @@ class PlaneClassifier(nn.Module):
         Input side length (multiple of 8, >= 16).
     width:
         Channels of the first stage (then 2x, 2x, 4x); the embedding has ``4 * width`` dims.
+    planes:
+        Indices of the in-scope planes (``None``: all ``num_classes``).
     """
 
-    def __init__(self, num_classes: int = len(PLANES), image_size: int = 64, width: int = 32) -> None:
+    def __init__(self, num_classes: int = len(PLANES), image_size: int = 64, width: int = 32,
+                 planes: Sequence[int] | None = None) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} must be >= 2")
+        scope = tuple(range(num_classes)) if planes is None else tuple(sorted({int(k) for k in planes}))
+        if not scope or not all(0 <= k < num_classes for k in scope):
+            raise ValueError(f"planes={planes!r} must be a non-empty set of indices in [0, {num_classes})")
         self.num_classes = num_classes
+        self.planes = scope
+        mask = torch.zeros(num_classes, dtype=torch.bool)
+        mask[list(scope)] = True
+        self.register_buffer("scope_mask", mask, persistent=False)
         self.backbone = _Backbone(image_size, width)
         self.head = nn.Linear(self.backbone.out_dim, num_classes)
 
@@ -84,8 +103,8 @@ class PlaneClassifier(nn.Module):
         return self.backbone(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Class logits ``[B, num_classes]``."""
-        return self.head(self.features(x))
+        """Class logits ``[B, num_classes]``; ``-inf`` for the planes outside the scope."""
+        return self.head(self.features(x)).masked_fill(~self.scope_mask, float("-inf"))
 
 
 class GARegressor(nn.Module):
@@ -136,8 +155,17 @@ class GARegressor(nn.Module):
 
 # -- per-example losses for common.privacy.dpsgd.train_private ---------------------------------------------------
 def classifier_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
-    """Per-example cross-entropy ``[B]``."""
-    return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+    """Per-example cross-entropy ``[B]`` over the in-scope logits (the others are ``-inf``).
+
+    A label outside the model's scope has no finite loss: it is refused (``ValueError``) rather than trained.
+    """
+    logits, labels = model(batch[0]), batch[1]
+    finite = torch.isfinite(logits.detach().gather(1, labels.long()[:, None]))[:, 0]
+    if not finite.all():
+        bad = sorted({PLANES[int(k)] for k in labels[~finite]})
+        raise ValueError(f"training labels {bad} are outside the classifier's label scope (data.planes); "
+                         "records of those planes must not reach it")
+    return F.cross_entropy(logits, labels, reduction="none")
 
 
 def regressor_loss(model: nn.Module, batch: tuple[Tensor, ...]) -> Tensor:
@@ -189,25 +217,57 @@ def predict_ga(model: GARegressor, images: Tensor, spacing: Tensor, *, batch_siz
     return torch.cat(means), torch.cat(stds)
 
 
-def evaluate_classifier(model: PlaneClassifier, dataset: TensorDataset, *, device: str = "cpu") -> dict:
-    """Accuracy, macro-F1 (over labels present in truth or prediction), per-class recall (NaN if absent), n."""
-    images, labels = dataset.tensors[0], dataset.tensors[1].long()
-    pred = predict_planes(model, images, device=device).argmax(dim=1)
-    c = model.num_classes
-    recalls, f1s = [], []
-    for k in range(c):
-        tp = int(((pred == k) & (labels == k)).sum())
-        n_true, n_pred = int((labels == k).sum()), int((pred == k).sum())
+def plane_metrics(pred: np.ndarray, labels: np.ndarray, planes: Sequence[int] | None = None,
+                  num_classes: int = len(PLANES)) -> dict[str, Any]:
+    """Classification metrics of predicted plane indices against true ones, per in-scope plane.
+
+    Returns
+    -------
+    ``accuracy`` (over every example), ``macro_f1`` (mean F1 over the planes present in truth or prediction),
+    ``per_plane_recall`` (``{plane name: recall}`` for each plane of ``planes`` (default: all ``num_classes``),
+    NaN where the labels have none, plus any plane the labels hold outside the scope: 0, the model never
+    predicts it), ``per_class_recall`` (the same recalls as a list over all ``num_classes``, NaN where absent)
+    and ``n``.
+    """
+    pred, labels = np.asarray(pred).astype(int), np.asarray(labels).astype(int)
+    scope = set(range(num_classes) if planes is None else planes)
+    recalls, f1s, per_plane = [], [], {}
+    for k in range(num_classes):
+        tp, n_true, n_pred = int(((pred == k) & (labels == k)).sum()), int((labels == k).sum()), int((pred == k).sum())
         recalls.append(tp / n_true if n_true else float("nan"))
         if n_true or n_pred:
             f1s.append(2 * tp / (n_true + n_pred))
-    n = int(labels.numel())
-    return {
-        "accuracy": float((pred == labels).float().mean()) if n else float("nan"),
-        "macro_f1": sum(f1s) / len(f1s) if f1s else float("nan"),
-        "per_class_recall": recalls,
-        "n": n,
-    }
+        if k in scope or n_true:
+            per_plane[PLANES[k] if k < len(PLANES) else str(k)] = recalls[-1]
+    n = int(len(labels))
+    return {"accuracy": float((pred == labels).mean()) if n else float("nan"),
+            "macro_f1": float(np.mean(f1s)) if f1s else float("nan"), "per_plane_recall": per_plane,
+            "per_class_recall": recalls, "n": n}
+
+
+def evaluate_classifier(model: PlaneClassifier, dataset: TensorDataset, *, device: str = "cpu") -> dict:
+    """:func:`plane_metrics` of the model's predictions on ``dataset`` (per plane of the model's scope)."""
+    images, labels = dataset.tensors[0], dataset.tensors[1].long()
+    pred = predict_planes(model, images, device=device).argmax(dim=1)
+    return plane_metrics(pred.numpy(), labels.numpy(), model.planes, model.num_classes)
+
+
+def ga_metrics(mean: np.ndarray, std: np.ndarray, ga: np.ndarray, *, coverage_level: float = 0.9) -> dict[str, Any]:
+    """GA metrics over the examples with known GA (finite ``ga``); NaN for all when there are none.
+
+    ``mae_days``; ``coverage``: fraction inside the central Gaussian ``coverage_level`` interval
+    ``mean +- z * std``; ``interval_width_days``: its mean width ``2 z std``; ``n_ga``.
+    """
+    if not 0 < coverage_level < 1:
+        raise ValueError(f"coverage_level={coverage_level} must be in (0, 1)")
+    mean, std, ga = (np.asarray(a, dtype=np.float64) for a in (mean, std, ga))
+    known = np.isfinite(ga)
+    if not known.any():
+        return {"mae_days": float("nan"), "coverage": float("nan"), "interval_width_days": float("nan"), "n_ga": 0}
+    z = NormalDist().inv_cdf(0.5 + coverage_level / 2)  # two-sided Gaussian quantile
+    err = np.abs(mean[known] - ga[known])
+    return {"mae_days": float(err.mean() * 7.0), "coverage": float((err <= z * std[known]).mean()),
+            "interval_width_days": float((2 * z * std[known]).mean() * 7.0), "n_ga": int(known.sum())}
 
 
 def evaluate_regressor(model: GARegressor, dataset: TensorDataset, *, coverage_level: float = 0.9,
@@ -217,16 +277,8 @@ def evaluate_regressor(model: GARegressor, dataset: TensorDataset, *, coverage_l
         raise ValueError(f"coverage_level={coverage_level} must be in (0, 1)")
     images, ga, spacing = dataset.tensors[0], dataset.tensors[2], dataset.tensors[3]
     known = torch.isfinite(ga)
-    n = int(known.sum())
-    if n == 0:
+    if not known.any():
         return {"mae_days": float("nan"), "coverage": float("nan"), "interval_width_days": float("nan"), "n": 0}
     mean, std = predict_ga(model, images[known], spacing[known], device=device)
-    z = NormalDist().inv_cdf(0.5 + coverage_level / 2)  # two-sided Gaussian quantile
-    err = (mean - ga[known]).abs()
-    return {
-        "mae_days": float(err.mean()) * 7.0,
-        "coverage": float((err <= z * std).float().mean()),
-        "interval_width_days": float((2 * z * std).mean()) * 7.0,
-        "coverage_level": coverage_level,
-        "n": n,
-    }
+    out = ga_metrics(mean.numpy(), std.numpy(), ga[known].numpy(), coverage_level=coverage_level)
+    return {**{k: v for k, v in out.items() if k != "n_ga"}, "coverage_level": coverage_level, "n": out["n_ga"]}
