@@ -273,7 +273,8 @@ def load_models(ckpt: Path, cfg: RunConfig | None) -> Models:
     gen, _ = load_generator(ckpt / "generator")
     clf, notes = None, []
     if cfg is not None and (ckpt / "classifier.safetensors").is_file():
-        clf = PlaneClassifier(image_size=cfg.data.image_size, width=cfg.train.downstream_width)
+        clf = PlaneClassifier(image_size=cfg.data.image_size, width=cfg.train.downstream_width,
+                              planes=cfg.data.plane_scope())
         try:
             clf.load_state_dict({k: v.float() for k, v in load_file(str(ckpt / "classifier.safetensors")).items()})
         except RuntimeError as exc:

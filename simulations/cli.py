@@ -133,7 +133,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from common.core.errors import DifusalError
 
     try:
-        result = score_folder(Path(args.folder), args.data, args.data_root, split=args.split,
+        split = args.split or ("all" if args.data == "hc18" else "test")  # HC18 publishes one labelled set
+        result = score_folder(Path(args.folder), args.data, args.data_root, split=split,
                               log=lambda line: print(f"[difusal] {line}", file=sys.stderr))
     except (DifusalError, FileNotFoundError) as err:
         print(f"[difusal] evaluate: error: {err}", file=sys.stderr)
@@ -199,8 +200,8 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", required=True, choices=list(SOURCES),
                     help="layout of the dataset folder")
     sp.add_argument("--data-root", required=True, help="dataset folder in its published layout")
-    sp.add_argument("--split", default="test", choices=["train", "test", "all"],
-                    help="which published split to score (default: %(default)s; HC18: all)")
+    sp.add_argument("--split", default=None, choices=["train", "test", "all"],
+                    help="which published split to score (default: test; HC18, one labelled set: all)")
     sp.add_argument("--json", default="", metavar="OUT", help="also write the JSON object to this file")
     return p
 

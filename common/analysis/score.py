@@ -22,10 +22,13 @@ a corrupt CSV, a split the dataset does not publish) raise :class:`ScoreError` o
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
 from typing import Any, Callable
+
+from safetensors import SafetensorError
 
 from common.analysis.evaluation import checkpoint_models, evaluate_models
 from common.core.config import DataConfig
@@ -86,7 +89,12 @@ def load_scored_records(source: str, root: str | Path, *, split: str, image_size
                              "the labelled training_set/ layout only: pass --split all (or train) with a folder in "
                              "that layout (training_set_pixel_size_and_HC.csv + training_set/)")
         kw = {}  # one labelled set, no official split: train and all are the same images
-    loaded = load_source(source, root, image_size=image_size, **kw)
+    try:
+        loaded = load_source(source, root, image_size=image_size, **kw)
+    except csv.Error as err:  # e.g. an unterminated quote: the rest of the file becomes one oversized field
+        raise DataError(f"the {source} metadata CSV under {root} is not a readable CSV ({err}); use the file "
+                        f"exactly as published (a truncated or hand-edited copy often leaves a quote "
+                        f"unclosed)") from None
     log(loaded.report.summary())
     if not loaded.records:
         raise DataError(f"no {split!r} image of {source} could be read at {root}:\n{loaded.report.summary()}")
@@ -113,7 +121,7 @@ def score_folder(folder: Path, source: str, root: str | Path, *, split: str = "t
     size, width, planes = model_spec(folder)
     try:
         models = checkpoint_models(Path(folder), image_size=size, width=width, planes=planes)
-    except (RuntimeError, OSError, ValueError) as err:  # safetensors header/shape errors, truncated files
+    except (RuntimeError, OSError, ValueError, SafetensorError) as err:  # shape errors; bad header, truncated file
         raise ScoreError(f"the weights in {folder} do not load as the models its sidecar.json describes "
                          f"(image size {size}, width {width}): {err}") from None
     records = load_scored_records(source, root, split=split, image_size=size, log=log)

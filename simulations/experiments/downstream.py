@@ -85,8 +85,8 @@ def image_quality(inputs: RunInputs, settings: EvalSettings, *, lpips_model: tor
     width = cfg.train.downstream_width
     by_ga = train.tensors[1].unique().numel() < 2 and has_ga(train)
     torch.manual_seed(derive_seed(settings.seed, "feature-net"))
-    net: PlaneClassifier | GARegressor = GARegressor(size, width) if by_ga else PlaneClassifier(image_size=size,
-                                                                                                  width=width)
+    net: PlaneClassifier | GARegressor = (GARegressor(size, width) if by_ga else
+                                          PlaneClassifier(image_size=size, width=width, planes=cfg.data.plane_scope()))
     train_model(net, "regressor" if by_ga else "classifier", train, settings,
                 seed=derive_seed(settings.seed, "feature-net-sgd"))
     space = (f"GA-regressor image embedding ({4 * width}-d; GARegressor width {width}, {settings.steps} non-DP "
