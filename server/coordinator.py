@@ -270,16 +270,18 @@ class Coordinator:
         out = {"classifier": self._train_public(bundle.classifier, classifier_loss, data, steps=steps, lr=lr,
                                                 key="classifier", server_round=server_round)}
         if has_ga(data):
-            out["regressor"] = self._train_public(bundle.regressor, regressor_loss, data, steps=steps, lr=lr,
+            out["regressor"] = self._train_public(bundle.regressor, regressor_loss, data, steps=steps,
+                                                  lr=self.cfg.train.regressor_lr,
                                                   key="regressor", server_round=server_round)
         return out
 
     def _train_public(self, model: torch.nn.Module, loss_fn: Any, data: Any, *, steps: int, lr: float, key: str,
                       server_round: int) -> float:
         """Non-private steps on public data (``ledger=None``); the mean finite loss."""
+        optimizer = "adam" if key == "generator" else self.cfg.train.downstream_optimizer
         result = train_private(
             model, loss_fn, data, steps=steps, batch_size=min(self.cfg.train.batch_size, len(data)), lr=lr,
-            ledger=None, model_key=key, planned_total_steps=steps,
+            ledger=None, model_key=key, planned_total_steps=steps, optimizer=optimizer,
             seed=derive_seed(self.cfg.seed, f"refine-{key}", server_round),
         )
         finite = [x for x in result.losses if np.isfinite(x)]

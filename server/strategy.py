@@ -88,9 +88,14 @@ def update_bounds(cfg: RunConfig) -> dict[str, UpdateBound]:
     The bound holds whatever the clipping norm and noise: Adam normalises the gradient. If the sites' optimizer
     ever changes (SGD's step grows with the DP noise), this bound must change with it.
     """
-    down = UpdateBound(lr=cfg.train.downstream_lr, steps=cfg.train.downstream_steps)
-    return {"generator": UpdateBound(lr=cfg.train.lr, steps=cfg.train.local_steps), "classifier": down,
-            "regressor": down}
+    t = cfg.train
+    if t.downstream_optimizer != "adam":
+        raise ConfigError(f"train.downstream_optimizer={t.downstream_optimizer!r}: the server's update bound "
+                          "(adam_max_displacement) holds for Adam only; SGD's DP step has no bound (its noise is "
+                          "Gaussian): use adam for federated runs")
+    return {"generator": UpdateBound(lr=t.lr, steps=t.local_steps),
+            "classifier": UpdateBound(lr=t.downstream_lr, steps=t.downstream_steps),
+            "regressor": UpdateBound(lr=t.regressor_lr, steps=t.downstream_steps)}
 
 
 def make_strategy(cfg: RunConfig) -> Strategy:

@@ -267,14 +267,13 @@ def load_models(ckpt: Path, cfg: RunConfig | None) -> Models:
     """The checkpoint's generator and (when the config gives its size) its plane classifier."""
     from safetensors.torch import load_file
 
-    from common.models.downstream import PlaneClassifier
+    from common.models.downstream import DownstreamSpec
     from common.models.generator import load_generator
 
     gen, _ = load_generator(ckpt / "generator")
     clf, notes = None, []
     if cfg is not None and (ckpt / "classifier.safetensors").is_file():
-        clf = PlaneClassifier(image_size=cfg.data.image_size, width=cfg.train.downstream_width,
-                              planes=cfg.data.plane_scope())
+        clf = DownstreamSpec.from_config(cfg).classifier()
         try:
             clf.load_state_dict({k: v.float() for k, v in load_file(str(ckpt / "classifier.safetensors")).items()})
         except RuntimeError as exc:

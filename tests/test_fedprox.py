@@ -89,7 +89,9 @@ def test_local_train_without_proximal_mu_passes_no_proximal_term(monkeypatch: py
 def _round(tmp_path: Path, name: str, mu: float, dp: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray],
                                                                      dict[str, Any]]:
     flat: dict[str, Any] = {"preset": "smoke", "run-dir": str(tmp_path / name), "train.local-steps": 4,
-                            "train.downstream-steps": 4}
+                            "train.downstream-steps": 4,
+                            # SGD heads: lr * mu must stay below 1 at mu = 100 (the config refuses more)
+                            "train.downstream-lr": 0.005, "train.regressor-lr": 0.005}
     if mu > 0:
         flat.update({"federation.strategy": "fedprox", "federation.proximal-mu": mu})
     if dp:  # the same DP noise in both arms (public seed), so only the proximal term differs
@@ -225,3 +227,15 @@ def test_fedprox_needs_a_positive_mu_and_mu_needs_fedprox() -> None:
     assert cfg.federation.proximal_mu == 0.01
     assert RunConfig.from_flat(cfg.to_flat()) == cfg == RunConfig.from_dict(cfg.to_dict())
     assert make_strategy(cfg).proximal_mu == 0.01  # type: ignore[attr-defined]
+
+
+def test_fedprox_with_sgd_heads_refuses_a_mu_that_overshoots_the_global_weights() -> None:
+    # lr * mu >= 1 turns the proximal step (1 - lr*mu) into an overshoot, >= 2 into divergence
+    base = {"preset": "smoke", "federation.strategy": "fedprox", "train.downstream-optimizer": "sgd",
+            "train.downstream-lr": 2.0, "train.regressor-lr": 0.1}
+    with pytest.raises(ConfigError, match=r"lr\*mu = 2 >= 1.*lower mu below 0.5"):
+        RunConfig.from_flat({**base, "federation.proximal-mu": 1.0})
+    assert RunConfig.from_flat({**base, "federation.proximal-mu": 0.4}).federation.proximal_mu == 0.4
+    # Adam's step does not scale with the gradient the same way: not refused
+    adam = {**base, "train.downstream-optimizer": "adam", "train.downstream-lr": 2e-3, "federation.proximal-mu": 100}
+    assert RunConfig.from_flat(adam).federation.proximal_mu == 100

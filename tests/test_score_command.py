@@ -54,7 +54,7 @@ def write_model(folder: Path, *, plane: str, planes: str, ga_bias: tuple[float, 
     for name, model in (("classifier", clf), ("regressor", reg)):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / f"{name}.safetensors"))
     config = RunConfig.from_flat({"preset": "smoke", "data.image-size": SIZE, "train.downstream-width": WIDTH,
-                                  "data.planes": planes}).to_dict()
+                                  "train.downstream-backbone": "cnn", "data.planes": planes}).to_dict()
     if legacy:
         del config["data"]["planes"]
         config["federation"]["al_planes"] = planes

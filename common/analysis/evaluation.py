@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -35,6 +35,7 @@ from common.core.seeding import derive_seed
 from common.data.sites import SiteData, load_federated_data, public_phantoms
 from common.data.tensors import has_ga, records_to_dataset
 from common.models.downstream import (
+    DownstreamSpec,
     GARegressor,
     PlaneClassifier,
     classifier_loss,
@@ -58,6 +59,8 @@ class EvalSettings:
     steps: int = 300
     batch_size: int = 32
     lr: float = 2e-3
+    regressor_lr: float | None = None  # None: lr
+    optimizer: str = "adam"  # a frozen backbone's heads use the run's train.downstream-optimizer/-lr (arm_settings)
     prior_steps: int = 300  # public-phantom pretraining when no prior folder fits the run
     coverage_level: float = 0.9
     max_grad_norm: float = 1.0
@@ -108,26 +111,32 @@ class DownstreamModels:
     epsilon: float | None = None  # DP spend of the pair (sum of both models), None without DP
 
 
+def arm_settings(settings: EvalSettings, cfg: RunConfig) -> EvalSettings:
+    """The protocol's fixed settings for ``cfg``'s models: heads on a frozen backbone train with the run's own
+    ``train.downstream-optimizer`` and ``train.downstream-lr`` (what the federation uses), CNNs with ``settings``."""
+    if DownstreamSpec.from_config(cfg).frozen:
+        return replace(settings, optimizer=cfg.train.downstream_optimizer, lr=cfg.train.downstream_lr,
+                       regressor_lr=cfg.train.regressor_lr)
+    return settings
 
-def train_downstream(records: Sequence[UltrasoundRecord], *, image_size: int, width: int, settings: EvalSettings,
+
+def train_downstream(records: Sequence[UltrasoundRecord], *, spec: DownstreamSpec, settings: EvalSettings,
                      seed: int, dp: tuple[float, float] | None = None,
-                     init: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-                     planes: Sequence[int] | None = None) -> DownstreamModels:
+                     init: Mapping[str, Mapping[str, torch.Tensor]] | None = None) -> DownstreamModels:
     """Train a plane classifier and a GA regressor on ``records``.
 
     Parameters
     ----------
-    planes:
-        The classifier's label scope (``cfg.data.plane_scope()``); ``None``: all planes.
+    spec:
+        How the models are built (:meth:`DownstreamSpec.from_config`; its ``planes`` is the label scope).
     dp:
         ``(epsilon, delta)`` for the pair, split evenly (DP-SGD, RDP accountant); ``None``: no DP.
     init:
         State dicts ``{"classifier": ..., "regressor": ...}`` to start from (the public prior); else random.
     """
-    data = records_to_dataset(records, image_size=image_size)
+    data = records_to_dataset(records, image_size=spec.image_size)
     torch.manual_seed(seed)
-    classifier = PlaneClassifier(image_size=image_size, width=width, planes=planes)
-    regressor = GARegressor(image_size, width)
+    classifier, regressor = spec.classifier(), spec.regressor()
     if init is not None:
         classifier.load_state_dict(dict(init["classifier"]))
         regressor.load_state_dict(dict(init["regressor"]))
@@ -154,21 +163,21 @@ def train_model(model: PlaneClassifier | GARegressor, key: str, data: TensorData
     public randomness (batch order).
     """
     loss = {"classifier": classifier_loss, "regressor": regressor_loss}[key]
+    lr = settings.regressor_lr if key == "regressor" and settings.regressor_lr is not None else settings.lr
     return train_private(model, loss, data, steps=settings.steps, batch_size=min(settings.batch_size, len(data)),
-                         lr=settings.lr, ledger=ledger, model_key=key, planned_total_steps=settings.steps,
+                         lr=lr, ledger=ledger, model_key=key, planned_total_steps=settings.steps,
                          max_grad_norm=settings.max_grad_norm, grad_sample_mode=settings.grad_sample_mode,
-                         seed=seed, device=settings.device)
+                         seed=seed, device=settings.device, optimizer=settings.optimizer)  # type: ignore[arg-type]
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-def checkpoint_models(folder: Path, *, image_size: int, width: int,
-                      planes: Sequence[int] | None = None) -> DownstreamModels:
-    """The classifier (with the label scope ``planes``, default all) and regressor saved in a checkpoint (or prior)
-    folder."""
-    clf, reg = PlaneClassifier(image_size=image_size, width=width, planes=planes), GARegressor(image_size, width)
+def checkpoint_models(folder: Path, spec: DownstreamSpec) -> DownstreamModels:
+    """The classifier and regressor saved in a checkpoint (or prior) folder, built as ``spec`` says (its label
+    scope included); a frozen backbone's saved normalisation is the one loaded."""
+    clf, reg = spec.classifier(), spec.regressor()
     clf.load_state_dict(_load_state(Path(folder) / "classifier.safetensors"))
     reg.load_state_dict(_load_state(Path(folder) / "regressor.safetensors"))
     return DownstreamModels(clf, reg)
@@ -180,7 +189,7 @@ def phantom_prior(cfg: RunConfig, settings: EvalSettings) -> tuple[dict[str, dic
     A prior folder is used only when its models have the run's image size and width; otherwise the models are
     trained here, without DP, on ``cfg.data.public_images`` public phantoms (no private data: no privacy cost).
     """
-    size, width = cfg.data.image_size, cfg.train.downstream_width
+    spec, size = DownstreamSpec.from_config(cfg), cfg.data.image_size
     candidates = ([Path(cfg.prior).expanduser()] if cfg.prior and cfg.prior != "shipped" else []) + [
         ASSETS / f"prior-{cfg.preset}", ASSETS / "prior-demo"]
     for folder in candidates:
@@ -189,13 +198,13 @@ def phantom_prior(cfg: RunConfig, settings: EvalSettings) -> tuple[dict[str, dic
             if side.get("data", {}).get("image_size", size) != size:
                 continue  # conv weights would load, but they were trained at another scale
             try:
-                models = checkpoint_models(folder, image_size=size, width=width)
-            except RuntimeError:  # shape mismatch: a prior of another image size or width
+                models = checkpoint_models(folder, spec)
+            except (RuntimeError, ValueError):  # another image size, width or backbone
                 continue
             return ({"classifier": models.classifier.state_dict(), "regressor": models.regressor.state_dict()},
                     f"prior folder {folder}")
     public = public_phantoms(cfg.data, seed=cfg.seed)
-    models = train_downstream(public, image_size=size, width=width, settings=replace_steps(settings, settings.prior_steps),
+    models = train_downstream(public, spec=spec, settings=replace_steps(settings, settings.prior_steps),
                               seed=derive_seed(settings.seed, "prior"))
     if models.regressor is None:
         raise DataError("public phantoms carry no GA label; the phantom generator should always set ga_weeks")
@@ -297,7 +306,8 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
     "prior_source", "n_synthetic", "n_train", "n_test"}``.
     """
     cfg, sites, syn = inputs.cfg, inputs.sites, inputs.synthetic
-    size, width, planes = cfg.data.image_size, cfg.train.downstream_width, cfg.data.plane_scope()
+    size, spec = cfg.data.image_size, DownstreamSpec.from_config(cfg)
+    settings = arm_settings(settings, cfg)
     arms: list[dict[str, Any]] = []
 
     def add(arm: str, description: str, models: Mapping[str, DownstreamModels], **extra: Any) -> None:
@@ -308,8 +318,8 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
         log(f"{arm}: accuracy {res['pooled']['accuracy']:.3f}, MAE {res['pooled']['mae_days']:.1f} d")
 
     def per_site(tag: str, extra: Sequence[UltrasoundRecord] = (), **kw: Any) -> dict[str, DownstreamModels]:
-        return {s.name: train_downstream(list(s.train) + list(extra), image_size=size, width=width, settings=settings,
-                                         seed=derive_seed(settings.seed, tag, s.name), planes=planes, **kw)
+        return {s.name: train_downstream(list(s.train) + list(extra), spec=spec, settings=settings,
+                                         seed=derive_seed(settings.seed, tag, s.name), **kw)
                 for s in sites}
 
     add("local-real", "each site alone on its real train split (no DP, model stays local)", per_site("local"))
@@ -318,7 +328,7 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
     for rnd, label in ((clean, "no synthetic yet"), (final, "with synthetic") if final != clean else (None, "")):
         if rnd is None:
             continue
-        m = checkpoint_models(folders[rnd], image_size=size, width=width, planes=planes)
+        m = checkpoint_models(folders[rnd], spec)
         how = "DP-SGD at every site" if cfg.privacy.target_epsilon is not None else "no DP"
         add(f"federated-r{rnd}", f"the federation's checkpoint of round {rnd} ({how}; {label})",
             {s.name: m for s in sites}, checkpoint_round=rnd)
@@ -326,8 +336,8 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
         add("local-real+synthetic", f"each site's real train split + the {len(syn)} released synthetic images",
             per_site("local+syn", syn))
         if len(syn) >= 2:
-            m = train_downstream(syn, image_size=size, width=width, settings=settings,
-                                 seed=derive_seed(settings.seed, "syn-only"), planes=planes)
+            m = train_downstream(syn, spec=spec, settings=settings,
+                                 seed=derive_seed(settings.seed, "syn-only"))
             add("synthetic-only", f"the {len(syn)} released images alone, tested on real images", {s.name: m for s in sites})
     prior, prior_source = phantom_prior(cfg, settings)
     budgets = {s.name: generator_budget(inputs, s.name) for s in sites}
@@ -336,9 +346,9 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
         skipped: list[str] = []
         for s in sites:
             try:
-                models[s.name] = train_downstream(s.train, image_size=size, width=width, settings=settings,
+                models[s.name] = train_downstream(s.train, spec=spec, settings=settings,
                                                   seed=derive_seed(settings.seed, tag, s.name), dp=budgets[s.name],
-                                                  init=init, planes=planes)
+                                                  init=init)
             except ConfigError as err:  # the budget admits no noise multiplier for these steps
                 skipped.append(f"{s.name}: {err}")
         if skipped:
@@ -358,13 +368,13 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
 
 def per_round_utility(inputs: RunInputs, settings: EvalSettings) -> list[dict[str, Any]]:
     """Pooled test metrics of every checkpoint's downstream models, with the release size after that round."""
-    size, width, planes = inputs.cfg.data.image_size, inputs.cfg.train.downstream_width, inputs.cfg.data.plane_scope()
+    size, spec = inputs.cfg.data.image_size, DownstreamSpec.from_config(inputs.cfg)
     release = {int(r["round"]): (r.get("active_learning") or {}).get("release_size") for r in inputs.metrics}
     synthetic = {int(r["round"]): int(sum(float(s.get("metrics", {}).get("synthetic-examples", 0) or 0)
                                           for s in r.get("sites", []))) for r in inputs.metrics}
     out = []
     for rnd, folder in inputs.checkpoints:
-        m = checkpoint_models(folder, image_size=size, width=width, planes=planes)
+        m = checkpoint_models(folder, spec)
         res = evaluate_models({s.name: m for s in inputs.sites}, inputs.sites, image_size=size,
                               coverage_level=settings.coverage_level, device=settings.device)["pooled"]
         out.append({"round": rnd, "release_size": release.get(rnd), "synthetic_examples_used": synthetic.get(rnd),

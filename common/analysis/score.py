@@ -36,6 +36,7 @@ from common.core.errors import DataError, DifusalError
 from common.core.records import UltrasoundRecord
 from common.data.loaders import SOURCES, load_source
 from common.data.sites import SiteData
+from common.models.downstream import DownstreamSpec
 
 SCORE_KEYS: tuple[str, ...] = ("accuracy", "macro_f1", "per_plane_recall", "ga_mae_days", "ga_coverage",
                                "ga_interval_width_days", "n")
@@ -48,12 +49,13 @@ class ScoreError(DifusalError, ValueError):
     """The model folder or the requested data cannot be scored; the message says what to fix."""
 
 
-def model_spec(folder: Path) -> tuple[int, int, tuple[int, ...]]:
-    """``(image size, downstream width, label scope)`` of the models in a checkpoint's or prior's folder.
+def model_spec(folder: Path) -> DownstreamSpec:
+    """How the models in a checkpoint's or prior's folder are built: a :class:`DownstreamSpec`.
 
-    Read from the run config in its ``sidecar.json`` (``data.image_size``, ``train.downstream_width``,
-    ``data.planes``; an older config's ``federation.al_planes``; neither: all planes). Only these fields are read,
-    so a prior written by an older version of the project (whose other fields no longer validate) still scores.
+    Read from the run config in its ``sidecar.json`` (``data.image_size``, ``data.planes``, an older config's
+    ``federation.al_planes``, neither: all planes; ``train.downstream_*`` and ``train.scattering_*``, a config
+    older than frozen backbones: the end-to-end CNN). Only these fields are read, so a prior written by an older
+    version of the project (whose other fields no longer validate) still scores.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -67,7 +69,12 @@ def model_spec(folder: Path) -> tuple[int, int, tuple[int, ...]]:
         config = json.loads((folder / "sidecar.json").read_text())["config"]
         data = config["data"]
         planes = data.get("planes", config.get("federation", {}).get("al_planes", ""))
-        return int(data["image_size"]), int(config["train"]["downstream_width"]), DataConfig(planes=planes).plane_scope()
+        train = config["train"]
+        return DownstreamSpec(image_size=int(data["image_size"]), backbone=str(train.get("downstream_backbone", "cnn")),
+                              width=int(train["downstream_width"]), hidden=int(train.get("downstream_hidden", 0)),
+                              scattering_j=int(train.get("scattering_j", 2)),
+                              scattering_grid=int(train.get("scattering_grid", 2)),
+                              planes=DataConfig(planes=planes).plane_scope())
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
         raise ScoreError(f"{folder / 'sidecar.json'} does not hold a readable run config (config.data.image_size, "
                          f"config.train.downstream_width, config.data.planes): {type(err).__name__}: {err}. Re-copy "
@@ -118,12 +125,13 @@ def score_folder(folder: Path, source: str, root: str | Path, *, split: str = "t
     -------
     The object of the module docstring: exactly :data:`SCORE_KEYS`, NaN written as ``None``.
     """
-    size, width, planes = model_spec(folder)
+    spec = model_spec(folder)
+    size, planes = spec.image_size, spec.planes or ()
     try:
-        models = checkpoint_models(Path(folder), image_size=size, width=width, planes=planes)
+        models = checkpoint_models(Path(folder), spec)
     except (RuntimeError, OSError, ValueError, SafetensorError) as err:  # shape errors; bad header, truncated file
         raise ScoreError(f"the weights in {folder} do not load as the models its sidecar.json describes "
-                         f"(image size {size}, width {width}): {err}") from None
+                         f"(image size {size}, {spec.backbone} backbone, width {spec.width}): {err}") from None
     records = load_scored_records(source, root, split=split, image_size=size, log=log)
     outside = sum(r.plane not in planes for r in records)
     if outside:

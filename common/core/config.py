@@ -23,6 +23,8 @@ DataSource = Literal["phantom", "african", "fetal_planes_db", "hc18"]
 PartitionKind = Literal["natural", "iid", "dirichlet", "quantity"]
 FinetuneMode = Literal["lora", "subset", "full"]
 GradSampleMode = Literal["hooks", "functorch", "ghost"]
+OptimizerName = Literal["adam", "adamw", "sgd"]
+DownstreamBackbone = Literal["scattering", "cnn"]
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "trimmedmean", "krum"]
 SchedulerName = Literal["ddpm", "ddim", "dpmsolver"]
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -210,9 +212,17 @@ class TrainConfig:
     local_steps: int = 10
     finetune: FinetuneMode = "lora"
     lora_rank: int = 8
-    downstream_width: int = 32
-    downstream_lr: float = 2e-3
-    downstream_steps: int = 20
+    # The classifier's and regressor's backbone: "scattering" (frozen public features, only the heads train: the
+    # default, chosen by grouped CV on the African training split, see README) or "cnn" (trained end to end).
+    downstream_backbone: DownstreamBackbone = "scattering"
+    downstream_width: int = 32  # CNN backbone channels
+    downstream_hidden: int = 0  # hidden units of the heads on a frozen backbone (0: linear heads)
+    scattering_j: int = 2  # scattering scales (the maps are image/2^J px)
+    scattering_grid: int = 4  # scattering features averaged over a grid x grid partition
+    downstream_optimizer: OptimizerName = "adam"
+    downstream_lr: float = 0.1  # the classifier's rate (Adam on a zero-initialised linear head)
+    regressor_lr: float = 0.05  # the GA regressor's
+    downstream_steps: int = 50
     pretrain_steps: int = 2000
     pretrain_batch_size: int = 32
 
@@ -222,8 +232,14 @@ class TrainConfig:
         _check_range("train.local_steps", self.local_steps, 1, 100_000)
         _check_literal(self, "train", "finetune")
         _check_range("train.lora_rank", self.lora_rank, 1, 256)
+        _check_literal(self, "train", "downstream_backbone")
         _check_range("train.downstream_width", self.downstream_width, 4, 512)
-        _check_range("train.downstream_lr", self.downstream_lr, 1e-7, 1.0)
+        _check_range("train.downstream_hidden", self.downstream_hidden, 0, 4096)
+        _check_range("train.scattering_j", self.scattering_j, 1, 5)
+        _check_range("train.scattering_grid", self.scattering_grid, 1, 8)
+        _check_literal(self, "train", "downstream_optimizer")
+        _check_range("train.downstream_lr", self.downstream_lr, 1e-7, 100.0)
+        _check_range("train.regressor_lr", self.regressor_lr, 1e-7, 100.0)
         _check_range("train.downstream_steps", self.downstream_steps, 0, 100_000)
         _check_range("train.pretrain_steps", self.pretrain_steps, 0, 10_000_000)
         _check_range("train.pretrain_batch_size", self.pretrain_batch_size, 1, 4096)
@@ -312,6 +328,15 @@ class RunConfig:
             _check_finite(name, getattr(self, name))
         for name in _SECTIONS:
             getattr(self, name).validate()
+        mu, t = self.federation.proximal_mu, self.train
+        if mu > 0 and t.downstream_optimizer == "sgd":
+            # FedProx's term is a plain gradient step mu*(w - w_global): with SGD at rate lr it scales the distance to
+            # w_global by (1 - lr*mu) each step, which diverges once lr*mu >= 2 (and oscillates from 1 on).
+            worst = max(t.downstream_lr, t.regressor_lr)
+            if worst * mu >= 1:
+                raise ConfigError(f"federation.proximal_mu={mu:g} with SGD at train.downstream_lr={t.downstream_lr:g} "
+                                  f"/ train.regressor_lr={t.regressor_lr:g}: lr*mu = {worst * mu:g} >= 1 makes the "
+                                  f"proximal step overshoot w_global; lower mu below {1 / worst:g} or the rates")
 
     # -- conversion ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -334,12 +359,17 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
         """Inverse of :meth:`to_dict`; reads a config saved before the label scope moved to ``data.planes`` too
-        (its ``federation.al_planes`` becomes ``data.planes``)."""
+        (its ``federation.al_planes`` becomes ``data.planes``), and one saved before frozen downstream backbones
+        (its models are end-to-end CNNs trained with Adam: ``train.downstream_backbone="cnn"``)."""
         kwargs: dict[str, Any] = {k: d[k] for k in ("preset", "seed", "run_dir", "prior") if k in d}
         legacy = dict(d.get("federation", {}))
         if "al_planes" in legacy:
             planes = legacy.pop("al_planes")
             d = {**d, "federation": legacy, "data": {"planes": planes, **dict(d.get("data", {}))}}
+        train = dict(d.get("train", {}))
+        if train and "downstream_backbone" not in train:  # saved before frozen backbones: end-to-end CNNs, Adam
+            d = {**d, "train": {"downstream_backbone": "cnn", "downstream_optimizer": "adam",
+                                "regressor_lr": train.get("downstream_lr", TrainConfig.downstream_lr), **train}}
         for name, sub_cls in _section_classes().items():
             sub = dict(d.get(name, {}))
             for f in fields(sub_cls):
@@ -535,7 +565,7 @@ def _demo() -> RunConfig:
         generator=GeneratorConfig(block_out_channels=(32, 64, 64)),
         sampling=SamplingConfig(num_inference_steps=20),
         privacy=PrivacyConfig(target_epsilon=10.0, noise_multiplicity=4),
-        train=TrainConfig(batch_size=16, local_steps=8, downstream_steps=20),
+        train=TrainConfig(batch_size=16, local_steps=8),
         federation=FederationConfig(num_rounds=3, al_every=1, al_candidates_per_site=16, al_select=24),
     )
 

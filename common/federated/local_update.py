@@ -90,12 +90,15 @@ def local_train(
         cond_dropout=cfg.generator.cond_dropout,
         seed=derive_seed(seed, "generator-noise"),
     )
-    jobs: list[tuple[str, torch.nn.Module, object, TensorDataset, int, float]] = [
-        ("generator", bundle.generator, gen_loss, real, cfg.train.local_steps, cfg.train.lr),
-        ("classifier", bundle.classifier, classifier_loss, down, cfg.train.downstream_steps, cfg.train.downstream_lr),
+    t = cfg.train
+    jobs: list[tuple[str, torch.nn.Module, object, TensorDataset, int, float, str]] = [
+        ("generator", bundle.generator, gen_loss, real, t.local_steps, t.lr, "adam"),
+        ("classifier", bundle.classifier, classifier_loss, down, t.downstream_steps, t.downstream_lr,
+         t.downstream_optimizer),
     ]
     if has_ga(down):
-        jobs.append(("regressor", bundle.regressor, regressor_loss, down, cfg.train.downstream_steps, cfg.train.downstream_lr))
+        jobs.append(("regressor", bundle.regressor, regressor_loss, down, t.downstream_steps, t.regressor_lr,
+                     t.downstream_optimizer))
     # mu comes from the site's run config, the one source of truth; the "proximal-mu" key Flower's FedProx puts into
     # the train message's config is not read (make_strategy gives FedProx the same config value).
     mu = cfg.federation.proximal_mu
@@ -105,7 +108,7 @@ def local_train(
     messages: list[str] = []
     if len(jobs) == 2:
         messages.append("regressor skipped: no image of this site has a known gestational age")
-    for key, model, loss_fn, data, steps, lr in jobs:
+    for key, model, loss_fn, data, steps, lr, optimizer in jobs:
         if steps == 0:
             continue
         result: PrivateTrainResult = train_private(
@@ -115,6 +118,7 @@ def local_train(
             steps=steps,
             batch_size=min(cfg.train.batch_size, len(data)),
             lr=lr,
+            optimizer=optimizer,  # type: ignore[arg-type]
             ledger=ledger,
             model_key=key,
             planned_total_steps=planned_steps(cfg, key),

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from common.core.atomic_io import atomic_dir
 from common.core.config import RunConfig
-from common.models.downstream import GARegressor, PlaneClassifier
+from common.models.downstream import DownstreamSpec, GARegressor, PlaneClassifier, federated_state, load_federated_state
 from common.models.generator import ConditionalUNet, build_generator, load_generator, save_generator
 from common.models.lora import load_trainable_state_dict, set_finetune_mode, trainable_state_dict
 
@@ -76,16 +76,17 @@ def build_bundle(cfg: RunConfig, *, finetune: bool = True) -> ModelBundle:
     prior = resolve_prior(cfg)
     torch.manual_seed(cfg.seed)
     # the consortium's label scope: no probability on a plane outside it (the head's shape stays the same)
-    classifier = PlaneClassifier(image_size=size, width=cfg.train.downstream_width, planes=cfg.data.plane_scope())
-    regressor = GARegressor(image_size=size, width=cfg.train.downstream_width)
+    spec = DownstreamSpec.from_config(cfg)
+    classifier, regressor = spec.classifier(), spec.regressor()
     if prior is None:
         generator = build_generator(cfg.generator, image_size=size, seed=cfg.seed)
         prior_id = f"init:{cfg.seed}"
     else:
         generator, _ = load_generator(prior / "generator")
         generator = generator.float()
-        classifier.load_state_dict(_load_tensors(prior / "classifier.safetensors"))
-        regressor.load_state_dict(_load_tensors(prior / "regressor.safetensors"))
+        if not spec.frozen:  # the prior's end-to-end CNNs; heads on frozen features start at zero (data-free)
+            classifier.load_state_dict(_load_tensors(prior / "classifier.safetensors"))
+            regressor.load_state_dict(_load_tensors(prior / "regressor.safetensors"))
         prior_id = folder_digest(prior)
     if finetune:
         set_finetune_mode(generator, cfg.train.finetune, rank=cfg.train.lora_rank)
@@ -97,8 +98,8 @@ def federated_arrays(bundle: ModelBundle) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     parts: dict[str, Mapping[str, torch.Tensor]] = {
         "generator": trainable_state_dict(bundle.generator),
-        "classifier": bundle.classifier.state_dict(),
-        "regressor": bundle.regressor.state_dict(),
+        "classifier": federated_state(bundle.classifier),
+        "regressor": federated_state(bundle.regressor),
     }
     for key, state in parts.items():
         for name, tensor in state.items():
@@ -115,8 +116,8 @@ def load_federated_arrays(bundle: ModelBundle, arrays: Mapping[str, np.ndarray])
             raise ValueError(f"array {name!r} does not start with one of {MODEL_KEYS}")
         split[key][rest] = torch.from_numpy(np.asarray(value, dtype=np.float32).copy())
     load_trainable_state_dict(bundle.generator, split["generator"], strict=True)
-    bundle.classifier.load_state_dict(split["classifier"], strict=True)
-    bundle.regressor.load_state_dict(split["regressor"], strict=True)
+    load_federated_state(bundle.classifier, split["classifier"])
+    load_federated_state(bundle.regressor, split["regressor"])
 
 
 def expected_shapes(bundle: ModelBundle) -> dict[str, tuple[int, ...]]:

@@ -1,15 +1,20 @@
 """Downstream models trained at each site: a fetal-plane classifier and a gestational-age regressor.
 
-Both are small GroupNorm CNNs (no BatchNorm: Opacus' ``ModuleValidator`` accepts them, and per-example
-gradients stay independent). Batches are the 4-tuples of ``common.data.tensors``:
+Each is a backbone and a small head. The backbone is either a frozen public feature extractor
+(``backbone="scattering"``: wavelet scattering normalised with phantom statistics, no parameters, the default: a
+DP head on public features is what learns at a few dozen images per site) or a small GroupNorm CNN trained end to
+end (``backbone="cnn"``; no BatchNorm: Opacus' ``ModuleValidator`` accepts it, per-example gradients stay
+independent). Only trainable weights are federated (:func:`federated_state`). Batches are the 4-tuples of
+``common.data.tensors``:
 ``(images [B,1,H,W] in [-1,1], plane int64 [B], ga float32 [B] (NaN unknown), spacing float32 [B] (NaN unknown))``.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +23,12 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
+from common.models.features import ScatteringBackbone
+
+if TYPE_CHECKING:
+    from common.core.config import RunConfig
+
+BACKBONES: tuple[str, ...] = ("scattering", "cnn")
 
 _GA_CENTER = (GA_MIN_WEEKS + GA_MAX_WEEKS) / 2.0  # 27 weeks
 _GA_SCALE = (GA_MAX_WEEKS - GA_MIN_WEEKS) / 2.0  # 13 weeks
@@ -36,7 +47,7 @@ def _check_size(image_size: int, width: int) -> None:
         raise ValueError(f"width={width} must be >= 2")
 
 
-class _Backbone(nn.Module):
+class ConvBackbone(nn.Module):
     """Conv -> GroupNorm -> SiLU, three stride-2 stages, global average pool: ``[B,1,H,W] -> [B, 4*width]``."""
 
     def __init__(self, image_size: int, width: int) -> None:
@@ -60,6 +71,94 @@ class _Backbone(nn.Module):
         return self.net(x).mean(dim=(2, 3))
 
 
+def make_backbone(kind: str, image_size: int, width: int, scattering_j: int = 2, scattering_grid: int = 2
+                  ) -> nn.Module:
+    """The feature extractor of a downstream model: ``"scattering"`` (frozen) or ``"cnn"`` (trained)."""
+    if kind == "scattering":
+        return ScatteringBackbone(image_size, J=scattering_j, grid=scattering_grid)
+    if kind == "cnn":
+        return ConvBackbone(image_size, width)
+    raise ValueError(f"backbone={kind!r} is not one of {BACKBONES}")
+
+
+def is_frozen(backbone: nn.Module) -> bool:
+    """Whether a backbone has nothing to train (its features cannot depend on any site's data)."""
+    return not any(True for _ in backbone.parameters())
+
+
+def _head(d_in: int, d_out: int, hidden: int, *, zero: bool) -> nn.Module:
+    """Linear (``hidden=0``) or one SiLU hidden layer; the output layer starts at zero on frozen features
+    (a data-free init under which DP-SGD's first noisy steps start from the uniform prediction)."""
+    if hidden < 0:
+        raise ValueError(f"hidden={hidden} must be >= 0")
+    out = nn.Linear(hidden or d_in, d_out)
+    if zero:
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+    return out if hidden == 0 else nn.Sequential(nn.Linear(d_in, hidden), nn.SiLU(), out)
+
+
+def federated_state(model: nn.Module) -> dict[str, Tensor]:
+    """The part of a downstream model's state that sites train and the server aggregates.
+
+    Everything under a frozen backbone (the scattering's public phantom statistics) is left out: it is rebuilt from
+    the config by whoever builds the model, never trained, never sent.
+    """
+    frozen = is_frozen(model.backbone)  # type: ignore[arg-type]
+    return {k: v for k, v in model.state_dict().items() if not (frozen and k.startswith("backbone."))}
+
+
+def load_federated_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load what :func:`federated_state` gave (or its aggregate): exactly its keys, nothing else."""
+    expected = set(federated_state(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"downstream weights do not fit the model: missing {missing[:5]}, unexpected {extra[:5]}"
+                         " (was it trained with another train.downstream-backbone / width / hidden?)")
+    model.load_state_dict({**model.state_dict(), **dict(state)}, strict=True)
+
+
+@dataclass(frozen=True)
+class DownstreamSpec:
+    """How a run's classifier and regressor are built (the ``train.downstream-*`` and ``data`` keys).
+
+    ``backbone``: ``"scattering"`` (frozen public features, :class:`common.models.features.ScatteringBackbone`
+    with ``scattering_j`` scales and a ``scattering_grid``-square pooling grid) or ``"cnn"`` (:class:`ConvBackbone`
+    of ``width`` channels, trained end to end). ``hidden``: hidden units of a frozen backbone's heads (0: linear).
+    ``planes``: the classifier's label scope.
+    """
+
+    image_size: int = 64
+    backbone: str = "scattering"
+    width: int = 32
+    hidden: int = 0
+    scattering_j: int = 2
+    scattering_grid: int = 2
+    planes: tuple[int, ...] | None = None
+
+    @classmethod
+    def from_config(cls, cfg: "RunConfig") -> "DownstreamSpec":
+        t = cfg.train
+        return cls(image_size=cfg.data.image_size, backbone=t.downstream_backbone, width=t.downstream_width,
+                   hidden=t.downstream_hidden, scattering_j=t.scattering_j, scattering_grid=t.scattering_grid,
+                   planes=cfg.data.plane_scope())
+
+    def _kw(self) -> dict[str, Any]:
+        return dict(backbone=self.backbone, hidden=self.hidden, scattering_j=self.scattering_j,
+                    scattering_grid=self.scattering_grid)
+
+    def classifier(self) -> "PlaneClassifier":
+        return PlaneClassifier(image_size=self.image_size, width=self.width, planes=self.planes, **self._kw())
+
+    def regressor(self) -> "GARegressor":
+        return GARegressor(self.image_size, self.width, **self._kw())
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the backbone is a frozen public extractor (only the heads train)."""
+        return self.backbone != "cnn"
+
+
 class PlaneClassifier(nn.Module):
     """Fetal-plane classifier over :data:`PLANES`, restricted to the consortium's label scope.
 
@@ -80,10 +179,13 @@ class PlaneClassifier(nn.Module):
         Channels of the first stage (then 2x, 2x, 4x); the embedding has ``4 * width`` dims.
     planes:
         Indices of the in-scope planes (``None``: all ``num_classes``).
+    backbone, hidden, scattering_j, scattering_grid:
+        See :class:`DownstreamSpec`.
     """
 
     def __init__(self, num_classes: int = len(PLANES), image_size: int = 64, width: int = 32,
-                 planes: Sequence[int] | None = None) -> None:
+                 planes: Sequence[int] | None = None, *, backbone: str = "cnn", hidden: int = 0,
+                 scattering_j: int = 2, scattering_grid: int = 2) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} must be >= 2")
@@ -95,8 +197,8 @@ class PlaneClassifier(nn.Module):
         mask = torch.zeros(num_classes, dtype=torch.bool)
         mask[list(scope)] = True
         self.register_buffer("scope_mask", mask, persistent=False)
-        self.backbone = _Backbone(image_size, width)
-        self.head = nn.Linear(self.backbone.out_dim, num_classes)
+        self.backbone = make_backbone(backbone, image_size, width, scattering_j, scattering_grid)
+        self.head = _head(self.backbone.out_dim, num_classes, hidden, zero=is_frozen(self.backbone))
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate embedding ``[B, 4*width]`` (for Frechet distances and novelty scores)."""
@@ -118,16 +220,19 @@ class GARegressor(nn.Module):
 
     Parameters
     ----------
-    image_size, width:
-        As for :class:`PlaneClassifier`.
+    image_size, width, backbone, hidden, scattering_j, scattering_grid:
+        As for :class:`PlaneClassifier`. The CNN backbone keeps its one-hidden-layer head of ``4 * width`` units;
+        a frozen backbone gets ``hidden`` units (0: the head is linear in the modulated features and log spacing).
     """
 
-    def __init__(self, image_size: int = 64, width: int = 32) -> None:
+    def __init__(self, image_size: int = 64, width: int = 32, *, backbone: str = "cnn", hidden: int = 0,
+                 scattering_j: int = 2, scattering_grid: int = 2) -> None:
         super().__init__()
-        self.backbone = _Backbone(image_size, width)
+        self.backbone = make_backbone(backbone, image_size, width, scattering_j, scattering_grid)
         d = self.backbone.out_dim
         self.film = nn.Linear(2, 2 * d)
-        self.head = nn.Sequential(nn.Linear(d + 2, d), nn.SiLU(), nn.Linear(d, 2))
+        frozen = is_frozen(self.backbone)
+        self.head = _head(d + 2, 2, hidden if frozen else d, zero=frozen)
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
 

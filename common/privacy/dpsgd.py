@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Literal, Sequence, get_args
+from typing import Any, Callable, Iterator, Sequence, get_args
 
 import torch
 from opacus import PrivacyEngine
@@ -15,12 +15,11 @@ from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from common.core.config import GradSampleMode
+from common.core.config import GradSampleMode, OptimizerName
 from common.core.errors import BudgetExceededError, ConfigError, DataError
 from common.privacy.ledger import PrivacyLedger
 
 GRAD_SAMPLE_MODES = get_args(GradSampleMode)
-OptimizerName = Literal["adam", "adamw", "sgd"]
 OPTIMIZERS = get_args(OptimizerName)
 LossFn = Callable[[nn.Module, tuple[Tensor, ...]], Tensor]
 _OPTIMIZER_CLASSES: dict[OptimizerName, type[torch.optim.Optimizer]] = {

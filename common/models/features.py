@@ -1,0 +1,409 @@
+"""Frozen feature extractors for private downstream heads: nothing here is learned from private data.
+
+A small DP head (a softmax layer trained with DP-SGD) on fixed features beats end-to-end DP training at a few
+dozen images per site (Tramèr & Boneh, ICLR 2021: wavelet scattering + DP linear). Every extractor here maps a
+batch of grayscale images ``[N, H, W]`` (``uint8`` in 0..255, or float in [0, 1]) to ``float32 [N, dim]``
+features, deterministically, without gradients, and with weights that are either handcrafted (pixels, wavelet
+scattering) or trained on public data only (phantoms of every scanner profile; the shipped prior, itself
+pretrained on phantoms). Standardisation uses statistics of phantoms only (:func:`phantom_statistics`): it has no
+argument through which a private image could enter.
+
+Extractors: :class:`PixelExtractor` (downsampled pixels, the baseline), :class:`ScatteringExtractor` (kymatio's 2D
+scattering; kymatio is imported when one is built), :class:`PhantomEncoderExtractor` (a small GroupNorm CNN
+trained here on augmented phantom plane classification, :func:`train_phantom_encoder`, saved as safetensors) and
+:class:`UNetEncoderExtractor` (down and mid block activations of the shipped generator UNet at a small timestep).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from common.core.records import PLANES
+from common.phantoms.profiles import SCANNER_PROFILES
+from common.phantoms.simulator import make_phantoms
+
+_BATCH = 64  # images per forward pass (results do not depend on it: every extractor works image by image)
+PHANTOM_STATS_SEED = 90_210  # fixed public phantom stream for normalisation statistics
+ENCODER_FORMAT = "difusal-phantom-encoder/1"
+
+
+@runtime_checkable
+class FeatureExtractor(Protocol):
+    """A frozen map from grayscale images ``[N, H, W]`` to ``float32 [N, dim]`` features."""
+
+    name: str
+    dim: int
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        ...
+
+
+def as_unit_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Images ``[N, H, W]`` (``uint8`` 0..255, or float in [0, 1]) as ``float32 [N, 1, H, W]`` in [0, 1]."""
+    x = torch.as_tensor(np.asarray(images))
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"expected grayscale images [N, H, W], got shape {tuple(x.shape)}")
+    x = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+    return x[:, None]
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``[N, 1, H, W]`` to ``[N, 1, size, size]`` (area average when shrinking, bilinear otherwise)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    if x.shape[-1] >= size and x.shape[-2] >= size:
+        return F.interpolate(x, size=(size, size), mode="area")
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _grid_pool(x: torch.Tensor, grid: int) -> torch.Tensor:
+    """Average ``[N, C, h, w]`` over a ``grid x grid`` partition of the plane, flattened to ``[N, C*grid*grid]``."""
+    return F.adaptive_avg_pool2d(x, grid).flatten(1)
+
+
+def _batched(fn, x: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        out = [fn(x[i:i + _BATCH]) for i in range(0, x.shape[0], _BATCH)]
+    return torch.cat(out).to(torch.float32).numpy()
+
+
+class PixelExtractor:
+    """Area-downsampled pixels in [0, 1] (``size x size`` values): what the features have to beat."""
+
+    def __init__(self, size: int = 16) -> None:
+        self.size = int(size)
+        self.name = f"pixels{self.size}"
+        self.dim = self.size * self.size
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return _batched(lambda b: _resize(b, self.size).flatten(1), as_unit_float(images))
+
+
+def scattering_channels(J: int, L: int) -> int:
+    """Channels of an order-2 2D scattering transform: ``1 + J*L + L*L*J*(J-1)/2``."""
+    return 1 + J * L + L * L * J * (J - 1) // 2
+
+
+class Scattering:
+    """Log-compressed, grid-pooled order-2 wavelet scattering (kymatio 2D) at ``size`` px: the one implementation.
+
+    A plain object, not an ``nn.Module``: the filters are a function of ``(J, L, size)``, rebuilt, never stored.
+    """
+
+    def __init__(self, J: int = 2, L: int = 8, size: int = 64, grid: int = 1) -> None:
+        # kymatio's package import pulls its 3D module, which fails with current SciPy; the 2D frontend does not.
+        from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+        self.J, self.L, self.size, self.grid = int(J), int(L), int(size), int(grid)
+        if self.size % (2 ** self.J) or self.size // (2 ** self.J) < self.grid:
+            raise ValueError(f"scattering at {self.size} px with J={self.J} leaves {self.size // 2 ** self.J} px "
+                             f"maps: too small for a {self.grid}x{self.grid} grid (lower J or grid, or raise size)")
+        self._transform = ScatteringTorch2D(J=self.J, shape=(self.size, self.size), L=self.L)
+        self.name = f"scattering_J{self.J}_L{self.L}_{self.size}px_g{self.grid}"
+        self.dim = scattering_channels(self.J, self.L) * self.grid * self.grid
+
+    @torch.no_grad()
+    def raw(self, x01: Tensor) -> Tensor:
+        """``[B, 1, H, W]`` images in [0, 1] -> ``log(1 + S / 0.01)`` averaged over the grid: ``[B, dim]``."""
+        if self._transform.tensor0.device != x01.device:
+            self._transform.to(x01.device)
+        s = self._transform(_resize(x01, self.size)[:, 0].contiguous())
+        return torch.log1p(_grid_pool(s, self.grid) / 0.01)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        """:class:`FeatureExtractor` form: uint8 or [0, 1] images ``[N, H, W]`` -> ``float32 [N, dim]``."""
+        return _batched(self.raw, as_unit_float(images))
+
+
+ScatteringExtractor = Scattering  # the study's name for it
+
+
+class ScatteringBackbone(nn.Module):
+    """Frozen wavelet-scattering features for a DP head to stand on (Tramèr & Boneh, ICLR 2021).
+
+    ``[B, 1, H, W]`` images in [-1, 1] (the downstream batches of :mod:`common.data.tensors`) go through
+    :class:`Scattering` (resized to ``size`` px, default ``min(64, image_size)``), are standardised with the mean
+    and std of the same features over public phantoms of every scanner profile (:func:`phantom_statistics`, fixed
+    seed) and scaled to unit L2 norm per image. Every step is fixed or computed from public data: nothing a site
+    trains on can change these features, and the unit norm bounds a linear head's per-example gradient by the
+    features alone.
+
+    The module has no parameters. The phantom statistics are buffers (``mean``, ``std``; a checkpoint carries the
+    normalisation it was trained with), computed once per process for each setting; the transform is a plain
+    attribute, not a submodule, so its filters are never stored or sent.
+    """
+
+    def __init__(self, image_size: int, *, J: int = 2, L: int = 8, grid: int = 2, size: int | None = None) -> None:
+        super().__init__()
+        self.image_size = int(image_size)
+        self.scattering = Scattering(J=J, L=L, size=min(64, self.image_size) if size is None else size, grid=grid)
+        self.out_dim = self.scattering.dim
+        key = (self.image_size, self.scattering.J, self.scattering.L, self.scattering.grid, self.scattering.size)
+        if key not in _STATS_CACHE:
+            _STATS_CACHE[key] = phantom_statistics(self.scattering, size=self.image_size)
+        stats = _STATS_CACHE[key]
+        self.register_buffer("mean", torch.from_numpy(stats.mean.copy()))
+        self.register_buffer("std", torch.from_numpy(stats.std.copy()))
+
+    @property
+    def name(self) -> str:
+        return self.scattering.name
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """Standardised unit-norm features ``[B, out_dim]`` of images ``[B, 1, H, W]`` in [-1, 1] (no gradient)."""
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected images [B,1,H,W], got {tuple(x.shape)}")
+        z = (self.scattering.raw((x.float() + 1.0) * 0.5) - self.mean) / self.std
+        return z / z.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+_STATS_CACHE: dict[tuple[int, ...], "FeatureStats"] = {}
+
+
+# -- (b) an encoder trained on public phantoms ------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Shape and training settings of the phantom encoder (stored beside its weights)."""
+
+    size: int = 64
+    widths: tuple[int, ...] = (16, 32, 64, 96)
+    images_per_profile: int = 400
+    steps: int = 700
+    batch_size: int = 48
+    lr: float = 2e-3
+    seed: int = 0
+
+
+class PhantomEncoder(nn.Module):
+    """A strided stem, then conv3x3-GroupNorm-SiLU-avgpool blocks; global pooling; a linear plane head."""
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 96), num_classes: int = len(PLANES)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(1, widths[0], 5, stride=2, padding=2),
+                                   nn.GroupNorm(4, widths[0]), nn.SiLU()]
+        c_in = widths[0]
+        for c in widths[1:]:
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.GroupNorm(8, c), nn.SiLU(), nn.AvgPool2d(2)]
+            c_in = c
+        self.trunk = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, num_classes)
+        self.feature_dim = 2 * c_in
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean and standard deviation of the last block's channels: ``[N, 2 * widths[-1]]``."""
+        h = self.trunk(x * 2.0 - 1.0)
+        return torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x * 2.0 - 1.0).mean(dim=(2, 3)))
+
+
+def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Heavy random augmentation of ``[N, 1, H, W]`` images in [0, 1]: affine (rotation +-35 deg, scale 0.7-1.35,
+    shift +-15 %, flip), gamma 0.5-2, contrast/brightness, blur, multiplicative speckle, additive noise, cut-out."""
+    n, dev = x.shape[0], x.device
+
+    def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand((n, *shape), generator=gen).to(dev)
+
+    angle = u(-0.61, 0.61)
+    scale = u(0.7, 1.35)
+    flip = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0).to(dev)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos * flip, -sin, u(-0.15, 0.15)], 1),
+                         torch.stack([sin * flip, cos, u(-0.15, 0.15)], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    y = F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
+    y = y.clamp(0, 1) ** torch.exp(u(-0.7, 0.7, 1, 1, 1))
+    y = y * u(0.6, 1.5, 1, 1, 1) + u(-0.1, 0.1, 1, 1, 1)
+    blur = torch.rand(n, generator=gen).to(dev) < 0.4
+    if bool(blur.any()):
+        k = torch.tensor([1.0, 2.0, 1.0], device=dev)
+        k = (k[:, None] * k[None, :] / 16.0)[None, None]
+        y = torch.where(blur[:, None, None, None], F.conv2d(y, k, padding=1), y)
+    speckle = torch.randn(y.shape, generator=gen).to(dev) * u(0.0, 0.35, 1, 1, 1)
+    y = y * (1.0 + speckle) + torch.randn(y.shape, generator=gen).to(dev) * u(0.0, 0.05, 1, 1, 1)
+    side = x.shape[-1]
+    cut = torch.rand(n, generator=gen) < 0.3
+    for i in torch.nonzero(cut).flatten().tolist():
+        h = int(torch.randint(side // 8, side // 3, (1,), generator=gen))
+        r, c = (int(v) for v in torch.randint(0, side - h, (2,), generator=gen))
+        y[i, :, r:r + h, c:c + h] = 0.0
+    return y.clamp(0, 1)
+
+
+def _phantom_images(n_per_profile: int, *, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n_per_profile`` phantoms of every scanner profile (uniform planes): uint8 images and plane labels."""
+    images, labels = [], []
+    for k, profile in enumerate(SCANNER_PROFILES):
+        for r in make_phantoms(int(n_per_profile), size=size, seed=seed * 1000 + k, profile=profile,
+                               site="public", id_prefix=f"public-{profile}"):
+            images.append(r.image)
+            labels.append(r.plane)
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig(), *, log_every: int = 100
+                          ) -> Path:
+    """Train :class:`PhantomEncoder` on augmented phantom plane classification (public data only); save to ``folder``.
+
+    Writes ``encoder.safetensors`` and ``encoder.json`` (config, phantom accuracy, wall time). Resumable in the
+    coarse sense: an existing complete folder is returned as is.
+    """
+    folder = Path(folder)
+    if (folder / "encoder.safetensors").is_file() and (folder / "encoder.json").is_file():
+        return folder
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    images, labels = _phantom_images(cfg.images_per_profile, size=cfg.size, seed=cfg.seed + 1)
+    held_images, held_labels = _phantom_images(40, size=cfg.size, seed=cfg.seed + 7)
+    x_all, y_all = as_unit_float(images), torch.from_numpy(labels)
+    model = PhantomEncoder(cfg.widths)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
+    model.train()
+    for step in range(cfg.steps):
+        idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=gen)
+        loss = F.cross_entropy(model(augment(x_all[idx], gen)), y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if log_every and (step + 1) % log_every == 0:
+            print(f"  phantom encoder step {step + 1}/{cfg.steps} loss {float(loss):.3f}", flush=True)
+    model.eval()
+    with torch.no_grad():
+        acc = float((model(as_unit_float(held_images)).argmax(1).numpy() == held_labels).mean())
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "encoder.safetensors"))
+    meta = {"format": ENCODER_FORMAT, "config": asdict(cfg), "phantom_heldout_accuracy": acc,
+            "train_seconds": round(time.perf_counter() - t0, 1), "data": "phantoms of every scanner profile: "
+            + ", ".join(SCANNER_PROFILES)}
+    (folder / "encoder.json").write_text(json.dumps(meta, indent=2))
+    return folder
+
+
+class PhantomEncoderExtractor:
+    """Pooled last-block features (mean and std per channel) of a :class:`PhantomEncoder` trained on phantoms."""
+
+    def __init__(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        meta = json.loads((folder / "encoder.json").read_text())
+        if meta.get("format") != ENCODER_FORMAT:
+            raise ValueError(f"{folder} is not a phantom encoder folder (format {meta.get('format')!r})")
+        cfg = meta["config"]
+        self.size = int(cfg["size"])
+        self._model = PhantomEncoder(tuple(cfg["widths"]))
+        self._model.load_state_dict(load_file(str(folder / "encoder.safetensors")), strict=True)
+        self._model.eval().requires_grad_(False)
+        self.name = "phantom_cnn"
+        self.dim = self._model.feature_dim
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self._model.parameters())
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return _batched(lambda b: self._model.features(_resize(b, self.size)), as_unit_float(images))
+
+
+# -- (c) the shipped generator's encoder ------------------------------------------------------------------------
+class UNetEncoderExtractor:
+    """Down-block and mid-block activations of the shipped generator UNet, each averaged over space.
+
+    The image (resized to the prior's size, scaled to [-1, 1]) goes in clean at ``timestep`` (a small noise level,
+    so the network sees the nearly clean images it denoises there), conditioned on the null plane and unknown GA.
+    """
+
+    def __init__(self, generator_folder: str | Path, timestep: int = 20, grid: int = 1) -> None:
+        from common.models.generator import load_generator
+
+        self._model, _ = load_generator(Path(generator_folder))
+        self._model.eval().requires_grad_(False)
+        self.size = int(self._model.image_size)
+        self.timestep, self.grid = int(timestep), int(grid)
+        unet = self._model.unet
+        self._blocks = [*unet.down_blocks, unet.mid_block]
+        channels = [int(b.resnets[-1].out_channels) for b in self._blocks]
+        self.name = f"unet_encoder_t{self.timestep}_g{self.grid}"
+        self.dim = sum(channels) * self.grid * self.grid
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self._model.parameters())
+
+    def _one(self, b: torch.Tensor) -> torch.Tensor:
+        captured: list[torch.Tensor] = []
+
+        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+            captured.append(out[0] if isinstance(out, tuple) else out)
+
+        handles = [blk.register_forward_hook(hook) for blk in self._blocks]
+        try:
+            x = _resize(b, self.size) * 2.0 - 1.0
+            n = x.shape[0]
+            self._model(x, torch.full((n,), self.timestep, dtype=torch.long), torch.full((n,), -1),
+                        torch.full((n,), float("nan")))
+        finally:
+            for h in handles:
+                h.remove()
+        return torch.cat([_grid_pool(h, self.grid) for h in captured], dim=1)
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return _batched(self._one, as_unit_float(images))
+
+
+# -- normalisation from public statistics ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class FeatureStats:
+    """Per-feature mean and standard deviation over public phantoms, and where they came from."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    n_images: int
+    seed: int
+
+    def apply(self, features: np.ndarray, *, unit_norm: bool = True) -> np.ndarray:
+        """``(f - mean) / std``, then (``unit_norm``) each row scaled to Euclidean norm 1: a per-example operation,
+        so a DP head's per-example gradient norm is bounded by the features alone."""
+        z = (np.asarray(features, np.float32) - self.mean) / self.std
+        if unit_norm:
+            z = z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-8)
+        return z.astype(np.float32)
+
+
+def phantom_statistics(extractor: FeatureExtractor, *, n_per_profile: int = 40, size: int = 64,
+                       seed: int = PHANTOM_STATS_SEED) -> FeatureStats:
+    """Mean and std of ``extractor``'s features over ``n_per_profile`` phantoms of every scanner profile.
+
+    Public data only: the function has no argument for private images, so no statistic of them can leak into the
+    normalisation. The std is floored at 1e-3 of its median (features constant on phantoms do not explode).
+    """
+    images, _ = _phantom_images(n_per_profile, size=size, seed=seed)
+    f = extractor(images)
+    mean, std = f.mean(axis=0), f.std(axis=0)
+    std = np.maximum(std, 1e-3 * max(float(np.median(std)), 1e-8))
+    return FeatureStats(mean.astype(np.float32), std.astype(np.float32), int(images.shape[0]), int(seed))
+
+
+def extractor_seconds_per_image(extractor: FeatureExtractor, images: np.ndarray, repeats: int = 1) -> float:
+    """Wall seconds per image of ``extractor`` on ``images`` (best of ``repeats``)."""
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        extractor(images)
+        best = min(best, time.perf_counter() - t0)
+    return best / max(1, len(images))

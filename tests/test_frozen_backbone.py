@@ -1,0 +1,164 @@
+"""Frozen public features + DP heads (common.models.features.ScatteringBackbone, common.models.downstream).
+
+What a site trains is only the head; the features cannot move with private data; only trainable weights cross the
+network; the checkpoint rebuilds the same model; a DP head learns on a small phantom set.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from common.analysis.evaluation import checkpoint_models
+from common.analysis.score import model_spec
+from common.core.config import RunConfig
+from common.data.sites import load_site
+from common.data.tensors import records_to_dataset
+from common.federated.local_update import local_train
+from common.models.bundle import build_bundle, federated_arrays, load_federated_arrays, save_bundle
+from common.models.downstream import (
+    DownstreamSpec,
+    classifier_loss,
+    federated_state,
+    load_federated_state,
+    predict_planes,
+    regressor_loss,
+)
+from common.models.features import ScatteringBackbone, phantom_statistics
+from common.privacy.dpsgd import train_private
+from common.privacy.ledger import PrivacyLedger
+
+pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")
+
+SIZE = 32
+
+
+def _cfg(tmp_path: Path, **flat: object) -> RunConfig:
+    return RunConfig.from_flat({"preset": "smoke", "run-dir": str(tmp_path / "run"), "prior": "", **flat})
+
+
+def test_the_scattering_backbone_has_no_parameters_and_unit_norm_features_from_public_statistics() -> None:
+    backbone = ScatteringBackbone(SIZE, J=2, grid=2)
+    x = torch.rand(5, 1, SIZE, SIZE) * 2 - 1
+    f = backbone(x)
+    assert list(backbone.parameters()) == []
+    assert set(backbone.state_dict()) == {"mean", "std"}  # the phantom normalisation, nothing of kymatio
+    assert f.shape == (5, (1 + 2 * 8 + 64) * 4) and not f.requires_grad
+    assert torch.allclose(f.norm(dim=1), torch.ones(5), atol=1e-5)
+    # the normalisation is the phantom statistics, recomputed identically from the fixed public stream
+    again = phantom_statistics(backbone.scattering, size=SIZE)
+    assert np.allclose(backbone.mean.numpy(), again.mean) and np.allclose(backbone.std.numpy(), again.std)
+
+
+def test_a_dp_round_leaves_the_frozen_features_identical_and_sends_only_the_heads(tmp_path: Path) -> None:
+    # Prepare: a smoke site (phantoms), the default scattering backbone, DP at the run's budget
+    cfg = _cfg(tmp_path, **{"train.downstream-steps": 3})
+    assert cfg.train.downstream_backbone == "scattering"
+    bundle = build_bundle(cfg)
+    site = load_site(cfg.data, seed=cfg.seed, site_index=0)
+    probe = records_to_dataset(site.train, image_size=cfg.data.image_size).tensors[0][:8]
+    before = {k: m.backbone(probe).clone() for k, m in (("c", bundle.classifier), ("r", bundle.regressor))}
+    buffers = {k: v.clone() for k, v in bundle.classifier.backbone.state_dict().items()}
+    sent = federated_arrays(bundle)
+    ledger = PrivacyLedger(target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
+                           budget_split=cfg.privacy.budget_split())
+    # Execute
+    result = local_train(bundle, site, ledger, cfg, server_round=1)
+    got = federated_arrays(bundle)
+    # Assert: the heads trained under DP, the features did not move by a single bit
+    assert result.metrics["classifier-steps"] == 3 and ledger.steps("classifier") == 3
+    assert any(not np.array_equal(sent[k], got[k]) for k in sent if k.startswith("classifier.head"))
+    assert torch.equal(bundle.classifier.backbone(probe), before["c"])
+    assert torch.equal(bundle.regressor.backbone(probe), before["r"])
+    assert all(torch.equal(buffers[k], v) for k, v in bundle.classifier.backbone.state_dict().items())
+    # only trainable weights cross the network: no backbone key for the downstream models
+    downstream = [k for k in got if k.startswith(("classifier.", "regressor."))]
+    assert downstream and not any(".backbone." in k or k.split(".", 1)[1].startswith("backbone.") for k in downstream)
+    trainable = {f"classifier.{n}" for n, p in bundle.classifier.named_parameters()}
+    assert {k for k in got if k.startswith("classifier.")} == trainable
+
+
+def test_frozen_heads_start_at_zero_and_load_back_strictly(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    bundle = build_bundle(cfg)
+    probs = predict_planes(bundle.classifier, torch.rand(3, 1, SIZE, SIZE) * 2 - 1)
+    assert torch.allclose(probs, torch.full_like(probs, 1 / probs.shape[1]))  # zero head: uniform over the scope
+    arrays = federated_arrays(bundle)
+    arrays["classifier.head.bias"] = arrays["classifier.head.bias"] + 1.0
+    load_federated_arrays(bundle, arrays)
+    assert torch.allclose(bundle.classifier.head.bias, torch.ones(6))
+    with pytest.raises(ValueError, match="downstream weights do not fit"):
+        load_federated_state(bundle.classifier, {**federated_state(bundle.classifier),
+                                                 "backbone.mean": torch.zeros(1)})
+
+
+def test_dp_heads_on_frozen_features_lower_the_loss_on_phantoms(tmp_path: Path) -> None:
+    # Prepare: 64 phantoms of one smoke site; zero heads
+    cfg = _cfg(tmp_path, **{"data.images-per-site": 64})
+    site = load_site(cfg.data, seed=cfg.seed, site_index=0)
+    data = records_to_dataset(site.train, image_size=SIZE)
+    spec = DownstreamSpec.from_config(cfg)
+    torch.manual_seed(0)
+    models = {"classifier": (spec.classifier(), classifier_loss, cfg.train.downstream_lr),
+              "regressor": (spec.regressor(), regressor_loss, cfg.train.regressor_lr)}
+    for key, (model, loss_fn, lr) in models.items():
+        with torch.no_grad():
+            start = float(loss_fn(model, data.tensors).mean())
+        ledger = PrivacyLedger(target_epsilon=10.0, target_delta=1e-5, budget_split={key: 1.0})
+        # Execute: DP-SGD with the run's head optimizer and rate
+        res = train_private(model, loss_fn, data, steps=40, batch_size=16, lr=lr,
+                            optimizer=cfg.train.downstream_optimizer, ledger=ledger, model_key=key,
+                            planned_total_steps=40, seed=1, noise_seed=2)
+        with torch.no_grad():
+            end = float(loss_fn(model, data.tensors).mean())
+        # Assert: under DP (epsilon spent, within budget) the full-data loss went down clearly
+        assert 0 < res.epsilon <= 10.0
+        assert end < start - 0.05, (key, start, end)
+
+
+def test_a_checkpoint_rebuilds_the_same_frozen_models_and_scores_from_its_sidecar(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, **{"train.scattering-grid": 1, "train.downstream-hidden": 8})
+    bundle = build_bundle(cfg)
+    with torch.no_grad():
+        bundle.classifier.head[-1].bias.copy_(torch.arange(6.0))
+    folder = save_bundle(bundle, tmp_path / "ckpt", sidecar={"config": cfg.to_dict()})
+    spec = model_spec(folder)
+    assert spec == DownstreamSpec.from_config(cfg) and spec.frozen and spec.hidden == 8
+    loaded = checkpoint_models(folder, spec)
+    x = torch.rand(4, 1, SIZE, SIZE) * 2 - 1
+    assert torch.equal(predict_planes(loaded.classifier, x), predict_planes(bundle.classifier, x))
+
+
+def test_configs_saved_before_frozen_backbones_read_as_end_to_end_cnns(tmp_path: Path) -> None:
+    old = _cfg(tmp_path).to_dict()
+    for key in ("downstream_backbone", "downstream_optimizer", "downstream_hidden", "scattering_j",
+                "scattering_grid"):
+        old["train"].pop(key)
+    old["train"]["downstream_lr"] = 2e-3
+    cfg = RunConfig.from_dict(json.loads(json.dumps(old)))
+    assert (cfg.train.downstream_backbone, cfg.train.downstream_optimizer) == ("cnn", "adam")
+    assert not DownstreamSpec.from_config(cfg).frozen
+
+
+def test_a_bad_backbone_or_grid_is_a_clear_error(tmp_path: Path) -> None:
+    from common.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="downstream_backbone"):
+        _cfg(tmp_path, **{"train.downstream-backbone": "resnet"})
+    with pytest.raises(ValueError, match="too small"):
+        ScatteringBackbone(16, J=3, grid=4)
+
+
+def test_frozen_dataset_batches_match_the_model_input_contract() -> None:
+    # the backbone takes the [-1, 1] tensors of common.data.tensors, not [0, 1] images
+    backbone = ScatteringBackbone(SIZE, J=2, grid=1)
+    x = torch.zeros(2, 1, SIZE, SIZE)
+    x[1] = 1.0
+    f = backbone(x)
+    assert not torch.allclose(f[0], f[1])
+    with pytest.raises(ValueError, match=r"\[B,1,H,W\]"):
+        backbone(torch.zeros(2, SIZE, SIZE))
