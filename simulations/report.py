@@ -196,8 +196,9 @@ def downstream_section(result: dict[str, Any] | None) -> str:
     return (_table(["arm", "accuracy", "macro-F1", "GA MAE (days)", "90% coverage"] + [f"acc {s}" for s in sites], rows)
             + f"<ul class='note'>{desc}</ul><p class='note'>Test: {html.escape(result.get('test_data', ''))}. "
             f"Train sizes {result.get('n_train')}, test sizes {result.get('n_test')}, synthetic "
-            f"{result.get('n_synthetic')}. Prior: {html.escape(str(result.get('prior_source')))}. Settings: "
-            f"{html.escape(json.dumps(result.get('settings')))}.</p><h3>Per-class recall (pooled test)</h3>"
+            f"{result.get('n_synthetic')}. Models (every arm): {html.escape(json.dumps(result.get('downstream')))}. "
+            f"Prior: {html.escape(str(result.get('prior_source')))}. Settings: "
+            f"{html.escape(json.dumps(result.get('effective_settings', result.get('settings'))))}.</p><h3>Per-class recall (pooled test)</h3>"
             + _table(["arm", *PLANES], recall_rows, 2))
 
 

@@ -27,7 +27,13 @@ from common.analysis.evaluation import (
 from common.core.config import RunConfig
 from common.data.sites import SiteData, load_federated_data, public_phantoms
 from common.data.tensors import records_to_dataset
-from common.models.downstream import GARegressor, PlaneClassifier, evaluate_classifier, evaluate_regressor
+from common.models.downstream import (
+    DownstreamSpec,
+    GARegressor,
+    PlaneClassifier,
+    evaluate_classifier,
+    evaluate_regressor,
+)
 
 SIZE, WIDTH = 32, 8
 
@@ -47,11 +53,13 @@ def _constant_classifier(plane: int) -> PlaneClassifier:
     return model
 
 
-def _save_models(folder: Path, seed: int) -> None:
+def _save_models(folder: Path, seed: int, spec: DownstreamSpec | None = None) -> None:
+    """Random models saved as a checkpoint does: end-to-end CNNs, or as ``spec`` builds them."""
     torch.manual_seed(seed)
     folder.mkdir(parents=True)
-    for name, model in (("classifier", PlaneClassifier(image_size=SIZE, width=WIDTH)),
-                        ("regressor", GARegressor(SIZE, WIDTH))):
+    models = ((PlaneClassifier(image_size=SIZE, width=WIDTH), GARegressor(SIZE, WIDTH)) if spec is None
+              else (spec.classifier(), spec.regressor()))
+    for name, model in zip(("classifier", "regressor"), models):
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / f"{name}.safetensors"))
 
 
@@ -62,7 +70,7 @@ def _inputs(tmp_path: Path, cfg: RunConfig) -> RunInputs:
                  for i, r in enumerate(public_phantoms(cfg.data, seed=99)[:6])]
     ckpts = []
     for rnd in (1, 2):
-        _save_models(tmp_path / "checkpoints" / f"round-{rnd:03d}", seed=rnd)
+        _save_models(tmp_path / "checkpoints" / f"round-{rnd:03d}", seed=rnd, spec=DownstreamSpec.from_config(cfg))
         ckpts.append((rnd, tmp_path / "checkpoints" / f"round-{rnd:03d}"))
     ledger = {s.name: {"generator": {"budget_epsilon": 6.0, "delta": 6e-6}} for s in sites}
     metrics = [{"round": r, "sites": [{"name": s.name, "metrics": {"synthetic-examples": 0.0 if r == 1 else 6.0}}
@@ -144,8 +152,9 @@ def test_phantom_prior_uses_a_fitting_prior_folder_else_trains_on_public_phantom
     (tmp_path / "prior64" / "sidecar.json").write_text('{"data": {"image_size": 64}}')
     settings = EvalSettings(steps=1, prior_steps=1)
     # Execute
-    from_folder, src_folder = phantom_prior(_cfg(prior=str(tmp_path / "prior")), settings)
-    trained, src_trained = phantom_prior(_cfg(prior=str(tmp_path / "prior64")), settings)
+    cnn = {"train.downstream-backbone": "cnn"}  # the saved priors are end-to-end CNNs
+    from_folder, src_folder = phantom_prior(_cfg(prior=str(tmp_path / "prior"), **cnn), settings)
+    trained, src_trained = phantom_prior(_cfg(prior=str(tmp_path / "prior64"), **cnn), settings)
     # Assert
     expected = PlaneClassifier(image_size=SIZE, width=WIDTH)
     expected.load_state_dict(ev._load_state(tmp_path / "prior" / "classifier.safetensors"))

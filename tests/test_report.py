@@ -19,7 +19,7 @@ from common.analysis.evaluation import EvalSettings
 from common.core.config import RunConfig
 from common.core.viz import save_grid
 from common.data.sites import public_phantoms
-from common.models.downstream import GARegressor, PlaneClassifier
+from common.models.downstream import DownstreamSpec
 from simulations.experiments import downstream as exp
 from simulations.report import build_report, image_metrics_section
 
@@ -39,7 +39,8 @@ def make_run(run_dir: Path, *, epsilon: float | None = 10.0) -> Path:
         folder = run_dir / "checkpoints" / f"round-{rnd:03d}"
         folder.mkdir(parents=True)
         torch.manual_seed(rnd)
-        for name, model in (("classifier", PlaneClassifier(image_size=32, width=8)), ("regressor", GARegressor(32, 8))):
+        spec = DownstreamSpec.from_config(cfg)  # the run's own models: frozen scattering + heads by default
+        for name, model in (("classifier", spec.classifier()), ("regressor", spec.regressor())):
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / f"{name}.safetensors"))
     gen = {"budget_epsilon": 6.0, "delta": 6e-6, "steps": 2, "noise_multiplier": 1.0,
            "sample_rate": 0.3, "accountant": "rdp", "exhausted": False}

@@ -302,12 +302,13 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
 
     Returns
     -------
-    ``{"arms": [{"arm", "description", "per_site", "pooled", "notes", ...}], "per_round": [...], "settings",
-    "prior_source", "n_synthetic", "n_train", "n_test"}``.
+    ``{"arms": [{"arm", "description", "per_site", "pooled", "notes", ...}], "per_round": [...], "settings" (as
+    requested), "effective_settings" (:func:`arm_settings`), "downstream" (the :class:`DownstreamSpec` every arm
+    builds), "prior_source", "n_synthetic", "n_train", "n_test"}``.
     """
     cfg, sites, syn = inputs.cfg, inputs.sites, inputs.synthetic
     size, spec = cfg.data.image_size, DownstreamSpec.from_config(cfg)
-    settings = arm_settings(settings, cfg)
+    requested, settings = settings, arm_settings(settings, cfg)
     arms: list[dict[str, Any]] = []
 
     def add(arm: str, description: str, models: Mapping[str, DownstreamModels], **extra: Any) -> None:
@@ -360,8 +361,8 @@ def run_protocol(inputs: RunInputs, settings: EvalSettings, *,
         add(tag, f"each site's real data with {dp_text}"
             + (f"; initialised from the phantom prior ({prior_source})" if init is not None else "; random init"),
             models, epsilon_per_site=eps, epsilon_spent={k: m.epsilon for k, m in models.items()})
-    return {"arms": arms, "per_round": per_round_utility(inputs, settings), "settings": asdict(settings),
-            "prior_source": prior_source, "n_synthetic": len(syn),
+    return {"arms": arms, "per_round": per_round_utility(inputs, settings), "settings": asdict(requested),
+            "effective_settings": asdict(settings), "downstream": asdict(spec), "prior_source": prior_source, "n_synthetic": len(syn),
             "n_train": {s.name: len(s.train) for s in sites}, "n_test": {s.name: len(s.test) for s in sites},
             "test_data": "each site's held-out test split; no arm trains on it and no step selects with it"}
 
