@@ -162,3 +162,22 @@ def test_frozen_dataset_batches_match_the_model_input_contract() -> None:
     assert not torch.allclose(f[0], f[1])
     with pytest.raises(ValueError, match=r"\[B,1,H,W\]"):
         backbone(torch.zeros(2, SIZE, SIZE))
+
+
+def test_the_protocol_trains_frozen_heads_with_the_runs_optimizer_and_cnns_with_its_own(tmp_path: Path) -> None:
+    from common.analysis.evaluation import EvalSettings, arm_settings
+
+    settings = EvalSettings(lr=2e-3, optimizer="adam")
+    frozen = arm_settings(settings, _cfg(tmp_path, **{"train.downstream-lr": 0.3, "train.regressor-lr": 0.04}))
+    assert (frozen.optimizer, frozen.lr, frozen.regressor_lr) == ("adam", 0.3, 0.04)
+    assert arm_settings(settings, _cfg(tmp_path, **{"train.downstream-backbone": "cnn"})) == settings
+
+
+def test_the_servers_update_bound_is_refused_for_sgd_heads(tmp_path: Path) -> None:
+    from common.core.errors import ConfigError
+    from server.strategy import update_bounds
+
+    bounds = update_bounds(_cfg(tmp_path, **{"train.downstream-lr": 0.2, "train.regressor-lr": 0.05}))
+    assert (bounds["classifier"].lr, bounds["regressor"].lr) == (0.2, 0.05)
+    with pytest.raises(ConfigError, match="Adam only"):
+        update_bounds(_cfg(tmp_path, **{"train.downstream-optimizer": "sgd", "train.downstream-lr": 1.0}))

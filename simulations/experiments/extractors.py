@@ -30,7 +30,7 @@ import os
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from common.core.atomic_io import write_text_atomic
 from common.core.records import PLANES
 from common.data.dedup import find_duplicates
 from common.data.loaders import load_source
@@ -53,8 +54,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "simulations" / "benchmarks" / "results" / "extractors.json"
 DEFAULT_ENCODER = ROOT / "runs" / "phantom-encoder"
 PRIOR_GENERATOR = ROOT / "common" / "assets" / "prior-demo" / "generator"
-EXTRACTORS = ("pixels16", "scattering_J2_g2", "scattering_J2_g4", "scattering_J3_g2", "scattering_J2_g4_32px",
-              "phantom_cnn", "unet_encoder")
+EXTRACTORS = ("scattering_J2_g4", "scattering_J2_g4_32px", "phantom_cnn", "unet_encoder", "scattering_J2_g2",
+              "pixels16", "scattering_J3_g2")
 NUM_CLASSES = 4  # the African set has brain, abdomen, femur, thorax: PLANES indices 0..3
 L2_GRID = (1e-6, 1e-5, 1e-4, 1e-3)  # unit-norm features: weaker penalties than usual (CV picks)
 
@@ -236,7 +237,7 @@ def evaluate_extractor(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     feats = stats.apply(raw, unit_norm=True)
     assert feats.shape == (len(images), extractor.dim)
     folds = grouped_stratified_folds(labels, groups, settings["folds"], seed=settings["fold_seed"])
-    out: dict[str, Any] = {"extractor": extractor.name, "dim": extractor.dim, "seconds_per_image": sec_per_image,
+    out: dict[str, Any] = {"name": name, "extractor": extractor.name, "dim": extractor.dim, "seconds_per_image": sec_per_image,
                            "stats_images": stats.n_images, "folds": []}
     common = dict(rounds=settings["rounds"], clip=settings["clip"])
     grid = [(lr, ls) for lr in settings["lrs"] for ls in settings["local_steps"]]
@@ -326,6 +327,30 @@ def markdown(results: list[dict[str, Any]], epsilons: Sequence[float]) -> str:
     return "\n".join(lines)
 
 
+def _report(settings: dict[str, Any], jobs: int, results: list[dict[str, Any]], names: Sequence[str],
+            wall: float) -> dict[str, Any]:
+    return {
+        "study": "frozen feature extractor choice for the DP plane classifier, CV on the African TRAINING split only",
+        "data": "african_fetal_planes/train (217 images, 5 countries = 5 sites, 4 planes); case groups = patient "
+                "ids joined with exact/near duplicates; folds stratified by plane, grouped by case",
+        "settings": {**settings, "delta": 1e-5, "accountant": "rdp",
+                     "optimizer": "adam (fresh state every round, as at a site)",
+                     "sample_rate": "1/3 (Poisson, expected batch ceil(n_site/3))", "aggregation": "FedAvg, unweighted",
+                     "head": "linear softmax, zero init", "features": "phantom-standardised, unit L2 norm per image",
+                     "nonprivate_l2_grid": list(L2_GRID),
+                     "dp_selection": "(lr, local steps) by inner grouped CV, 1 seed",
+                     "dp_engine": "closed-form softmax DP-SGD (linear_dp_sgd; equal to Opacus' step, tested)",
+                     "noise_seed": "derived from public run seeds (simulation only: not private noise)"},
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+                    "cpus": os.cpu_count(), "torch_threads_per_worker": 1, "jobs": jobs,
+                    "note": "2 CPU cores shared with other jobs (helpers and test runs)"},
+        "wall_seconds": round(wall, 1),
+        "complete": len(results) == len(names),
+        "extractors_requested": list(names),
+        "results": results,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
@@ -337,9 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--fold-seed", type=int, default=0)
     p.add_argument("--epsilons", default="10,4,1")
-    p.add_argument("--lrs", default="0.05,0.1,0.2", help="Adam learning rates to choose from")
+    p.add_argument("--lrs", default="0.1,0.2", help="Adam learning rates to choose from")
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--local-steps", default="10,25,50", help="local DP-SGD steps per round to choose from")
+    p.add_argument("--local-steps", default="25,50", help="local DP-SGD steps per round to choose from")
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--stats-per-profile", type=int, default=40)
     p.add_argument("--jobs", type=int, default=2)
@@ -354,30 +379,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "phantom_cnn" in names:  # train (or reuse) the encoder once, before the workers start
         fx.train_phantom_encoder(Path(args.encoder))
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=get_context("spawn")) as pool:
-        results = list(pool.map(evaluate_extractor, names, [settings] * len(names)))
-    report = {
-        "study": "frozen feature extractor choice for the DP plane classifier, CV on the African TRAINING split only",
-        "data": "african_fetal_planes/train (217 images, 5 countries = 5 sites, 4 planes); case groups = patient "
-                "ids joined with exact/near duplicates; folds stratified by plane, grouped by case",
-        "settings": {**settings, "delta": 1e-5, "accountant": "rdp",
-                     "optimizer": "adam (fresh state every round, as at a site)",
-                     "sample_rate": "1/3 (Poisson, expected batch ceil(n_site/3))", "aggregation": "FedAvg, unweighted",
-                     "head": "linear softmax, zero init", "features": "phantom-standardised, unit L2 norm per image",
-                     "nonprivate_l2_grid": list(L2_GRID), "dp_selection": "(lr, local steps) by inner grouped CV, 1 seed",
-                     "dp_engine": "closed-form softmax DP-SGD (linear_dp_sgd; equal to Opacus' step, tested)",
-                     "noise_seed": "derived from public run seeds (simulation only: not private noise)"},
-        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-                    "cpus": os.cpu_count(), "torch_threads_per_worker": 1, "jobs": args.jobs,
-                    "note": "2 CPU cores shared with other jobs"},
-        "wall_seconds": round(time.perf_counter() - t0, 1),
-        "results": results,
-    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    results: list[dict[str, Any]] = []
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(evaluate_extractor, name, settings): name for name in names}
+        for future in as_completed(futures):  # the JSON is rewritten after every extractor: a cut run keeps them
+            results.append(future.result())
+            results.sort(key=lambda r: names.index(r["name"]))
+            report = _report(settings, args.jobs, results, names, time.perf_counter() - t0)
+            write_text_atomic(out, json.dumps(report, indent=2))
     print(markdown(results, settings["epsilons"]))
-    print(f"wrote {out} ({report['wall_seconds']:.0f}s)")
+    print(f"wrote {out} ({time.perf_counter() - t0:.0f}s)")
     return 0
 
 
