@@ -249,8 +249,11 @@ class GARegressor(nn.Module):
 
     def forward(self, x: Tensor, spacing: Tensor) -> tuple[Tensor, Tensor]:
         """``(mean_weeks [B], logvar_weeks2 [B])``."""
-        s = self.scale_input(spacing.to(x.dtype))
-        h = self.backbone(x)
+        return self.forward_features(self.backbone(x), spacing)
+
+    def forward_features(self, h: Tensor, spacing: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` from the backbone's features ``h = self.backbone(x)``: FiLM, head, output mapping."""
+        s = self.scale_input(spacing.to(h.dtype))
         gamma, beta = self.film(s).chunk(2, dim=1)
         out = self.head(torch.cat([h * (1 + gamma) + beta, s], dim=1))
         mean = _GA_CENTER + _GA_SCALE * out[:, 0]

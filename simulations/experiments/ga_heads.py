@@ -1,0 +1,383 @@
+"""Does the scattering GA head beat the pixel-size line, privately? Cross-validation on HC18 TRAINING images only.
+
+``python -m simulations.experiments.ga_heads`` reads the HC18 training set (``load_source("hc18", ...,
+image_size=64)``; the records carry GA, pixel spacing rescaled to the 64 px image, patient id), splits its patients
+into K folds (:func:`grouped_kfold`: no patient is split) and reports GA MAE (days), coverage of the central 90%
+Gaussian interval and its mean width (days) on each held-out fold for:
+
+1. ``pixel_size_line``: least squares of GA (weeks) on log pixel spacing, residual std as a constant interval; the
+   baseline a model that looks at the image has to beat (in HC18 the spacing alone carries much of GA).
+2. ``nonprivate_h0`` / ``nonprivate_h32``: the product's regressor head (:class:`GARegressor` with
+   ``hidden=0`` / ``32``: FiLM by spacing, linear or one hidden layer, zero-init output) trained without DP
+   (``train_private(ledger=None)``, Adam) on the pooled training folds. The frozen scattering features are computed
+   once per setting (the backbone has no parameters) and :class:`FeatureHead` runs
+   :meth:`GARegressor.forward_features` on them: the trained module is literally the product's head.
+3. ``dp_fed_eps{10,4,1}``: 3 sites (the training fold's patients split iid, as the hc18 preset's
+   ``data.partition=iid``), each training the ``hidden=0`` head with :func:`train_private` (Opacus DP-SGD, Adam,
+   clip 1, batch 16 as the defaults), each with its own :class:`PrivacyLedger` (epsilon for the whole run,
+   delta 1e-5, RDP) over R FedAvg rounds (weighted by site size, only :func:`federated_state` is averaged).
+   (lr, local steps) are chosen per outer fold and epsilon by inner patient-grouped CV on the outer training
+   fold (1 seed, MAE), never on the reported fold.
+
+Scattering settings: J=2 with a 4x4 and a 2x2 pooling grid at 64 px. Mean and std over (fold, seed); the pixel-size
+line and the fold assignment are deterministic. The inner CV spends privacy too (Papernot & Steinke 2022); the
+figures are a feasibility study, the DP noise seeds are public (simulation only, not private noise).
+JSON to ``simulations/benchmarks/results/ga_heads_hc18.json`` and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from common.data.loaders import load_source
+from common.data.partition import case_groups, partition
+from common.data.tensors import records_to_dataset
+from common.models.downstream import (GARegressor, federated_state, ga_metrics, load_federated_state,
+                                      regressor_loss)
+from common.privacy.dpsgd import train_private
+from common.privacy.ledger import PrivacyLedger
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = ROOT / "simulations" / "benchmarks" / "results" / "ga_heads_hc18.json"
+SCATTERING_SETTINGS = ((2, 4), (2, 2))  # (J, grid) at 64 px
+NONPRIVATE_LR, NONPRIVATE_BATCH = 0.01, 64
+NONPRIVATE_CHECKPOINTS = (100, 300)  # cumulative Adam steps; inner CV picks one
+COVERAGE = 0.9
+
+
+# -- folds -------------------------------------------------------------------------------------------------------
+def grouped_kfold(groups: Sequence[Sequence[int]], k: int, seed: int) -> list[np.ndarray]:
+    """Whole groups (patients) into ``k`` folds of balanced size: largest groups first (random order among equal
+    sizes), each to the currently smallest fold. Returns the sorted record indices of each fold."""
+    if k < 2 or k > len(groups):
+        raise ValueError(f"k={k} folds need 2 <= k <= {len(groups)} groups")
+    rng = np.random.default_rng(seed)
+    order = sorted(rng.permutation(len(groups)), key=lambda g: -len(groups[g]))
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for g in order:
+        sizes = np.array([len(f) for f in folds])
+        smallest = np.flatnonzero(sizes == sizes.min())
+        folds[int(smallest[rng.integers(len(smallest))])].extend(groups[g])
+    return [np.array(sorted(f), dtype=np.int64) for f in folds]
+
+
+def _sub_groups(groups: Sequence[Sequence[int]], idx: np.ndarray) -> list[list[int]]:
+    """Groups restricted to ``idx``, re-indexed into positions of ``idx`` (empty ones dropped)."""
+    pos = {int(i): p for p, i in enumerate(idx)}
+    return [g for g in ([pos[i] for i in grp if i in pos] for grp in groups) if g]
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:7], "big")
+
+
+# -- the product's head on precomputed features -----------------------------------------------------------------
+class FeatureHead(nn.Module):
+    """The trainable part of a :class:`GARegressor` (FiLM + head + output mapping) on precomputed backbone
+    features: ``FeatureHead(reg)(reg.backbone(x), spacing) == reg(x, spacing)``. It holds ``reg`` itself (the
+    parameter-free backbone is never called), so the weights it trains are the regressor's."""
+
+    def __init__(self, regressor: GARegressor) -> None:
+        super().__init__()
+        self.reg = regressor
+
+    def forward(self, h: Tensor, spacing: Tensor) -> tuple[Tensor, Tensor]:
+        return self.reg.forward_features(h, spacing)
+
+
+def feature_dataset(feats: Tensor, ga: Tensor, spacing: Tensor) -> TensorDataset:
+    """The 4-tuple layout :func:`regressor_loss` reads (features in the image slot, plane unused)."""
+    return TensorDataset(feats, torch.zeros(len(feats), dtype=torch.int64), ga, spacing)
+
+
+@torch.no_grad()
+def predict(head: FeatureHead, feats: Tensor, spacing: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    head.eval()
+    mean, logvar = head(feats, spacing)
+    return mean.numpy(), torch.exp(0.5 * logvar).numpy()
+
+
+def head_metrics(head: FeatureHead, feats: Tensor, ga: Tensor, spacing: Tensor) -> dict[str, float]:
+    mean, std = predict(head, feats, spacing)
+    out = ga_metrics(mean, std, ga.numpy(), coverage_level=COVERAGE)
+    return {k: out[k] for k in ("mae_days", "coverage", "interval_width_days")}
+
+
+def pixel_size_line(sp_tr: np.ndarray, ga_tr: np.ndarray, sp_te: np.ndarray, ga_te: np.ndarray
+                    ) -> dict[str, float]:
+    """Least squares GA ~ a + b log(spacing) on the training fold; the residual std as the interval."""
+    a = np.stack([np.ones_like(sp_tr), np.log(sp_tr)], 1)
+    coef, *_ = np.linalg.lstsq(a, ga_tr, rcond=None)
+    std = float(np.sqrt(np.mean((a @ coef - ga_tr) ** 2) * len(ga_tr) / (len(ga_tr) - 2)))
+    mean = coef[0] + coef[1] * np.log(sp_te)
+    out = ga_metrics(mean, np.full_like(mean, std), ga_te, coverage_level=COVERAGE)
+    return {k: out[k] for k in ("mae_days", "coverage", "interval_width_days")}
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+def train_nonprivate(reg: GARegressor, data: TensorDataset, *, checkpoints: Sequence[int], seed: int,
+                     evaluate=None) -> list[Any]:
+    """Adam without DP from zero init, in chunks up to each cumulative checkpoint; ``evaluate(head)`` after each."""
+    reg.load_state_dict(reg.init_state)
+    head, done, outs = FeatureHead(reg), 0, []
+    for c, stop in enumerate(checkpoints):
+        train_private(head, regressor_loss, data, steps=stop - done, batch_size=min(NONPRIVATE_BATCH, len(data)),
+                      lr=NONPRIVATE_LR, ledger=None, model_key="regressor", planned_total_steps=checkpoints[-1],
+                      optimizer="adam", seed=_seed(seed, c))
+        done = stop
+        outs.append(evaluate(head) if evaluate is not None else None)
+    return outs
+
+
+def make_regressor(j: int, grid: int, hidden: int) -> GARegressor:
+    """The product's regressor; ``init_state`` (a plain attribute) is what every training run starts from."""
+    torch.manual_seed(0)  # the hidden layer's init is public randomness; the zero output layer is data-free
+    reg = GARegressor(64, 32, backbone="scattering", hidden=hidden, scattering_j=j, scattering_grid=grid)
+    reg.init_state = {k: v.clone() for k, v in reg.state_dict().items()}
+    return reg
+
+
+def federated_dp(models: list[GARegressor], data: list[TensorDataset], *, epsilon: float, lr: float,
+                 local_steps: int, rounds: int, batch_size: int, clip: float, seed: int,
+                 delta: float = 1e-5) -> tuple[FeatureHead, dict[str, Any]]:
+    """FedAvg over ``rounds`` of per-site DP-SGD (:func:`train_private`, Adam) of the regressor head.
+
+    ``models[0]`` is the global model, ``models[1:]`` one per site (reused, reloaded every round); every site has
+    its own ledger for the whole run (``planned_total_steps = rounds * local_steps``, as the product plans it).
+    """
+    glob, sites = models[0], models[1:]
+    glob.load_state_dict(glob.init_state)
+    ledgers = [PrivacyLedger(target_epsilon=epsilon, target_delta=delta, budget_split={"regressor": 1.0})
+               for _ in sites]
+    sizes = np.array([len(d) for d in data], dtype=np.float64)
+    info: dict[str, Any] = {}
+    for r in range(rounds):
+        start = federated_state(glob)
+        states = []
+        for s, (m, d, led) in enumerate(zip(sites, data, ledgers)):
+            load_federated_state(m, start)
+            res = train_private(FeatureHead(m), regressor_loss, d, steps=local_steps, batch_size=min(batch_size, len(d)),
+                                lr=lr, ledger=led, model_key="regressor", planned_total_steps=rounds * local_steps,
+                                max_grad_norm=clip, optimizer="adam", seed=_seed(seed, s, r, "pub"),
+                                noise_seed=_seed(seed, s, r, "noise"))
+            states.append(federated_state(m))
+            if r == rounds - 1:
+                info[f"site{s}"] = {"n": len(d), "epsilon": round(res.epsilon, 4),
+                                    "sigma": round(res.noise_multiplier, 4), "q": round(res.sample_rate, 4),
+                                    "steps": led.steps("regressor"), "stopped_by_budget": res.stopped_by_budget}
+        w = torch.tensor(sizes / sizes.sum())
+        load_federated_state(glob, {k: sum(wi * st[k] for wi, st in zip(w, states)).to(states[0][k].dtype)
+                                    for k in states[0]})
+    return FeatureHead(glob), info
+
+
+def _site_data(idx: np.ndarray, records: list, feats: Tensor, ga: Tensor, sp: Tensor, seed: int
+               ) -> list[TensorDataset]:
+    """Split ``idx``'s patients iid into 3 sites (:func:`common.data.partition.partition`, kind ``iid``)."""
+    sub = [records[i] for i in idx]
+    parts = partition(sub, kind="iid", num_sites=3, seed=seed, groups=case_groups(sub))
+    return [feature_dataset(feats[idx[p]], ga[idx[p]], sp[idx[p]]) for p in map(np.asarray, parts)]
+
+
+# -- one scattering setting --------------------------------------------------------------------------------------
+def evaluate_setting(j: int, grid: int, epsilons: Sequence[float], records: list, data: TensorDataset, groups: list[list[int]],
+                     folds: list[np.ndarray], s: dict[str, Any]) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    dp_models = [make_regressor(j, grid, 0) for _ in range(4)]
+    np_models = {h: make_regressor(j, grid, h) for h in (0, 32)}
+    t0 = time.perf_counter()
+    feats = dp_models[0].backbone(data.tensors[0])  # frozen, parameter-free: computed once
+    feat_seconds = time.perf_counter() - t0
+    ga, sp = data.tensors[2], data.tensors[3]
+    name = f"scattering_J{j}_g{grid}_64px"
+    out: dict[str, Any] = {"setting": name, "dim": int(feats.shape[1]), "feature_seconds": round(feat_seconds, 2),
+                           "folds": []}
+    grid_hp = [(lr, ls) for lr in s["lrs"] for ls in s["local_steps"]]
+    dp_kw = dict(rounds=s["rounds"], batch_size=s["batch_size"], clip=s["clip"])
+    n = len(records)
+    chosen_once: dict[float, dict[tuple[float, int], float]] = {}  # with select_on_fold: that fold's inner CV
+    for f in s["fold_ids"]:
+        test = folds[f]
+        train = np.setdiff1d(np.arange(n), test)
+        inner = grouped_kfold(_sub_groups(groups, train), s["inner_folds"], seed=s["fold_seed"] + f + 1)
+        inner = inner[: s["inner_splits"]]
+        fold: dict[str, Any] = {"fold": f, "n_train": int(len(train)), "n_test": int(len(test))}
+        fold["pixel_size_line"] = pixel_size_line(sp[train].numpy().astype(np.float64), ga[train].numpy(),
+                                                  sp[test].numpy().astype(np.float64), ga[test].numpy())
+        tr_ds = feature_dataset(feats[train], ga[train], sp[train])
+        # non-private: the number of steps by inner CV (1 seed), then 3 seeds on the outer fold
+        for hidden, reg in np_models.items():
+            inner_mae = np.zeros(len(s["nonprivate_checkpoints"]))
+            for v, val in enumerate(inner):
+                itr, iva = train[np.setdiff1d(np.arange(len(train)), val)], train[val]
+                maes = train_nonprivate(reg, feature_dataset(feats[itr], ga[itr], sp[itr]),
+                                        checkpoints=s["nonprivate_checkpoints"], seed=_seed("np-inner", f, v, hidden),
+                                        evaluate=lambda h: head_metrics(h, feats[iva], ga[iva], sp[iva])["mae_days"])
+                inner_mae += np.array(maes) / len(inner)
+            best = s["nonprivate_checkpoints"][int(np.argmin(inner_mae))]
+            runs = [train_nonprivate(reg, tr_ds, checkpoints=[c for c in s["nonprivate_checkpoints"] if c <= best],
+                                     seed=_seed("np-outer", f, seed, hidden),
+                                     evaluate=lambda h: head_metrics(h, feats[test], ga[test], sp[test]))[-1]
+                    for seed in range(s["seeds"])]
+            fold[f"nonprivate_h{hidden}"] = {"per_seed": runs, "steps": best,
+                                             "inner_cv_mae": {str(c): round(float(m), 3) for c, m in
+                                                              zip(s["nonprivate_checkpoints"], inner_mae)}}
+        outer_sites = _site_data(train, records, feats, ga, sp, seed=_seed("sites", f))
+        for eps in epsilons:
+            if s["select_on_fold"] is not None and (eps in chosen_once or f != s["select_on_fold"]):
+                if eps not in chosen_once:
+                    raise ValueError("--select-on-fold must be the first fold run")
+                inner_cv = chosen_once[eps]
+            else:
+                inner_cv = {}
+            for lr, ls in ([] if inner_cv else grid_hp):
+                maes = []
+                for v, val in enumerate(inner):
+                    itr, iva = train[np.setdiff1d(np.arange(len(train)), val)], train[val]
+                    sites = _site_data(itr, records, feats, ga, sp, seed=_seed("sites", f, v))
+                    head, _ = federated_dp(dp_models, sites, epsilon=eps, lr=lr, local_steps=ls,
+                                           seed=_seed("inner", name, f, v, eps, lr, ls), **dp_kw)
+                    maes.append(head_metrics(head, feats[iva], ga[iva], sp[iva])["mae_days"])
+                inner_cv[(lr, ls)] = float(np.mean(maes))
+            chosen_once[eps] = inner_cv
+            best_lr, best_ls = min(grid_hp, key=lambda k: inner_cv[k])
+            runs, info = [], {}
+            for seed in range(s["seeds"]):
+                head, info = federated_dp(dp_models, outer_sites, epsilon=eps, lr=best_lr, local_steps=best_ls,
+                                          seed=_seed("outer", name, f, eps, seed), **dp_kw)
+                runs.append(head_metrics(head, feats[test], ga[test], sp[test]))
+            fold[f"dp_fed_eps{eps:g}"] = {"per_seed": runs, "lr": best_lr, "local_steps": best_ls,
+                                          "inner_cv_mae": {f"lr={k[0]:g},steps={k[1]}": round(v, 3)
+                                                           for k, v in inner_cv.items()},
+                                          "inner_cv_fold": f if s["select_on_fold"] is None else s["select_on_fold"],
+                                          "sites_last_seed": info}
+        out["folds"].append(fold)
+        print(f"[{name}] fold {f}: line {fold['pixel_size_line']['mae_days']:.2f} "
+              + " ".join(f"{k} {np.mean([r['mae_days'] for r in fold[k]['per_seed']]):.2f}"
+                         for k in fold if k.startswith(("nonprivate", "dp_")))
+              + f" days MAE ({time.perf_counter() - t_start:.0f}s)", flush=True)
+    out["summary"] = summary(out["folds"])
+    out["wall_seconds"] = round(time.perf_counter() - t_start, 1)
+    return out
+
+
+METRICS = ("mae_days", "coverage", "interval_width_days")
+
+
+def summary(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and std over (fold, seed) of each method and metric (the pixel-size line: over folds)."""
+    out: dict[str, Any] = {}
+    for key in [k for k in folds[0] if k == "pixel_size_line" or k.startswith(("nonprivate", "dp_"))]:
+        rows = [[fo[key]] if key == "pixel_size_line" else fo[key]["per_seed"] for fo in folds]
+        out[key] = {m: {"mean": float(np.mean([[r[m] for r in rs] for rs in rows])),
+                        "std": float(np.std([[r[m] for r in rs] for rs in rows]))} for m in METRICS}
+        if key.startswith("dp_"):
+            out[key]["chosen"] = [f"lr={fo[key]['lr']:g},steps={fo[key]['local_steps']}" for fo in folds]
+    return out
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    lines = ["| features | method | MAE (days) | 90% coverage | interval width (days) | chosen (per fold) |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        for key, v in r["summary"].items():
+            cells = [f"{v[m]['mean']:.{3 if m == 'coverage' else 2}f} ± {v[m]['std']:.{3 if m == 'coverage' else 2}f}"
+                     for m in METRICS]
+            chosen = ""
+            if key.startswith("dp_"):
+                chosen = ", ".join(v["chosen"])
+            elif key.startswith("nonprivate"):
+                chosen = ", ".join(f"{fo[key]['steps']} steps" for fo in r["folds"])
+            lines.append(f"| {r['setting']} | {key} | " + " | ".join(cells) + f" | {chosen} |")
+    return "\n".join(lines)
+
+
+def load_training(root: str) -> tuple[list, TensorDataset, list[list[int]]]:
+    """HC18 training images only (the loader reads ``training_set``; HC18's test set has no GA labels)."""
+    records = load_source("hc18", root, image_size=64).records
+    data = records_to_dataset(records, image_size=64)
+    if not (torch.isfinite(data.tensors[2]).all() and torch.isfinite(data.tensors[3]).all()):
+        raise RuntimeError("every HC18 training record should have GA and pixel spacing")
+    return records, data, case_groups(records)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "hc18"))
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--fold-ids", default="", help="which outer folds to run (default: all)")
+    p.add_argument("--inner-folds", type=int, default=3)
+    p.add_argument("--inner-splits", type=int, default=3, help="inner folds actually used (compute limit)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--fold-seed", type=int, default=0)
+    p.add_argument("--select-on-fold", type=int, default=None,
+                   help="choose DP (lr, steps) by inner CV on this outer fold's training set only, reuse elsewhere")
+    p.add_argument("--lrs", default="0.02,0.05,0.1")
+    p.add_argument("--local-steps", default="25,50")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--settings", default=",".join(f"{j}:{g}:10/4/1" for j, g in SCATTERING_SETTINGS),
+                   help="J:grid:eps/eps/...,... (DP epsilons per scattering setting)")
+    p.add_argument("--note", default="")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    records, data, groups = load_training(args.data)
+    folds = grouped_kfold(groups, args.folds, seed=args.fold_seed)
+    s = {"folds": args.folds, "fold_ids": [int(v) for v in args.fold_ids.split(",")] if args.fold_ids
+         else list(range(args.folds)), "inner_folds": args.inner_folds,
+         "inner_splits": min(args.inner_splits, args.inner_folds), "seeds": args.seeds, "fold_seed": args.fold_seed,
+         "select_on_fold": args.select_on_fold, "lrs": [float(v) for v in args.lrs.split(",")],
+         "local_steps": [int(v) for v in args.local_steps.split(",")], "rounds": args.rounds,
+         "batch_size": args.batch_size, "clip": args.clip, "nonprivate_checkpoints": list(NONPRIVATE_CHECKPOINTS)}
+    settings = [(int(j), int(g), [float(e) for e in eps.split("/") if e])
+                for j, g, eps in (v.split(":") for v in args.settings.split(","))]
+    results = [evaluate_setting(j, g, eps, records, data, groups, folds, s) for j, g, eps in settings]
+    report = {
+        "study": "GA regressor head on frozen scattering features vs the pixel-size line, patient-grouped CV on "
+                 "the HC18 TRAINING images only",
+        "data": f"hc18 training_set ({len(records)} images, {len(groups)} patients), 64 px, pixel spacing rescaled "
+                "to the fitted image; folds group whole patients (grouped_kfold, balanced sizes)",
+        "settings": {**s, "scattering": [f"J={j},grid={g},64px, DP eps {eps}" for j, g, eps in settings], "delta": 1e-5,
+                     "accountant": "rdp", "coverage_level": COVERAGE, "sites": "3, training patients split iid "
+                     "(common.data.partition.partition kind=iid, fixed per fold)",
+                     "dp": "train_private (Opacus, functorch per-sample grads, Adam, fresh optimizer state each "
+                           "round), one PrivacyLedger per site for the whole run, planned_total_steps = rounds * "
+                           "local_steps; FedAvg weighted by site size of federated_state; DP head hidden=0",
+                     "dp_selection": "(lr, local steps) minimising inner-CV MAE, 1 seed, per outer fold and epsilon",
+                     "nonprivate": f"train_private(ledger=None), Adam lr={NONPRIVATE_LR}, batch {NONPRIVATE_BATCH}, "
+                                   f"steps in {list(NONPRIVATE_CHECKPOINTS)} by inner-CV MAE (1 seed)",
+                     "pixel_size_line": "OLS of GA weeks on log(spacing mm), residual std (n-2) as constant sigma",
+                     "noise_seed": "derived from public run seeds (simulation only: not private noise)",
+                     "compute_note": args.note},
+        "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
+                    "cpus": os.cpu_count(), "torch_threads": 1, "processes": 1,
+                    "note": "2 CPU cores shared with another long study"},
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(markdown(results))
+    print(f"wrote {out} ({report['wall_seconds']:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
