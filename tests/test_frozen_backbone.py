@@ -41,6 +41,20 @@ def _cfg(tmp_path: Path, **flat: object) -> RunConfig:
     return RunConfig.from_flat({"preset": "smoke", "run-dir": str(tmp_path / "run"), "prior": "", **flat})
 
 
+def test_the_default_backbone_is_the_shipped_phantom_encoder_frozen(tmp_path: Path) -> None:
+    from common.models.features import PhantomEncoderBackbone
+
+    cfg = _cfg(tmp_path)
+    assert cfg.train.downstream_backbone == "phantom_cnn"
+    clf = DownstreamSpec.from_config(cfg).classifier()
+    assert isinstance(clf.backbone, PhantomEncoderBackbone)
+    assert not any(p.requires_grad for p in clf.backbone.parameters()) and clf.backbone.out_dim == 192
+    f = clf.backbone(torch.rand(3, 1, SIZE, SIZE) * 2 - 1)
+    assert f.shape == (3, 192) and torch.allclose(f.norm(dim=1), torch.ones(3), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="phantom encoder weights missing"):
+        PhantomEncoderBackbone(SIZE, folder=tmp_path / "nowhere")
+
+
 def test_the_scattering_backbone_has_no_parameters_and_unit_norm_features_from_public_statistics() -> None:
     backbone = ScatteringBackbone(SIZE, J=2, grid=2)
     x = torch.rand(5, 1, SIZE, SIZE) * 2 - 1
@@ -54,10 +68,11 @@ def test_the_scattering_backbone_has_no_parameters_and_unit_norm_features_from_p
     assert np.allclose(backbone.mean.numpy(), again.mean) and np.allclose(backbone.std.numpy(), again.std)
 
 
-def test_a_dp_round_leaves_the_frozen_features_identical_and_sends_only_the_heads(tmp_path: Path) -> None:
-    # Prepare: a smoke site (phantoms), the default scattering backbone, DP at the run's budget
-    cfg = _cfg(tmp_path, **{"train.downstream-steps": 3})
-    assert cfg.train.downstream_backbone == "scattering"
+@pytest.mark.parametrize("backbone", ["phantom_cnn", "scattering"])
+def test_a_dp_round_leaves_the_frozen_features_identical_and_sends_only_the_heads(tmp_path: Path,
+                                                                                   backbone: str) -> None:
+    # Prepare: a smoke site (phantoms), a frozen backbone, DP at the run's budget
+    cfg = _cfg(tmp_path, **{"train.downstream-steps": 3, "train.downstream-backbone": backbone})
     bundle = build_bundle(cfg)
     site = load_site(cfg.data, seed=cfg.seed, site_index=0)
     probe = records_to_dataset(site.train, image_size=cfg.data.image_size).tensors[0][:8]
@@ -78,7 +93,8 @@ def test_a_dp_round_leaves_the_frozen_features_identical_and_sends_only_the_head
     # only trainable weights cross the network: no backbone key for the downstream models
     downstream = [k for k in got if k.startswith(("classifier.", "regressor."))]
     assert downstream and not any(".backbone." in k or k.split(".", 1)[1].startswith("backbone.") for k in downstream)
-    trainable = {f"classifier.{n}" for n, p in bundle.classifier.named_parameters()}
+    trainable = {f"classifier.{n}" for n, p in bundle.classifier.named_parameters() if p.requires_grad}
+    assert trainable and not any(".backbone." in k for k in trainable)
     assert {k for k in got if k.startswith("classifier.")} == trainable
 
 

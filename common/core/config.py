@@ -24,7 +24,7 @@ PartitionKind = Literal["natural", "iid", "dirichlet", "quantity"]
 FinetuneMode = Literal["lora", "subset", "full"]
 GradSampleMode = Literal["hooks", "functorch", "ghost"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
-DownstreamBackbone = Literal["scattering", "cnn"]
+DownstreamBackbone = Literal["phantom_cnn", "scattering", "cnn"]
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "trimmedmean", "krum"]
 SchedulerName = Literal["ddpm", "ddim", "dpmsolver"]
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -212,9 +212,10 @@ class TrainConfig:
     local_steps: int = 10
     finetune: FinetuneMode = "lora"
     lora_rank: int = 8
-    # The classifier's and regressor's backbone: "scattering" (frozen public features, only the heads train: the
-    # default, chosen by grouped CV on the African training split, see README) or "cnn" (trained end to end).
-    downstream_backbone: DownstreamBackbone = "scattering"
+    # The classifier's and regressor's backbone: "phantom_cnn" (the shipped encoder trained on public phantoms,
+    # frozen: the default, chosen by grouped CV on the African training split, see README), "scattering" (frozen
+    # wavelet scattering) or "cnn" (trained end to end). With a frozen backbone only the heads train.
+    downstream_backbone: DownstreamBackbone = "phantom_cnn"
     downstream_width: int = 32  # CNN backbone channels
     downstream_hidden: int = 0  # hidden units of the heads on a frozen backbone (0: linear heads)
     scattering_j: int = 2  # scattering scales (the maps are image/2^J px)

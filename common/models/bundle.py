@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,15 +19,12 @@ from safetensors.torch import load_file, save_file
 
 from common.core.atomic_io import atomic_dir
 from common.core.config import RunConfig
+from common.models.assets import asset_folder
 from common.models.downstream import DownstreamSpec, GARegressor, PlaneClassifier, federated_state, load_federated_state
 from common.models.generator import ConditionalUNet, build_generator, load_generator, save_generator
 from common.models.lora import load_trainable_state_dict, set_finetune_mode, trainable_state_dict
 
 MODEL_KEYS: tuple[str, ...] = ("generator", "classifier", "regressor")
-ASSETS = Path(__file__).resolve().parent / "assets"
-# Flower's app bundle (FAB) carries only text files, so an app run from a FAB finds the shipped weights through
-# this variable (the launchers set it to the project's common/assets).
-ASSETS_ENV = "DIFUSAL_ASSETS"
 
 
 @dataclass
@@ -43,7 +39,7 @@ class ModelBundle:
 
 def shipped_prior_folder(preset: str) -> Path:
     """Where the shipped prior of ``preset`` lives (``$DIFUSAL_ASSETS`` or ``common/assets``; may not exist)."""
-    return Path(os.environ.get(ASSETS_ENV, ASSETS)) / f"prior-{preset}"
+    return asset_folder(f"prior-{preset}")
 
 
 def resolve_prior(cfg: RunConfig) -> Path | None:

@@ -23,12 +23,12 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
-from common.models.features import ScatteringBackbone
+from common.models.features import PhantomEncoderBackbone, ScatteringBackbone
 
 if TYPE_CHECKING:
     from common.core.config import RunConfig
 
-BACKBONES: tuple[str, ...] = ("scattering", "cnn")
+BACKBONES: tuple[str, ...] = ("phantom_cnn", "scattering", "cnn")
 
 _GA_CENTER = (GA_MIN_WEEKS + GA_MAX_WEEKS) / 2.0  # 27 weeks
 _GA_SCALE = (GA_MAX_WEEKS - GA_MIN_WEEKS) / 2.0  # 13 weeks
@@ -73,7 +73,10 @@ class ConvBackbone(nn.Module):
 
 def make_backbone(kind: str, image_size: int, width: int, scattering_j: int = 2, scattering_grid: int = 2
                   ) -> nn.Module:
-    """The feature extractor of a downstream model: ``"scattering"`` (frozen) or ``"cnn"`` (trained)."""
+    """The feature extractor of a downstream model: ``"phantom_cnn"``, ``"scattering"`` (frozen) or ``"cnn"``
+    (trained)."""
+    if kind == "phantom_cnn":
+        return PhantomEncoderBackbone(image_size)
     if kind == "scattering":
         return ScatteringBackbone(image_size, J=scattering_j, grid=scattering_grid)
     if kind == "cnn":
@@ -83,7 +86,7 @@ def make_backbone(kind: str, image_size: int, width: int, scattering_j: int = 2,
 
 def is_frozen(backbone: nn.Module) -> bool:
     """Whether a backbone has nothing to train (its features cannot depend on any site's data)."""
-    return not any(True for _ in backbone.parameters())
+    return not any(p.requires_grad for p in backbone.parameters())
 
 
 def _head(d_in: int, d_out: int, hidden: int, *, zero: bool) -> nn.Module:
@@ -129,7 +132,7 @@ class DownstreamSpec:
     """
 
     image_size: int = 64
-    backbone: str = "scattering"
+    backbone: str = "phantom_cnn"
     width: int = 32
     hidden: int = 0
     scattering_j: int = 2

@@ -36,6 +36,7 @@ from common.phantoms.simulator import make_phantoms
 _BATCH = 64  # images per forward pass (results do not depend on it: every extractor works image by image)
 PHANTOM_STATS_SEED = 90_210  # fixed public phantom stream for normalisation statistics
 ENCODER_FORMAT = "difusal-phantom-encoder/1"
+PHANTOM_ENCODER_ASSET = "phantom-encoder"  # common/assets/phantom-encoder: EncoderConfig() defaults, seed 0
 
 
 @runtime_checkable
@@ -171,7 +172,7 @@ class ScatteringBackbone(nn.Module):
         return z / z.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
-_STATS_CACHE: dict[tuple[int, ...], "FeatureStats"] = {}
+_STATS_CACHE: dict[tuple[Any, ...], "FeatureStats"] = {}
 
 
 # -- (b) an encoder trained on public phantoms ------------------------------------------------------------------
@@ -319,6 +320,52 @@ class PhantomEncoderExtractor:
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return _batched(lambda b: self._model.features(_resize(b, self.size)), as_unit_float(images))
+
+
+class PhantomEncoderBackbone(nn.Module):
+    """The shipped phantom encoder (:func:`train_phantom_encoder`, public phantoms only), frozen, as a backbone.
+
+    ``[B, 1, H, W]`` images in [-1, 1] are mapped to [0, 1], resized to the encoder's size (64 px), pooled to its
+    last block's channel means and stds, standardised with the same features' phantom statistics and scaled to unit
+    norm, as :class:`ScatteringBackbone`. Its weights are parameters with ``requires_grad=False``: no site trains
+    them (they are never sent: :func:`common.models.downstream.federated_state`), and a checkpoint keeps them.
+    """
+
+    def __init__(self, image_size: int, folder: str | Path | None = None) -> None:
+        super().__init__()
+        from common.models.assets import asset_folder
+
+        folder = Path(folder) if folder is not None else asset_folder(PHANTOM_ENCODER_ASSET)
+        if not (folder / "encoder.safetensors").is_file():
+            raise FileNotFoundError(f"phantom encoder weights missing at {folder}: set $DIFUSAL_ASSETS to the "
+                                    "project's common/assets, or train them with "
+                                    "common.models.features.train_phantom_encoder(folder)")
+        extractor = PhantomEncoderExtractor(folder)
+        self.image_size = int(image_size)
+        self.encoder = extractor._model
+        self.size = extractor.size
+        self.out_dim = extractor.dim
+        self.requires_grad_(False)
+        key = ("phantom_cnn", self.image_size, str(folder))
+        if key not in _STATS_CACHE:
+            _STATS_CACHE[key] = phantom_statistics(extractor, size=self.image_size)
+        stats = _STATS_CACHE[key]
+        self.register_buffer("mean", torch.from_numpy(stats.mean.copy()))
+        self.register_buffer("std", torch.from_numpy(stats.std.copy()))
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """Standardised unit-norm features ``[B, out_dim]`` of images ``[B, 1, H, W]`` in [-1, 1] (no gradient)."""
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected images [B,1,H,W], got {tuple(x.shape)}")
+        was = self.encoder.training
+        self.encoder.eval()
+        try:
+            f = self.encoder.features(_resize((x.float() + 1.0) * 0.5, self.size))
+        finally:
+            self.encoder.train(was)
+        z = (f - self.mean) / self.std
+        return z / z.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
 # -- (c) the shipped generator's encoder ------------------------------------------------------------------------

@@ -242,7 +242,7 @@ def markdown(summary: dict[str, Any], n_folds: int, n_seeds: int) -> str:
             ("local (pooled predictions)", s["local_pooled"], None),
             ("FedAvg (5 countries)", s["fedavg"], s["wall_seconds"]["fedavg"]),
             ("pooled (centralised)", s["pooled"], s["wall_seconds"]["pooled"])]
-    lines = [f"| regime | accuracy mean ± std | n (folds x seeds) | wall s |", "|---|---|---|---|"]
+    lines = ["| regime | accuracy mean ± std | n (folds x seeds) | wall s |", "|---|---|---|---|"]
     for name, st, sec in rows:
         lines.append(f"| {name} | {st['mean']:.3f} ± {st['std']:.3f} | {n_folds} x {n_seeds} = {st['n']} | "
                      f"{'' if sec is None else f'{sec:.0f}'} |")

@@ -45,8 +45,7 @@ from torch.utils.data import TensorDataset
 from common.data.loaders import load_source
 from common.data.partition import case_groups, partition
 from common.data.tensors import records_to_dataset
-from common.models.downstream import (GARegressor, federated_state, ga_metrics, load_federated_state,
-                                      regressor_loss)
+from common.models.downstream import GARegressor, federated_state, ga_metrics, load_federated_state, regressor_loss
 from common.privacy.dpsgd import train_private
 from common.privacy.ledger import PrivacyLedger
 
