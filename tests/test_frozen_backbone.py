@@ -126,9 +126,9 @@ def test_dp_heads_on_frozen_features_lower_the_loss_on_phantoms(tmp_path: Path) 
             start = float(loss_fn(model, data.tensors).mean())
         ledger = PrivacyLedger(target_epsilon=10.0, target_delta=1e-5, budget_split={key: 1.0})
         # Execute: DP-SGD with the run's head optimizer and rate
-        res = train_private(model, loss_fn, data, steps=40, batch_size=16, lr=lr,
+        res = train_private(model, loss_fn, data, steps=120, batch_size=16, lr=lr,
                             optimizer=cfg.train.downstream_optimizer, ledger=ledger, model_key=key,
-                            planned_total_steps=40, seed=1, noise_seed=2)
+                            planned_total_steps=120, seed=1, noise_seed=2)
         with torch.no_grad():
             end = float(loss_fn(model, data.tensors).mean())
         # Assert: under DP (epsilon spent, within budget) the full-data loss went down clearly
