@@ -257,7 +257,7 @@ class Coordinator:
         loss_fn = make_loss_fn(scheduler, noise_multiplicity=1, cond_dropout=self.cfg.generator.cond_dropout,
                                seed=derive_seed(self.cfg.seed, "refine", server_round))
         return self._train_public(bundle.generator, loss_fn, data, steps=self.cfg.federation.al_refine_steps,
-                                  lr=self.cfg.train.lr, key="generator", server_round=server_round)
+                                  key="generator", server_round=server_round)
 
     def refine_downstream(self, bundle: ModelBundle, server_round: int) -> dict[str, float]:
         """Train the global plane classifier and GA regressor on the release (non-DP: released images are public).
@@ -266,19 +266,18 @@ class Coordinator:
         without spending any site's budget. Returns the mean training loss per model.
         """
         data = records_to_dataset(load_release_records(self.store.folder), image_size=self.cfg.data.image_size)
-        steps, lr = self.cfg.federation.al_downstream_steps, self.cfg.train.downstream_lr
-        out = {"classifier": self._train_public(bundle.classifier, classifier_loss, data, steps=steps, lr=lr,
+        steps = self.cfg.federation.al_downstream_steps
+        out = {"classifier": self._train_public(bundle.classifier, classifier_loss, data, steps=steps,
                                                 key="classifier", server_round=server_round)}
         if has_ga(data):
             out["regressor"] = self._train_public(bundle.regressor, regressor_loss, data, steps=steps,
-                                                  lr=self.cfg.train.regressor_lr,
                                                   key="regressor", server_round=server_round)
         return out
 
-    def _train_public(self, model: torch.nn.Module, loss_fn: Any, data: Any, *, steps: int, lr: float, key: str,
+    def _train_public(self, model: torch.nn.Module, loss_fn: Any, data: Any, *, steps: int, key: str,
                       server_round: int) -> float:
-        """Non-private steps on public data (``ledger=None``); the mean finite loss."""
-        optimizer = "adam" if key == "generator" else self.cfg.train.downstream_optimizer
+        """Non-private steps on public data (``ledger=None``) at the run's rate for ``key``; the mean finite loss."""
+        lr, optimizer = self.cfg.train.rate(key)
         result = train_private(
             model, loss_fn, data, steps=steps, batch_size=min(self.cfg.train.batch_size, len(data)), lr=lr,
             ledger=None, model_key=key, planned_total_steps=steps, optimizer=optimizer,

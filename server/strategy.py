@@ -93,9 +93,8 @@ def update_bounds(cfg: RunConfig) -> dict[str, UpdateBound]:
         raise ConfigError(f"train.downstream_optimizer={t.downstream_optimizer!r}: the server's update bound "
                           "(adam_max_displacement) holds for Adam only; SGD's DP step has no bound (its noise is "
                           "Gaussian): use adam for federated runs")
-    return {"generator": UpdateBound(lr=t.lr, steps=t.local_steps),
-            "classifier": UpdateBound(lr=t.downstream_lr, steps=t.downstream_steps),
-            "regressor": UpdateBound(lr=t.regressor_lr, steps=t.downstream_steps)}
+    steps = {"generator": t.local_steps, "classifier": t.downstream_steps, "regressor": t.downstream_steps}
+    return {key: UpdateBound(lr=t.rate(key)[0], steps=n) for key, n in steps.items()}
 
 
 def make_strategy(cfg: RunConfig) -> Strategy:

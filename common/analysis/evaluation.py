@@ -115,8 +115,8 @@ def arm_settings(settings: EvalSettings, cfg: RunConfig) -> EvalSettings:
     """The protocol's fixed settings for ``cfg``'s models: heads on a frozen backbone train with the run's own
     ``train.downstream-optimizer`` and ``train.downstream-lr`` (what the federation uses), CNNs with ``settings``."""
     if DownstreamSpec.from_config(cfg).frozen:
-        return replace(settings, optimizer=cfg.train.downstream_optimizer, lr=cfg.train.downstream_lr,
-                       regressor_lr=cfg.train.regressor_lr)
+        (lr, optimizer), (regressor_lr, _) = cfg.train.rate("classifier"), cfg.train.rate("regressor")
+        return replace(settings, optimizer=optimizer, lr=lr, regressor_lr=regressor_lr)
     return settings
 
 

@@ -47,11 +47,12 @@ def pretrain_prior(cfg: RunConfig, out: Path, *, command: str = "") -> Path:
     jobs = (
         ("generator", bundle.generator,
          make_loss_fn(scheduler, noise_multiplicity=1, cond_dropout=cfg.generator.cond_dropout,
-                      seed=derive_seed(cfg.seed, "pretrain-noise")), steps, cfg.train.lr),
-        ("classifier", bundle.classifier, classifier_loss, max(1, steps // 4), cfg.train.downstream_lr),
-        ("regressor", bundle.regressor, regressor_loss, max(1, steps // 4), cfg.train.regressor_lr),
+                      seed=derive_seed(cfg.seed, "pretrain-noise")), steps),
+        ("classifier", bundle.classifier, classifier_loss, max(1, steps // 4)),
+        ("regressor", bundle.regressor, regressor_loss, max(1, steps // 4)),
     )
-    for key, model, loss_fn, n_steps, lr in jobs:
+    for key, model, loss_fn, n_steps in jobs:
+        lr, optimizer = cfg.train.rate(key)
         t = time.perf_counter()
         losses: list[float] = []
         for chunk, start in enumerate(range(0, n_steps, PROGRESS_EVERY)):
@@ -59,7 +60,7 @@ def pretrain_prior(cfg: RunConfig, out: Path, *, command: str = "") -> Path:
             result = train_private(
                 model, loss_fn, data, steps=min(PROGRESS_EVERY, n_steps - start), batch_size=batch, lr=lr,
                 ledger=None, model_key=key, planned_total_steps=n_steps,
-                optimizer="adam" if key == "generator" else cfg.train.downstream_optimizer,
+                optimizer=optimizer,
                 seed=derive_seed(cfg.seed, "pretrain", key, chunk),
             )
             losses += result.losses

@@ -227,6 +227,16 @@ class TrainConfig:
     pretrain_steps: int = 2000
     pretrain_batch_size: int = 32
 
+    def rate(self, model_key: str) -> tuple[float, OptimizerName]:
+        """``(learning rate, optimizer)`` a site, the server and the pretraining use for ``model_key``."""
+        if model_key == "generator":
+            return self.lr, "adam"
+        if model_key == "classifier":
+            return self.downstream_lr, self.downstream_optimizer
+        if model_key == "regressor":
+            return self.regressor_lr, self.downstream_optimizer
+        raise ValueError(f"model_key={model_key!r} is not generator, classifier or regressor")
+
     def validate(self) -> None:
         _check_range("train.batch_size", self.batch_size, 1, 4096)
         _check_range("train.lr", self.lr, 1e-7, 1.0)

@@ -91,14 +91,12 @@ def local_train(
         seed=derive_seed(seed, "generator-noise"),
     )
     t = cfg.train
-    jobs: list[tuple[str, torch.nn.Module, object, TensorDataset, int, float, str]] = [
-        ("generator", bundle.generator, gen_loss, real, t.local_steps, t.lr, "adam"),
-        ("classifier", bundle.classifier, classifier_loss, down, t.downstream_steps, t.downstream_lr,
-         t.downstream_optimizer),
+    jobs: list[tuple[str, torch.nn.Module, object, TensorDataset, int]] = [
+        ("generator", bundle.generator, gen_loss, real, t.local_steps),
+        ("classifier", bundle.classifier, classifier_loss, down, t.downstream_steps),
     ]
     if has_ga(down):
-        jobs.append(("regressor", bundle.regressor, regressor_loss, down, t.downstream_steps, t.regressor_lr,
-                     t.downstream_optimizer))
+        jobs.append(("regressor", bundle.regressor, regressor_loss, down, t.downstream_steps))
     # mu comes from the site's run config, the one source of truth; the "proximal-mu" key Flower's FedProx puts into
     # the train message's config is not read (make_strategy gives FedProx the same config value).
     mu = cfg.federation.proximal_mu
@@ -108,9 +106,10 @@ def local_train(
     messages: list[str] = []
     if len(jobs) == 2:
         messages.append("regressor skipped: no image of this site has a known gestational age")
-    for key, model, loss_fn, data, steps, lr, optimizer in jobs:
+    for key, model, loss_fn, data, steps in jobs:
         if steps == 0:
             continue
+        lr, optimizer = t.rate(key)
         result: PrivateTrainResult = train_private(
             model,
             loss_fn,  # type: ignore[arg-type]
@@ -118,7 +117,7 @@ def local_train(
             steps=steps,
             batch_size=min(cfg.train.batch_size, len(data)),
             lr=lr,
-            optimizer=optimizer,  # type: ignore[arg-type]
+            optimizer=optimizer,
             ledger=ledger,
             model_key=key,
             planned_total_steps=planned_steps(cfg, key),

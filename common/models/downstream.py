@@ -1,9 +1,9 @@
 """Downstream models trained at each site: a fetal-plane classifier and a gestational-age regressor.
 
 Each is a backbone and a small head. The backbone is either a frozen public feature extractor
-(``backbone="scattering"``: wavelet scattering normalised with phantom statistics, no parameters, the default: a
-DP head on public features is what learns at a few dozen images per site) or a small GroupNorm CNN trained end to
-end (``backbone="cnn"``; no BatchNorm: Opacus' ``ModuleValidator`` accepts it, per-example gradients stay
+(``backbone="phantom_cnn"``, the default: the shipped encoder trained on public phantoms; or ``"scattering"``:
+wavelet scattering; both normalised with phantom statistics: a DP head on public features is what learns at a few
+dozen images per site) or a small GroupNorm CNN trained end to end (``backbone="cnn"``; no BatchNorm: Opacus' ``ModuleValidator`` accepts it, per-example gradients stay
 independent). Only trainable weights are federated (:func:`federated_state`). Batches are the 4-tuples of
 ``common.data.tensors``:
 ``(images [B,1,H,W] in [-1,1], plane int64 [B], ga float32 [B] (NaN unknown), spacing float32 [B] (NaN unknown))``.
@@ -104,7 +104,7 @@ def _head(d_in: int, d_out: int, hidden: int, *, zero: bool) -> nn.Module:
 def federated_state(model: nn.Module) -> dict[str, Tensor]:
     """The part of a downstream model's state that sites train and the server aggregates.
 
-    Everything under a frozen backbone (the scattering's public phantom statistics) is left out: it is rebuilt from
+    Everything under a frozen backbone (its public weights and phantom statistics) is left out: it is rebuilt from
     the config by whoever builds the model, never trained, never sent.
     """
     frozen = is_frozen(model.backbone)  # type: ignore[arg-type]
@@ -125,9 +125,10 @@ def load_federated_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
 class DownstreamSpec:
     """How a run's classifier and regressor are built (the ``train.downstream-*`` and ``data`` keys).
 
-    ``backbone``: ``"scattering"`` (frozen public features, :class:`common.models.features.ScatteringBackbone`
-    with ``scattering_j`` scales and a ``scattering_grid``-square pooling grid) or ``"cnn"`` (:class:`ConvBackbone`
-    of ``width`` channels, trained end to end). ``hidden``: hidden units of a frozen backbone's heads (0: linear).
+    ``backbone``: ``"phantom_cnn"`` (:class:`common.models.features.PhantomEncoderBackbone`, frozen),
+    ``"scattering"`` (:class:`common.models.features.ScatteringBackbone`, frozen, ``scattering_j`` scales and a
+    ``scattering_grid``-square pooling grid) or ``"cnn"`` (:class:`ConvBackbone` of ``width`` channels, trained end
+    to end). ``hidden``: hidden units of a frozen backbone's heads (0: linear).
     ``planes``: the classifier's label scope.
     """
 
@@ -136,7 +137,7 @@ class DownstreamSpec:
     width: int = 32
     hidden: int = 0
     scattering_j: int = 2
-    scattering_grid: int = 2
+    scattering_grid: int = 4
     planes: tuple[int, ...] | None = None
 
     @classmethod

@@ -8,7 +8,7 @@ scattering) or trained on public data only (phantoms of every scanner profile; t
 pretrained on phantoms). Standardisation uses statistics of phantoms only (:func:`phantom_statistics`): it has no
 argument through which a private image could enter.
 
-Extractors: :class:`PixelExtractor` (downsampled pixels, the baseline), :class:`ScatteringExtractor` (kymatio's 2D
+Extractors: :class:`PixelExtractor` (downsampled pixels, the baseline), :class:`Scattering` (kymatio's 2D
 scattering; kymatio is imported when one is built), :class:`PhantomEncoderExtractor` (a small GroupNorm CNN
 trained here on augmented phantom plane classification, :func:`train_phantom_encoder`, saved as safetensors) and
 :class:`UNetEncoderExtractor` (down and mid block activations of the shipped generator UNet at a small timestep).
@@ -129,10 +129,34 @@ class Scattering:
         return _batched(self.raw, as_unit_float(images))
 
 
-ScatteringExtractor = Scattering  # the study's name for it
+class _FrozenBackbone(nn.Module):
+    """What every frozen backbone does after its raw features: phantom-statistics standardisation (buffers ``mean``,
+    ``std``, computed once per process and setting from the fixed public phantom stream) and unit norm per image.
+    Subclasses set ``out_dim`` and implement :meth:`raw` on ``[B, 1, H, W]`` images in [0, 1]."""
+
+    image_size: int
+    out_dim: int
+
+    def _set_statistics(self, key: tuple[Any, ...], extractor: FeatureExtractor) -> None:
+        if key not in _STATS_CACHE:
+            _STATS_CACHE[key] = phantom_statistics(extractor, size=self.image_size)
+        stats = _STATS_CACHE[key]
+        self.register_buffer("mean", torch.from_numpy(stats.mean.copy()))
+        self.register_buffer("std", torch.from_numpy(stats.std.copy()))
+
+    def raw(self, x01: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        """Standardised unit-norm features ``[B, out_dim]`` of images ``[B, 1, H, W]`` in [-1, 1] (no gradient)."""
+        if x.ndim != 4 or x.shape[1] != 1:
+            raise ValueError(f"expected images [B,1,H,W], got {tuple(x.shape)}")
+        z = (self.raw((x.float() + 1.0) * 0.5) - self.mean) / self.std
+        return z / z.norm(dim=1, keepdim=True).clamp_min(1e-8)
 
 
-class ScatteringBackbone(nn.Module):
+class ScatteringBackbone(_FrozenBackbone):
     """Frozen wavelet-scattering features for a DP head to stand on (Tramèr & Boneh, ICLR 2021).
 
     ``[B, 1, H, W]`` images in [-1, 1] (the downstream batches of :mod:`common.data.tensors`) go through
@@ -143,8 +167,8 @@ class ScatteringBackbone(nn.Module):
     features alone.
 
     The module has no parameters. The phantom statistics are buffers (``mean``, ``std``; a checkpoint carries the
-    normalisation it was trained with), computed once per process for each setting; the transform is a plain
-    attribute, not a submodule, so its filters are never stored or sent.
+    normalisation it was trained with); the transform is a plain attribute, not a submodule, so its filters are
+    never stored or sent.
     """
 
     def __init__(self, image_size: int, *, J: int = 2, L: int = 8, grid: int = 2, size: int | None = None) -> None:
@@ -152,24 +176,15 @@ class ScatteringBackbone(nn.Module):
         self.image_size = int(image_size)
         self.scattering = Scattering(J=J, L=L, size=min(64, self.image_size) if size is None else size, grid=grid)
         self.out_dim = self.scattering.dim
-        key = (self.image_size, self.scattering.J, self.scattering.L, self.scattering.grid, self.scattering.size)
-        if key not in _STATS_CACHE:
-            _STATS_CACHE[key] = phantom_statistics(self.scattering, size=self.image_size)
-        stats = _STATS_CACHE[key]
-        self.register_buffer("mean", torch.from_numpy(stats.mean.copy()))
-        self.register_buffer("std", torch.from_numpy(stats.std.copy()))
+        sc = self.scattering
+        self._set_statistics((self.image_size, sc.J, sc.L, sc.grid, sc.size), sc)
 
     @property
     def name(self) -> str:
         return self.scattering.name
 
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        """Standardised unit-norm features ``[B, out_dim]`` of images ``[B, 1, H, W]`` in [-1, 1] (no gradient)."""
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"expected images [B,1,H,W], got {tuple(x.shape)}")
-        z = (self.scattering.raw((x.float() + 1.0) * 0.5) - self.mean) / self.std
-        return z / z.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    def raw(self, x01: Tensor) -> Tensor:
+        return self.scattering.raw(x01)
 
 
 _STATS_CACHE: dict[tuple[Any, ...], "FeatureStats"] = {}
@@ -309,26 +324,24 @@ class PhantomEncoderExtractor:
             raise ValueError(f"{folder} is not a phantom encoder folder (format {meta.get('format')!r})")
         cfg = meta["config"]
         self.size = int(cfg["size"])
-        self._model = PhantomEncoder(tuple(cfg["widths"]))
-        self._model.load_state_dict(load_file(str(folder / "encoder.safetensors")), strict=True)
-        self._model.eval().requires_grad_(False)
+        self.model = PhantomEncoder(tuple(cfg["widths"]))
+        self.model.load_state_dict(load_file(str(folder / "encoder.safetensors")), strict=True)
+        self.model.eval().requires_grad_(False)
         self.name = "phantom_cnn"
-        self.dim = self._model.feature_dim
-
-    def parameters(self) -> list[torch.Tensor]:
-        return list(self._model.parameters())
+        self.dim = self.model.feature_dim
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return _batched(lambda b: self._model.features(_resize(b, self.size)), as_unit_float(images))
+        return _batched(lambda b: self.model.features(_resize(b, self.size)), as_unit_float(images))
 
 
-class PhantomEncoderBackbone(nn.Module):
+class PhantomEncoderBackbone(_FrozenBackbone):
     """The shipped phantom encoder (:func:`train_phantom_encoder`, public phantoms only), frozen, as a backbone.
 
-    ``[B, 1, H, W]`` images in [-1, 1] are mapped to [0, 1], resized to the encoder's size (64 px), pooled to its
-    last block's channel means and stds, standardised with the same features' phantom statistics and scaled to unit
-    norm, as :class:`ScatteringBackbone`. Its weights are parameters with ``requires_grad=False``: no site trains
-    them (they are never sent: :func:`common.models.downstream.federated_state`), and a checkpoint keeps them.
+    Images are resized to the encoder's size (64 px) and pooled to its last block's channel means and stds, then
+    standardised and scaled as every :class:`_FrozenBackbone`. Its weights are parameters with
+    ``requires_grad=False``: no site trains them (they are never sent:
+    :func:`common.models.downstream.federated_state`), and a checkpoint keeps them. The encoder has GroupNorm only,
+    so train and eval mode compute the same features.
     """
 
     def __init__(self, image_size: int, folder: str | Path | None = None) -> None:
@@ -342,30 +355,14 @@ class PhantomEncoderBackbone(nn.Module):
                                     "common.models.features.train_phantom_encoder(folder)")
         extractor = PhantomEncoderExtractor(folder)
         self.image_size = int(image_size)
-        self.encoder = extractor._model
+        self.encoder = extractor.model
         self.size = extractor.size
         self.out_dim = extractor.dim
         self.requires_grad_(False)
-        key = ("phantom_cnn", self.image_size, str(folder))
-        if key not in _STATS_CACHE:
-            _STATS_CACHE[key] = phantom_statistics(extractor, size=self.image_size)
-        stats = _STATS_CACHE[key]
-        self.register_buffer("mean", torch.from_numpy(stats.mean.copy()))
-        self.register_buffer("std", torch.from_numpy(stats.std.copy()))
+        self._set_statistics(("phantom_cnn", self.image_size, str(folder)), extractor)
 
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        """Standardised unit-norm features ``[B, out_dim]`` of images ``[B, 1, H, W]`` in [-1, 1] (no gradient)."""
-        if x.ndim != 4 or x.shape[1] != 1:
-            raise ValueError(f"expected images [B,1,H,W], got {tuple(x.shape)}")
-        was = self.encoder.training
-        self.encoder.eval()
-        try:
-            f = self.encoder.features(_resize((x.float() + 1.0) * 0.5, self.size))
-        finally:
-            self.encoder.train(was)
-        z = (f - self.mean) / self.std
-        return z / z.norm(dim=1, keepdim=True).clamp_min(1e-8)
+    def raw(self, x01: Tensor) -> Tensor:
+        return self.encoder.features(_resize(x01, self.size))
 
 
 # -- (c) the shipped generator's encoder ------------------------------------------------------------------------
@@ -388,9 +385,6 @@ class UNetEncoderExtractor:
         channels = [int(b.resnets[-1].out_channels) for b in self._blocks]
         self.name = f"unet_encoder_t{self.timestep}_g{self.grid}"
         self.dim = sum(channels) * self.grid * self.grid
-
-    def parameters(self) -> list[torch.Tensor]:
-        return list(self._model.parameters())
 
     def _one(self, b: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []

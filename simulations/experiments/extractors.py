@@ -47,7 +47,6 @@ from common.data.dedup import find_duplicates
 from common.data.loaders import load_source
 from common.data.partition import case_groups
 from common.models import features as fx
-from common.privacy.dpsgd import train_private
 from common.privacy.ledger import PrivacyLedger
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,13 +64,13 @@ def build_extractor(name: str, encoder: Path) -> fx.FeatureExtractor:
     if name == "pixels16":
         return fx.PixelExtractor(16)
     if name == "scattering_J2_g2":
-        return fx.ScatteringExtractor(J=2, L=8, size=64, grid=2)
+        return fx.Scattering(J=2, L=8, size=64, grid=2)
     if name == "scattering_J2_g4":
-        return fx.ScatteringExtractor(J=2, L=8, size=64, grid=4)
+        return fx.Scattering(J=2, L=8, size=64, grid=4)
     if name == "scattering_J3_g2":
-        return fx.ScatteringExtractor(J=3, L=8, size=64, grid=2)
+        return fx.Scattering(J=3, L=8, size=64, grid=2)
     if name == "scattering_J2_g4_32px":  # what the product's backbone computes on 32 px images
-        return fx.ScatteringExtractor(J=2, L=8, size=32, grid=4)
+        return fx.Scattering(J=2, L=8, size=32, grid=4)
     if name == "phantom_cnn":
         return fx.PhantomEncoderExtractor(fx.train_phantom_encoder(encoder))
     if name == "unet_encoder":
@@ -177,12 +176,9 @@ def linear_dp_sgd(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, *, steps: i
 
 def federated_dp(x: np.ndarray, y: np.ndarray, sites: np.ndarray, *, epsilon: float, lr: float, rounds: int,
                  local_steps: int, clip: float, seed: int, delta: float = 1e-5, batch_fraction: float = 1 / 3,
-                 engine: str = "closed-form", optimizer: str = "adam") -> tuple[nn.Linear, dict[str, Any]]:
-    """FedAvg of per-site DP-SGD softmax heads; every site has its own ledger for the whole run.
-
-    ``engine``: ``"closed-form"`` (:func:`linear_dp_sgd`) or ``"opacus"`` (:func:`train_private`, the product's
-    path; the same mechanism, ~50x slower).
-    """
+                 optimizer: str = "adam") -> tuple[nn.Linear, dict[str, Any]]:
+    """FedAvg of per-site DP-SGD softmax heads (:func:`linear_dp_sgd`, the product's Opacus step in closed form);
+    every site has its own ledger for the whole run."""
     dim = x.shape[1]
     global_head = nn.Linear(dim, NUM_CLASSES)
     nn.init.zeros_(global_head.weight)
@@ -199,22 +195,11 @@ def federated_dp(x: np.ndarray, y: np.ndarray, sites: np.ndarray, *, epsilon: fl
             head.load_state_dict(global_head.state_dict())
             n = len(data[s])
             batch = max(1, math.ceil(n * batch_fraction))
-            if engine == "opacus":
-                res = train_private(head, _per_example_ce, data[s], steps=local_steps, batch_size=batch,
-                                    lr=lr, ledger=ledgers[s], model_key="classifier",
-                                    planned_total_steps=rounds * local_steps, max_grad_norm=clip,
-                                    grad_sample_mode="functorch", optimizer=optimizer,  # type: ignore[arg-type]
-                                    seed=_seed(seed, s, r, "pub"),
-                                    noise_seed=_seed(seed, s, r, "noise"))
-                sigma, q = res.noise_multiplier, res.sample_rate
-            elif engine == "closed-form":
-                gen = torch.Generator().manual_seed(_seed(seed, s, r, "noise") % 2**63)
-                sigma = linear_dp_sgd(head, *data[s].tensors, steps=local_steps, batch_size=batch, lr=lr,
-                                      ledger=ledgers[s], planned_total_steps=rounds * local_steps, clip=clip,
-                                      generator=gen, optimizer=optimizer)
-                q = 1.0 / math.ceil(n / batch)
-            else:
-                raise ValueError(f"engine={engine!r}: choose 'closed-form' or 'opacus'")
+            gen = torch.Generator().manual_seed(_seed(seed, s, r, "noise") % 2**63)
+            sigma = linear_dp_sgd(head, *data[s].tensors, steps=local_steps, batch_size=batch, lr=lr,
+                                  ledger=ledgers[s], planned_total_steps=rounds * local_steps, clip=clip,
+                                  generator=gen, optimizer=optimizer)
+            q = 1.0 / math.ceil(n / batch)
             states.append(head.state_dict())
             if r == rounds - 1:
                 info[s] = {"n": n, "epsilon": round(ledgers[s].epsilon("classifier"), 4), "sigma": round(sigma, 4),
