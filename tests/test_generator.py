@@ -151,7 +151,7 @@ def test_save_load_round_trip_identical_outputs(tmp_path: Path) -> None:
     assert sidecar["seed"] == 3 and sidecar["epsilon"] == 1.5 and sidecar["code_version"]
     assert (folder / "unet" / "config.json").is_file()
     assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    assert json.loads((folder / "condition_encoder.json").read_text())["encoder"]["use_site"] is True
+    assert json.loads((folder / "condition_encoder" / "config.json").read_text())["use_site"] is True
     assert [p.name for p in tmp_path.iterdir()] == ["gen"]  # no temp folder left behind
 
 
@@ -183,7 +183,7 @@ def test_save_overwrites_and_fp16_is_smaller_and_close(tmp_path: Path) -> None:
 def test_load_bad_folder_raises_clear_errors(tmp_path: Path) -> None:
     # Prepare
     folder = save_generator(build_generator(TINY, image_size=32, seed=0), tmp_path / "gen", sidecar={})
-    (folder / "condition_encoder.json").write_text("{not json")
+    (folder / "generator.json").write_text("{not json")
 
     # Execute / Assert
     with pytest.raises(FileNotFoundError, match="not a generator folder"):

@@ -65,7 +65,6 @@ def sample(
         raise ValueError(f"guidance_scale={guidance_scale} must be >= 0")
     if num_inference_steps < 1 or batch_size < 1:
         raise ValueError("num_inference_steps and batch_size must be >= 1")
-    cfg = model.generator_config
     size = model.image_size
     was_training = model.training
     model.eval().to(device)
@@ -83,9 +82,8 @@ def sample(
             )
             uncond = (torch.full((m,), -1, device=device), torch.full((m,), float("nan"), device=device),
                       torch.full((m,), -1, device=device) if site is not None else None)
-            scheduler = make_scheduler(
-                scheduler_name, num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction_type
-            )
+            # the model's own training schedule (saved with its weights), never today's constants
+            scheduler = make_scheduler(scheduler_name, schedule=model.scheduler_config)
             scheduler.set_timesteps(num_inference_steps, device=device)
             x = noise[start:stop].to(device) * scheduler.init_noise_sigma
             for t in scheduler.timesteps:

@@ -12,29 +12,39 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, ModelMixin, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from common.core.atomic_io import atomic_dir
 from common.core.config import GeneratorConfig
 from common.core.provenance import code_version
 from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
+from common.diffusion.schedulers import AnyScheduler, make_scheduler
 from common.models.lora import merged_copy
 
 NUM_PLANES = len(PLANES)
 NULL_PLANE = NUM_PLANES  # embedding row of the "no plane" token (classifier-free guidance, Ho & Salimans 2022)
 GA_FOURIER_FEATURES = 16
-ENCODER_FILE = "condition_encoder.safetensors"
-ENCODER_JSON = "condition_encoder.json"
 SIDECAR_JSON = "sidecar.json"
 UNET_DIR = "unet"
+ENCODER_DIR = "condition_encoder"  # diffusers folder: ConditionEncoder.from_pretrained(folder, subfolder=ENCODER_DIR)
+SCHEDULER_DIR = "scheduler"  # DDPMScheduler.from_pretrained(folder, subfolder=SCHEDULER_DIR): the training schedule
+SCHEDULER_JSON = "scheduler_config.json"
+GENERATOR_JSON = "generator.json"  # GeneratorConfig and image size
+# The layout before scheduler/ and condition_encoder/ (the shipped prior-demo): migrated on load.
+LEGACY_ENCODER_FILE = "condition_encoder.safetensors"
+LEGACY_ENCODER_JSON = "condition_encoder.json"
+
+log = logging.getLogger(__name__)
 
 
 def norm_groups(channels: tuple[int, ...]) -> int:
@@ -75,16 +85,17 @@ def set_contiguous_attention(unet: UNet2DModel) -> None:
             module.set_processor(ContiguousAttnProcessor())
 
 
-class ConditionEncoder(nn.Module):
+class ConditionEncoder(ModelMixin, ConfigMixin):
     """Maps (plane, gestational age, site) to one vector of the UNet's time-embedding size.
 
     Plane: ``nn.Embedding`` over the 6 planes + 1 null token (index -1 in the input). GA: normalised
     ``(ga - 14) / 26``, Fourier features ``sin/cos(2^k * pi * x)`` (Tancik et al. 2020) -> 2-layer MLP;
     NaN means unknown and selects a learned null vector. Site (optional): embedding + null (-1).
-    The three vectors are summed.
+    The three vectors are summed. A diffusers model: ``save_pretrained`` / ``from_pretrained`` on a local folder.
     """
 
-    def __init__(self, embed_dim: int, *, use_site: bool = False, max_sites: int = 16) -> None:
+    @register_to_config
+    def __init__(self, embed_dim: int, use_site: bool = False, max_sites: int = 16) -> None:
         super().__init__()
         self.embed_dim = embed_dim
         self.use_site = use_site
@@ -133,13 +144,30 @@ class ConditionalUNet(nn.Module):
     """``UNet2DModel`` conditioned on plane, GA and (optionally) site through its class-embedding slot."""
 
     def __init__(
-        self, unet: UNet2DModel, encoder: ConditionEncoder, *, generator_config: GeneratorConfig, image_size: int
+        self,
+        unet: UNet2DModel,
+        encoder: ConditionEncoder,
+        *,
+        generator_config: GeneratorConfig,
+        image_size: int,
+        scheduler_config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.unet = unet
         self.encoder = encoder
         self.generator_config = generator_config
         self.image_size = image_size
+        # The training noise schedule (a diffusers scheduler config), saved with the weights and loaded back.
+        if scheduler_config is None:
+            scheduler_config = dict(make_scheduler(
+                "ddpm", num_train_timesteps=generator_config.num_train_timesteps,
+                prediction_type=generator_config.prediction_type,
+            ).config)
+        self.scheduler_config = dict(scheduler_config)
+
+    def noise_scheduler(self, name: str = "ddpm") -> AnyScheduler:
+        """A fresh diffusers scheduler (``ddpm`` / ``ddim`` / ``dpmsolver``) on this model's training schedule."""
+        return make_scheduler(name, schedule=self.scheduler_config)  # type: ignore[arg-type]
 
     def forward(
         self,
@@ -255,24 +283,68 @@ def save_generator(
         if dtype == torch.float16:
             unet.half()  # not .to(dtype): diffusers warns on that path for every cast
         unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
-        enc_state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.encoder.state_dict().items()}
-        save_file(enc_state, str(tmp / ENCODER_FILE))
-        enc_meta = {
-            "encoder": model.encoder.config_dict(),
-            "generator_config": dataclasses.asdict(model.generator_config),
-            "image_size": model.image_size,
-        }
-        (tmp / ENCODER_JSON).write_text(json.dumps(enc_meta, indent=2))
+        encoder = copy.deepcopy(model.encoder).cpu()
+        if dtype == torch.float16:
+            encoder.half()
+        encoder.save_pretrained(tmp / ENCODER_DIR, safe_serialization=True)
+        DDPMScheduler.from_config(model.scheduler_config).save_config(tmp / SCHEDULER_DIR)
+        gen_meta = {"generator_config": dataclasses.asdict(model.generator_config), "image_size": model.image_size}
+        (tmp / GENERATOR_JSON).write_text(json.dumps(gen_meta, indent=2))
         (tmp / SIDECAR_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return folder
 
 
+def _read_json(path: Path, fix: str) -> dict[str, Any]:
+    """A JSON object from ``path``, or an error naming the file and ``fix``."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; {fix}")
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is malformed, not valid JSON ({exc}); {fix}") from exc
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is malformed, not a JSON object; {fix}")
+    return obj
+
+
+def _generator_config(meta: dict[str, Any], path: Path) -> tuple[GeneratorConfig, int]:
+    """``(GeneratorConfig, image_size)`` from a generator.json (or legacy condition_encoder.json) object."""
+    try:
+        gcfg = dict(meta["generator_config"])
+        gcfg["block_out_channels"] = tuple(gcfg["block_out_channels"])
+        return GeneratorConfig(**gcfg), int(meta["image_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is malformed: {exc!r}") from exc
+
+
+def _load_scheduler_config(folder: Path) -> dict[str, Any]:
+    """The training schedule saved in ``folder/scheduler``; a clear error if missing or corrupt."""
+    path = folder / SCHEDULER_DIR / SCHEDULER_JSON
+    fix = (f"{folder} is a generator folder without a valid noise schedule; restore {path} from the run that "
+           "trained it (re-saving with save_generator would write today's default schedule, which may not be "
+           "the one these weights were trained on)")
+    raw = _read_json(path, fix)
+    try:
+        scheduler = DDPMScheduler.from_config(raw)
+        if int(scheduler.config.num_train_timesteps) < 1 or "beta_schedule" not in raw:
+            raise ValueError("num_train_timesteps / beta_schedule missing or invalid")
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        raise ValueError(f"{path} is not a diffusers scheduler config ({exc}); {fix}") from exc
+    return dict(scheduler.config)
+
+
 def load_generator(folder: Path, *, device: str = "cpu") -> tuple[ConditionalUNet, dict[str, Any]]:
-    """Load a folder written by :func:`save_generator` (weights as float32).
+    """Load a folder written by :func:`save_generator` (weights as float32): the one generator loader.
+
+    Layout: ``unet/`` (``UNet2DModel``), ``condition_encoder/`` (:class:`ConditionEncoder`), ``scheduler/``
+    (the training ``DDPMScheduler`` config), ``generator.json``, ``sidecar.json``. A legacy folder
+    (``condition_encoder.json`` + ``.safetensors``, no ``scheduler/``, e.g. the shipped prior-demo) is
+    migrated in memory: its schedule is rebuilt from the constants of :mod:`common.diffusion.schedulers`, the
+    ones it was trained with; a note is logged. Save it again to write the new layout.
 
     Parameters
     ----------
-    folder: the diffusers-style folder.
+    folder: the diffusers-style folder (local; never a hub id).
     device: where to put the model.
 
     Returns
@@ -280,27 +352,39 @@ def load_generator(folder: Path, *, device: str = "cpu") -> tuple[ConditionalUNe
     ``(model, sidecar)``.
     """
     folder = Path(folder)
-    for part in (UNET_DIR + "/config.json", ENCODER_FILE, ENCODER_JSON, SIDECAR_JSON):
+    for part in (UNET_DIR + "/config.json", SIDECAR_JSON):
         if not (folder / part).exists():
             raise FileNotFoundError(
                 f"{folder / part} is missing: {folder} is not a generator folder (see save_generator)"
             )
-    try:
-        enc_meta = json.loads((folder / ENCODER_JSON).read_text())
-        sidecar = json.loads((folder / SIDECAR_JSON).read_text())
-        gcfg = dict(enc_meta["generator_config"])
-        gcfg["block_out_channels"] = tuple(gcfg["block_out_channels"])
-        cfg = GeneratorConfig(**gcfg)
-        encoder = ConditionEncoder(**enc_meta["encoder"])
-        image_size = int(enc_meta["image_size"])
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{folder / ENCODER_JSON} or {SIDECAR_JSON} is malformed: {exc!r}") from exc
-    unet = UNet2DModel.from_pretrained(str(folder / UNET_DIR), local_files_only=True, torch_dtype=torch.float32)
+    sidecar = _read_json(folder / SIDECAR_JSON, "the folder's sidecar is damaged")
+    legacy = not (folder / ENCODER_DIR).exists() and (folder / LEGACY_ENCODER_JSON).exists()
+    if legacy:
+        meta = _read_json(folder / LEGACY_ENCODER_JSON, "the legacy generator folder is damaged")
+        cfg, image_size = _generator_config(meta, folder / LEGACY_ENCODER_JSON)
+        try:
+            encoder = ConditionEncoder(**meta["encoder"])
+            encoder.load_state_dict(
+                {k: v.float() for k, v in load_file(str(folder / LEGACY_ENCODER_FILE)).items()}, strict=True
+            )
+        except (KeyError, TypeError, RuntimeError, OSError) as exc:
+            raise ValueError(f"{folder / LEGACY_ENCODER_FILE} does not match {LEGACY_ENCODER_JSON}: {exc}") from exc
+        scheduler_config = dict(make_scheduler(
+            "ddpm", num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction_type).config)
+        log.info("%s is a legacy generator folder (no %s/): its schedule is rebuilt from the linear-beta constants "
+                 "it was trained with; save_generator writes the new layout", folder, SCHEDULER_DIR)
+    else:
+        cfg, image_size = _generator_config(
+            _read_json(folder / GENERATOR_JSON, "the generator folder is damaged"), folder / GENERATOR_JSON)
+        scheduler_config = _load_scheduler_config(folder)
+        if not (folder / ENCODER_DIR / "config.json").exists():
+            raise FileNotFoundError(f"{folder / ENCODER_DIR / 'config.json'} is missing: {folder} is incomplete")
+        encoder = ConditionEncoder.from_pretrained(
+            str(folder), subfolder=ENCODER_DIR, local_files_only=True, torch_dtype=torch.float32)
+    unet = UNet2DModel.from_pretrained(
+        str(folder), subfolder=UNET_DIR, local_files_only=True, torch_dtype=torch.float32)
     set_contiguous_attention(unet)
-    try:
-        encoder.load_state_dict({k: v.float() for k, v in load_file(str(folder / ENCODER_FILE)).items()}, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"{folder / ENCODER_FILE} does not match {ENCODER_JSON}: {exc}") from exc
-    model = ConditionalUNet(unet, encoder, generator_config=cfg, image_size=image_size).to(device)
+    model = ConditionalUNet(unet, encoder, generator_config=cfg, image_size=image_size,
+                            scheduler_config=scheduler_config).to(device)
     model.train()
     return model, sidecar
