@@ -253,6 +253,28 @@ def run_audit(release: Path, out: Path, *, checkpoint: Path | None = None, priva
     return report
 
 
+def audit_summary(run_dir: Path) -> Path:
+    """The short audit a finished run ends with: ``RUN/audit/audit.json`` (and ``audit.html`` when it released).
+
+    The DP certificate recomputed from the checkpoints' ledgers and, with a release, the per-image claims checked
+    against it (no member images: the full audit with ``--private`` is ``difusal audit``). Returns the JSON path.
+    """
+    from common.core.run_layout import RunLayout
+
+    layout = RunLayout(Path(run_dir))
+    out = layout.root / "audit"
+    if (layout.release / "metadata.jsonl").is_file():
+        run_audit(layout.release, out, checkpoint=layout.root)
+        return out / "audit.json"
+    ckpt = find_round(layout.root)
+    report: dict[str, Any] = {"inputs": {"release": None, "checkpoint": str(ckpt)},
+                              "certificate": dp_certificate(round_records(ckpt), release_records=[])}
+    report["headline"] = headline(report)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "audit.json").write_text(json.dumps(json_safe(report), indent=2))
+    return out / "audit.json"
+
+
 # -- the audit parts ------------------------------------------------------------------------------------------
 @dataclass
 class Models:

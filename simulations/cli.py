@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from common.core.config import DATA_PRESETS, RunConfig, data_preset, parse_overrides
-from common.core.errors import ConfigError
+from common.core.errors import ConfigError, DifusalError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,16 +68,34 @@ def cmd_simulate(args: argparse.Namespace, *, name: str) -> int:
     num_sites = count_sites(cfg)
     if num_sites != cfg.data.num_sites:
         cfg = replace(cfg, data=replace(cfg.data, num_sites=num_sites))
-    print(f"[difusal] preset={cfg.preset} sites={num_sites} rounds={cfg.federation.num_rounds} run-dir={cfg.run_dir}")
-    result = run_simulation(cfg, num_sites=num_sites, resume=args.resume, echo=not args.quiet)
-    summary = {"returncode": result.returncode, "wall_s": round(result.wall_s, 1), "run_dir": str(result.run_dir)}
+    print(f"[difusal] {name}: preset {cfg.preset}, {num_sites} sites, {cfg.federation.num_rounds} rounds, "
+          f"run folder {cfg.run_dir}")
+    if not args.verbose:
+        print(f"[difusal] Flower's and Ray's logs: {Path(cfg.run_dir) / 'logs'}/ (--verbose shows them here)")
+    result = run_simulation(cfg, num_sites=num_sites, resume=args.resume, echo=args.verbose,
+                            events=not args.quiet)
     if result.returncode != 0:
-        print(f"[difusal] FAILED: {json.dumps({**summary, 'reason': result.reason})}")
+        print(f"[difusal] FAILED after {result.wall_s:.0f} s: {result.reason} (logs: {result.run_dir / 'logs'}/)")
         return result.returncode
-    print(f"[difusal] finished: {json.dumps(summary)}")
-    for fig in sorted((Path(cfg.run_dir) / "figures").glob("*.png")):
-        print(f"[difusal] figure: {fig}")
+    if not args.no_report:
+        write_results(Path(cfg.run_dir))
+    from simulations.progress import closing_summary
+
+    for line in closing_summary(Path(cfg.run_dir), wall_s=result.wall_s):
+        print(line)
     return result.returncode
+
+
+def write_results(run_dir: Path) -> None:
+    """``report.html`` and the privacy-audit summary (``audit/``) of a finished run; a failure is one line."""
+    from simulations.audit import audit_summary
+    from simulations.report import build_report
+
+    for what, make in (("report", lambda: build_report(run_dir)), ("audit summary", lambda: audit_summary(run_dir))):
+        try:
+            make()
+        except Exception as err:  # the run itself succeeded: say what is missing and go on
+            print(f"[difusal] could not write the {what}: {type(err).__name__}: {err}")
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
@@ -159,8 +177,23 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser (one subcommand per job)."""
-    p = argparse.ArgumentParser(prog="difusal", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="difusal", description=__doc__.splitlines()[0],
+                                epilog="example: difusal demo   (then open the report.html it names)\n"
+                                       "every command: difusal <command> --help",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add = sub.add_parser
+
+    def add_parser(name: str, **kw: object) -> argparse.ArgumentParser:
+        kw.setdefault("epilog", f"example: {EXAMPLES[name]}" if name in EXAMPLES else None)
+        sp = _add(name, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)  # type: ignore[arg-type]
+        if kw.get("add_help", True):
+            sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                            help="show the traceback of an error")
+        return sp
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     def common(sp: argparse.ArgumentParser, preset: str) -> None:
         sp.add_argument("--preset", default=preset, help="smoke | demo | paper (default: %(default)s)")
@@ -179,7 +212,12 @@ def make_parser() -> argparse.ArgumentParser:
         sp.add_argument("--prior", default="shipped" if name == "demo" else None,
                         help="'shipped', a prior/checkpoint folder, or '' for a fresh init")
         sp.add_argument("--resume", action="store_true", help="continue a killed run from its last checkpoint")
-        sp.add_argument("--quiet", action="store_true", help="do not echo Flower's log")
+        sp.add_argument("--verbose", action="store_true",
+                        help="echo Flower's and Ray's log here (always written to RUN/logs/)")
+        sp.add_argument("--quiet", action="store_true",
+                        help="no line per event: only the start line and the closing summary")
+        sp.add_argument("--no-report", action="store_true",
+                        help="do not write report.html and the audit summary at the end")
     sp = sub.add_parser("preview", help="phantom grids and the site partition summary")
     common(sp, "demo")
     sp.add_argument("--out", default="")
@@ -203,17 +241,116 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument("--split", default=None, choices=["train", "test", "all"],
                     help="which published split to score (default: test; HC18, one labelled set: all)")
     sp.add_argument("--json", default="", metavar="OUT", help="also write the JSON object to this file")
+    for name, (module, helptext) in DELEGATED.items():
+        sp = sub.add_parser(name, help=helptext, add_help=False,
+                            description=f"{helptext}; the arguments are those of python -m {module} "
+                                        f"(difusal {name} --help lists them)")
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
     return p
 
 
+# Commands whose parser lives in their own module (``python -m MODULE`` keeps working): name -> (module, help).
+DELEGATED: dict[str, tuple[str, str]] = {
+    "report": ("simulations.report", "write RUN/report.html (every image embedded) for a run folder"),
+    "audit": ("simulations.audit", "privacy audit of a release: DP certificate, memorisation, membership inference"),
+    "deploy": ("simulations.deploy", "TLS deployment: certificates, SuperLink, SuperNodes (see its subcommands)"),
+    "experiment": ("simulations.experiments", "the studies: downstream | extractors | ga_heads | al_loop"),
+}
+EXPERIMENTS = ("downstream", "extractors", "ga_heads", "al_loop")
+EXAMPLES: dict[str, str] = {
+    "demo": "difusal demo --run-dir runs/my-demo",
+    "simulate": "difusal simulate --preset smoke --set federation.num-rounds=2",
+    "preview": "difusal preview --out runs/preview",
+    "pretrain": "difusal pretrain --preset demo --out common/assets/prior-demo",
+    "release": "difusal release repair runs/my-demo/release --dry-run",
+    "report": "difusal report runs/my-demo   (writes runs/my-demo/report.html)",
+    "audit": "difusal audit --release runs/my-demo/release --checkpoint runs/my-demo --private site:0 "
+             "--out runs/my-demo/audit-full",
+    "deploy": "difusal deploy up --help",
+    "experiment": "difusal experiment downstream evaluate runs/my-demo",
+    "evaluate": "difusal evaluate runs/my-demo/checkpoints/round-003 --data hc18 --data-root ../shared/data/hc18",
+}
+
+
+def run_delegated(name: str, rest: list[str]) -> int:
+    """Hand ``rest`` to the module's own ``main`` (``experiment KIND ...``: the study's module)."""
+    import importlib
+
+    module = DELEGATED[name][0]
+    prog = f"difusal {name}"
+    if name == "experiment":
+        if not rest or rest[0] not in EXPERIMENTS:
+            if rest and rest[0] in ("-h", "--help"):
+                print(f"usage: difusal experiment {{{','.join(EXPERIMENTS)}}} [ARGS...]\n\n{DELEGATED[name][1]}\n\n"
+                      "example: difusal experiment downstream --help")
+                return 0
+            raise UsageError(f"difusal experiment needs one of {', '.join(EXPERIMENTS)} "
+                             f"(got {rest[0] if rest else 'nothing'}); e.g. difusal experiment downstream --help")
+        module, prog, rest = f"{module}.{rest[0]}", f"{prog} {rest[0]}", rest[1:]
+    mod = importlib.import_module(module)
+    entry = getattr(mod, "main", None) or getattr(mod, "_cli")
+    saved = sys.argv
+    sys.argv = [prog, *rest]
+    try:
+        try:
+            rc = entry(rest)
+        except TypeError:  # a main() without argv reads sys.argv
+            rc = entry()
+    except SystemExit as done:  # argparse's --help and usage errors
+        rc = done.code
+    finally:
+        sys.argv = saved
+    if any(a in ("-h", "--help") for a in rest):
+        print(f"\nexample: {EXAMPLES[name]}")
+    return int(rc or 0)
+
+
+class UsageError(Exception):
+    """A mistake on the command line: printed as one line."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point."""
+    """Entry point: errors a user can cause are one line and the fix (``--debug``: the traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(argv) and argv[0] == "--debug"
+    if argv[debug:] and argv[debug] in DELEGATED:  # the module's own parser reads every argument after the name
+        args = argparse.Namespace(command=argv[debug], rest=argv[debug + 1:], debug=debug)
+    else:
+        args = make_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except (DifusalError, UsageError, FileNotFoundError, NotADirectoryError) as err:
+        if args.debug:
+            raise
+        print(f"difusal {args.command}: error: {short_error(err)} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+
+
+def short_error(err: BaseException) -> str:
+    """The error's message; an unknown config key names the closest known key instead of listing them all."""
+    import ast
+    import difflib
+    import re
+
+    text = str(err)
+    m = re.match(r"unknown config key '([^']+)'; known keys: (\[.*\])$", text)
+    if m:
+        keys = ast.literal_eval(m.group(2))
+        close = difflib.get_close_matches(m.group(1), keys, n=1)
+        hint = f"did you mean {close[0]}?" if close else "the keys are the fields of common/core/config.py"
+        return f"unknown config key '{m.group(1)}': {hint} (--set SECTION.KEY=VALUE)"
+    return text
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed command."""
     from simulations.launcher import set_offline_env
 
     set_offline_env()
-    args = make_parser().parse_args(argv)
     if getattr(args, "seed", None) is None and args.command in ("preview", "pretrain"):
         args.seed = 0
+    if args.command in DELEGATED:
+        return run_delegated(args.command, list(args.rest))
     if args.command in ("demo", "simulate"):
         return cmd_simulate(args, name=args.command)
     if args.command == "preview":

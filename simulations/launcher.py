@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 from common.core.config import RunConfig, run_config_toml
 from common.core.provenance import code_version
 from common.core.run_layout import RunLayout
+from simulations.progress import event_line
 from simulations.watchdog import Watchdog
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -236,6 +237,7 @@ def run_simulation(
     resume: bool = False,
     extra_env: Mapping[str, str] | None = None,
     echo: bool = True,
+    events: bool = False,
     timeout_s: float | None = None,
     cpus_per_site: float = 1.0,
     overlay: AppOverlay | None = None,
@@ -248,6 +250,8 @@ def run_simulation(
         Must have an absolute ``run_dir``; the run folder receives ``logs/`` and ``.flwr/``.
     echo:
         Stream the run's log to this process' stdout as well as to ``logs/flwr-run.log``.
+    events:
+        When not ``echo``: print only the server's events, one plain line each (:func:`simulations.progress.event_line`).
     cpus_per_site:
         Ray CPUs reserved per simulated site: ``os.cpu_count()`` runs one site at a time.
     overlay:
@@ -276,7 +280,7 @@ def run_simulation(
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
                "--run-config", str(write_run_config(cfg, flwr_home, resume=resume))]
         rc = run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s,
-                         on_start=dog.adopt)
+                         on_start=dog.adopt, events=events)
     rc, reason = outcome(run_dir, rc)
     return LaunchResult(returncode=rc, run_dir=run_dir, wall_s=time.perf_counter() - t0, log_file=logs / "flwr-run.log",
                         reason=reason)
@@ -358,8 +362,10 @@ class EchoDeduplicator:
 
 
 def run_and_tee(cmd: list[str], *, env: Mapping[str, str], log_file: Path, echo: bool, timeout_s: float | None,
-                on_start: Callable[[int], None] | None = None) -> int:
+                on_start: Callable[[int], None] | None = None, events: bool = False) -> int:
     """Run ``cmd`` in its own process group, its output to ``log_file`` (and stdout when ``echo``); its exit code.
+
+    ``events`` (when not ``echo``): print the server's events only, one plain line each.
 
     ``on_start`` receives the pid once started (a :class:`~simulations.watchdog.Watchdog` adopts it).
     """
@@ -380,6 +386,8 @@ def run_and_tee(cmd: list[str], *, env: Mapping[str, str], log_file: Path, echo:
                 if echo and dedup.keep(text):
                     sys.stdout.write(text)
                     sys.stdout.flush()
+                elif events and not echo and (event := event_line(text)) is not None:
+                    print(event, flush=True)
                 if deadline is not None and time.monotonic() > deadline:
                     raise TimeoutError(f"flwr run exceeded {timeout_s:.0f}s")
             return proc.wait()

@@ -1,0 +1,92 @@
+"""What the user sees while a run goes: one short line per event, and a closing summary of the run folder.
+
+Flower's and Ray's logs go to ``<run>/logs/`` (``--verbose`` echoes them whole). Without ``--verbose`` the launcher
+passes each line of ``flwr run --stream`` through :func:`event_line`, which keeps only the server's own events
+(round start, the round summary, the coordinator's query, failures) and rewrites them as one plain line each.
+:func:`closing_summary` reads the finished run folder (``metrics.jsonl``, ``figures/``, ``report.html``,
+``audit/``) and returns the ~10 lines printed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from common.core.run_layout import RunLayout
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CONSOLE = re.compile(r"^([A-Z]+) *:\s*(.*)$")  # Flower's console format: "INFO :      message"
+_ROUND_START = re.compile(r"^\[ROUND (\d+)/(\d+)\]$")
+_ROUND_DONE = re.compile(r"^Round (\d+)/(\d+) done in ([\d.]+)s \| sites: (.*?) \| plane-acc (\S+) \| "
+                         r"denoise-loss (\S+)$")
+_QUERY = re.compile(r"^Query round (\d+): (\d+) candidates from (\d+) sites, (\d+) released \(release size (\d+)\)$")
+PREFIX = "[difusal]"
+
+
+def event_line(raw: str) -> str | None:
+    """The plain line to show for one line of Flower's stream, or ``None`` to leave it to the log file."""
+    text = _ANSI.sub("", raw.rstrip("\n"))
+    console = _CONSOLE.match(text)
+    if not console:
+        return None
+    level, message = console.group(1), console.group(2).strip()
+    if m := _ROUND_START.match(message):
+        return f"{PREFIX} round {m.group(1)}/{m.group(2)}: training at the sites"
+    if m := _ROUND_DONE.match(message):
+        sites = m.group(4).replace("=", " ").replace("(eps ", " (epsilon ")
+        return (f"{PREFIX} round {m.group(1)}/{m.group(2)} done in {float(m.group(3)):.0f} s | {sites} | "
+                f"plane accuracy {m.group(5)} | denoise loss {m.group(6)}")
+    if m := _QUERY.match(message):
+        return (f"{PREFIX} query round {m.group(1)}: {m.group(2)} candidates from {m.group(3)} sites, "
+                f"{m.group(4)} released, release size {m.group(5)}")
+    if level in ("ERROR", "CRITICAL"):
+        return f"{PREFIX} {level.lower()}: {message}"
+    return None
+
+
+def _last(paths: list[Path]) -> Path | None:
+    return sorted(paths)[-1] if paths else None
+
+
+def closing_summary(run_dir: Path, *, wall_s: float) -> list[str]:
+    """The lines printed when a run finished: wall time, per-site epsilon, accuracy, release size, what to open."""
+    from common.federated.round_metrics import round_summary
+
+    layout = RunLayout(Path(run_dir))
+    records = [json.loads(line) for line in layout.metrics.read_text().splitlines() if line.strip()] \
+        if layout.metrics.is_file() else []
+    lines = [f"{PREFIX} finished in {wall_s / 60:.1f} min ({wall_s:.0f} s); run folder {layout.root}"]
+    if records:
+        last = records[-1]
+        budget = _budget(layout)
+        for site, models in sorted(last.get("ledger", {}).items()):
+            eps = max((float(v.get("epsilon", 0.0)) for v in models.values()), default=0.0)
+            lines.append(f"{PREFIX}   {site}: epsilon {eps:.2f}" + (f" of {budget:g}" if budget else ""))
+        summary = round_summary(last)
+        acc, mae = summary.get("plane_accuracy"), summary.get("ga_mae_days")
+        lines.append(f"{PREFIX} round {summary['round']}: plane accuracy "
+                     f"{'n/a' if acc is None else f'{acc:.3f}'}, GA error "
+                     f"{'n/a' if mae is None else f'{mae:.1f} days'}; release size {summary['release_size']}")
+    opened = [("report", layout.report if layout.report.is_file() else None),
+              ("audit", _first(layout.root / "audit" / "audit.html", layout.root / "audit" / "audit.json")),
+              ("release grid", _last(list(layout.figures.glob("release-round-*.png")))),
+              ("samples", _last(list(layout.figures.glob("samples-round-*.png")))),
+              ("logs", layout.logs if layout.logs.is_dir() else None)]
+    for name, path in opened:
+        if path is not None:
+            lines.append(f"{PREFIX} open {name + ':':14s}{path}")
+    return lines
+
+
+def _first(*paths: Path) -> Path | None:
+    return next((p for p in paths if p.is_file()), None)
+
+
+def _budget(layout: RunLayout) -> float | None:
+    try:
+        cfg: dict[str, Any] = json.loads(layout.config.read_text())["config"]
+        return float(cfg["privacy"]["target_epsilon"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
