@@ -62,6 +62,7 @@ def cmd_simulate(args: argparse.Namespace, *, name: str) -> int:
     """Run N simulated sites through a SuperLink + ``flwr run``."""
     from simulations.launcher import run_simulation
 
+    t0 = time.perf_counter()
     run_dir = args.run_dir or str(default_run_dir(name))
     cfg = build_config(args.preset, args.set, run_dir=run_dir, data=args.data, data_root=args.data_root,
                        seed=args.seed, prior=args.prior)
@@ -81,7 +82,7 @@ def cmd_simulate(args: argparse.Namespace, *, name: str) -> int:
         write_results(Path(cfg.run_dir))
     from simulations.progress import closing_summary
 
-    for line in closing_summary(Path(cfg.run_dir), wall_s=result.wall_s):
+    for line in closing_summary(Path(cfg.run_dir), wall_s=time.perf_counter() - t0):
         print(line)
     return result.returncode
 
@@ -122,9 +123,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     """Train the public phantom prior (no DP) and write it as a prior folder."""
     from common.analysis.pretrain import pretrain_prior
 
-    cfg = build_config(args.preset, args.set, data=args.data, data_root=args.data_root, seed=args.seed)
+    sets = list(args.set) + ([f"train.pretrain-steps={args.steps}"] if args.steps is not None else [])
+    cfg = build_config(args.preset, sets, data=args.data, data_root=args.data_root, seed=args.seed)
     out = Path(args.out) if args.out else PROJECT_ROOT / "common" / "assets" / f"prior-{cfg.preset}"
-    path = pretrain_prior(cfg, out, command=" ".join(sys.argv))
+    path = pretrain_prior(cfg, out, command=" ".join(sys.argv), public_data=args.public_data, resume=args.resume,
+                          checkpoint_every=args.checkpoint_every)
     print(f"[difusal] prior written to {path}")
     return 0
 
@@ -225,6 +228,13 @@ def make_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("pretrain", help="train the public prior on phantoms (no privacy cost)")
     common(sp, "demo")
     sp.add_argument("--out", default="")
+    sp.add_argument("--steps", type=int, default=None, help="generator steps (train.pretrain-steps)")
+    sp.add_argument("--checkpoint-every", type=int, default=500, metavar="N",
+                    help="write the resumable state to OUT.resume/ every N generator steps (0: never)")
+    sp.add_argument("--resume", action="store_true", help="continue from OUT.resume/ (same command and seed)")
+    sp.add_argument("--public-data", action="append", default=[], metavar="LAYOUT:DIR",
+                    help="public real scans to train on too (fetal_planes_db, hc18, african); repeatable; "
+                         "never a site's private data")
     release = sub.add_parser("release", help="maintain a release folder").add_subparsers(dest="action", required=True)
     sp = release.add_parser("repair", help="move damaged lines and stray files to RELEASE_DIR/quarantine/<time>/")
     sp.add_argument("release_dir", metavar="RELEASE_DIR")

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates .venv if missing, then runs the main job or the tests.
+# Any other command goes to the difusal console script: bash simulations/run.sh report RUN_DIR, ...
 #   bash simulations/run.sh demo [args...]   # the main job
 #   bash simulations/run.sh test [pytest args...]
 set -euo pipefail
@@ -11,13 +12,17 @@ export HF_HUB_OFFLINE=1 RAY_TMPDIR="${RAY_TMPDIR:-/tmp/ray-difusal}" MPLCONFIGDI
 venv="$root/.venv"
 stamp="$venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e ".[test]"
+  mkdir -p "$root/.cache"; log="$root/.cache/install.log"; t0=$(date +%s)
+  echo "[difusal] installing into .venv (a few minutes the first time; pip's output: $log)"
+  { [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install --upgrade pip
+    "$venv/bin/python" -m pip install -e ".[test]"; } >"$log" 2>&1 \
+    || { echo "[difusal] install failed; the last lines of $log:" >&2; tail -n 20 "$log" >&2; exit 1; }
   rm -f "$venv"/.installed-*; touch "$stamp"
+  echo "[difusal] installed in $(( $(date +%s) - t0 )) s: $("$venv/bin/python" -m pip list 2>/dev/null | tail -n +3 | wc -l) packages ($venv)"
 fi
 cmd="${1:-demo}"; shift || true
 case "$cmd" in
   test) exec "$venv/bin/python" -m pytest "$@" ;;
-  *)    exec "$venv/bin/python" -m simulations.cli "$cmd" "$@" ;;
+  *)    exec "$venv/bin/difusal" "$cmd" "$@" ;;
 esac

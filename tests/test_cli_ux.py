@@ -1,0 +1,149 @@
+"""The user's first hour (issue 20): short output, results at the end, one command, one-line errors, the report renders."""
+
+from __future__ import annotations
+
+import html.parser
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from simulations.cli import DELEGATED, EXAMPLES, EXPERIMENTS, main, make_parser
+from simulations.progress import event_line
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def _commands() -> list[str]:
+    sub = next(a for a in make_parser()._actions if a.dest == "command")
+    return sorted(sub.choices)  # type: ignore[union-attr]
+
+
+def test_every_command_is_one_difusal_subcommand() -> None:
+    assert {"demo", "simulate", "preview", "pretrain", "evaluate", "report", "audit", "deploy",
+            "experiment"} <= set(_commands())
+
+
+@pytest.mark.parametrize("command", [*_commands(), *(f"experiment {e}" for e in EXPERIMENTS), "release repair"])
+def test_every_command_help_shows_an_example(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*command.split(), "--help"]
+    try:
+        rc = main(argv)
+    except SystemExit as done:  # argparse's own --help
+        rc = done.code
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "usage:" in out
+    name = command.split()[0]
+    if name in EXAMPLES and command != "release repair":
+        assert f"example: {EXAMPLES[name]}" in out or "example: difusal" in out
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["simulate", "--preset", "nope"], "preset='nope' is unknown; choose one of"),
+    (["simulate", "--set", "federation.num-roundz=2"], "did you mean federation.num-rounds?"),
+    (["simulate", "--data", "african", "--data-root", "/nonexistent/africa"], "folder not found: /nonexistent/africa"),
+    (["experiment", "bogus"], "needs one of downstream"),
+])
+def test_user_errors_are_one_line_with_the_fix(argv: list[str], expected: str,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1, err
+    assert expected in err and "--debug shows the traceback" in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback() -> None:
+    from common.core.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "simulate", "--preset", "nope"])
+    with pytest.raises(ConfigError):
+        main(["simulate", "--preset", "nope", "--debug"])
+
+
+def test_the_python_m_forms_still_work() -> None:
+    for module in {m for m, _ in DELEGATED.values()} - {"simulations.experiments"}:
+        out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=PROJECT_ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "usage:" in out.stdout, (module, out.stderr[-500:])
+
+
+def test_event_lines_keep_the_servers_events_only() -> None:
+    assert event_line("\x1b[92mINFO \x1b[0m:      [ROUND 2/3]") == "[difusal] round 2/3: training at the sites"
+    done = event_line("INFO :      Round 1/1 done in 23.4s | sites: a=ok(eps 6.00), b=budget-exhausted(eps 9.90) | "
+                      "plane-acc 0.250 | denoise-loss 1.0374")
+    assert done == ("[difusal] round 1/1 done in 23 s | a ok (epsilon 6.00), b budget-exhausted (epsilon 9.90) | "
+                    "plane accuracy 0.250 | denoise loss 1.0374")
+    assert event_line("INFO :      Query round 2: 12 candidates from 3 sites, 4 released (release size 8)") == \
+        "[difusal] query round 2: 12 candidates from 3 sites, 4 released, release size 8"
+    assert event_line("ERROR :     Run failed: no site trained") == "[difusal] error: Run failed: no site trained"
+    for noise in ("12/04/2026 00:48:07:DEBUG:Initialising: RayBackend", "INFO :      configure_train: Sampled 2 nodes",
+                  "Successfully started run 5919751056902890276", "WARNING :   Since flwr 1.32, default ..."):
+        assert event_line(noise) is None
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``difusal simulate --preset smoke`` with stdout a pipe (the demo's code path: report and audit on)."""
+    run_dir = tmp_path_factory.mktemp("ux") / "run"
+    out = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--preset", "smoke", "--run-dir",
+                          str(run_dir)], cwd=PROJECT_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    return out, run_dir
+
+
+@pytest.mark.e2e
+def test_smoke_output_is_short_names_the_sites_and_the_run_folder(smoke_run) -> None:  # type: ignore[no-untyped-def]
+    out, run_dir = smoke_run
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    lines = out.stdout.splitlines()
+    assert len(lines) < 40, out.stdout
+    assert str(run_dir) in out.stdout
+    sites = sorted(p.name for p in (run_dir / "sites").iterdir())
+    assert len(sites) == 2 and all(site in out.stdout for site in sites)
+    assert "INFO" not in out.stdout and "DEBUG" not in out.stdout  # Flower's log stays in logs/
+    flower_log = (run_dir / "logs" / "flwr-run.log").read_text()
+    assert "Starting Flower Simulation" in flower_log and "[ROUND 1/1]" in flower_log
+
+
+@pytest.mark.e2e
+def test_the_run_folder_holds_the_report_and_the_audit_summary(smoke_run) -> None:  # type: ignore[no-untyped-def]
+    out, run_dir = smoke_run
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert (run_dir / "report.html").is_file() and (run_dir / "audit" / "audit.json").is_file()
+    assert f"open report:       {run_dir / 'report.html'}" in out.stdout
+    assert "epsilon" in out.stdout and "plane accuracy" in out.stdout and "finished in" in out.stdout
+
+
+class _Images(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.src: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.src.append(dict(attrs).get("src") or "")
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
+def test_the_report_renders_offline_with_every_image(smoke_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out, run_dir = smoke_run
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    report = run_dir / "report.html"
+    images = _Images()
+    images.feed(report.read_text())
+    assert images.src, "the report shows no image"
+    for src in images.src:  # embedded, or a file that exists beside the report
+        assert src.startswith("data:image/png;base64,") or (report.parent / src).is_file(), src[:80]
+    shot = tmp_path / "first_screen.png"
+    done = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                           "--proxy-server=127.0.0.1:9", "--proxy-bypass-list=<-loopback>",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900",
+                           f"--screenshot={shot}", report.as_uri()], capture_output=True, text=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 10_000, done.stderr[-2000:]
