@@ -73,8 +73,19 @@ def cmd_simulate(args: argparse.Namespace, *, name: str) -> int:
           f"run folder {cfg.run_dir}")
     if not args.verbose:
         print(f"[difusal] Flower's and Ray's logs: {Path(cfg.run_dir) / 'logs'}/ (--verbose shows them here)")
-    result = run_simulation(cfg, num_sites=num_sites, resume=args.resume, echo=args.verbose,
-                            events=not args.quiet)
+    live = not args.verbose and not args.quiet and sys.stdout.isatty()
+    if live:  # a terminal: the live view (rounds, sites, epsilon, the query) instead of a line per event
+        from contextlib import ExitStack
+
+        from simulations.progress import LiveView
+
+        with ExitStack() as stack:
+            view = stack.enter_context(LiveView(rounds=cfg.federation.num_rounds, sites=[],
+                                                budget=cfg.privacy.target_epsilon))
+            result = run_simulation(cfg, num_sites=num_sites, resume=args.resume, echo=False, on_line=view.feed)
+    else:
+        result = run_simulation(cfg, num_sites=num_sites, resume=args.resume, echo=args.verbose,
+                                events=not args.quiet)
     if result.returncode != 0:
         print(f"[difusal] FAILED after {result.wall_s:.0f} s: {result.reason} (logs: {result.run_dir / 'logs'}/)")
         return result.returncode

@@ -238,6 +238,7 @@ def run_simulation(
     extra_env: Mapping[str, str] | None = None,
     echo: bool = True,
     events: bool = False,
+    on_line: Callable[[str], None] | None = None,
     timeout_s: float | None = None,
     cpus_per_site: float = 1.0,
     overlay: AppOverlay | None = None,
@@ -252,6 +253,8 @@ def run_simulation(
         Stream the run's log to this process' stdout as well as to ``logs/flwr-run.log``.
     events:
         When not ``echo``: print only the server's events, one plain line each (:func:`simulations.progress.event_line`).
+    on_line:
+        When not ``echo``: receives each line of the stream instead (the live view, :class:`simulations.progress.LiveView`).
     cpus_per_site:
         Ray CPUs reserved per simulated site: ``os.cpu_count()`` runs one site at a time.
     overlay:
@@ -280,7 +283,7 @@ def run_simulation(
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
                "--run-config", str(write_run_config(cfg, flwr_home, resume=resume))]
         rc = run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s,
-                         on_start=dog.adopt, events=events)
+                         on_start=dog.adopt, events=events, on_line=on_line)
     rc, reason = outcome(run_dir, rc)
     return LaunchResult(returncode=rc, run_dir=run_dir, wall_s=time.perf_counter() - t0, log_file=logs / "flwr-run.log",
                         reason=reason)
@@ -362,7 +365,8 @@ class EchoDeduplicator:
 
 
 def run_and_tee(cmd: list[str], *, env: Mapping[str, str], log_file: Path, echo: bool, timeout_s: float | None,
-                on_start: Callable[[int], None] | None = None, events: bool = False) -> int:
+                on_start: Callable[[int], None] | None = None, events: bool = False,
+                on_line: Callable[[str], None] | None = None) -> int:
     """Run ``cmd`` in its own process group, its output to ``log_file`` (and stdout when ``echo``); its exit code.
 
     ``events`` (when not ``echo``): print the server's events only, one plain line each.
@@ -386,6 +390,8 @@ def run_and_tee(cmd: list[str], *, env: Mapping[str, str], log_file: Path, echo:
                 if echo and dedup.keep(text):
                     sys.stdout.write(text)
                     sys.stdout.flush()
+                elif on_line is not None and not echo:
+                    on_line(text)
                 elif events and not echo and (event := event_line(text)) is not None:
                     print(event, flush=True)
                 if deadline is not None and time.monotonic() > deadline:

@@ -46,6 +46,82 @@ def event_line(raw: str) -> str | None:
     return None
 
 
+class LiveView:
+    """The terminal view when stdout is a terminal (rich): rounds as a progress bar, a live table of the sites
+    (status, epsilon spent of the budget), the round's accuracy and the coordinator's last query.
+
+    :meth:`feed` takes each raw line of Flower's stream; an error line is printed above the view.
+    """
+
+    def __init__(self, *, rounds: int, sites: list[str], budget: float | None) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        self.rounds, self.budget = rounds, budget
+        self.done = 0
+        self.current = 0
+        self.sites: dict[str, tuple[str, str]] = {name: ("waiting", "-") for name in sites}
+        self.last_round = "no round finished yet"
+        self.query = "no query yet"
+        self.training = "starting Flower's simulation"
+        self.console = Console()
+        self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> LiveView:
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.live.update(self._render())
+        self.live.__exit__(None, None, None)
+
+    def feed(self, raw: str) -> None:
+        text = _ANSI.sub("", raw.rstrip("\n"))
+        console = _CONSOLE.match(text)
+        if not console:
+            return
+        level, message = console.group(1), console.group(2).strip()
+        if m := _ROUND_START.match(message):
+            self.current = int(m.group(1))
+            self.sites = {name: ("training", eps) for name, (_, eps) in self.sites.items()}
+            self.training = f"round {self.current}/{self.rounds}: training at the sites"
+        elif m := _ROUND_DONE.match(message):
+            self.done = int(m.group(1))
+            self.training = f"round {self.done}/{self.rounds} done"
+            for part in m.group(4).split(", "):
+                site = re.match(r"^(.*)=(\S+)\(eps ([\d.]+)\)$", part)
+                if site:
+                    self.sites[site.group(1)] = (site.group(2), site.group(3))
+            self.last_round = (f"round {m.group(1)}: plane accuracy {m.group(5)}, denoise loss {m.group(6)}, "
+                               f"{float(m.group(3)):.0f} s")
+        elif m := _QUERY.match(message):
+            self.query = (f"round {m.group(1)}: {m.group(2)} candidates from {m.group(3)} sites, "
+                          f"{m.group(4)} released, release size {m.group(5)}")
+        elif level in ("ERROR", "CRITICAL"):
+            self.console.print(f"[red]{PREFIX} {level.lower()}: {message}[/red]")
+        self.live.update(self._render())
+
+    def _render(self) -> Any:
+        from rich.console import Group
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+        from rich.text import Text
+
+        head = Table.grid(padding=(0, 1))
+        head.add_row(Text(f"rounds {self.done}/{self.rounds}"), ProgressBar(total=self.rounds, completed=self.done,
+                                                                          width=40))
+        table = Table(title=None, expand=False)
+        for col in ("site", "status", "epsilon spent / budget"):
+            table.add_column(col)
+        for name, (status, eps) in sorted(self.sites.items()):
+            style = {"ok": "green", "training": "yellow", "failed": "red", "rejected": "red"}.get(status, "")
+            table.add_row(name, Text(status, style=style),
+                          f"{eps} / {self.budget:g}" if self.budget and eps != "-" else eps)
+        if not self.sites:
+            table.add_row("(the sites appear after their first round)", "", "")
+        return Group(head, Text(self.training), table, Text(f"last round: {self.last_round}"), Text(f"coordinator: {self.query}"))
+
+
 def _last(paths: list[Path]) -> Path | None:
     return sorted(paths)[-1] if paths else None
 

@@ -147,3 +147,24 @@ def test_the_report_renders_offline_with_every_image(smoke_run, tmp_path: Path) 
                            f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900",
                            f"--screenshot={shot}", report.as_uri()], capture_output=True, text=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10_000, done.stderr[-2000:]
+
+
+def test_the_live_view_shows_rounds_sites_epsilon_and_the_query() -> None:
+    import io
+
+    from rich.console import Console
+
+    from simulations.progress import LiveView
+
+    view = LiveView(rounds=3, sites=[], budget=10.0)
+    view.console = Console(file=io.StringIO(), force_terminal=True, width=120)
+    for line in ("INFO :      [ROUND 1/3]",
+                 "INFO :      Round 1/3 done in 23.4s | sites: a=ok(eps 6.00), b=failed(eps 0.00) | plane-acc 0.250 | "
+                 "denoise-loss 1.0374",
+                 "INFO :      Query round 1: 12 candidates from 2 sites, 4 released (release size 4)"):
+        view.feed(line)
+    out = io.StringIO()
+    Console(file=out, width=120).print(view._render())
+    text = out.getvalue()
+    assert "rounds 1/3" in text and "6.00 / 10" in text and "failed" in text
+    assert "plane accuracy 0.250" in text and "release size 4" in text
