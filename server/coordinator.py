@@ -39,7 +39,6 @@ from common.core.seeding import derive_seed
 from common.core.viz import save_grid
 from common.data.tensors import has_ga, records_to_dataset
 from common.diffusion.loss import make_loss_fn
-from common.diffusion.schedulers import make_scheduler
 from common.federated.flwr_records import (
     ROUND_KEY,
     arrays_to_record,
@@ -252,8 +251,7 @@ class Coordinator:
     def refine(self, bundle: ModelBundle, server_round: int) -> float:
         """Fine-tune the generator's trainable part on the release (non-DP: released images are public)."""
         data = records_to_dataset(load_release_records(self.store.folder), image_size=self.cfg.data.image_size)
-        scheduler = make_scheduler("ddpm", num_train_timesteps=self.cfg.generator.num_train_timesteps,
-                                   prediction_type=self.cfg.generator.prediction_type)
+        scheduler = bundle.generator.noise_scheduler("ddpm")  # the schedule saved with the prior's weights
         loss_fn = make_loss_fn(scheduler, noise_multiplicity=1, cond_dropout=self.cfg.generator.cond_dropout,
                                seed=derive_seed(self.cfg.seed, "refine", server_round))
         return self._train_public(bundle.generator, loss_fn, data, steps=self.cfg.federation.al_refine_steps,

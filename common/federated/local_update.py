@@ -21,7 +21,6 @@ from common.core.seeding import derive_seed, secret_seed
 from common.data.sites import SiteData
 from common.data.tensors import has_ga, records_to_dataset
 from common.diffusion.loss import diffusion_loss, make_loss_fn
-from common.diffusion.schedulers import make_scheduler
 from common.models.bundle import ModelBundle
 from common.models.downstream import classifier_loss, evaluate_classifier, evaluate_regressor, regressor_loss
 from common.privacy.dpsgd import PrivateTrainResult, ProximalTerm, train_private
@@ -81,9 +80,7 @@ def local_train(
     real = records_to_dataset(site.train, image_size=size)
     down = records_to_dataset(list(site.train) + list(synthetic), image_size=size) if synthetic else real
     seed = derive_seed(cfg.seed, site.name, server_round)
-    scheduler = make_scheduler(
-        "ddpm", num_train_timesteps=cfg.generator.num_train_timesteps, prediction_type=cfg.generator.prediction_type
-    )
+    scheduler = bundle.generator.noise_scheduler("ddpm")  # the schedule saved with the prior's weights
     gen_loss = make_loss_fn(
         scheduler,
         noise_multiplicity=cfg.privacy.noise_multiplicity,
@@ -157,9 +154,7 @@ def local_evaluate(bundle: ModelBundle, site: SiteData, cfg: RunConfig) -> dict[
 @torch.no_grad()
 def heldout_denoise_loss(bundle: ModelBundle, data: TensorDataset, cfg: RunConfig, *, max_examples: int = 64) -> float:
     """Mean diffusion loss on ``data`` with fixed noise and timesteps (comparable across rounds)."""
-    scheduler = make_scheduler(
-        "ddpm", num_train_timesteps=cfg.generator.num_train_timesteps, prediction_type=cfg.generator.prediction_type
-    )
+    scheduler = bundle.generator.noise_scheduler("ddpm")  # the schedule saved with the prior's weights
     batch = tuple(t[:max_examples] for t in data.tensors)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "heldout-denoise"))
     bundle.generator.eval()
