@@ -14,7 +14,13 @@ import common.diffusion.schedulers as schedulers
 from common.core.config import GeneratorConfig
 from common.diffusion.sampling import sample
 from common.models.generator import (
-    ENCODER_DIR, SCHEDULER_DIR, SCHEDULER_JSON, UNET_DIR, ConditionEncoder, build_generator, load_generator,
+    ENCODER_DIR,
+    SCHEDULER_DIR,
+    SCHEDULER_JSON,
+    UNET_DIR,
+    ConditionEncoder,
+    build_generator,
+    load_generator,
     save_generator,
 )
 
