@@ -82,8 +82,12 @@ def sample(
             )
             uncond = (torch.full((m,), -1, device=device), torch.full((m,), float("nan"), device=device),
                       torch.full((m,), -1, device=device) if site is not None else None)
-            # the model's own training schedule (saved with its weights), never today's constants
-            scheduler = make_scheduler(scheduler_name, schedule=model.scheduler_config)
+            # the model's own training schedule (saved with its weights), never today's constants; a stand-in
+            # model without one (the audit's empirical denoiser) gets the default schedule of its config
+            schedule = getattr(model, "scheduler_config", None)
+            scheduler = (make_scheduler(scheduler_name, schedule=schedule) if schedule is not None else
+                         make_scheduler(scheduler_name, num_train_timesteps=model.generator_config.num_train_timesteps,
+                                        prediction_type=model.generator_config.prediction_type))
             scheduler.set_timesteps(num_inference_steps, device=device)
             x = noise[start:stop].to(device) * scheduler.init_noise_sigma
             for t in scheduler.timesteps:
