@@ -81,7 +81,7 @@ def cmd_simulate(args: argparse.Namespace, *, name: str) -> int:
 
         with ExitStack() as stack:
             view = stack.enter_context(LiveView(rounds=cfg.federation.num_rounds, sites=[],
-                                                budget=cfg.privacy.target_epsilon))
+                                                budget=cfg.privacy.target_epsilon, run_dir=Path(cfg.run_dir)))
             result = run_simulation(cfg, num_sites=num_sites, resume=args.resume, echo=False, on_line=view.feed)
     else:
         result = run_simulation(cfg, num_sites=num_sites, resume=args.resume, echo=args.verbose,

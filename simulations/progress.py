@@ -53,11 +53,12 @@ class LiveView:
     :meth:`feed` takes each raw line of Flower's stream; an error line is printed above the view.
     """
 
-    def __init__(self, *, rounds: int, sites: list[str], budget: float | None) -> None:
+    def __init__(self, *, rounds: int, sites: list[str], budget: float | None, run_dir: Path | None = None) -> None:
         from rich.console import Console
         from rich.live import Live
 
-        self.rounds, self.budget = rounds, budget
+        self.rounds, self.budget, self.run_dir = rounds, budget, run_dir
+        self.detail: dict[str, tuple[str, str]] = {}  # site -> (generator steps, generator loss) of the last round
         self.done = 0
         self.current = 0
         self.sites: dict[str, tuple[str, str]] = {name: ("waiting", "-") for name in sites}
@@ -92,6 +93,7 @@ class LiveView:
                 site = re.match(r"^(.*)=(\S+)\(eps ([\d.]+)\)$", part)
                 if site:
                     self.sites[site.group(1)] = (site.group(2), site.group(3))
+            self._read_round()
             self.last_round = (f"round {m.group(1)}: plane accuracy {m.group(5)}, denoise loss {m.group(6)}, "
                                f"{float(m.group(3)):.0f} s")
         elif m := _QUERY.match(message):
@@ -100,6 +102,23 @@ class LiveView:
         elif level in ("ERROR", "CRITICAL"):
             self.console.print(f"[red]{PREFIX} {level.lower()}: {message}[/red]")
         self.live.update(self._render())
+
+    def _read_round(self) -> None:
+        """Steps, loss and epsilon spent (summed over models) of each site, from the run's last metrics record."""
+        if self.run_dir is None:
+            return
+        try:
+            lines = RunLayout(self.run_dir).metrics.read_text().splitlines()
+            record = json.loads(lines[-1])
+        except (OSError, IndexError, ValueError):
+            return
+        for site in record.get("sites", []):
+            metrics = site.get("metrics") or {}
+            spent, _, _ = site_privacy(record.get("ledger", {}).get(site.get("name"), {}))
+            loss = metrics.get("generator-loss")
+            self.detail[site.get("name", "?")] = (f"{int(metrics.get('generator-steps', 0))}",
+                                                  "-" if loss is None else f"{float(loss):.4f}")
+            self.sites[site.get("name", "?")] = (site.get("status", "?"), f"{spent:.2f}")
 
     def _render(self) -> Any:
         from rich.console import Group
@@ -111,15 +130,23 @@ class LiveView:
         head.add_row(Text(f"rounds {self.done}/{self.rounds}"), ProgressBar(total=self.rounds, completed=self.done,
                                                                           width=40))
         table = Table(title=None, expand=False)
-        for col in ("site", "status", "epsilon spent / budget"):
+        for col in ("site", "status", "steps", "loss", "epsilon spent / budget"):
             table.add_column(col)
         for name, (status, eps) in sorted(self.sites.items()):
             style = {"ok": "green", "training": "yellow", "failed": "red", "rejected": "red"}.get(status, "")
-            table.add_row(name, Text(status, style=style),
+            steps, loss = self.detail.get(name, ("-", "-"))
+            table.add_row(name, Text(status, style=style), steps, loss,
                           f"{eps} / {self.budget:g}" if self.budget and eps != "-" else eps)
         if not self.sites:
-            table.add_row("(the sites appear after their first round)", "", "")
+            table.add_row("(the sites appear after their first round)", "", "", "", "")
         return Group(head, Text(self.training), table, Text(f"last round: {self.last_round}"), Text(f"coordinator: {self.query}"))
+
+
+def site_privacy(models: dict[str, Any]) -> tuple[float, float, int]:
+    """A site's epsilon spent (summed over its models: basic composition), its budget and its generator's steps."""
+    spent = sum(float(m.get("epsilon", 0.0)) for m in models.values())
+    budget = sum(float(m.get("budget_epsilon", 0.0)) for m in models.values())
+    return spent, budget, int(models.get("generator", {}).get("steps", 0))
 
 
 def _last(paths: list[Path]) -> Path | None:
@@ -138,8 +165,10 @@ def closing_summary(run_dir: Path, *, wall_s: float) -> list[str]:
         last = records[-1]
         budget = _budget(layout)
         for site, models in sorted(last.get("ledger", {}).items()):
-            eps = max((float(v.get("epsilon", 0.0)) for v in models.values()), default=0.0)
-            lines.append(f"{PREFIX}   {site}: epsilon {eps:.2f}" + (f" of {budget:g}" if budget else ""))
+            spent, _, steps = site_privacy(models)
+            parts = ", ".join(f"{k} {float(v.get('epsilon', 0.0)):.2f}" for k, v in sorted(models.items()))
+            lines.append(f"{PREFIX}   {site}: epsilon {spent:.2f}" + (f" of {budget:g}" if budget else "")
+                         + f" ({parts}; {steps} generator steps)")
         summary = round_summary(last)
         acc, mae = summary.get("plane_accuracy"), summary.get("ga_mae_days")
         lines.append(f"{PREFIX} round {summary['round']}: plane accuracy "
