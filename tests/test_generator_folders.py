@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-import common.diffusion.schedulers as schedulers
+import common.models.noise_schedule as schedulers
 from common.core.config import GeneratorConfig
 from common.diffusion.sampling import sample
 from common.models.generator import (

@@ -28,8 +28,8 @@ from common.core.atomic_io import atomic_dir
 from common.core.config import GeneratorConfig
 from common.core.provenance import code_version
 from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
-from common.diffusion.schedulers import AnyScheduler, make_scheduler
 from common.models.lora import merged_copy
+from common.models.noise_schedule import AnyScheduler, make_scheduler
 
 NUM_PLANES = len(PLANES)
 NULL_PLANE = NUM_PLANES  # embedding row of the "no plane" token (classifier-free guidance, Ho & Salimans 2022)
