@@ -188,7 +188,9 @@ def denoising_errors(model: nn.Module, images: torch.Tensor, plane: torch.Tensor
     ts = [int(t) for t in timesteps]
     if not ts or min(ts) < 0 or max(ts) >= cfg.num_train_timesteps:
         raise ValueError(f"timesteps {ts} must be non-empty and within [0, {cfg.num_train_timesteps})")
-    sched = make_scheduler("ddpm", num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction_type)
+    schedule = getattr(model, "scheduler_config", None)  # a loaded generator's own schedule; stand-ins lack one
+    sched = (make_scheduler("ddpm", schedule=schedule) if schedule is not None else
+             make_scheduler("ddpm", num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction_type))
     n = images.shape[0]
     noise = torch.randn((n_noise, n, 1, size, size), generator=torch.Generator().manual_seed(seed))
     out = np.zeros((n, len(ts)))
