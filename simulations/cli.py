@@ -17,45 +17,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
-from common.core.config import DATA_PRESETS, RunConfig, data_preset, parse_overrides
-from common.core.errors import ConfigError, DifusalError
+from common.core.errors import DifusalError
+from simulations.config_args import add_data_arguments, build_config, count_sites  # noqa: F401 (re-exported)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-
-
-def build_config(preset: str, sets: Sequence[str], *, run_dir: str = "", data: str = "", data_root: str = "",
-                 **top: object) -> RunConfig:
-    """Preset + data preset + ``--set`` overrides + top-level fields, validated."""
-    flat: dict[str, object] = {"preset": preset}
-    if data_root and data in ("", "phantom"):  # phantom sites are generated: the folder would be silently unused
-        real = "|".join(sorted(set(DATA_PRESETS) - {"phantom"}))
-        raise ConfigError(f"--data-root {data_root} is given without a real-data preset ({data or 'phantom'} sites "
-                          f"never read it): add --data {real} (e.g. --data african), or drop --data-root")
-    if data:
-        flat.update(data_preset(data, str(Path(data_root).resolve()) if data_root else ""))
-    for item in sets:
-        flat.update(parse_overrides(item))
-    flat.update({k.replace("_", "-"): v for k, v in top.items() if v is not None})
-    if run_dir:
-        flat["run-dir"] = str(Path(run_dir).resolve())
-    return RunConfig.from_flat(flat)
 
 
 def default_run_dir(name: str) -> Path:
     """``runs/<name>-<timestamp>`` under ``$DIFUSAL_RUNS`` or the project."""
     base = Path(os.environ.get("DIFUSAL_RUNS", PROJECT_ROOT / "runs"))
     return (base / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-
-
-def count_sites(cfg: RunConfig) -> int:
-    """Number of sites the data config yields (real sources: the dataset's natural sites)."""
-    if cfg.data.source == "phantom" or cfg.data.partition != "natural":
-        return cfg.data.num_sites
-    from common.data.sites import load_federated_data
-
-    return len(load_federated_data(cfg.data, seed=cfg.seed).sites)
 
 
 def cmd_simulate(args: argparse.Namespace, *, name: str) -> int:
@@ -179,14 +150,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(Path(args.json), text + "\n")
     return 0
-
-
-def add_data_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--data`` (a data preset) and ``--data-root``, as every command that builds a config takes them."""
-    parser.add_argument("--data", default="", choices=["", *DATA_PRESETS],
-                        help="data preset: phantom | african (sites = countries) | fetal_planes_db (sites = US "
-                             "machines) | hc18 (split by patient); default: the preset's phantom sites")
-    parser.add_argument("--data-root", default="", help="dataset folder in its published layout (real data presets)")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -569,7 +569,7 @@ def _cli(argv: Sequence[str] | None = None) -> int:
     elif args.command == "stop":
         print(f"stopped: {stop(layout)}")
     else:
-        from simulations.cli import build_config  # the same preset + --set handling as the other commands
+        from simulations.config_args import build_config  # the same preset + --set handling as the other commands
 
         cfg = build_config(args.preset, args.set, run_dir=args.run_dir or str(layout.path("run")))
         if args.command == "run":

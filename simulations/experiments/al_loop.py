@@ -29,7 +29,7 @@ from typing import Any
 from common.core.run_layout import RunLayout
 from common.federated.round_metrics import round_summary
 from common.privacy.site_state import copy_site_secrets
-from simulations.cli import add_data_arguments, build_config, count_sites
+from simulations.config_args import add_data_arguments, build_config, count_sites
 from simulations.launcher import finished_as, run_simulation
 
 ARMS: dict[str, dict[str, object]] = {

@@ -40,7 +40,7 @@ from common.analysis.image_metrics import (
 from common.core.seeding import derive_seed
 from common.data.tensors import has_ga, records_to_dataset
 from common.models.downstream import GARegressor, PlaneClassifier, predict_ga, predict_planes
-from simulations.cli import add_data_arguments
+from simulations.config_args import add_data_arguments
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_EPSILONS: tuple[float | None, ...] = (1.0, 4.0, 10.0, None)
@@ -209,7 +209,7 @@ def privacy_utility_curve(out_dir: Path, *, preset: str, epsilons: Sequence[floa
                           settings: EvalSettings, seed: int = 0, timeout_s: float = 1800.0, data: str = "",
                           data_root: str = "", prior: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
     """One federation per epsilon (same preset, seed, prior and overrides), each evaluated; the collected table."""
-    from simulations.cli import build_config, count_sites
+    from simulations.config_args import build_config, count_sites
     from simulations.launcher import finished_as, run_simulation
 
     out_dir = Path(out_dir).resolve()
