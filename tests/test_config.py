@@ -130,7 +130,9 @@ def test_data_presets_set_source_and_site_split_and_later_overrides_win(tmp_path
     phantom = build_config("demo", [], data="phantom")
     # Assert: countries / machines are the natural sites, HC18 is split by patient, --set still overrides
     assert (african.data.source, african.data.partition, african.data.root) == ("african", "natural", str(tmp_path))
-    assert african.data.image_size == 32 and african.train == build_config("demo", []).train  # size preset kept
+    # size preset kept; the African preset stands on the encoder that has seen public real scans
+    assert african.data.image_size == 32 and african.train.downstream_backbone == "public_cnn"
+    assert replace(african.train, downstream_backbone="phantom_cnn") == build_config("demo", []).train
     assert (hc18.data.source, hc18.data.partition, hc18.data.num_sites) == ("hc18", "iid", 3)
     assert (fpdb.data.source, fpdb.data.partition) == ("fetal_planes_db", "dirichlet")
     assert phantom == build_config("demo", [])

@@ -24,7 +24,7 @@ PartitionKind = Literal["natural", "iid", "dirichlet", "quantity"]
 FinetuneMode = Literal["lora", "subset", "full"]
 GradSampleMode = Literal["hooks", "functorch", "ghost"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
-DownstreamBackbone = Literal["phantom_cnn", "scattering", "cnn"]
+DownstreamBackbone = Literal["phantom_cnn", "public_cnn", "scattering", "cnn"]
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "trimmedmean", "krum"]
 SchedulerName = Literal["ddpm", "ddim", "dpmsolver"]
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -213,8 +213,10 @@ class TrainConfig:
     finetune: FinetuneMode = "lora"
     lora_rank: int = 8
     # The classifier's and regressor's backbone: "phantom_cnn" (the shipped encoder trained on public phantoms,
-    # frozen: the default, chosen by grouped CV on the African training split, see README), "scattering" (frozen
-    # wavelet scattering) or "cnn" (trained end to end). With a frozen backbone only the heads train.
+    # frozen: the default, chosen by grouped CV on the African training split, see README), "public_cnn" (the same
+    # encoder trained on phantoms + public labelled real scans, FETAL_PLANES_DB images: the African preset's
+    # backbone; refused on FETAL_PLANES_DB data), "scattering" (frozen wavelet scattering) or "cnn" (trained end to
+    # end). With a frozen backbone only the heads train.
     downstream_backbone: DownstreamBackbone = "phantom_cnn"
     downstream_width: int = 32  # CNN backbone channels
     downstream_hidden: int = 0  # hidden units of the heads on a frozen backbone (0: linear heads)
@@ -340,6 +342,10 @@ class RunConfig:
         for name in _SECTIONS:
             getattr(self, name).validate()
         mu, t = self.federation.proximal_mu, self.train
+        if t.downstream_backbone == "public_cnn" and self.data.source == "fetal_planes_db":
+            raise ConfigError("train.downstream_backbone='public_cnn' was trained on FETAL_PLANES_DB images "
+                              "(common/assets/public-encoder/encoder.json lists them): its scores on that dataset "
+                              "would not be held out; use train.downstream-backbone=phantom_cnn")
         if mu > 0 and t.downstream_optimizer == "sgd":
             # FedProx's term is a plain gradient step mu*(w - w_global): with SGD at rate lr it scales the distance to
             # w_global by (1 - lr*mu) each step, which diverges once lr*mu >= 2 (and oscillates from 1 on).
@@ -602,7 +608,9 @@ DATA_PRESETS: dict[str, dict[str, str]] = {
     "phantom": {"data.source": "phantom"},  # the size preset's phantom sites (scanner profiles + its label skew)
     # one site per country (`Center`); the public African set has the four fetal planes only
     "african": {"data.source": "african", "data.partition": "natural",
-                "data.planes": "fetal_brain,fetal_abdomen,fetal_femur,fetal_thorax"},
+                "data.planes": "fetal_brain,fetal_abdomen,fetal_femur,fetal_thorax",
+                # features that have seen public real scans (another country's): see README "Which features?"
+                "train.downstream-backbone": "public_cnn"},
     # one site per US_Machine; the dataset has all six planes (its "Other" and "Maternal cervix" included)
     "fetal_planes_db": {"data.source": "fetal_planes_db", "data.partition": "natural", "data.planes": ",".join(PLANES)},
     # one hospital's head scans, split by patient (grouped): every HC18 image is a brain plane, so the scope is

@@ -28,7 +28,7 @@ from common.models.features import PhantomEncoderBackbone, ScatteringBackbone
 if TYPE_CHECKING:
     from common.core.config import RunConfig
 
-BACKBONES: tuple[str, ...] = ("phantom_cnn", "scattering", "cnn")
+BACKBONES: tuple[str, ...] = ("phantom_cnn", "public_cnn", "scattering", "cnn")
 
 _GA_CENTER = (GA_MIN_WEEKS + GA_MAX_WEEKS) / 2.0  # 27 weeks
 _GA_SCALE = (GA_MAX_WEEKS - GA_MIN_WEEKS) / 2.0  # 13 weeks
@@ -73,10 +73,15 @@ class ConvBackbone(nn.Module):
 
 def make_backbone(kind: str, image_size: int, width: int, scattering_j: int = 2, scattering_grid: int = 2
                   ) -> nn.Module:
-    """The feature extractor of a downstream model: ``"phantom_cnn"``, ``"scattering"`` (frozen) or ``"cnn"``
-    (trained)."""
+    """The feature extractor of a downstream model: ``"phantom_cnn"``, ``"public_cnn"`` (the encoder trained on
+    phantoms + public real scans), ``"scattering"`` (frozen) or ``"cnn"`` (trained)."""
     if kind == "phantom_cnn":
         return PhantomEncoderBackbone(image_size)
+    if kind == "public_cnn":
+        from common.models.assets import asset_folder
+        from common.models.features import PUBLIC_ENCODER_ASSET
+
+        return PhantomEncoderBackbone(image_size, asset_folder(PUBLIC_ENCODER_ASSET))
     if kind == "scattering":
         return ScatteringBackbone(image_size, J=scattering_j, grid=scattering_grid)
     if kind == "cnn":

@@ -37,6 +37,8 @@ _BATCH = 64  # images per forward pass (results do not depend on it: every extra
 PHANTOM_STATS_SEED = 90_210  # fixed public phantom stream for normalisation statistics
 ENCODER_FORMAT = "difusal-phantom-encoder/1"
 PHANTOM_ENCODER_ASSET = "phantom-encoder"  # common/assets/phantom-encoder: EncoderConfig() defaults, seed 0
+# common/assets/public-encoder: phantoms + public labelled real scans (its encoder.json lists every source)
+PUBLIC_ENCODER_ASSET = "public-encoder"
 
 
 @runtime_checkable
@@ -202,6 +204,15 @@ class EncoderConfig:
     batch_size: int = 48
     lr: float = 2e-3
     seed: int = 0
+    public_batch: int = 16  # images per step from the public real scans, when any are given
+
+
+class PublicImages(Protocol):
+    """Labelled public real scans for the encoder (:class:`common.data.public.PublicImages`): no site's data."""
+
+    images: np.ndarray  # uint8 [N, H, W]
+    planes: np.ndarray  # int64 [N], indices into PLANES
+    source: dict[str, Any]  # what an auditor needs: layout, folder, image count, pixel digest
 
 
 class PhantomEncoder(nn.Module):
@@ -273,12 +284,14 @@ def _phantom_images(n_per_profile: int, *, size: int, seed: int) -> tuple[np.nda
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
-def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig(), *, log_every: int = 100
-                          ) -> Path:
-    """Train :class:`PhantomEncoder` on augmented phantom plane classification (public data only); save to ``folder``.
+def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig(), *, log_every: int = 100,
+                          public: Sequence[PublicImages] = ()) -> Path:
+    """Train :class:`PhantomEncoder` on augmented plane classification of phantoms (and, when ``public`` is given,
+    of public labelled real scans: ``cfg.public_batch`` of them join every batch); save to ``folder``.
 
-    Writes ``encoder.safetensors`` and ``encoder.json`` (config, phantom accuracy, wall time). Resumable in the
-    coarse sense: an existing complete folder is returned as is.
+    Public data only. Writes ``encoder.safetensors`` and ``encoder.json`` (config, phantom accuracy, wall time, and
+    every source: the phantom profiles and each public folder with its image count and pixel digest). Resumable in
+    the coarse sense: an existing complete folder is returned as is.
     """
     folder = Path(folder)
     if (folder / "encoder.safetensors").is_file() and (folder / "encoder.json").is_file():
@@ -289,13 +302,22 @@ def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig
     images, labels = _phantom_images(cfg.images_per_profile, size=cfg.size, seed=cfg.seed + 1)
     held_images, held_labels = _phantom_images(40, size=cfg.size, seed=cfg.seed + 7)
     x_all, y_all = as_unit_float(images), torch.from_numpy(labels)
+    if public:
+        x_pub = torch.cat([as_unit_float(p.images) for p in public])
+        y_pub = torch.from_numpy(np.concatenate([p.planes for p in public]))
+        if x_pub.shape[-1] != cfg.size:
+            raise ValueError(f"public images are {x_pub.shape[-1]} px; the encoder trains at {cfg.size} px")
     model = PhantomEncoder(cfg.widths)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
     model.train()
     for step in range(cfg.steps):
         idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=gen)
-        loss = F.cross_entropy(model(augment(x_all[idx], gen)), y_all[idx])
+        xb, yb = x_all[idx], y_all[idx]
+        if public:
+            j = torch.randint(0, x_pub.shape[0], (cfg.public_batch,), generator=gen)
+            xb, yb = torch.cat([xb, x_pub[j]]), torch.cat([yb, y_pub[j]])
+        loss = F.cross_entropy(model(augment(xb, gen)), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -309,7 +331,9 @@ def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "encoder.safetensors"))
     meta = {"format": ENCODER_FORMAT, "config": asdict(cfg), "phantom_heldout_accuracy": acc,
             "train_seconds": round(time.perf_counter() - t0, 1), "data": "phantoms of every scanner profile: "
-            + ", ".join(SCANNER_PROFILES)}
+            + ", ".join(SCANNER_PROFILES) + ("; public real scans: " + ", ".join(
+                f"{p.source['layout']} ({p.source['images']} images)" for p in public) if public else ""),
+            "public_sources": [p.source for p in public]}
     (folder / "encoder.json").write_text(json.dumps(meta, indent=2))
     return folder
 
@@ -448,3 +472,4 @@ def extractor_seconds_per_image(extractor: FeatureExtractor, images: np.ndarray,
         extractor(images)
         best = min(best, time.perf_counter() - t0)
     return best / max(1, len(images))
+

@@ -176,13 +176,16 @@ def linear_dp_sgd(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, *, steps: i
 
 def federated_dp(x: np.ndarray, y: np.ndarray, sites: np.ndarray, *, epsilon: float, lr: float, rounds: int,
                  local_steps: int, clip: float, seed: int, delta: float = 1e-5, batch_fraction: float = 1 / 3,
-                 optimizer: str = "adam") -> tuple[nn.Linear, dict[str, Any]]:
+                 optimizer: str = "adam", init: nn.Linear | None = None) -> tuple[nn.Linear, dict[str, Any]]:
     """FedAvg of per-site DP-SGD softmax heads (:func:`linear_dp_sgd`, the product's Opacus step in closed form);
-    every site has its own ledger for the whole run."""
+    every site has its own ledger for the whole run. The global head starts at zero, or at ``init`` (a head fitted
+    on public data only: a public warm start)."""
     dim = x.shape[1]
     global_head = nn.Linear(dim, NUM_CLASSES)
     nn.init.zeros_(global_head.weight)
     nn.init.zeros_(global_head.bias)
+    if init is not None:
+        global_head.load_state_dict(init.state_dict())
     names = sorted(set(sites.tolist()))
     data = {s: TensorDataset(torch.from_numpy(x[sites == s]), torch.from_numpy(y[sites == s])) for s in names}
     ledgers = {s: PrivacyLedger(target_epsilon=epsilon, target_delta=delta, budget_split={"classifier": 1.0})
