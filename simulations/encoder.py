@@ -11,8 +11,17 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+from safetensors.torch import save_file
+
 from common.data.public import load_public_images
-from common.models.features import EncoderConfig, train_phantom_encoder
+from common.models.features import (
+    EncoderConfig,
+    PhantomEncoderBackbone,
+    fit_public_head,
+    public_head_file,
+    train_phantom_encoder,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -24,22 +33,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--public", action="append", default=[], metavar="LAYOUT:DIR",
                    help="public labelled real scans, e.g. fetal_planes_db:../shared/data/fetal_planes_db (repeatable;"
                         " never a site's private data)")
+    p.add_argument("--heads-only", action="store_true",
+                   help="keep the encoder in --out and (re)fit only its public warm-start heads on --public")
+    p.add_argument("--head-sizes", default="32,64,128", help="image sizes to fit a public warm-start head for")
     a = p.parse_args(argv)
     out = Path(a.out)
-    if (out / "encoder.safetensors").exists():
-        p.error(f"{out} already holds an encoder; choose a new --out")
+    if a.heads_only != (out / "encoder.safetensors").exists():
+        p.error(f"{out}: --heads-only needs an existing encoder folder" if a.heads_only else
+                f"{out} already holds an encoder; choose a new --out (or --heads-only)")
+    if a.heads_only and not a.public:
+        p.error("--heads-only needs --public LAYOUT:DIR (the public labelled scans to fit the heads on)")
     public = []
     for spec in a.public:
         layout, sep, root = spec.partition(":")
         if not sep or not root:
             p.error(f"--public {spec!r}: expected LAYOUT:DIR, e.g. fetal_planes_db:/data/FETAL_PLANES_DB")
         public.append(load_public_images(layout, root))
-    train_phantom_encoder(out, EncoderConfig(steps=a.steps, seed=a.seed), public=public)
+    command = "python -m simulations.encoder " + " ".join(shlex.quote(v) for v in (argv or sys.argv[1:]))
+    if not a.heads_only:
+        train_phantom_encoder(out, EncoderConfig(steps=a.steps, seed=a.seed), public=public)
     meta = json.loads((out / "encoder.json").read_text())
-    meta["command"] = "python -m simulations.encoder " + " ".join(shlex.quote(v) for v in (argv or sys.argv[1:]))
+    meta["command" if not a.heads_only else "heads_command"] = command
+    if public:
+        meta["public_heads"] = fit_heads(out, a.public, [int(v) for v in a.head_sizes.split(",") if v.strip()])
     (out / "encoder.json").write_text(json.dumps(meta, indent=2))
-    print(json.dumps({k: meta[k] for k in ("phantom_heldout_accuracy", "train_seconds", "public_sources")}))
+    print(json.dumps({k: meta.get(k) for k in ("phantom_heldout_accuracy", "train_seconds", "public_sources",
+                                                "public_heads")}))
     return 0
+
+
+def fit_heads(folder: Path, specs: Sequence[str], sizes: Sequence[int], l2: float = 1e-4) -> dict[str, object]:
+    """Fit and save the classifier's public warm-start head at every image size (the backbone's standardisation
+    depends on the size); what each was fitted on is returned for ``encoder.json``."""
+    out: dict[str, object] = {}
+    for size in sizes:
+        pubs = [load_public_images(*spec.split(":", 1), size=size) for spec in specs]
+        backbone = PhantomEncoderBackbone(size, folder)
+        state, acc = fit_public_head(backbone, np.concatenate([q.images for q in pubs]),
+                                     np.concatenate([q.planes for q in pubs]), l2=l2)
+        save_file(state, str(folder / public_head_file(size)))
+        out[str(size)] = {"l2": l2, "train_accuracy": round(acc, 4), "images": int(sum(len(q.planes) for q in pubs)),
+                          "sources": [q.source["pixels_sha256"] for q in pubs]}
+    return out
 
 
 if __name__ == "__main__":

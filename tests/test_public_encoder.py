@@ -79,3 +79,53 @@ def test_a_folder_without_plane_labels_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(public, "load_source", lambda *a, **k: _Result())
     with pytest.raises(ValueError, match="no plane-labelled image"):
         load_public_images("hc18", tmp_path)
+
+
+def test_classifier_on_the_public_encoder_starts_at_its_public_head():
+    import torch
+
+    from common.models.downstream import PlaneClassifier
+
+    for size in (32, 64):
+        clf = PlaneClassifier(image_size=size, backbone="public_cnn", planes=(0, 1, 2, 3))
+        shipped = clf.backbone.public_head
+        assert shipped is not None and shipped["weight"].abs().sum() > 0
+        assert torch.equal(clf.head.weight, shipped["weight"]) and torch.equal(clf.head.bias, shipped["bias"])
+        assert not any(k.startswith("backbone.public") for k in clf.state_dict())  # never sent as a weight
+    assert not PlaneClassifier(image_size=32, backbone="phantom_cnn").head.weight.any()  # no public head: zero
+    hidden = PlaneClassifier(image_size=32, backbone="public_cnn", hidden=8)
+    assert not hidden.head[-1].weight.any()  # the warm start is a linear head: a hidden-layer head starts at zero
+
+
+def test_fit_public_head_separates_public_classes_and_leaves_absent_planes_low():
+    import torch
+
+    class _Backbone(torch.nn.Module):
+        def forward(self, x):
+            z = x.flatten(1)[:, :4]
+            return z / z.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    rng = np.random.default_rng(0)
+    planes = np.arange(40) % 3
+    images = np.full((40, 4, 4), 20, np.uint8)
+    images[np.arange(40), 0, planes] = 250
+    images = images + rng.integers(0, 5, images.shape).astype(np.uint8)
+    state, acc = fx.fit_public_head(_Backbone(), images, planes, num_classes=6)
+    assert acc == 1.0 and state["weight"].shape == (6, 4)
+    logits = torch.from_numpy(images.reshape(40, -1)[:, :4].astype(np.float32)) @ state["weight"].T + state["bias"]
+    assert (logits[:, 3:].max(1).values < logits[:, :3].max(1).values).all()
+
+
+@pytest.mark.skipif(not (FPDB / "FETAL_PLANES_DB_data.csv").is_file(), reason="../shared/data/fetal_planes_db absent")
+def test_shipped_public_head_scores_its_public_images_as_recorded():
+    import torch
+
+    from common.models.assets import asset_folder
+    from common.models.downstream import PlaneClassifier
+
+    meta = json.loads((asset_folder(fx.PUBLIC_ENCODER_ASSET) / "encoder.json").read_text())
+    pub = load_public_images("fetal_planes_db", FPDB, size=64)
+    clf = PlaneClassifier(image_size=64, backbone="public_cnn")
+    with torch.no_grad():
+        pred = clf(torch.from_numpy(pub.images).float()[:, None] / 127.5 - 1.0).argmax(1).numpy()
+    assert abs(float((pred == pub.planes).mean()) - meta["public_heads"]["64"]["train_accuracy"]) < 1e-6

@@ -208,6 +208,11 @@ class PlaneClassifier(nn.Module):
         self.register_buffer("scope_mask", mask, persistent=False)
         self.backbone = make_backbone(backbone, image_size, width, scattering_j, scattering_grid)
         self.head = _head(self.backbone.out_dim, num_classes, hidden, zero=is_frozen(self.backbone))
+        public = getattr(self.backbone, "public_head", None)
+        if public is not None and hidden == 0 and num_classes == public["weight"].shape[0]:
+            # public warm start: the encoder folder ships a head fitted on public labelled scans (no privacy cost);
+            # DP-SGD at the sites starts from it instead of from zero
+            self.head.load_state_dict(public)
 
     def features(self, x: Tensor) -> Tensor:
         """Penultimate embedding ``[B, 4*width]`` (for Frechet distances and novelty scores)."""

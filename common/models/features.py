@@ -358,6 +358,36 @@ class PhantomEncoderExtractor:
         return _batched(lambda b: self.model.features(_resize(b, self.size)), as_unit_float(images))
 
 
+def public_head_file(image_size: int) -> str:
+    """File name of an encoder folder's public warm-start head for images of ``image_size`` px."""
+    return f"public_head_{int(image_size)}.safetensors"
+
+
+def fit_public_head(backbone: nn.Module, images: np.ndarray, planes: np.ndarray, *, l2: float = 1e-4,
+                    num_classes: int = len(PLANES)) -> tuple[dict[str, Tensor], float]:
+    """Multinomial logistic regression (L2 ``l2``, L-BFGS, full batch) on ``backbone``'s features of PUBLIC labelled
+    images (uint8 ``[N, H, W]`` at the backbone's image size): ``({"weight", "bias"}, training accuracy)``. Planes
+    absent from the public images get a low logit; the classifier's label scope masks what is out of scope."""
+    x = as_unit_float(images) * 2.0 - 1.0
+    with torch.no_grad():
+        z = backbone(x)
+    y = torch.as_tensor(planes, dtype=torch.long)
+    head = nn.Linear(z.shape[1], num_classes)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(head(z), y) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    acc = float((head(z).argmax(1) == y).float().mean())
+    return {k: v.detach().contiguous() for k, v in head.state_dict().items()}, acc
+
+
 class PhantomEncoderBackbone(_FrozenBackbone):
     """The shipped phantom encoder (:func:`train_phantom_encoder`, public phantoms only), frozen, as a backbone.
 
@@ -384,6 +414,10 @@ class PhantomEncoderBackbone(_FrozenBackbone):
         self.out_dim = extractor.dim
         self.requires_grad_(False)
         self._set_statistics(("phantom_cnn", self.image_size, str(folder)), extractor)
+        # a softmax head fitted on the folder's PUBLIC labelled scans at this image size (fit_public_head), if shipped:
+        # the classifier's public warm start. Not a parameter or buffer: never in a state dict, never sent.
+        head = folder / public_head_file(self.image_size)
+        self.public_head = ({k: v.clone() for k, v in load_file(str(head)).items()} if head.is_file() else None)
 
     def raw(self, x01: Tensor) -> Tensor:
         return self.encoder.features(_resize(x01, self.size))
