@@ -3,7 +3,7 @@
 ``python -m simulations.experiments.dp_gap --encoder DIR [--encoder DIR ...]`` reads the African fetal planes
 *training* split (never the test split), the same 5 plane-stratified, case-grouped folds as
 :mod:`simulations.experiments.extractors`, and for each phantom-encoder folder compares, on the held-out folds
-(mean and std over 5 folds x 3 seeds), at epsilon in {10, 4, 1} per site (the classifier's whole budget, as in the
+(mean and std over 5 folds x 3 seeds), at epsilon in {10, 4, 2, 1} per site (the classifier's whole budget, as in the
 extractor study):
 
 - ``dpsgd``: FedAvg of per-site DP-SGD softmax heads (:func:`simulations.experiments.extractors.federated_dp`,
@@ -43,7 +43,7 @@ from simulations.experiments import extractors as ex
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "simulations" / "benchmarks" / "results" / "dp_gap.json"
-EPSILONS = (10.0, 4.0, 1.0)
+EPSILONS = (10.0, 4.0, 2.0, 1.0)  # 2: the classifier's default share (0.2) of a site's eps = 10
 
 
 def dp_class_sums(x: np.ndarray, y: np.ndarray, *, num_classes: int, ledger: PrivacyLedger | None,
