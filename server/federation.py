@@ -189,7 +189,8 @@ def _sidecar(cfg: RunConfig, bundle: ModelBundle, server_round: int, ledger: dic
 def _log_round(record: dict[str, Any], rounds: int) -> None:
     parts = []
     for site in record["sites"]:
-        eps = max((float(v.get("epsilon", 0.0)) for v in record["ledger"].get(site["name"], {}).values()), default=0.0)
+        # the site's spend over all its models (basic composition), as the closing summary and the audit report it
+        eps = sum(float(v.get("epsilon", 0.0)) for v in record["ledger"].get(site["name"], {}).values())
         parts.append(f"{site['name']}={site['status']}(eps {eps:.2f})")
     ev = record["evaluate"]
     log(
