@@ -238,9 +238,9 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "report": ("simulations.report", "write RUN/report.html (every image embedded) for a run folder"),
     "audit": ("simulations.audit", "privacy audit of a release: DP certificate, memorisation, membership inference"),
     "deploy": ("simulations.deploy", "TLS deployment: certificates, SuperLink, SuperNodes (see its subcommands)"),
-    "experiment": ("simulations.experiments", "the studies: downstream | extractors | ga_heads | al_loop"),
+    "experiment": ("simulations.experiments", "the studies: downstream | extractors | dp_gap | ga_heads | al_loop"),
 }
-EXPERIMENTS = ("downstream", "extractors", "ga_heads", "al_loop")
+EXPERIMENTS = ("downstream", "extractors", "dp_gap", "ga_heads", "al_loop")
 EXAMPLES: dict[str, str] = {
     "demo": "difusal demo --run-dir runs/my-demo",
     "simulate": "difusal simulate --preset smoke --set federation.num-rounds=2",
