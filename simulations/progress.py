@@ -93,9 +93,9 @@ class LiveView:
                 site = re.match(r"^(.*)=(\S+)\(eps ([\d.]+)\)$", part)
                 if site:
                     self.sites[site.group(1)] = (site.group(2), site.group(3))
-            self._read_round()
-            self.last_round = (f"round {m.group(1)}: plane accuracy {m.group(5)}, denoise loss {m.group(6)}, "
-                               f"{float(m.group(3)):.0f} s")
+            ga = self._read_round()
+            self.last_round = (f"round {m.group(1)}: plane accuracy {m.group(5)}, GA error {ga}, denoise loss "
+                               f"{m.group(6)}, {float(m.group(3)):.0f} s")
         elif m := _QUERY.match(message):
             self.query = (f"round {m.group(1)}: {m.group(2)} candidates from {m.group(3)} sites, "
                           f"{m.group(4)} released, release size {m.group(5)}")
@@ -103,15 +103,19 @@ class LiveView:
             self.console.print(f"[red]{PREFIX} {level.lower()}: {message}[/red]")
         self.live.update(self._render())
 
-    def _read_round(self) -> None:
-        """Steps, loss and epsilon spent (summed over models) of each site, from the run's last metrics record."""
+    def _read_round(self) -> str:
+        """Steps, loss and epsilon spent (summed over models) of each site, from the run's last metrics record;
+        returns the round's pooled GA error as text (``n/a`` without it)."""
         if self.run_dir is None:
-            return
+            return "n/a"
         try:
             lines = RunLayout(self.run_dir).metrics.read_text().splitlines()
             record = json.loads(lines[-1])
         except (OSError, IndexError, ValueError):
-            return
+            return "n/a"
+        from common.federated.round_metrics import round_summary
+
+        mae = round_summary(record).get("ga_mae_days")
         for site in record.get("sites", []):
             metrics = site.get("metrics") or {}
             spent, _, _ = site_privacy(record.get("ledger", {}).get(site.get("name"), {}))
@@ -119,6 +123,7 @@ class LiveView:
             self.detail[site.get("name", "?")] = (f"{int(metrics.get('generator-steps', 0))}",
                                                   "-" if loss is None else f"{float(loss):.4f}")
             self.sites[site.get("name", "?")] = (site.get("status", "?"), f"{spent:.2f}")
+        return "n/a" if mae is None else f"{mae:.1f} days"
 
     def _render(self) -> Any:
         from rich.console import Group

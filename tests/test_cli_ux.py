@@ -168,3 +168,31 @@ def test_the_live_view_shows_rounds_sites_epsilon_and_the_query() -> None:
     text = out.getvalue()
     assert "rounds 1/3" in text and "6.00 / 10" in text and "failed" in text
     assert "plane accuracy 0.250" in text and "release size 4" in text
+
+
+def test_the_live_view_reads_steps_epsilon_and_the_pooled_ga_error_from_the_run(tmp_path) -> None:
+    import io
+    import json
+
+    from rich.console import Console
+
+    from common.core.run_layout import RunLayout
+    from simulations.progress import LiveView
+
+    layout = RunLayout(tmp_path)
+    layout.metrics.parent.mkdir(parents=True, exist_ok=True)
+    site = {"name": "a", "status": "ok", "metrics": {"generator-steps": 8, "generator-loss": 0.5},
+            "evaluation": {"ga-mae-days": 12.0, "num-examples": 10}}
+    other = {"name": "b", "status": "ok", "metrics": {}, "evaluation": {"ga-mae-days": 24.0, "num-examples": 30}}
+    layout.metrics.write_text(json.dumps({"round": 1, "sites": [site, other],
+                                          "ledger": {"a": {"generator": {"epsilon": 3.0}, "classifier": {"epsilon": 1.0}},
+                                                     "b": {"generator": {"epsilon": 2.0}}}}) + "\n")
+    view = LiveView(rounds=2, sites=["a", "b"], budget=10.0, run_dir=tmp_path)
+    view.console = Console(file=io.StringIO(), force_terminal=True, width=140)
+    view.feed("INFO :      Round 1/2 done in 5.0s | sites: a=ok(eps 4.00), b=ok(eps 2.00) | plane-acc 0.500 | "
+              "denoise-loss 1.0000")
+    out = io.StringIO()
+    Console(file=out, width=140).print(view._render())
+    text = out.getvalue()
+    assert "GA error 21.0 days" in text  # example-weighted: (12 * 10 + 24 * 30) / 40
+    assert "4.00 / 10" in text and "0.5000" in text and " 8 " in text
