@@ -180,6 +180,9 @@ def _sidecar(cfg: RunConfig, bundle: ModelBundle, server_round: int, ledger: dic
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "prior_id": bundle.prior_id,
+        # the public data behind the downstream models' frozen backbone (no privacy cost, listed for the auditor)
+        "downstream": {"backbone": cfg.train.downstream_backbone,
+                       **getattr(bundle.classifier.backbone, "provenance", {})},
         "privacy": {"delta": cfg.privacy.target_delta, "accountant": cfg.privacy.accountant, "sites": ledger},
         "sites": sorted(ledger),
         "code_version": code_version(),

@@ -129,3 +129,23 @@ def test_shipped_public_head_scores_its_public_images_as_recorded():
     with torch.no_grad():
         pred = clf(torch.from_numpy(pub.images).float()[:, None] / 127.5 - 1.0).argmax(1).numpy()
     assert abs(float((pred == pub.planes).mean()) - meta["public_heads"]["64"]["train_accuracy"]) < 1e-6
+
+
+def test_the_backbone_says_what_public_data_it_learned_from():
+    from common.models.downstream import PlaneClassifier
+
+    public = PlaneClassifier(image_size=32, backbone="public_cnn").backbone.provenance
+    assert public["encoder"] == "public-encoder" and public["public_head"] == "public_head_32.safetensors"
+    assert [s["layout"] for s in public["public_sources"]] == ["fetal_planes_db"]
+    phantom = PlaneClassifier(image_size=32, backbone="phantom_cnn").backbone.provenance
+    assert phantom["public_sources"] == [] and phantom["public_head"] is None and "phantoms" in phantom["data"]
+
+
+def test_a_checkpoint_sidecar_lists_the_downstream_public_data(tmp_path):
+    from common.models.bundle import build_bundle
+    from server.federation import _sidecar
+
+    cfg = RunConfig.from_flat({"preset": "smoke", **data_preset("african", str(tmp_path))})
+    side = _sidecar(cfg, build_bundle(cfg), 1, {})["downstream"]
+    assert side["backbone"] == "public_cnn" and side["public_sources"][0]["layout"] == "fetal_planes_db"
+    assert json.loads(json.dumps(side)) == side  # JSON-safe, as the sidecar is written

@@ -418,6 +418,11 @@ class PhantomEncoderBackbone(_FrozenBackbone):
         # the classifier's public warm start. Not a parameter or buffer: never in a state dict, never sent.
         head = folder / public_head_file(self.image_size)
         self.public_head = ({k: v.clone() for k, v in load_file(str(head)).items()} if head.is_file() else None)
+        meta = json.loads((folder / "encoder.json").read_text())
+        # what a checkpoint's sidecar says this backbone (and its warm-start head) learned from: public data only
+        self.provenance = {"encoder": folder.name, "data": meta.get("data"),
+                           "public_sources": meta.get("public_sources", []),
+                           "public_head": head.name if self.public_head is not None else None}
 
     def raw(self, x01: Tensor) -> Tensor:
         return self.encoder.features(_resize(x01, self.size))
