@@ -346,6 +346,7 @@ class PhantomEncoderExtractor:
         meta = json.loads((folder / "encoder.json").read_text())
         if meta.get("format") != ENCODER_FORMAT:
             raise ValueError(f"{folder} is not a phantom encoder folder (format {meta.get('format')!r})")
+        self.meta = meta
         cfg = meta["config"]
         self.size = int(cfg["size"])
         self.model = PhantomEncoder(tuple(cfg["widths"]))
@@ -363,19 +364,13 @@ def public_head_file(image_size: int) -> str:
     return f"public_head_{int(image_size)}.safetensors"
 
 
-def fit_public_head(backbone: nn.Module, images: np.ndarray, planes: np.ndarray, *, l2: float = 1e-4,
-                    num_classes: int = len(PLANES)) -> tuple[dict[str, Tensor], float]:
-    """Multinomial logistic regression (L2 ``l2``, L-BFGS, full batch) on ``backbone``'s features of PUBLIC labelled
-    images (uint8 ``[N, H, W]`` at the backbone's image size): ``({"weight", "bias"}, training accuracy)``. Planes
-    absent from the public images get a low logit; the classifier's label scope masks what is out of scope."""
-    x = as_unit_float(images) * 2.0 - 1.0
-    with torch.no_grad():
-        z = backbone(x)
-    y = torch.as_tensor(planes, dtype=torch.long)
+def fit_softmax(z: Tensor, y: Tensor, *, num_classes: int, l2: float, max_iter: int = 200) -> nn.Linear:
+    """Non-private multinomial logistic regression on fixed features ``z`` (zero init, full-batch L-BFGS, L2 ``l2``
+    on the weights)."""
     head = nn.Linear(z.shape[1], num_classes)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=500, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -384,7 +379,20 @@ def fit_public_head(backbone: nn.Module, images: np.ndarray, planes: np.ndarray,
         return loss
 
     opt.step(closure)
-    acc = float((head(z).argmax(1) == y).float().mean())
+    return head
+
+
+def fit_public_head(backbone: nn.Module, images: np.ndarray, planes: np.ndarray, *, l2: float = 1e-4,
+                    num_classes: int = len(PLANES)) -> tuple[dict[str, Tensor], float]:
+    """:func:`fit_softmax` on ``backbone``'s features of PUBLIC labelled images (uint8 ``[N, H, W]`` at the
+    backbone's image size): ``({"weight", "bias"}, training accuracy)``. Planes absent from the public images get a
+    low logit; the classifier's label scope masks what is out of scope."""
+    with torch.no_grad():
+        z = backbone(as_unit_float(images) * 2.0 - 1.0)
+    y = torch.as_tensor(planes, dtype=torch.long)
+    head = fit_softmax(z, y, num_classes=num_classes, l2=l2, max_iter=500)
+    with torch.no_grad():
+        acc = float((head(z).argmax(1) == y).float().mean())
     return {k: v.detach().contiguous() for k, v in head.state_dict().items()}, acc
 
 
@@ -418,7 +426,7 @@ class PhantomEncoderBackbone(_FrozenBackbone):
         # the classifier's public warm start. Not a parameter or buffer: never in a state dict, never sent.
         head = folder / public_head_file(self.image_size)
         self.public_head = ({k: v.clone() for k, v in load_file(str(head)).items()} if head.is_file() else None)
-        meta = json.loads((folder / "encoder.json").read_text())
+        meta = extractor.meta
         # what a checkpoint's sidecar says this backbone (and its warm-start head) learned from: public data only
         self.provenance = {"encoder": folder.name, "data": meta.get("data"),
                            "public_sources": meta.get("public_sources", []),
@@ -511,4 +519,3 @@ def extractor_seconds_per_image(extractor: FeatureExtractor, images: np.ndarray,
         extractor(images)
         best = min(best, time.perf_counter() - t0)
     return best / max(1, len(images))
-

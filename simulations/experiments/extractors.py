@@ -112,21 +112,8 @@ def _sub_groups(groups: Sequence[Sequence[int]], idx: np.ndarray) -> tuple[list[
 
 # -- heads -------------------------------------------------------------------------------------------------------
 def fit_logreg(x: np.ndarray, y: np.ndarray, l2: float) -> nn.Linear:
-    """Non-private multinomial logistic regression (full-batch L-BFGS, L2 on the weights)."""
-    head = nn.Linear(x.shape[1], NUM_CLASSES)
-    nn.init.zeros_(head.weight)
-    nn.init.zeros_(head.bias)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1.0, max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(head(xt), yt) + l2 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return head
+    """Non-private multinomial logistic regression over the four African planes (:func:`fx.fit_softmax`)."""
+    return fx.fit_softmax(torch.from_numpy(x), torch.from_numpy(y), num_classes=NUM_CLASSES, l2=l2)
 
 
 def accuracy(head: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
