@@ -15,6 +15,7 @@ import numpy as np
 from safetensors.torch import save_file
 
 from common.data.public import load_public_images
+from common.models.downstream import GARegressor, fit_public_ga_head, public_ga_head_file
 from common.models.features import (
     EncoderConfig,
     PhantomEncoderBackbone,
@@ -41,8 +42,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.heads_only != (out / "encoder.safetensors").exists():
         p.error(f"{out}: --heads-only needs an existing encoder folder" if a.heads_only else
                 f"{out} already holds an encoder; choose a new --out (or --heads-only)")
-    if a.heads_only and not a.public:
-        p.error("--heads-only needs --public LAYOUT:DIR (the public labelled scans to fit the heads on)")
     public = []
     for spec in a.public:
         layout, sep, root = spec.partition(":")
@@ -54,8 +53,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_phantom_encoder(out, EncoderConfig(steps=a.steps, seed=a.seed), public=public)
     meta = json.loads((out / "encoder.json").read_text())
     meta["command" if not a.heads_only else "heads_command"] = command
+    sizes = [int(v) for v in a.head_sizes.split(",") if v.strip()]
     if public:
-        meta["public_heads"] = fit_heads(out, a.public, [int(v) for v in a.head_sizes.split(",") if v.strip()])
+        meta["public_heads"] = fit_heads(out, a.public, sizes)
+    meta["public_ga_heads"] = fit_ga_heads(out, sizes)
     (out / "encoder.json").write_text(json.dumps(meta, indent=2))
     print(json.dumps({k: meta.get(k) for k in ("phantom_heldout_accuracy", "train_seconds", "public_sources",
                                                 "public_heads")}))
@@ -74,6 +75,19 @@ def fit_heads(folder: Path, specs: Sequence[str], sizes: Sequence[int], l2: floa
         save_file(state, str(folder / public_head_file(size)))
         out[str(size)] = {"l2": l2, "train_accuracy": round(acc, 4), "images": int(sum(len(q.planes) for q in pubs)),
                           "sources": [q.source["pixels_sha256"] for q in pubs]}
+    return out
+
+
+def fit_ga_heads(folder: Path, sizes: Sequence[int]) -> dict[str, object]:
+    """Fit and save the GA regressor's public warm-start head (brain phantoms, :func:`fit_public_ga_head`) at every
+    image size; what each was fitted on is returned for ``encoder.json``."""
+    out: dict[str, object] = {}
+    for size in sizes:
+        regressor = GARegressor(size, backbone="phantom_cnn")
+        regressor.backbone = PhantomEncoderBackbone(size, folder)
+        state, info = fit_public_ga_head(regressor)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / public_ga_head_file(size)))
+        out[str(size)] = info
     return out
 
 

@@ -426,11 +426,16 @@ class PhantomEncoderBackbone(_FrozenBackbone):
         # the classifier's public warm start. Not a parameter or buffer: never in a state dict, never sent.
         head = folder / public_head_file(self.image_size)
         self.public_head = ({k: v.clone() for k, v in load_file(str(head)).items()} if head.is_file() else None)
+        # and a GA head fitted on public phantoms (common.models.downstream.fit_public_ga_head): the regressor's
+        ga_head = folder / f"public_ga_head_{self.image_size}.safetensors"
+        self.public_ga_head = ({k: v.clone() for k, v in load_file(str(ga_head)).items()} if ga_head.is_file()
+                               else None)
         meta = extractor.meta
         # what a checkpoint's sidecar says this backbone (and its warm-start head) learned from: public data only
         self.provenance = {"encoder": folder.name, "data": meta.get("data"),
                            "public_sources": meta.get("public_sources", []),
-                           "public_head": head.name if self.public_head is not None else None}
+                           "public_head": head.name if self.public_head is not None else None,
+                           "public_ga_head": ga_head.name if self.public_ga_head is not None else None}
 
     def raw(self, x01: Tensor) -> Tensor:
         return self.encoder.features(_resize(x01, self.size))

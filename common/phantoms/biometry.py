@@ -43,3 +43,12 @@ def ga_from_hc(hc_millimetres: ArrayLike) -> np.ndarray:
     """Gestational age in weeks from head circumference (Hadlock 1984): MA = 8.96 + 0.540 HC + 0.0003 HC^3, HC in cm."""
     hc = np.asarray(hc_millimetres, dtype=np.float64) / 10.0
     return 8.96 + 0.540 * hc + 0.0003 * hc**3
+
+
+def hc_from_ga(ga_weeks: ArrayLike) -> np.ndarray:
+    """Head circumference (mm) whose Hadlock GA (:func:`ga_from_hc`) is ``ga_weeks``: the one real root of the
+    monotone cubic, ``HC = -2 sqrt(p/3) sinh(asinh(3q/(2p) sqrt(3/p)) / 3)`` with ``p = 0.54/0.0003`` and
+    ``q = (8.96 - MA)/0.0003`` (HC in cm). Defined for every GA; below 8.96 weeks the root is negative (no head)."""
+    ma = np.asarray(ga_weeks, dtype=np.float64)
+    p, q = 0.540 / 0.0003, (8.96 - ma) / 0.0003
+    return 10.0 * (-2.0 * np.sqrt(p / 3.0) * np.sinh(np.arcsinh(1.5 * q / p * np.sqrt(3.0 / p)) / 3.0))

@@ -1,28 +1,32 @@
-"""Does the scattering GA head beat the pixel-size line, privately? Cross-validation on HC18 TRAINING images only.
+"""Which frozen public features read GA off a head, privately? Cross-validation on HC18 TRAINING images only.
 
 ``python -m simulations.experiments.ga_heads`` reads the HC18 training set (``load_source("hc18", ...,
 image_size=64)``; the records carry GA, pixel spacing rescaled to the 64 px image, patient id), splits its patients
 into K folds (:func:`grouped_kfold`: no patient is split) and reports GA MAE (days), coverage of the central 90%
-Gaussian interval and its mean width (days) on each held-out fold for:
+Gaussian interval and its mean width (days) on each held-out fold, per extractor (``--settings``: the shipped
+``public_cnn`` and ``phantom_cnn`` encoders, wavelet scattering), for:
 
 1. ``pixel_size_line``: least squares of GA (weeks) on log pixel spacing, residual std as a constant interval; the
    baseline a model that looks at the image has to beat (in HC18 the spacing alone carries much of GA).
-2. ``nonprivate_h0`` / ``nonprivate_h32``: the product's regressor head (:class:`GARegressor` with
-   ``hidden=0`` / ``32``: FiLM by spacing, linear or one hidden layer, zero-init output) trained without DP
-   (``train_private(ledger=None)``, Adam) on the pooled training folds. The frozen scattering features are computed
-   once per setting (the backbone has no parameters) and :class:`FeatureHead` runs
-   :meth:`GARegressor.forward_features` on them: the trained module is literally the product's head.
-3. ``dp_fed_eps{10,4,1}``: 3 sites (the training fold's patients split iid, as the hc18 preset's
+2. ``public_warm_start``: the product's regressor as built (:class:`GARegressor`, ``output="log_hc"``: apparent
+   size -> head circumference -> Hadlock GA) with the linear head the encoder folder ships, fitted on public brain
+   phantoms (:func:`fit_public_ga_head`): no private image at all. Only where a GA head is shipped.
+3. ``nonprivate_h0`` / ``nonprivate_h32``: the product's head (FiLM by spacing, linear or one hidden layer)
+   trained without DP (``train_private(ledger=None)``, Adam) on the pooled training folds, from the regressor's
+   init (the public head where there is one). The frozen features are computed once per setting and
+   :class:`FeatureHead` runs :meth:`GARegressor.forward_features` on them: the trained module is literally the
+   product's head.
+4. ``dp_fed_eps{10,4,1}``: 3 sites (the training fold's patients split iid, as the hc18 preset's
    ``data.partition=iid``), each training the ``hidden=0`` head with :func:`train_private` (Opacus DP-SGD, Adam,
-   clip 1, batch 16 as the defaults), each with its own :class:`PrivacyLedger` (epsilon for the whole run,
+   the Laplace NLL of :func:`regressor_loss`), each with its own :class:`PrivacyLedger` (epsilon for the whole run,
    delta 1e-5, RDP) over R FedAvg rounds (weighted by site size, only :func:`federated_state` is averaged).
    (lr, local steps) are chosen per outer fold and epsilon by inner patient-grouped CV on the outer training
    fold (1 seed, MAE), never on the reported fold.
 
-Scattering settings: J=2 with a 4x4 and a 2x2 pooling grid at 64 px. Mean and std over (fold, seed); the pixel-size
-line and the fold assignment are deterministic. The inner CV spends privacy too (Papernot & Steinke 2022); the
-figures are a feasibility study, the DP noise seeds are public (simulation only, not private noise).
-JSON to ``simulations/benchmarks/results/ga_heads_hc18.json`` and a markdown table on stdout.
+Mean and std over (fold, seed); the pixel-size line, the public warm start and the fold assignment are
+deterministic. The inner CV spends privacy too (Papernot & Steinke 2022); the figures are a feasibility study, the
+DP noise seeds are public (simulation only, not private noise). JSON to
+``simulations/benchmarks/results/ga_heads_hc18.json`` and a markdown table on stdout.
 """
 
 from __future__ import annotations
@@ -51,7 +55,6 @@ from common.privacy.ledger import PrivacyLedger
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "simulations" / "benchmarks" / "results" / "ga_heads_hc18.json"
-SCATTERING_SETTINGS = ((2, 4), (2, 2))  # (J, grid) at 64 px
 NONPRIVATE_LR, NONPRIVATE_BATCH = 0.01, 64
 NONPRIVATE_CHECKPOINTS = (100, 300)  # cumulative Adam steps; inner CV picks one
 COVERAGE = 0.9
@@ -93,8 +96,8 @@ class FeatureHead(nn.Module):
         super().__init__()
         self.reg = regressor
 
-    def forward(self, h: Tensor, spacing: Tensor) -> tuple[Tensor, Tensor]:
-        return self.reg.forward_features(h, spacing)
+    def forward(self, h: Tensor, spacing: Tensor, **kw: Any) -> tuple[Tensor, Tensor]:
+        return self.reg.forward_features(h, spacing, **kw)
 
 
 def feature_dataset(feats: Tensor, ga: Tensor, spacing: Tensor) -> TensorDataset:
@@ -141,10 +144,26 @@ def train_nonprivate(reg: GARegressor, data: TensorDataset, *, checkpoints: Sequ
     return outs
 
 
-def make_regressor(j: int, grid: int, hidden: int) -> GARegressor:
-    """The product's regressor; ``init_state`` (a plain attribute) is what every training run starts from."""
-    torch.manual_seed(0)  # the hidden layer's init is public randomness; the zero output layer is data-free
-    reg = GARegressor(64, 32, backbone="scattering", hidden=hidden, scattering_j=j, scattering_grid=grid)
+def parse_setting(text: str) -> tuple[str, int, int, list[float]]:
+    """``"phantom_cnn:10/4/1"``, ``"public_cnn:10/4/1"`` or ``"scattering:J:grid:10/4/1"`` -> (backbone, J, grid,
+    DP epsilons)."""
+    parts = text.split(":")
+    if parts[0] == "scattering" and len(parts) == 4:
+        return "scattering", int(parts[1]), int(parts[2]), [float(e) for e in parts[3].split("/") if e]
+    if parts[0] in ("phantom_cnn", "public_cnn") and len(parts) == 2:
+        return parts[0], 2, 4, [float(e) for e in parts[1].split("/") if e]
+    raise ValueError(f"setting {text!r}: expected phantom_cnn:EPS/EPS, public_cnn:EPS/EPS or scattering:J:GRID:EPS/EPS")
+
+
+def setting_name(backbone: str, j: int, grid: int) -> str:
+    return f"scattering_J{j}_g{grid}_64px" if backbone == "scattering" else f"{backbone}_64px"
+
+
+def make_regressor(backbone: str, j: int, grid: int, hidden: int) -> GARegressor:
+    """The product's regressor (a linear head on a shipped encoder starts at its public GA head); ``init_state`` (a
+    plain attribute) is what every training run starts from."""
+    torch.manual_seed(0)  # the hidden layer's init is public randomness; the output layer is data-free
+    reg = GARegressor(64, 32, backbone=backbone, hidden=hidden, scattering_j=j, scattering_grid=grid)
     reg.init_state = {k: v.clone() for k, v in reg.state_dict().items()}
     return reg
 
@@ -192,18 +211,20 @@ def _site_data(idx: np.ndarray, records: list, feats: Tensor, ga: Tensor, sp: Te
 
 
 # -- one scattering setting --------------------------------------------------------------------------------------
-def evaluate_setting(j: int, grid: int, epsilons: Sequence[float], records: list, data: TensorDataset, groups: list[list[int]],
-                     folds: list[np.ndarray], s: dict[str, Any]) -> dict[str, Any]:
+def evaluate_setting(backbone: str, j: int, grid: int, epsilons: Sequence[float], records: list, data: TensorDataset,
+                     groups: list[list[int]], folds: list[np.ndarray], s: dict[str, Any]) -> dict[str, Any]:
     t_start = time.perf_counter()
-    dp_models = [make_regressor(j, grid, 0) for _ in range(4)]
-    np_models = {h: make_regressor(j, grid, h) for h in (0, 32)}
+    dp_models = [make_regressor(backbone, j, grid, 0) for _ in range(4)]
+    np_models = {h: make_regressor(backbone, j, grid, h) for h in (0, 32)}
+    warm = getattr(dp_models[0].backbone, "public_ga_head", None) is not None
     t0 = time.perf_counter()
-    feats = dp_models[0].backbone(data.tensors[0])  # frozen, parameter-free: computed once
+    with torch.no_grad():  # frozen: computed once
+        feats = torch.cat([dp_models[0].backbone(data.tensors[0][i:i + 256]) for i in range(0, len(data), 256)])
     feat_seconds = time.perf_counter() - t0
     ga, sp = data.tensors[2], data.tensors[3]
-    name = f"scattering_J{j}_g{grid}_64px"
+    name = setting_name(backbone, j, grid)
     out: dict[str, Any] = {"setting": name, "dim": int(feats.shape[1]), "feature_seconds": round(feat_seconds, 2),
-                           "folds": []}
+                           "output": dp_models[0].output, "public_warm_start": warm, "folds": []}
     grid_hp = [(lr, ls) for lr in s["lrs"] for ls in s["local_steps"]]
     dp_kw = dict(rounds=s["rounds"], batch_size=s["batch_size"], clip=s["clip"])
     n = len(records)
@@ -217,6 +238,10 @@ def evaluate_setting(j: int, grid: int, epsilons: Sequence[float], records: list
         fold["pixel_size_line"] = pixel_size_line(sp[train].numpy().astype(np.float64), ga[train].numpy(),
                                                   sp[test].numpy().astype(np.float64), ga[test].numpy())
         tr_ds = feature_dataset(feats[train], ga[train], sp[train])
+        if warm:  # the shipped public GA head alone: no private image, no privacy cost
+            dp_models[0].load_state_dict(dp_models[0].init_state)
+            fold["public_warm_start"] = {"per_seed": [head_metrics(FeatureHead(dp_models[0]), feats[test], ga[test],
+                                                                   sp[test])]}
         # non-private: the number of steps by inner CV (1 seed), then 3 seeds on the outer fold
         for hidden, reg in np_models.items():
             inner_mae = np.zeros(len(s["nonprivate_checkpoints"]))
@@ -279,7 +304,7 @@ METRICS = ("mae_days", "coverage", "interval_width_days")
 def summary(folds: list[dict[str, Any]]) -> dict[str, Any]:
     """Mean and std over (fold, seed) of each method and metric (the pixel-size line: over folds)."""
     out: dict[str, Any] = {}
-    for key in [k for k in folds[0] if k == "pixel_size_line" or k.startswith(("nonprivate", "dp_"))]:
+    for key in [k for k in folds[0] if k == "pixel_size_line" or k.startswith(("nonprivate", "dp_", "public_"))]:
         rows = [[fo[key]] if key == "pixel_size_line" else fo[key]["per_seed"] for fo in folds]
         out[key] = {m: {"mean": float(np.mean([[r[m] for r in rs] for rs in rows])),
                         "std": float(np.std([[r[m] for r in rs] for rs in rows]))} for m in METRICS}
@@ -330,8 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--settings", default=",".join(f"{j}:{g}:10/4/1" for j, g in SCATTERING_SETTINGS),
-                   help="J:grid:eps/eps/...,... (DP epsilons per scattering setting)")
+    p.add_argument("--settings", default="public_cnn:10/4/1,phantom_cnn:10/4/1,scattering:2:4:10/4/1",
+                   help="comma-separated BACKBONE:eps/eps/... (phantom_cnn, public_cnn) or scattering:J:grid:eps/...")
     p.add_argument("--note", default="")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -344,22 +369,24 @@ def main(argv: Sequence[str] | None = None) -> int:
          "select_on_fold": args.select_on_fold, "lrs": [float(v) for v in args.lrs.split(",")],
          "local_steps": [int(v) for v in args.local_steps.split(",")], "rounds": args.rounds,
          "batch_size": args.batch_size, "clip": args.clip, "nonprivate_checkpoints": list(NONPRIVATE_CHECKPOINTS)}
-    settings = [(int(j), int(g), [float(e) for e in eps.split("/") if e])
-                for j, g, eps in (v.split(":") for v in args.settings.split(","))]
-    results = [evaluate_setting(j, g, eps, records, data, groups, folds, s) for j, g, eps in settings]
+    settings = [parse_setting(v) for v in args.settings.split(",")]
+    results = [evaluate_setting(b, j, g, eps, records, data, groups, folds, s) for b, j, g, eps in settings]
     report = {
-        "study": "GA regressor head on frozen scattering features vs the pixel-size line, patient-grouped CV on "
+        "study": "GA regressor head on frozen public features (log-HC output, public phantom warm start where shipped)"
+                 " vs the pixel-size line, patient-grouped CV on "
                  "the HC18 TRAINING images only",
         "data": f"hc18 training_set ({len(records)} images, {len(groups)} patients), 64 px, pixel spacing rescaled "
                 "to the fitted image; folds group whole patients (grouped_kfold, balanced sizes)",
-        "settings": {**s, "scattering": [f"J={j},grid={g},64px, DP eps {eps}" for j, g, eps in settings], "delta": 1e-5,
+        "settings": {**s, "extractors": [f"{setting_name(b, j, g)}, DP eps {eps}" for b, j, g, eps in settings],
+                     "delta": 1e-5,
                      "accountant": "rdp", "coverage_level": COVERAGE, "sites": "3, training patients split iid "
                      "(common.data.partition.partition kind=iid, fixed per fold)",
                      "dp": "train_private (Opacus, functorch per-sample grads, Adam, fresh optimizer state each "
                            "round), one PrivacyLedger per site for the whole run, planned_total_steps = rounds * "
                            "local_steps; FedAvg weighted by site size of federated_state; DP head hidden=0",
                      "dp_selection": "(lr, local steps) minimising inner-CV MAE, 1 seed, per outer fold and epsilon",
-                     "nonprivate": f"train_private(ledger=None), Adam lr={NONPRIVATE_LR}, batch {NONPRIVATE_BATCH}, "
+                     "nonprivate": f"from the regressor's init (the public GA head where shipped), "
+                                   f"train_private(ledger=None), Adam lr={NONPRIVATE_LR}, batch {NONPRIVATE_BATCH}, "
                                    f"steps in {list(NONPRIVATE_CHECKPOINTS)} by inner-CV MAE (1 seed)",
                      "pixel_size_line": "OLS of GA weeks on log(spacing mm), residual std (n-2) as constant sigma",
                      "noise_seed": "derived from public run seeds (simulation only: not private noise)",

@@ -1,0 +1,133 @@
+"""The GA regressor's physical output: apparent size -> head circumference -> Hadlock GA, and its public warm start."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from common.models.downstream import (
+    GARegressor,
+    fit_public_ga_head,
+    ga_from_log_hc,
+    log_hc_from_ga,
+    predict_ga,
+    regressor_loss,
+)
+from common.phantoms.biometry import ga_from_hc, hc_from_ga
+from common.phantoms.simulator import make_phantoms
+
+
+def test_hadlock_inverse_round_trips_in_numpy_and_torch():
+    ga = np.array([9.6, 11.4, 14.0, 20.0, 27.0, 33.3, 40.0, 42.0])
+    hc = hc_from_ga(ga)
+    np.testing.assert_allclose(ga_from_hc(hc), ga, atol=1e-9)
+    assert np.all(np.diff(hc) > 0)
+    np.testing.assert_allclose(hc_from_ga(27.0), 248.66, atol=0.01)  # 24.87 cm: 8.96 + 0.54*24.87 + 0.0003*24.87^3
+    z = log_hc_from_ga(torch.tensor(ga, dtype=torch.float64))
+    np.testing.assert_allclose(torch.exp(z).numpy(), hc, rtol=1e-9)
+    np.testing.assert_allclose(ga_from_log_hc(z).numpy(), ga, atol=1e-9)
+
+
+def test_frozen_backbones_predict_log_hc_and_the_cnn_keeps_weeks():
+    assert GARegressor(32, backbone="phantom_cnn").output == "log_hc"
+    assert GARegressor(32, backbone="scattering").output == "log_hc"
+    cnn = GARegressor(32, 8, backbone="cnn")
+    assert cnn.output == "weeks"
+    with pytest.raises(ValueError, match="log_hc=True needs output='log_hc'"):
+        cnn(torch.zeros(2, 1, 32, 32), torch.ones(2), log_hc=True)
+    with pytest.raises(ValueError, match="must be 'log_hc' or 'weeks'"):
+        GARegressor(32, backbone="scattering", output="days")
+
+
+def test_log_hc_output_is_the_field_of_view_times_the_apparent_size():
+    reg = GARegressor(32, backbone="scattering")  # zero head: apparent size 0, i.e. HC = one field of view
+    torch.nn.init.zeros_(reg.head.weight)
+    torch.nn.init.zeros_(reg.head.bias)
+    x = torch.zeros(3, 1, 32, 32)
+    sp = torch.tensor([2.0, 4.0, float("nan")])
+    z, logvar_z = reg(x, sp, log_hc=True)
+    # HC = 32 px * spacing (64, 128 mm), the default field of view (150 mm) where the spacing is unknown; the soft
+    # range [15, 800] mm bends these by under 2 %
+    np.testing.assert_allclose(torch.exp(z).detach().numpy(), [64.0, 128.0, 150.0], rtol=0.02)
+    mean, logvar = reg(x, sp)
+    np.testing.assert_allclose(mean.detach().numpy(), ga_from_hc(torch.exp(z).detach().numpy()), atol=1e-4)
+    # the delta method: a log-size std s becomes s * dGA/dlogHC weeks, which grows with the head
+    std_w = torch.exp(0.5 * logvar).detach().numpy()
+    assert std_w[0] < std_w[1]
+    assert np.allclose(torch.exp(0.5 * logvar_z).detach().numpy(), 0.15, rtol=1e-5)
+
+
+def test_regressor_loss_is_the_laplace_nll_of_log_hc():
+    reg = GARegressor(32, backbone="scattering")
+    x, sp = torch.zeros(4, 1, 32, 32), torch.full((4,), 3.0)
+    with torch.no_grad():
+        z, logvar_z = reg(x, sp, log_hc=True)
+    log_b = 0.5 * (logvar_z.numpy() - np.log(2.0))
+    ga_true = ga_from_log_hc(z)  # labels exactly at the prediction: only the log-scale term is left
+    batch = (x, torch.zeros(4, dtype=torch.int64), ga_true.float(), sp)
+    np.testing.assert_allclose(regressor_loss(reg, batch).detach().numpy(), log_b, atol=1e-4)
+    off = (x, batch[1], torch.tensor([float("nan"), 20.0, 30.0, 35.0]), sp)
+    loss = regressor_loss(reg, off).detach().numpy()
+    assert loss[0] == 0.0  # unknown GA contributes nothing
+    zt = log_hc_from_ga(torch.tensor([20.0, 30.0, 35.0])).numpy()
+    expect = log_b[1:] + np.abs(zt - z[1:].numpy()) / np.exp(log_b[1:])
+    np.testing.assert_allclose(loss[1:], expect, rtol=1e-4)
+
+
+def test_public_ga_head_reads_ga_off_fresh_phantoms_without_private_data():
+    torch.manual_seed(0)
+    reg = GARegressor(32, backbone="phantom_cnn")
+    state, info = fit_public_ga_head(reg, n_per_profile=40)
+    assert info["l2"] in (1e-3, 1e-2, 1e-1, 1.0) and info["images"] == 200
+    recs = make_phantoms(60, size=32, seed=4242, profile="aloka", plane_probs=[1, 0, 0, 0, 0, 0])
+    x = torch.from_numpy(np.stack([r.image for r in recs])).float()[:, None] / 127.5 - 1
+    sp = torch.tensor([r.pixel_spacing_mm for r in recs], dtype=torch.float32)
+    ga = np.array([r.ga_weeks for r in recs])
+    torch.nn.init.zeros_(reg.head.weight)
+    torch.nn.init.zeros_(reg.head.bias)
+    zero_mae = np.abs(predict_ga(reg, x, sp)[0].numpy() - ga).mean() * 7
+    reg.head.load_state_dict(state)
+    mean, std = predict_ga(reg, x, sp)
+    mae = np.abs(mean.numpy() - ga).mean() * 7
+    assert mae < 0.4 * zero_mae, (mae, zero_mae)
+    covered = np.mean(np.abs(mean.numpy() - ga) <= 1.645 * std.numpy())
+    assert 0.6 <= covered <= 1.0
+
+
+@pytest.mark.parametrize("backbone", ["phantom_cnn", "public_cnn"])
+def test_linear_ga_heads_on_shipped_encoders_start_at_the_public_ga_head(backbone):
+    from safetensors.torch import load_file
+
+    reg = GARegressor(64, backbone=backbone)
+    folder = {"phantom_cnn": "phantom-encoder", "public_cnn": "public-encoder"}[backbone]
+    from common.models.assets import asset_folder
+
+    shipped = load_file(str(asset_folder(folder) / "public_ga_head_64.safetensors"))
+    assert torch.equal(reg.head.weight, shipped["weight"]) and torch.equal(reg.head.bias, shipped["bias"])
+    assert reg.backbone.provenance["public_ga_head"] == "public_ga_head_64.safetensors"
+    assert float(reg.film.weight.abs().sum()) == 0.0  # FiLM still starts at the identity
+    hidden = GARegressor(64, backbone=backbone, hidden=8)  # a hidden-layer head has no public fit: zero output
+    assert float(hidden.head[-1].weight.abs().sum()) == 0.0
+    assert float(GARegressor(64, backbone="scattering").head.weight.abs().sum()) == 0.0
+
+
+def test_public_ga_head_beats_the_pixel_size_line_on_real_hc18_scans():
+    """No private image: the head fitted on brain phantoms, applied to the HC18 training images (public here)."""
+    from pathlib import Path
+
+    from common.data.loaders import load_source
+    from common.data.tensors import records_to_dataset
+
+    root = Path(__file__).resolve().parents[2] / "shared" / "data" / "hc18"
+    if not (root / "training_set_pixel_size_and_HC.csv").is_file():
+        pytest.skip(f"HC18 not at {root}")
+    data = records_to_dataset(load_source("hc18", str(root), image_size=64).records, image_size=64)
+    x, ga, sp = data.tensors[0], data.tensors[2].numpy().astype(np.float64), data.tensors[3]
+    mean, std = predict_ga(GARegressor(64, backbone="public_cnn"), x, sp)
+    mae = np.abs(mean.numpy() - ga).mean() * 7
+    a = np.stack([np.ones(len(ga)), np.log(sp.numpy().astype(np.float64))], 1)  # the line, fitted in-sample
+    line = np.abs(a @ np.linalg.lstsq(a, ga, rcond=None)[0] - ga).mean() * 7
+    assert mae < 0.7 * line, (mae, line)  # measured 10.8 vs 17.9 days
+    covered = np.mean(np.abs(mean.numpy() - ga) <= 1.645 * std.numpy())
+    assert 0.7 <= covered <= 0.97, covered
