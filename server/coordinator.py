@@ -277,7 +277,7 @@ class Coordinator:
         """Non-private steps on public data (``ledger=None``) at the run's rate for ``key``; the mean finite loss."""
         lr, optimizer = self.cfg.train.rate(key)
         result = train_private(
-            model, loss_fn, data, steps=steps, batch_size=min(self.cfg.train.batch_size, len(data)), lr=lr,
+            model, loss_fn, data, steps=steps, batch_size=min(self.cfg.train.batch_for(key), len(data)), lr=lr,
             ledger=None, model_key=key, planned_total_steps=steps, optimizer=optimizer,
             seed=derive_seed(self.cfg.seed, f"refine-{key}", server_round),
         )

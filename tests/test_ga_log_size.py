@@ -110,6 +110,13 @@ def test_linear_ga_heads_on_shipped_encoders_start_at_the_public_ga_head(backbon
     hidden = GARegressor(64, backbone=backbone, hidden=8)  # a hidden-layer head has no public fit: zero output
     assert float(hidden.head[-1].weight.abs().sum()) == 0.0
     assert float(GARegressor(64, backbone="scattering").head.weight.abs().sum()) == 0.0
+    # the public head reads head size: a consortium with other planes in scope starts at zero
+    for scope in (None, (0, 1, 2, 3)):
+        assert float(GARegressor(64, backbone=backbone, planes=scope).head.weight.abs().sum()) == 0.0
+    from common.models.downstream import DownstreamSpec
+
+    assert torch.equal(DownstreamSpec(64, backbone, planes=(0,)).regressor().head.weight, shipped["weight"])
+    assert float(DownstreamSpec(64, backbone, planes=None).regressor().head.weight.abs().sum()) == 0.0
 
 
 def test_public_ga_head_beats_the_pixel_size_line_on_real_hc18_scans():

@@ -226,6 +226,9 @@ class TrainConfig:
     downstream_lr: float = 0.1  # the classifier's rate (Adam on a zero-initialised linear head)
     regressor_lr: float = 0.005  # the GA regressor's (chosen by patient-grouped CV on HC18: 0.05 diverges at eps=10)
     downstream_steps: int = 50
+    # expected batch of the classifier's and regressor's DP-SGD steps (Poisson rate q = batch / site size): heads on
+    # frozen features are cheap, so this is a privacy/accuracy setting, not a memory one (the generator uses batch_size)
+    downstream_batch_size: int = 16
     pretrain_steps: int = 2000
     pretrain_batch_size: int = 32
 
@@ -238,6 +241,11 @@ class TrainConfig:
         if model_key == "regressor":
             return self.regressor_lr, self.downstream_optimizer
         raise ValueError(f"model_key={model_key!r} is not generator, classifier or regressor")
+
+    def batch_for(self, model_key: str) -> int:
+        """Expected batch size of ``model_key``'s steps (generator: ``batch_size``; heads: ``downstream_batch_size``)."""
+        self.rate(model_key)  # the same check of the key
+        return self.batch_size if model_key == "generator" else self.downstream_batch_size
 
     def validate(self) -> None:
         _check_range("train.batch_size", self.batch_size, 1, 4096)
@@ -254,6 +262,7 @@ class TrainConfig:
         _check_range("train.downstream_lr", self.downstream_lr, 1e-7, 100.0)
         _check_range("train.regressor_lr", self.regressor_lr, 1e-7, 100.0)
         _check_range("train.downstream_steps", self.downstream_steps, 0, 100_000)
+        _check_range("train.downstream_batch_size", self.downstream_batch_size, 1, 4096)
         _check_range("train.pretrain_steps", self.pretrain_steps, 0, 10_000_000)
         _check_range("train.pretrain_batch_size", self.pretrain_batch_size, 1, 4096)
 

@@ -112,7 +112,7 @@ def local_train(
             loss_fn,  # type: ignore[arg-type]
             data,
             steps=steps,
-            batch_size=min(cfg.train.batch_size, len(data)),
+            batch_size=min(t.batch_for(key), len(data)),
             lr=lr,
             optimizer=optimizer,
             ledger=ledger,

@@ -160,7 +160,7 @@ class DownstreamSpec:
         return PlaneClassifier(image_size=self.image_size, width=self.width, planes=self.planes, **self._kw())
 
     def regressor(self) -> "GARegressor":
-        return GARegressor(self.image_size, self.width, **self._kw())
+        return GARegressor(self.image_size, self.width, planes=self.planes, **self._kw())
 
     @property
     def frozen(self) -> bool:
@@ -276,10 +276,15 @@ class GARegressor(nn.Module):
         a frozen backbone gets ``hidden`` units (0: the head is linear in the modulated features and log spacing).
     output:
         ``"log_hc"`` or ``"weeks"``; default: ``"weeks"`` for the ``cnn`` backbone, ``"log_hc"`` otherwise.
+    planes:
+        The consortium's label scope (``None``: every plane). The public GA head warm-starts a linear ``log_hc``
+        head only when the scope is the brain plane alone (the HC18 preset); by default a bare regressor is a
+        head-biometry one.
     """
 
     def __init__(self, image_size: int = 64, width: int = 32, *, backbone: str = "cnn", hidden: int = 0,
-                 scattering_j: int = 2, scattering_grid: int = 2, output: str | None = None) -> None:
+                 scattering_j: int = 2, scattering_grid: int = 2, output: str | None = None,
+                 planes: Sequence[int] | None = (PLANES.index("fetal_brain"),)) -> None:
         super().__init__()
         self.backbone = make_backbone(backbone, image_size, width, scattering_j, scattering_grid)
         self.image_size = int(image_size)
@@ -293,8 +298,12 @@ class GARegressor(nn.Module):
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
         public = getattr(self.backbone, "public_ga_head", None)
-        if public is not None and hidden == 0 and self.output == "log_hc":
-            # public warm start: a head fitted on public phantoms (no privacy cost); DP-SGD starts from it
+        brain_only = planes is not None and tuple(sorted(set(planes))) == (PLANES.index("fetal_brain"),)
+        self.public_warm_start = public is not None and hidden == 0 and self.output == "log_hc" and brain_only
+        if self.public_warm_start:
+            # public warm start: a head fitted on public brain phantoms (no privacy cost); DP-SGD starts from it. It
+            # reads head size, so only a brain-plane consortium gets it (fitted on four planes it lost half its
+            # accuracy on HC18 heads); other scopes start at zero
             self.head.load_state_dict(public)
 
     @staticmethod
@@ -343,7 +352,8 @@ def public_ga_head_file(image_size: int) -> str:
 
 
 def fit_public_ga_head(regressor: GARegressor, *, n_per_profile: int = 150, seed: int = 0,
-                       l2s: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0)) -> tuple[dict[str, Tensor], dict[str, Any]]:
+                       l2s: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), planes: Sequence[str] = ("fetal_brain",)
+                       ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Fit the linear head of a ``log_hc`` regressor on PUBLIC brain-plane phantoms of every scanner profile.
 
     The phantoms' anatomy follows Hadlock's growth of the GA they were drawn at and their pixel spacing is exact,
@@ -363,7 +373,7 @@ def fit_public_ga_head(regressor: GARegressor, *, n_per_profile: int = 150, seed
         raise ValueError("fit_public_ga_head needs a linear-head regressor with output='log_hc' on a frozen backbone")
     size = regressor.image_size
     feats, targets, profile_of = [], [], []
-    brain = [1.0 if k == PLANES.index("fetal_brain") else 0.0 for k in range(len(PLANES))]
+    brain = [1.0 if name in planes else 0.0 for name in PLANES]
     for k, profile in enumerate(SCANNER_PROFILES):
         recs = make_phantoms(n_per_profile, size=size, seed=seed * 1000 + 500 + k, profile=profile,
                              plane_probs=brain, site="public", id_prefix=f"public-ga-{profile}")
@@ -399,7 +409,7 @@ def fit_public_ga_head(regressor: GARegressor, *, n_per_profile: int = 150, seed
     weight[0] = w.float()
     bias = torch.tensor([float(b), _LOGVAR_RANGE * math.atanh(max(-0.99, min(0.99, ratio)))])
     info = {"l2": best, "heldout_log_size_rmse": {str(k): round(v, 4) for k, v in heldout.items()},
-            "images": int(len(y_all)), "planes": ["fetal_brain"], "profiles": list(SCANNER_PROFILES),
+            "images": int(len(y_all)), "planes": list(planes), "profiles": list(SCANNER_PROFILES),
             "n_per_profile": n_per_profile, "seed": seed}
     return {"weight": weight, "bias": bias}, info
 

@@ -163,12 +163,13 @@ def linear_dp_sgd(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, *, steps: i
 
 def federated_dp(x: np.ndarray, y: np.ndarray, sites: np.ndarray, *, epsilon: float, lr: float, rounds: int,
                  local_steps: int, clip: float, seed: int, delta: float = 1e-5, batch_fraction: float = 1 / 3,
-                 optimizer: str = "adam", init: nn.Linear | None = None) -> tuple[nn.Linear, dict[str, Any]]:
+                 optimizer: str = "adam", init: nn.Linear | None = None, num_classes: int = NUM_CLASSES
+                 ) -> tuple[nn.Linear, dict[str, Any]]:
     """FedAvg of per-site DP-SGD softmax heads (:func:`linear_dp_sgd`, the product's Opacus step in closed form);
     every site has its own ledger for the whole run. The global head starts at zero, or at ``init`` (a head fitted
-    on public data only: a public warm start)."""
+    on public data only: a public warm start). ``num_classes``: the head's outputs (the African set's 4)."""
     dim = x.shape[1]
-    global_head = nn.Linear(dim, NUM_CLASSES)
+    global_head = nn.Linear(dim, num_classes)
     nn.init.zeros_(global_head.weight)
     nn.init.zeros_(global_head.bias)
     if init is not None:
@@ -181,7 +182,7 @@ def federated_dp(x: np.ndarray, y: np.ndarray, sites: np.ndarray, *, epsilon: fl
     for r in range(rounds):
         states = []
         for s in names:
-            head = nn.Linear(dim, NUM_CLASSES)
+            head = nn.Linear(dim, num_classes)
             head.load_state_dict(global_head.state_dict())
             n = len(data[s])
             batch = max(1, math.ceil(n * batch_fraction))

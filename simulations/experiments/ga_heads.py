@@ -216,7 +216,7 @@ def evaluate_setting(backbone: str, j: int, grid: int, epsilons: Sequence[float]
     t_start = time.perf_counter()
     dp_models = [make_regressor(backbone, j, grid, 0) for _ in range(4)]
     np_models = {h: make_regressor(backbone, j, grid, h) for h in (0, 32)}
-    warm = getattr(dp_models[0].backbone, "public_ga_head", None) is not None
+    warm = dp_models[0].public_warm_start
     t0 = time.perf_counter()
     with torch.no_grad():  # frozen: computed once
         feats = torch.cat([dp_models[0].backbone(data.tensors[0][i:i + 256]) for i in range(0, len(data), 256)])
