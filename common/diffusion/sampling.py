@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -36,6 +39,7 @@ def sample(
     seed: int = 0,
     batch_size: int = 64,
     device: str = "cpu",
+    sampler_options: Mapping[str, Any] | None = None,
 ) -> torch.Tensor:
     """Draw one image per condition row with a diffusers scheduler and classifier-free guidance.
 
@@ -51,6 +55,7 @@ def sample(
     seed: the initial noise (and DDPM's per-step noise) depends only on this, not on the conditions.
     batch_size: rows per model call (guidance doubles it).
     device: where to sample.
+    sampler_options: solver settings (:data:`common.models.noise_schedule.SAMPLER_OPTIONS`), e.g. Karras sigmas.
 
     Returns
     -------
@@ -85,9 +90,11 @@ def sample(
             # the model's own training schedule (saved with its weights), never today's constants; a stand-in
             # model without one (the audit's empirical denoiser) gets the default schedule of its config
             schedule = getattr(model, "scheduler_config", None)
-            scheduler = (make_scheduler(scheduler_name, schedule=schedule) if schedule is not None else
+            scheduler = (make_scheduler(scheduler_name, schedule=schedule, options=sampler_options)
+                         if schedule is not None else
                          make_scheduler(scheduler_name, num_train_timesteps=model.generator_config.num_train_timesteps,
-                                        prediction_type=model.generator_config.prediction_type))
+                                        prediction_type=model.generator_config.prediction_type,
+                                        options=sampler_options))
             scheduler.set_timesteps(num_inference_steps, device=device)
             x = noise[start:stop].to(device) * scheduler.init_noise_sigma
             for t in scheduler.timesteps:

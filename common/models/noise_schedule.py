@@ -34,12 +34,22 @@ def training_schedule(num_train_timesteps: int, prediction_type: str) -> dict[st
     }
 
 
+# Sampler settings a caller may change (the diffusers keyword arguments of the solver; never the training schedule).
+SAMPLER_OPTIONS = {
+    "ddpm": ("timestep_spacing",),
+    "ddim": ("timestep_spacing",),
+    "dpmsolver": ("timestep_spacing", "use_karras_sigmas", "final_sigmas_type", "solver_order", "lower_order_final",
+                  "euler_at_final", "algorithm_type"),
+}
+
+
 def make_scheduler(
     name: SchedulerName,
     *,
     num_train_timesteps: int | None = None,
     prediction_type: str | None = None,
     schedule: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> AnyScheduler:
     """A diffusers noise scheduler sharing the training schedule.
 
@@ -54,6 +64,8 @@ def make_scheduler(
     num_train_timesteps: T of the training schedule (without ``schedule``).
     prediction_type: ``"epsilon"`` or ``"v_prediction"`` (without ``schedule``).
     schedule: a saved scheduler config; takes precedence over the two above.
+    options: sampler settings of :data:`SAMPLER_OPTIONS` (e.g. ``{"use_karras_sigmas": True}``) over the defaults
+        below; anything else is refused (a training-schedule key would silently change the model's noise levels).
 
     Returns
     -------
@@ -67,13 +79,17 @@ def make_scheduler(
         common = training_schedule(num_train_timesteps, prediction_type)
     # Every sampler clips its x0 estimate to the data range [-1, 1] (DDPM/DDIM clip_sample, DPM-Solver++
     # thresholding with sample_max_value=1, which is then a plain clip): pixel-space images, Ho et al. 2020.
+    if name not in SAMPLER_OPTIONS:
+        raise ValueError(f"scheduler {name!r} is unknown; choose one of {sorted(SAMPLER_OPTIONS)}")
+    extra = dict(options or {})
+    unknown = sorted(set(extra) - set(SAMPLER_OPTIONS[name]))
+    if unknown:
+        raise ValueError(f"sampler options {unknown} are not settable for {name!r}; allowed: {SAMPLER_OPTIONS[name]}")
     if name == "ddpm":
-        return DDPMScheduler(**common, clip_sample=True)
+        return DDPMScheduler(**common, clip_sample=True, **extra)
     if name == "ddim":
         # "trailing" spacing starts sampling at t = T-1 (Lin et al. 2024, Table 2), better at few steps.
-        return DDIMScheduler(**common, timestep_spacing="trailing", clip_sample=True)
-    if name == "dpmsolver":
-        return DPMSolverMultistepScheduler(
-            **common, algorithm_type="dpmsolver++", solver_order=2, thresholding=True, sample_max_value=1.0
-        )
-    raise ValueError(f"scheduler {name!r} is unknown; choose one of ['ddpm', 'ddim', 'dpmsolver']")
+        return DDIMScheduler(**common, clip_sample=True, **{"timestep_spacing": "trailing", **extra})
+    return DPMSolverMultistepScheduler(
+        **common, thresholding=True, sample_max_value=1.0,
+        **{"algorithm_type": "dpmsolver++", "solver_order": 2, **extra})

@@ -30,6 +30,7 @@ from common.diffusion.loss import make_loss_fn
 from common.diffusion.sampling import sample
 from common.diffusion.schedulers import make_scheduler
 from common.models.downstream import PlaneClassifier, classifier_loss
+from common.models.features import PhantomEncoderBackbone
 from common.models.generator import ConditionalUNet, build_generator, load_generator
 from common.phantoms.simulator import make_phantoms
 from common.privacy.dpsgd import train_private
@@ -89,45 +90,83 @@ def run(out_dir: Path, *, prior: Path | None, size: int, train_images: int, trai
     real_feats, _ = features(classifier, train.tensors[0][:n_samples])
     plane, ga = ref.tensors[1], ref.tensors[2]
     results: list[dict[str, Any]] = []
-    for name, steps in configs:
+    frozen = PhantomEncoderBackbone(size)  # the private-downstream issue's feature space: the shipped encoder
+    with torch.no_grad():
+        ref_frozen = frozen(ref.tensors[0]).double().numpy()
+        real_frozen = frozen(train.tensors[0][:n_samples]).double().numpy()
+    for name, steps, label, options, g in configs:
+        g = guidance if g is None else g
         start, cpu_start = time.perf_counter(), time.process_time()
         images = sample(model, plane=plane, ga=ga, scheduler_name=name,  # type: ignore[arg-type]
-                        num_inference_steps=steps, guidance_scale=guidance, seed=seed, batch_size=64)
+                        num_inference_steps=steps, guidance_scale=g, seed=seed, batch_size=64,
+                        sampler_options=options)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         feats, pred = features(classifier, images)
-        row = {"scheduler": name, "steps": steps, "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+        with torch.no_grad():
+            fd_frozen = frechet_distance(frozen(images).double().numpy(), ref_frozen)
+        row = {"scheduler": name, "steps": steps, "options": label, "sampler_options": options, "guidance": g,
+               "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
                "seconds_per_image": round(seconds / n_samples, 4),
+               "frechet_distance_phantom_encoder": round(fd_frozen, 5),
                "frechet_distance": round(frechet_distance(feats, ref_feats), 4),
                "plane_accuracy": round(float((pred == plane.numpy()).mean()), 4)}
         results.append(row)
         print(json.dumps(row), flush=True)
     reference = next((r for r in results if r["scheduler"] == "ddpm"), None)
-    goal: dict[str, Any] = {"steps": GOAL_STEPS, "max_relative_fd_gap": GOAL_REL, "reference": None, "met": {}}
+    goal: dict[str, Any] = {"steps": GOAL_STEPS, "max_relative_fd_gap": GOAL_REL, "reference": None, "met": {},
+                            "met_phantom_encoder": {}}
     if reference is not None:
         goal["reference"] = f"ddpm:{reference['steps']}"
         for r in results:
+            key = f"{r['scheduler']}:{r['options']}" if r["options"] else r["scheduler"]
             r["fd_relative_to_ddpm"] = round(r["frechet_distance"] / max(reference["frechet_distance"], 1e-12), 4)
+            r["fd_phantom_encoder_relative_to_ddpm"] = round(
+                r["frechet_distance_phantom_encoder"] / max(reference["frechet_distance_phantom_encoder"], 1e-12), 4)
             if r["steps"] == GOAL_STEPS:
-                goal["met"][r["scheduler"]] = bool(r["fd_relative_to_ddpm"] <= 1 + GOAL_REL)
+                goal["met"][key] = bool(r["fd_relative_to_ddpm"] <= 1 + GOAL_REL)
+                goal["met_phantom_encoder"][key] = bool(r["fd_phantom_encoder_relative_to_ddpm"] <= 1 + GOAL_REL)
     return write_report(out_dir, "sampling_quality", {
         "feature_space": FEATURE_SPACE,
         "setup": {"image_size": size, "n_samples": n_samples, "guidance_scale": guidance, "seed": seed,
                   "train_images": train_images, "classifier_steps": classifier_steps,
                   "classifier_width": classifier_width, "generator": gen_info},
+        "feature_space_phantom_encoder": "the shipped phantom encoder (train.downstream-backbone=phantom_cnn), frozen,"
+                                         " unit-norm features; reference = held-out phantoms",
         "floors": {"fd_real_vs_real_same_n": round(frechet_distance(real_feats, ref_feats), 4),
+                   "fd_phantom_encoder_real_vs_real_same_n": round(frechet_distance(real_frozen, ref_frozen), 5),
                    "classifier_accuracy_on_reference": round(float((ref_pred == plane.numpy()).mean()), 4)},
         "goal": goal,
         "results": results,
     })
 
 
-def _configs(text: str) -> list[tuple[str, int]]:
+_TOKENS: dict[str, dict[str, Any]] = {
+    "karras": {"use_karras_sigmas": True}, "trailing": {"timestep_spacing": "trailing"},
+    "leading": {"timestep_spacing": "leading"}, "linspace": {"timestep_spacing": "linspace"},
+    "zero": {"final_sigmas_type": "zero"}, "sigma_min": {"final_sigmas_type": "sigma_min"},
+    "o1": {"solver_order": 1}, "o2": {"solver_order": 2}, "o3": {"solver_order": 3},
+}
+
+
+def _configs(text: str) -> list[tuple[str, int, str, dict[str, Any], float | None]]:
+    """``scheduler:steps[:token+token...]``; tokens: the sampler options of :data:`_TOKENS` and ``g<scale>`` (this
+    config's guidance scale)."""
     out = []
     for item in text.split(","):
-        name, _, steps = item.partition(":")
+        name, _, rest = item.partition(":")
+        steps, _, label = rest.partition(":")
         if name not in ("ddpm", "ddim", "dpmsolver") or not steps.isdigit():
-            raise SystemExit(f"--configs item {item!r} must be <ddpm|ddim|dpmsolver>:<steps>")
-        out.append((name, int(steps)))
+            raise SystemExit(f"--configs item {item!r} must be <ddpm|ddim|dpmsolver>:<steps>[:tokens]")
+        options: dict[str, Any] = {}
+        g: float | None = None
+        for tok in [t for t in label.split("+") if t]:
+            if tok.startswith("g") and tok[1:].replace(".", "", 1).isdigit():
+                g = float(tok[1:])
+            elif tok in _TOKENS:
+                options.update(_TOKENS[tok])
+            else:
+                raise SystemExit(f"--configs item {item!r}: token {tok!r} is not one of {sorted(_TOKENS)} or g<scale>")
+        out.append((name, int(steps), label, options, g))
     return out
 
 
