@@ -138,3 +138,14 @@ def test_public_ga_head_beats_the_pixel_size_line_on_real_hc18_scans():
     assert mae < 0.7 * line, (mae, line)  # measured 10.8 vs 17.9 days
     covered = np.mean(np.abs(mean.numpy() - ga) <= 1.645 * std.numpy())
     assert 0.7 <= covered <= 0.97, covered
+
+
+def test_hc18_preset_regressor_starts_at_the_public_ga_head(tmp_path):
+    from common.core.config import RunConfig, data_preset
+    from common.models.downstream import DownstreamSpec
+
+    cfg = RunConfig.from_flat({"preset": "smoke", "data.image-size": "64", **data_preset("hc18", str(tmp_path))})
+    assert cfg.train.downstream_backbone == "public_cnn" and cfg.train.downstream_batch_size == 64
+    assert cfg.train.batch_for("regressor") == 64 and cfg.train.batch_for("generator") == cfg.train.batch_size
+    reg = DownstreamSpec.from_config(cfg).regressor()
+    assert reg.public_warm_start and reg.output == "log_hc"

@@ -624,7 +624,10 @@ DATA_PRESETS: dict[str, dict[str, str]] = {
     "fetal_planes_db": {"data.source": "fetal_planes_db", "data.partition": "natural", "data.planes": ",".join(PLANES)},
     # one hospital's head scans, split by patient (grouped): every HC18 image is a brain plane, so the scope is
     # that one plane (the classifier is trivial there) and the release asks for brain planes across GA
-    "hc18": {"data.source": "hc18", "data.partition": "iid", "data.planes": "fetal_brain"},
+    "hc18": {"data.source": "hc18", "data.partition": "iid", "data.planes": "fetal_brain",
+             # the encoder that has seen public real scans (FETAL_PLANES_DB, never HC18) and its public GA head
+             # (brain phantoms): the HC18 study's choice by patient-grouped CV, README "Which features?"
+             "train.downstream-backbone": "public_cnn", "train.downstream-batch-size": "64"},
 }
 
 
