@@ -197,3 +197,23 @@ def test_the_servers_update_bound_is_refused_for_sgd_heads(tmp_path: Path) -> No
     assert (bounds["classifier"].lr, bounds["regressor"].lr) == (0.2, 0.05)
     with pytest.raises(ConfigError, match="Adam only"):
         update_bounds(_cfg(tmp_path, **{"train.downstream-optimizer": "sgd", "train.downstream-lr": 1.0}))
+
+
+def test_a_one_plane_scope_spends_nothing_on_the_classifier(tmp_path: Path):
+    # a site of brain planes only (the HC18 situation): the classifier has nothing to learn
+    cfg = _cfg(tmp_path, **{"train.downstream-steps": 2, "data.planes": "fetal_brain"})
+    bundle = build_bundle(cfg)
+    every_plane = _cfg(tmp_path, **{"train.downstream-steps": 2})
+    site = load_site(every_plane.data, seed=cfg.seed, site_index=0)
+    site = type(site)(**{**site.__dict__, "train": [r for r in site.train if r.plane == 0],
+                         "test": [r for r in site.test if r.plane == 0]})
+    assert site.train
+    sent = federated_arrays(bundle)
+    ledger = PrivacyLedger(target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
+                           budget_split=cfg.privacy.budget_split())
+    result = local_train(bundle, site, ledger, cfg, server_round=1)
+    assert ledger.steps("classifier") == 0 and ledger.steps("regressor") == 2
+    assert result.metrics.get("classifier-steps", 0) == 0
+    assert any("classifier skipped" in m for m in result.messages)
+    got = federated_arrays(bundle)
+    assert all(np.array_equal(sent[k], got[k]) for k in sent if k.startswith("classifier."))

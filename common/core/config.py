@@ -627,7 +627,9 @@ DATA_PRESETS: dict[str, dict[str, str]] = {
     "hc18": {"data.source": "hc18", "data.partition": "iid", "data.planes": "fetal_brain",
              # the encoder that has seen public real scans (FETAL_PLANES_DB, never HC18) and its public GA head
              # (brain phantoms): the HC18 study's choice by patient-grouped CV, README "Which features?"
-             "train.downstream-backbone": "public_cnn", "train.downstream-batch-size": "64"},
+             "train.downstream-backbone": "public_cnn", "train.downstream-batch-size": "64",
+             # one plane in scope: the classifier never trains (local_update skips it), so its share goes to GA
+             "privacy.budget-classifier": "0.01", "privacy.budget-regressor": "0.39"},
 }
 
 

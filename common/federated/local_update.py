@@ -89,20 +89,23 @@ def local_train(
     )
     t = cfg.train
     jobs: list[tuple[str, torch.nn.Module, object, TensorDataset, int]] = [
-        ("generator", bundle.generator, gen_loss, real, t.local_steps),
-        ("classifier", bundle.classifier, classifier_loss, down, t.downstream_steps),
-    ]
+        ("generator", bundle.generator, gen_loss, real, t.local_steps)]
+    skipped: list[str] = []
+    if len(cfg.data.plane_scope()) > 1:
+        jobs.append(("classifier", bundle.classifier, classifier_loss, down, t.downstream_steps))
+    else:  # one plane in scope: every prediction is that plane, so its DP steps would only spend budget
+        skipped.append("classifier skipped: the label scope (data.planes) is one plane, there is nothing to learn")
     if has_ga(down):
         jobs.append(("regressor", bundle.regressor, regressor_loss, down, t.downstream_steps))
+    else:
+        skipped.append("regressor skipped: no image of this site has a known gestational age")
     # mu comes from the site's run config, the one source of truth; the "proximal-mu" key Flower's FedProx puts into
     # the train message's config is not read (make_strategy gives FedProx the same config value).
     mu = cfg.federation.proximal_mu
     # w_global: each model's trainable weights now, before any of them is trained this round.
     anchors = {key: ProximalTerm.at(model, mu) for key, model, *_ in jobs} if mu > 0 else {}
     metrics: dict[str, float] = {"real-examples": float(len(real)), "synthetic-examples": float(len(synthetic))}
-    messages: list[str] = []
-    if len(jobs) == 2:
-        messages.append("regressor skipped: no image of this site has a known gestational age")
+    messages: list[str] = list(skipped)
     for key, model, loss_fn, data, steps in jobs:
         if steps == 0:
             continue
