@@ -149,3 +149,25 @@ def test_hc18_preset_regressor_starts_at_the_public_ga_head(tmp_path):
     assert cfg.train.batch_for("regressor") == 64 and cfg.train.batch_for("generator") == cfg.train.batch_size
     reg = DownstreamSpec.from_config(cfg).regressor()
     assert reg.public_warm_start and reg.output == "log_hc"
+
+
+def test_regressor_weights_from_before_the_log_hc_output_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from common.analysis.evaluation import checkpoint_models
+    from common.models.downstream import DownstreamSpec, federated_state, load_federated_state
+
+    spec = DownstreamSpec(32, "phantom_cnn", planes=(0,))
+    reg = spec.regressor()
+    old = {k: v for k, v in federated_state(reg).items() if k != "log_hc_format"}  # what the old code sent/saved
+    with pytest.raises(ValueError, match="predate the log-HC output"):
+        load_federated_state(reg, old)
+    clf = spec.classifier()
+    save_file({k: v.contiguous() for k, v in clf.state_dict().items()}, str(tmp_path / "classifier.safetensors"))
+    save_file({k: v.contiguous() for k, v in reg.state_dict().items() if k != "log_hc_format"},
+              str(tmp_path / "regressor.safetensors"))
+    with pytest.raises(ValueError, match="saved before the log-HC output"):
+        checkpoint_models(tmp_path, spec)
+    save_file({k: v.contiguous() for k, v in reg.state_dict().items()}, str(tmp_path / "regressor.safetensors"))
+    assert checkpoint_models(tmp_path, spec).regressor.output == "log_hc"
+    assert "log_hc_format" not in GARegressor(32, 8, backbone="cnn").state_dict()  # the prior's CNN loads as before

@@ -179,7 +179,11 @@ def checkpoint_models(folder: Path, spec: DownstreamSpec) -> DownstreamModels:
     scope included); a frozen backbone's saved normalisation is the one loaded."""
     clf, reg = spec.classifier(), spec.regressor()
     clf.load_state_dict(_load_state(Path(folder) / "classifier.safetensors"))
-    reg.load_state_dict(_load_state(Path(folder) / "regressor.safetensors"))
+    state = _load_state(Path(folder) / "regressor.safetensors")
+    if "log_hc_format" in reg.state_dict() and "log_hc_format" not in state:
+        raise ValueError(f"{folder}: its GA regressor was saved before the log-HC output (same shapes, another "
+                         "meaning); score a checkpoint written by this version, or retrain")
+    reg.load_state_dict(state)
     return DownstreamModels(clf, reg)
 
 

@@ -121,6 +121,9 @@ def load_federated_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
     expected = set(federated_state(model))
     if set(state) != expected:
         missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing == ["log_hc_format"]:
+            raise ValueError("these GA regressor weights predate the log-HC output (same shapes, another meaning): "
+                             "retrain the regressor with this version")
         raise ValueError(f"downstream weights do not fit the model: missing {missing[:5]}, unexpected {extra[:5]}"
                          " (was it trained with another train.downstream-backbone / width / hidden?)")
     model.load_state_dict({**model.state_dict(), **dict(state)}, strict=True)
@@ -297,6 +300,10 @@ class GARegressor(nn.Module):
         self.head = _head(d + 2, 2, hidden if frozen else d, zero=frozen)
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
+        if self.output == "log_hc":
+            # a format mark in the state dict: weights saved before the log-HC output (same shapes, other meaning)
+            # fail to load strictly instead of predicting nonsense GA
+            self.register_buffer("log_hc_format", torch.ones(1))
         public = getattr(self.backbone, "public_ga_head", None)
         brain_only = planes is not None and tuple(sorted(set(planes))) == (PLANES.index("fetal_brain"),)
         self.public_warm_start = public is not None and hidden == 0 and self.output == "log_hc" and brain_only
