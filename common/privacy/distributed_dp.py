@@ -40,6 +40,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from common.core.config import RunConfig
 from common.core.errors import ConfigError
 
 # Flower's SecAgg+ quantization range (``quantization_range``) and the clipping range its quantizer maps onto it:
@@ -196,6 +197,14 @@ def to_secagg_floats(residues: np.ndarray) -> np.ndarray:
 def from_secagg_mean(mean: np.ndarray, contributors: int) -> np.ndarray:
     """Flower's dequantized mean of ``contributors`` :func:`to_secagg_floats` vectors -> the integer sum."""
     return np.rint((np.asarray(mean, dtype=np.float64) + CLIP_RANGE) * contributors * MODULUS / (2 * CLIP_RANGE))
+
+
+def plan_for(cfg: RunConfig, dim: int) -> DistributedPlan:
+    """The run's plan (the same at every site and at the server): ``privacy.distributed-*`` over the run's rounds,
+    calibrated for ``data.num-sites`` shares."""
+    p = cfg.privacy
+    return DistributedPlan.for_run(epsilon=p.distributed_epsilon, delta=p.target_delta, clip=p.distributed_clip,
+                                   num_sites=cfg.data.num_sites, dim=dim, rounds=cfg.federation.num_rounds)
 
 
 def site_record(plan: DistributedPlan, rounds: int) -> dict[str, Any]:
