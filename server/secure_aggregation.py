@@ -203,6 +203,8 @@ class SecureAggregation:
             workflow.halted_at = workflow.halted_at or "exception"
             log(WARNING, "Round %s: secure aggregation failed: %s", server_round, error)
         state = workflow.state
+        if legacy.aggregate is None and state is not None:  # halted after collecting: the vectors it had collected
+            legacy.results = [(int(proxy.node_id), res) for proxy, res in state.legacy_results]
         summed = {node for node, _ in legacy.results}
         summary: dict[str, Any] = {
             "status": "ok" if legacy.aggregate is not None and not error else "halted",

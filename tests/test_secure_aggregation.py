@@ -1,0 +1,315 @@
+"""Secure aggregation (Flower's SecAgg+) and distributed DP.
+
+Two levels. In process: Flower's real ``SecAggPlusWorkflow`` (through :class:`server.secure_aggregation.SecureAggregation`)
+against Flower's real ``secaggplus_mod`` (through :func:`client.secure.secure_aggregation_mod`) and the site's real
+reply (:func:`client.secure.secure_reply`), over an in-memory grid that can make a site vanish at any stage; the
+sites' updates are chosen, so the sums are known. End to end: the product's apps in Flower's simulation runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+from client.secure import received, secure_aggregation_mod, secure_reply
+from common.core.config import RunConfig
+from common.core.errors import ConfigError
+from common.federated.flwr_records import record_to_arrays
+from common.federated.secure_update import bounds_for, part_of
+from common.models.bundle import build_bundle, expected_shapes, federated_arrays, load_federated_arrays
+from common.privacy.distributed_dp import (
+    CLIP_RANGE,
+    MODULUS,
+    DistributedPlan,
+    discrete_gaussian,
+    plan_for,
+    zcdp_to_epsilon,
+)
+from server.secure_aggregation import SecureAggregation
+from server.strategy import GuardedStrategy, make_strategy, update_bounds
+
+
+def _cfg(run_dir: Path | str = "", **overrides: object) -> RunConfig:
+    return RunConfig.from_flat({"preset": "smoke", "run-dir": str(run_dir), **overrides})
+
+
+# -- the config guard -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["fedmedian", "trimmedmean", "krum"])
+def test_a_robust_aggregator_with_secure_aggregation_is_refused_and_says_why(strategy: str) -> None:
+    with pytest.raises(ConfigError, match="need each site's update.*sees only their sum"):
+        _cfg(**{"federation.secure-aggregation": True, "federation.strategy": strategy})
+
+
+def test_secure_aggregation_guards() -> None:
+    with pytest.raises(ConfigError, match="needs federation.secure_aggregation=true"):
+        _cfg(**{"privacy.distributed-dp": True})
+    with pytest.raises(ConfigError, match="num_sites >= 2"):
+        _cfg(**{"federation.secure-aggregation": True, "data.num-sites": 1})
+    with pytest.raises(ConfigError, match="al-every=0"):
+        _cfg(**{"federation.secure-aggregation": True, "federation.al-every": 1})
+    assert _cfg(**{"federation.secure-aggregation": True, "federation.strategy": "fedprox",
+                   "federation.proximal-mu": 0.01}).federation.secure_aggregation
+    assert not _cfg().federation.secure_aggregation and not _cfg().privacy.distributed_dp  # per-site DP default
+
+
+# -- the distributed discrete Gaussian ----------------------------------------------------------------------------
+def test_discrete_gaussian_has_the_stated_variance() -> None:
+    rng = np.random.default_rng(0)
+    for sigma in (0.8, 3.0, 40.0):
+        x = discrete_gaussian(sigma, 200_000, rng)
+        assert x.dtype == np.int64
+        assert abs(x.mean()) < 4 * sigma / math.sqrt(len(x))
+        # N_Z(0, s^2) has variance s^2 up to a term below 1e-3 for s >= 0.8 (Canonne et al. 2020, Prop. 19)
+        assert x.var() == pytest.approx(sigma**2, rel=0.02)
+    pmf = np.bincount(discrete_gaussian(1.0, 400_000, rng) + 10) / 400_000
+    weights = np.exp(-np.arange(-10, 11) ** 2 / 2.0)
+    np.testing.assert_allclose(pmf[8:13], (weights / weights.sum())[8:13], atol=3e-3)
+
+
+def test_the_noise_of_the_sum_is_calibrated_and_each_share_has_the_stated_variance() -> None:
+    # Prepare: 4 sites, calibrated for epsilon 8 over 3 rounds
+    plan = DistributedPlan.for_run(epsilon=8.0, delta=1e-5, clip=5.0, num_sites=4, dim=20_000, rounds=3)
+    zero = np.zeros(plan.dim)
+    # Execute: every site encodes a zero update; the residues are what SecAgg+ sums (mod M)
+    shares = [plan.encode(zero, np.random.default_rng(i))[0] for i in range(4)]
+    centered = [np.where(s >= MODULUS // 2, s - MODULUS, s) for s in shares]
+    summed = np.mod(np.sum(shares, axis=0), MODULUS)
+    mean = plan.decode(summed, 4)
+    # Assert: each share has sigma_share^2 = z^2 Delta^2 / N; the sum z^2 Delta^2 (the calibrated noise, once)
+    for c in centered:
+        assert c.var() == pytest.approx(plan.sigma_share**2, rel=0.03)
+    assert (mean * plan.scale * 4).var() == pytest.approx((plan.noise_multiplier * plan.sensitivity) ** 2, rel=0.03)
+    assert plan.sigma_share == pytest.approx(plan.noise_multiplier * plan.sensitivity / 2)
+    # the calibration reaches the central epsilon; a site's own share gives the stated local one (N / (2 z^2) a round)
+    assert plan.central_epsilon([4, 4, 4]) == pytest.approx(8.0, rel=1e-9)
+    assert plan.local_epsilon(3) == pytest.approx(zcdp_to_epsilon(3 * 4 / (2 * plan.noise_multiplier**2), 1e-5))
+    assert plan.local_epsilon(3) > plan.central_epsilon([4, 4, 4])
+    # a sum that lost a site's share protects less, and says so
+    assert plan.central_epsilon([4, 4, 3]) > plan.central_epsilon([4, 4, 4])
+
+
+def test_distributed_encoding_round_trips_a_clipped_update() -> None:
+    plan = DistributedPlan.for_run(epsilon=1e3, delta=1e-5, clip=1.0, num_sites=3, dim=1000, rounds=1)
+    rng = np.random.default_rng(1)
+    updates = [rng.uniform(-0.02, 0.02, plan.dim) for _ in range(3)]
+    big = np.full(plan.dim, 0.5)  # norm 15.8: clipped to 1
+    res = [plan.encode(u, np.random.default_rng(i)) for i, u in enumerate([*updates[:2], big])]
+    assert res[2][1] == pytest.approx(1.0 / np.linalg.norm(big))
+    mean = plan.decode(np.sum([r for r, _ in res], axis=0), 3)
+    expected = (updates[0] + updates[1] + big * res[2][1]) / 3
+    noise_sd = plan.noise_multiplier * plan.sensitivity / (plan.scale * 3)
+    assert np.abs(mean - expected).max() < 6 * noise_sd + 1.0 / plan.scale
+
+
+# -- Flower's real SecAgg+ protocol in process ------------------------------------------------------------------
+class MemoryGrid:
+    """A Grid whose nodes are the site's mod + a handler in this process; ``drop`` makes nodes vanish at a stage
+    (no reply from then on); every message and reply is kept (what the server was sent)."""
+
+    def __init__(self, handlers: dict[int, Callable[[Message, Context], Message]], run_config: dict[str, Any],
+                 drop: dict[int, str] | None = None) -> None:
+        self.handlers = handlers
+        self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i}, state=RecordDict(),
+                                      run_config=dict(run_config)) for i, nid in enumerate(handlers)}
+        self.drop = drop or {}
+        self.gone: set[int] = set()
+        self.replies: list[Message] = []
+        self.run = SimpleNamespace(run_id=1)
+
+    def get_nodes(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(node_id=n, name="") for n in self.handlers]
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.handlers)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
+        out = []
+        for msg in messages:
+            nid = msg.metadata.dst_node_id
+            stage = msg.content.config_records[RECORD_KEY_CONFIGS].get("stage")
+            if self.drop.get(nid) == stage:
+                self.gone.add(nid)
+            if nid in self.gone:
+                continue
+            reply = secure_aggregation_mod(copy.deepcopy(msg), self.contexts[nid], self.handlers[nid])
+            out.append(copy.deepcopy(reply))
+        self.replies += out
+        return out
+
+
+def _sites(cfg: RunConfig, tmp: Path, examples: list[int], *, scale: float = 0.9, seed: int = 0):
+    """Handlers that apply a chosen update (``scale`` bound units at most, uniform) and reply as the site does."""
+    bounds = bounds_for(cfg)
+    trained: dict[int, dict[str, np.ndarray]] = {}
+    handlers = {}
+    for i, n in enumerate(examples):
+        nid = 1000 + i
+
+        def handle(msg: Message, ctx: Context, i: int = i, n: int = n, nid: int = nid) -> Message:
+            bundle, server_round, sampled = received(msg, cfg)
+            sent = federated_arrays(bundle)
+            rng = np.random.default_rng(seed + i)
+            load_federated_arrays(bundle, {k: v + scale * bounds[part_of(k)].max_displacement
+                                           * rng.uniform(-1, 1, v.shape) for k, v in sent.items()})
+            trained[nid] = federated_arrays(bundle)
+            site = {"site-name": f"site-{i}", "site-status": "ok", "site-metrics": json.dumps({"real-examples": n}),
+                    "site-privacy": "{}", "site-messages": "[]"}
+            return secure_reply(msg, cfg, sent=sent, bundle=bundle, server_round=server_round, sampled=sampled,
+                                name=f"site-{i}", state_dir=tmp / f"site-{i}", secret=bytes(32), num_examples=n,
+                                status="ok", site=site)
+
+        handlers[nid] = handle
+    return handlers, trained
+
+
+def _secure(cfg: RunConfig) -> tuple[SecureAggregation, Any]:
+    bundle = build_bundle(cfg)
+    guard = GuardedStrategy(make_strategy(cfg), expected_shapes=expected_shapes(bundle),
+                            update_bounds=update_bounds(cfg))
+    return SecureAggregation(cfg, guard), bundle
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_secagg_aggregate_equals_fedavg_within_quantization_and_the_server_holds_no_update(tmp_path: Path) -> None:
+    # Prepare: 3 sites with different weights and known updates
+    cfg = _cfg(tmp_path, **{"federation.secure-aggregation": True, "data.num-sites": 3})
+    examples = [10, 24, 40]
+    handlers, trained = _sites(cfg, tmp_path, examples)
+    secure, bundle = _secure(cfg)
+    sent = federated_arrays(bundle)
+    grid = MemoryGrid(handlers, cfg.to_run_config())
+    # Execute
+    aggregated, metrics = secure.train(grid, bundle, 1)
+    # Assert: plain FedAvg of the same updates, within SecAgg+'s quantization error
+    assert aggregated is not None and secure.last["status"] == "ok" and secure.last["summed"] == 3
+    got = record_to_arrays(aggregated)
+    total = sum(examples)
+    bounds = bounds_for(cfg)
+    step = 2 * CLIP_RANGE / MODULUS
+    for key, value in sent.items():
+        fedavg = sum(n * trained[1000 + i][key].astype(np.float64) for i, n in enumerate(examples)) / total
+        b = bounds[part_of(key)].max_displacement
+        # each site's weighted vector is rounded to the grid (<= 1 step each), divided by the total weight ratio,
+        # and its weight ratio itself is rounded to 1/M; then float32
+        tol = b * (3 * step / (total / cfg.federation.secagg_max_weight) + 3 * 1.1 * 1000 / (total * MODULUS)) \
+            + 2 * np.finfo(np.float32).eps * (np.abs(fedavg) + b)
+        assert np.all(np.abs(got[key] - fedavg) <= tol), key
+    assert float(np.abs(got["classifier." + next(k.split(".", 1)[1] for k in sent if k.startswith("classifier."))]
+                        - sent[next(k for k in sent if k.startswith("classifier."))]).max()) > 1e-3  # it moved
+    assert metrics is not None and metrics["sites-summed"] == 3 and metrics["num-examples"] == total
+    # what the server received holds no individual update: no array leaves a site; the masked vectors are not it
+    assert all(len(a) == 0 for r in grid.replies for a in r.content.array_records.values())  # the mod emptied them
+    assert all(not r.has_error() for r in grid.replies)
+    masked = [r for r in grid.replies if Key.MASKED_PARAMETERS in r.content.config_records[RECORD_KEY_CONFIGS]]
+    assert len(masked) == 3
+    for r in masked:
+        vectors = [bytes_to_ndarray(b) for b in r.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]]
+        nid = r.metadata.src_node_id
+        i = nid - 1000
+        weight = examples[i] / cfg.federation.secagg_max_weight
+        first = next(iter(sent))
+        plain = ((trained[nid][first] - sent[first]) / bounds[part_of(first)].max_displacement * weight + CLIP_RANGE) \
+            / step
+        assert not np.allclose(vectors[1].astype(np.float64), plain, atol=2)  # masked: far from its quantized update
+    reports = [r.as_dict() for r in secure.guard.reports.values()]
+    assert sorted(r["name"] for r in reports) == ["site-0", "site-1", "site-2"]
+    assert all(r["update_norms"] == {} and r["update_max"] == {} and r["bytes_up"] > 0 for r in reports)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_site_dropping_mid_round_below_the_threshold_is_survived(tmp_path: Path) -> None:
+    # Prepare: 4 sites, 4 shares, threshold round(0.67 * 4) = 3; site 3 vanishes after sharing its keys
+    cfg = _cfg(tmp_path, **{"federation.secure-aggregation": True, "data.num-sites": 4})
+    examples = [10, 20, 30, 40]
+    handlers, trained = _sites(cfg, tmp_path, examples)
+    secure, bundle = _secure(cfg)
+    sent = federated_arrays(bundle)
+    grid = MemoryGrid(handlers, cfg.to_run_config(), drop={1003: "collect_masked_vectors"})
+    # Execute
+    aggregated, _ = secure.train(grid, bundle, 1)
+    # Assert: the survivors' FedAvg (the dropped site's masks were removed with its neighbours' shares)
+    assert secure.last["status"] == "ok" and secure.last["summed"] == 3 and secure.last["threshold"] == 3
+    got = record_to_arrays(aggregated)
+    key = next(k for k in sent if k.startswith("classifier."))
+    fedavg = sum(n * trained[1000 + i][key].astype(np.float64) for i, n in enumerate(examples[:3])) / 60
+    np.testing.assert_allclose(got[key], fedavg, atol=1e-3 * bounds_for(cfg)["classifier"].max_displacement)
+    statuses = {r.name: r.status for r in secure.guard.reports.values()}
+    assert statuses == {"site-0": "ok", "site-1": "ok", "site-2": "ok", "node-1003": "unavailable"}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_dropouts_beyond_the_threshold_fail_the_round_cleanly(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, **{"federation.secure-aggregation": True, "data.num-sites": 4})
+    handlers, _ = _sites(cfg, tmp_path, [10, 20, 30, 40])
+    secure, bundle = _secure(cfg)
+    grid = MemoryGrid(handlers, cfg.to_run_config(), drop={1002: "collect_masked_vectors", 1003: "unmask"})
+    aggregated, metrics = secure.train(grid, bundle, 1)
+    assert aggregated is None and metrics is None
+    assert secure.last["status"] == "halted" and "the run goes on" in secure.last["reason"]
+    assert {r.status for r in secure.guard.reports.values()} == {"secagg-halted", "unavailable"}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_site_refuses_a_plain_train_message_in_a_secure_run(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, **{"federation.secure-aggregation": True})
+    msg = Message(content=RecordDict(), dst_node_id=1, message_type="train", group_id="1")
+    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(),
+                  run_config=cfg.to_run_config())
+    reply = secure_aggregation_mod(msg, ctx, lambda m, c: pytest.fail("the handler must not run"))
+    assert reply.has_error() and "refused a plain train message" in reply.error.reason
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_site_whose_own_update_fails_its_check_sends_nothing(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, **{"federation.secure-aggregation": True, "data.num-sites": 3})
+    handlers, _ = _sites(cfg, tmp_path, [10, 20, 30])
+    bad, _ = _sites(cfg, tmp_path, [10], scale=3.0)  # 3x the update bound
+    handlers[1002] = bad[1000]
+    secure, bundle = _secure(cfg)
+    grid = MemoryGrid(handlers, cfg.to_run_config())
+    aggregated, _ = secure.train(grid, bundle, 1)
+    assert aggregated is not None and secure.last["summed"] == 2
+    errors = [r.error.reason for r in grid.replies if r.has_error()]
+    assert len(errors) == 1 and "more than the 1.05 the server would accept; not sent" in errors[0]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_distributed_dp_through_secagg_adds_the_calibrated_noise_once(tmp_path: Path) -> None:
+    # Prepare: 3 sites, zero-ish updates, a large clip so the noise in bound units is visible
+    cfg = _cfg(tmp_path, **{"federation.secure-aggregation": True, "data.num-sites": 3, "privacy.distributed-dp": True,
+                            "privacy.distributed-epsilon": 5.0, "privacy.distributed-clip": 200.0})
+    handlers, trained = _sites(cfg, tmp_path, [10, 20, 30], scale=0.5)
+    secure, bundle = _secure(cfg)
+    sent = federated_arrays(bundle)
+    grid = MemoryGrid(handlers, cfg.to_run_config())
+    # Execute
+    aggregated, _ = secure.train(grid, bundle, 1)
+    # Assert: the unweighted mean (DP-FedAvg) plus noise of std z * Delta / (s * n) in bound units
+    assert aggregated is not None and secure.last["status"] == "ok"
+    got = record_to_arrays(aggregated)
+    bounds = bounds_for(cfg)
+    plan = plan_for(cfg, sum(v.size for v in sent.values()))
+    noise = np.concatenate([((got[k].astype(np.float64) - sent[k]) / bounds[part_of(k)].max_displacement
+                             - sum((trained[1000 + i][k].astype(np.float64) - sent[k]) for i in range(3))
+                             / (3 * bounds[part_of(k)].max_displacement)).ravel() for k in sent
+                            if part_of(k) == "generator"])  # float32 resolution is finest relative to its bound
+    expected_sd = plan.noise_multiplier * plan.sensitivity / (plan.scale * 3)
+    assert noise.std() == pytest.approx(expected_sd, rel=0.05)
+    summary = secure.last["distributed_dp"]
+    assert summary["contributors"] == [3]
+    assert summary["central_epsilon"] == pytest.approx(plan.central_epsilon([3]))
+    assert summary["planned_central_epsilon"] == pytest.approx(5.0, rel=1e-9)
+    local = summary["local_epsilon"]
+    assert sorted(local) == ["site-0", "site-1", "site-2"]
+    assert all(v == pytest.approx(plan.local_epsilon(1)) for v in local.values())
+    assert json.loads((tmp_path / "site-0" / "distributed-dp.json").read_text())["rounds"] == [1]
