@@ -313,3 +313,101 @@ def test_distributed_dp_through_secagg_adds_the_calibrated_noise_once(tmp_path: 
     assert sorted(local) == ["site-0", "site-1", "site-2"]
     assert all(v == pytest.approx(plan.local_epsilon(1)) for v in local.values())
     assert json.loads((tmp_path / "site-0" / "distributed-dp.json").read_text())["rounds"] == [1]
+
+
+# -- end to end: the product's apps in Flower's simulation runtime ----------------------------------------------------
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.e2e
+def test_secagg_run_through_flower_equals_the_plain_fedavg_run(tmp_path: Path) -> None:
+    from common.models.bundle import load_federated_file
+    from simulations.launcher import run_simulation
+
+    # Prepare: the same sites and seeds (reproducible DP noise, test only), with and without SecAgg+
+    common = {"privacy.insecure-reproducible-noise": True}
+    plain = _cfg(tmp_path / "plain", **common)
+    secure = _cfg(tmp_path / "secure", **common, **{"federation.secure-aggregation": True})
+    # Execute
+    a = run_simulation(plain, num_sites=2, echo=False, timeout_s=300)
+    b = run_simulation(secure, num_sites=2, echo=False, timeout_s=300)
+    # Assert: the same global model within the quantization error of SecAgg+ (bound per part, see the in-process test)
+    assert a.returncode == 0 and b.returncode == 0, b.log_file.read_text()[-3000:]
+    ref = load_federated_file(tmp_path / "plain" / "checkpoints" / "round-001")
+    got = load_federated_file(tmp_path / "secure" / "checkpoints" / "round-001")
+    prior = federated_arrays(build_bundle(plain))
+    bounds = bounds_for(plain)
+    step = 2 * CLIP_RANGE / MODULUS
+    moved = 0.0
+    for key in ref:
+        b_part = bounds[part_of(key)].max_displacement
+        tol = b_part * (2 * step / (48 / 1000) + 1e-5) + 4 * np.finfo(np.float32).eps * (np.abs(ref[key]) + b_part)
+        assert np.all(np.abs(got[key] - ref[key]) <= tol), key
+        moved = max(moved, float(np.abs(ref[key] - prior[key]).max()))
+    assert moved > 1e-3  # the round changed the model
+    # the server's records: each site's name, status, privacy and bytes; no update, no norm, no per-site loss
+    (record,) = _records(tmp_path / "secure")
+    assert record["secure_aggregation"]["status"] == "ok" and record["secure_aggregation"]["summed"] == 2
+    for site in record["sites"]:
+        assert site["status"] == "ok" and site["update_norms"] == {} and site["update_max"] == {}
+        assert "generator-loss" not in site["metrics"] and site["bytes_up"] > 0
+    assert record["ledger"].keys() == _records(tmp_path / "plain")[0]["ledger"].keys()
+    sidecar = json.loads((tmp_path / "secure" / "checkpoints" / "round-001" / "sidecar.json").read_text())
+    assert sidecar["privacy"]["secure_aggregation"] is True
+
+
+@pytest.mark.e2e
+def test_distributed_dp_run_survives_a_dropout_and_records_central_and_local_epsilon(tmp_path: Path) -> None:
+    from simulations.launcher import run_simulation
+    from tests.conftest import FAULT_APP
+
+    # Prepare: 3 sites (3 shares, threshold 2), distributed DP on top of per-site DP; site-2 fails in training
+    cfg = _cfg(tmp_path / "run", **{"federation.secure-aggregation": True, "data.num-sites": 3,
+                                    "privacy.distributed-dp": True, "privacy.distributed-epsilon": 4.0})
+    # Execute
+    result = run_simulation(cfg, num_sites=3, echo=False, timeout_s=400, extra_env={"DIFUSAL_FAULT_SITE": "site-2"},
+                            overlay=FAULT_APP)
+    # Assert: the round is summed over the 2 survivors; the central figure counts 2 shares, the local one each site's
+    assert result.returncode == 0, result.log_file.read_text()[-3000:]
+    (record,) = _records(tmp_path / "run")
+    secure = record["secure_aggregation"]
+    assert secure["status"] == "ok" and secure["sampled"] == 3 and secure["summed"] == 2
+    statuses = sorted(s["status"] for s in record["sites"])
+    assert statuses == ["ok", "ok", "unavailable"]
+    ddp = secure["distributed_dp"]
+    plan = plan_for(cfg, ddp["dim"])
+    assert ddp["contributors"] == [2]
+    assert ddp["planned_central_epsilon"] == pytest.approx(4.0, rel=1e-9)
+    assert ddp["central_epsilon"] == pytest.approx(plan.central_epsilon([2])) and ddp["central_epsilon"] > 4.0
+    assert len(ddp["local_epsilon"]) == 2
+    assert all(v == pytest.approx(plan.local_epsilon(1)) for v in ddp["local_epsilon"].values())
+    for name in ddp["local_epsilon"]:  # the site's own ledger of shares, and its figures in the round's ledger
+        assert json.loads((tmp_path / "run" / "sites" / name / "distributed-dp.json").read_text())["rounds"] == [1]
+        assert record["ledger"][name]["distributed"]["local_epsilon"] == pytest.approx(plan.local_epsilon(1))
+        assert record["ledger"][name]["generator"]["epsilon"] > 0  # per-site DP-SGD still holds as well
+    sidecar = json.loads((tmp_path / "run" / "checkpoints" / "round-001" / "sidecar.json").read_text())
+    assert sidecar["privacy"]["distributed_dp"]["central_epsilon"] == pytest.approx(ddp["central_epsilon"])
+
+
+@pytest.mark.e2e
+def test_dropouts_beyond_the_threshold_fail_the_round_and_the_run_goes_on(tmp_path: Path) -> None:
+    from common.models.bundle import load_federated_file
+    from simulations.launcher import run_simulation
+    from tests.conftest import FAULT_APP
+
+    cfg = _cfg(tmp_path / "run", **{"federation.secure-aggregation": True, "data.num-sites": 3,
+                                    "federation.num-rounds": 2})
+    result = run_simulation(cfg, num_sites=3, echo=False, timeout_s=400,
+                            extra_env={"DIFUSAL_FAULT_SITE": "site-1,site-2"}, overlay=FAULT_APP)
+    assert result.returncode == 0, result.log_file.read_text()[-3000:]
+    records = _records(tmp_path / "run")
+    assert [r["round"] for r in records] == [1, 2]
+    for record in records:
+        assert record["secure_aggregation"]["status"] == "halted"
+        assert "the run goes on" in record["secure_aggregation"]["reason"]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "finished"
+    r2 = load_federated_file(tmp_path / "run" / "checkpoints" / "round-002")
+    prior = federated_arrays(build_bundle(cfg))
+    assert all(np.array_equal(r2[k], prior[k]) for k in prior)  # nothing was summed: the model is unchanged
