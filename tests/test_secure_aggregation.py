@@ -1,19 +1,18 @@
 """Secure aggregation (Flower's SecAgg+) and distributed DP.
 
-Two levels. In process: Flower's real ``SecAggPlusWorkflow`` (through :class:`server.secure_aggregation.SecureAggregation`)
-against Flower's real ``secaggplus_mod`` (through :func:`client.secure.secure_aggregation_mod`) and the site's real
-reply (:func:`client.secure.secure_reply`), over an in-memory grid that can make a site vanish at any stage; the
-sites' updates are chosen, so the sums are known. End to end: the product's apps in Flower's simulation runtime.
+Two levels. In process: Flower's real ``SecAggPlusWorkflow`` (through
+:class:`server.secure_aggregation.SecureAggregation`) against Flower's real ``secaggplus_mod`` (through
+:func:`client.secure.secure_aggregation_mod`) and the site's real reply (:func:`client.secure.secure_reply`), over
+an in-memory grid (:class:`simulations.benchmarks.secagg_round.MemoryGrid`) that can make a site vanish at any stage;
+the sites' updates are chosen, so the sums are known. End to end: the product's apps in Flower's simulation runtime.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,12 +20,12 @@ from flwr.app import Context, Message, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from client.secure import received, secure_aggregation_mod, secure_reply
+from client.secure import secure_aggregation_mod
 from common.core.config import RunConfig
 from common.core.errors import ConfigError
 from common.federated.flwr_records import record_to_arrays
 from common.federated.secure_update import bounds_for, part_of
-from common.models.bundle import build_bundle, expected_shapes, federated_arrays, load_federated_arrays
+from common.models.bundle import build_bundle, federated_arrays
 from common.privacy.distributed_dp import (
     CLIP_RANGE,
     MODULUS,
@@ -36,7 +35,7 @@ from common.privacy.distributed_dp import (
     zcdp_to_epsilon,
 )
 from server.secure_aggregation import SecureAggregation
-from server.strategy import GuardedStrategy, make_strategy, update_bounds
+from simulations.benchmarks.secagg_round import MemoryGrid, random_sites, secure_aggregation_for
 
 
 def _cfg(run_dir: Path | str = "", **overrides: object) -> RunConfig:
@@ -112,71 +111,12 @@ def test_distributed_encoding_round_trips_a_clipped_update() -> None:
 
 
 # -- Flower's real SecAgg+ protocol in process ------------------------------------------------------------------
-class MemoryGrid:
-    """A Grid whose nodes are the site's mod + a handler in this process; ``drop`` makes nodes vanish at a stage
-    (no reply from then on); every message and reply is kept (what the server was sent)."""
-
-    def __init__(self, handlers: dict[int, Callable[[Message, Context], Message]], run_config: dict[str, Any],
-                 drop: dict[int, str] | None = None) -> None:
-        self.handlers = handlers
-        self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i}, state=RecordDict(),
-                                      run_config=dict(run_config)) for i, nid in enumerate(handlers)}
-        self.drop = drop or {}
-        self.gone: set[int] = set()
-        self.replies: list[Message] = []
-        self.run = SimpleNamespace(run_id=1)
-
-    def get_nodes(self) -> list[SimpleNamespace]:
-        return [SimpleNamespace(node_id=n, name="") for n in self.handlers]
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.handlers)
-
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Message]:
-        out = []
-        for msg in messages:
-            nid = msg.metadata.dst_node_id
-            stage = msg.content.config_records[RECORD_KEY_CONFIGS].get("stage")
-            if self.drop.get(nid) == stage:
-                self.gone.add(nid)
-            if nid in self.gone:
-                continue
-            reply = secure_aggregation_mod(copy.deepcopy(msg), self.contexts[nid], self.handlers[nid])
-            out.append(copy.deepcopy(reply))
-        self.replies += out
-        return out
-
-
-def _sites(cfg: RunConfig, tmp: Path, examples: list[int], *, scale: float = 0.9, seed: int = 0):
-    """Handlers that apply a chosen update (``scale`` bound units at most, uniform) and reply as the site does."""
-    bounds = bounds_for(cfg)
-    trained: dict[int, dict[str, np.ndarray]] = {}
-    handlers = {}
-    for i, n in enumerate(examples):
-        nid = 1000 + i
-
-        def handle(msg: Message, ctx: Context, i: int = i, n: int = n, nid: int = nid) -> Message:
-            bundle, server_round, sampled = received(msg, cfg)
-            sent = federated_arrays(bundle)
-            rng = np.random.default_rng(seed + i)
-            load_federated_arrays(bundle, {k: v + scale * bounds[part_of(k)].max_displacement
-                                           * rng.uniform(-1, 1, v.shape) for k, v in sent.items()})
-            trained[nid] = federated_arrays(bundle)
-            site = {"site-name": f"site-{i}", "site-status": "ok", "site-metrics": json.dumps({"real-examples": n}),
-                    "site-privacy": "{}", "site-messages": "[]"}
-            return secure_reply(msg, cfg, sent=sent, bundle=bundle, server_round=server_round, sampled=sampled,
-                                name=f"site-{i}", state_dir=tmp / f"site-{i}", secret=bytes(32), num_examples=n,
-                                status="ok", site=site)
-
-        handlers[nid] = handle
-    return handlers, trained
+def _sites(cfg: RunConfig, tmp: Path, examples: list[int], *, scale: float = 0.9):
+    return random_sites(cfg, tmp, examples, scale=scale)
 
 
 def _secure(cfg: RunConfig) -> tuple[SecureAggregation, Any]:
-    bundle = build_bundle(cfg)
-    guard = GuardedStrategy(make_strategy(cfg), expected_shapes=expected_shapes(bundle),
-                            update_bounds=update_bounds(cfg))
-    return SecureAggregation(cfg, guard), bundle
+    return secure_aggregation_for(cfg)
 
 
 @pytest.mark.usefixtures("task_identity")
