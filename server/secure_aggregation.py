@@ -244,6 +244,9 @@ class SecureAggregation:
             self.contributors.append(len(summed))
         if self.cfg.privacy.distributed_dp:
             summary["distributed_dp"] = self.distributed_summary(len(flatten(list(sent.values()))))
+            for report in guard.reports.values():  # each site's ledger entry carries both figures
+                if report.privacy.get("distributed"):
+                    report.privacy["distributed"]["central_epsilon"] = summary["distributed_dp"]["central_epsilon"]
         self.last = summary
         if aggregated is None:
             return None, None

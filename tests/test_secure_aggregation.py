@@ -351,3 +351,46 @@ def test_dropouts_beyond_the_threshold_fail_the_round_and_the_run_goes_on(tmp_pa
     r2 = load_federated_file(tmp_path / "run" / "checkpoints" / "round-002")
     prior = federated_arrays(build_bundle(cfg))
     assert all(np.array_equal(r2[k], prior[k]) for k in prior)  # nothing was summed: the model is unchanged
+
+
+@pytest.mark.e2e
+def test_secure_aggregation_over_tls_with_authenticated_sites(tmp_path: Path) -> None:
+    from simulations.deploy import Deployment, default_sites
+
+    # Prepare: the real deployment (TLS SuperLink, registered SuperNodes) with SecAgg+
+    cfg = _cfg(tmp_path / "run", **{"federation.secure-aggregation": True})
+    # Execute
+    with Deployment(tmp_path / "dep") as dep:
+        nodes = dep.start(default_sites(2))
+        result = dep.run(cfg, echo=False, timeout_s=600)
+    # Assert: both registered sites' masked updates were summed over TLS
+    assert result.returncode == 0, result.log_file.read_text()[-3000:]
+    (record,) = _records(tmp_path / "run")
+    assert record["secure_aggregation"]["status"] == "ok" and record["secure_aggregation"]["summed"] == 2
+    assert sorted((s["name"], s["status"]) for s in record["sites"]) == [("site-0", "ok"), ("site-1", "ok")]
+    assert {s["node_id"] for s in record["sites"]} == set(nodes.values())
+    assert "Uvicorn running on https://127.0.0.1:" in dep.layout.path("logs", "superlink.log").read_text()
+
+
+def test_the_certificate_and_the_report_show_central_and_local_epsilon() -> None:
+    from common.analysis.audit import dp_certificate
+    from common.privacy.distributed_dp import site_record
+    from simulations.report import ledger_section
+
+    # Prepare: one site's ledger after 2 rounds of distributed DP, as the server records it
+    plan = DistributedPlan.for_run(epsilon=6.0, delta=1e-5, clip=10.0, num_sites=3, dim=5000, rounds=2)
+    entry = {**site_record(plan, 2), "central_epsilon": plan.central_epsilon([3, 2])}
+    rounds = [{"round": 2, "ledger": {"site-0": {"distributed": entry}}}]
+    # Execute
+    cert = dp_certificate(rounds)
+    html, png = ledger_section([{"round": 2, "ledger": rounds[0]["ledger"]}])
+    # Assert: the auditor recomputes the local figure from the stated plan and bounds the central one from below
+    checked = cert["sites"]["site-0"]["distributed"]
+    assert checked["consistent"] and not cert["problems"]
+    assert checked["recomputed_local_epsilon"] == pytest.approx(entry["local_epsilon"])
+    assert checked["central_epsilon_floor"] == pytest.approx(6.0) and entry["central_epsilon"] > 6.0
+    assert "distributed: central (vs the server)" in html and "distributed: local (vs server + other sites)" in html
+    assert f"{entry['local_epsilon']:.4g}"[:4] in html and png is None
+    # an under-reported local figure is a problem
+    bad = dp_certificate([{"round": 2, "ledger": {"site-0": {"distributed": {**entry, "local_epsilon": 1.0}}}}])
+    assert bad["problems"] and "below the recomputed" in bad["problems"][0]
