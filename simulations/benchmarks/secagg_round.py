@@ -147,7 +147,8 @@ def _e2e(sites: int, mode: str, rounds: int, work: Path) -> dict[str, Any]:
 
 
 def _protocol(preset: str, sites: int, mode: str, work: Path) -> dict[str, Any]:
-    cfg = RunConfig.from_flat({"preset": preset, "run-dir": str(work), "data.num-sites": sites, **MODES[mode]})
+    cfg = RunConfig.from_flat({"preset": preset, "run-dir": str(work), "data.num-sites": sites, "federation.al-every": 0,
+                               **MODES[mode]})
     handlers, _ = random_sites(cfg, work / f"{mode}-{sites}", [50] * sites)
     secure, bundle = secure_aggregation_for(cfg)
     grid = MemoryGrid(handlers, cfg.to_run_config())
