@@ -54,6 +54,8 @@ def test_secure_aggregation_guards() -> None:
         _cfg(**{"privacy.distributed-dp": True})
     with pytest.raises(ConfigError, match="num_sites >= 2"):
         _cfg(**{"federation.secure-aggregation": True, "data.num-sites": 1})
+    with pytest.raises(ConfigError, match="fraction-train=1"):
+        _cfg(**{"federation.secure-aggregation": True, "federation.fraction-train": 0.5})
     with pytest.raises(ConfigError, match="al-every=0"):
         _cfg(**{"federation.secure-aggregation": True, "federation.al-every": 1})
     assert _cfg(**{"federation.secure-aggregation": True, "federation.strategy": "fedprox",

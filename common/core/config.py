@@ -349,6 +349,10 @@ class FederationConfig:
                    "aggregation the server sees only their sum" if self.strategy in ROBUST_STRATEGIES else
                    "FedAdam's server optimizer is not wired to the secure-aggregation path yet")
                 + f"; use one of {list(SECAGG_STRATEGIES)}, or secure_aggregation=false")
+        if self.secure_aggregation and self.fraction_train < 1:
+            raise ConfigError(f"federation.secure_aggregation=true with federation.fraction_train="
+                              f"{self.fraction_train:g}: SecAgg+ rounds sample every live site here; set "
+                              "federation.fraction-train=1")
         if self.secure_aggregation and self.al_every:
             raise ConfigError(f"federation.secure_aggregation=true with federation.al_every={self.al_every}: the "
                               "query rounds' release deltas are not carried by SecAgg+'s fit instructions yet; set "
