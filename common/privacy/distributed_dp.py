@@ -19,7 +19,7 @@ Guarantees, as rho-zCDP per round, composed over rounds by addition and converte
 ``epsilon = rho + 2 sqrt(rho log(1/delta))`` (Bun & Steinke 2016, Prop. 1.3):
 
 - **central** (the server, or anyone who sees only the sum, when ``n`` sites' shares are in it): Kairouz et al.
-  Thm. 1 gives ``rho = eps^2 / 2`` with ``eps^2 = Delta^2 / (n sigma_share^2) + tau d / 2`` and
+  Prop. 14 gives ``rho = eps^2 / 2`` with ``eps^2 = Delta^2 / (n sigma_share^2) + tau d / 2`` and
   ``tau = 10 sum_{k=1}^{n-1} exp(-2 pi^2 sigma_share^2 k / (k + 1))`` (the sum of discrete Gaussians is not
   exactly one; ``tau`` is below 1e-300 at the share sizes used here). With all ``N`` sites: ``rho = 1 / (2 z^2)``.
 - **local** (the server colluding with every other site, who can subtract their own shares): the site's own share
@@ -90,14 +90,16 @@ def epsilon_to_zcdp(epsilon: float, delta: float) -> float:
 
 
 def ddg_tau(sigma_share: float, n: int) -> float:
-    """Kairouz et al. (2021) Thm. 1's ``tau``: how far a sum of ``n`` discrete Gaussians is from one."""
+    """Kairouz et al. (2021) Prop. 14's ``tau``: how far a sum of ``n`` discrete Gaussians is from one."""
     return 10.0 * sum(math.exp(-2 * math.pi**2 * sigma_share**2 * k / (k + 1)) for k in range(1, n))
 
 
 def central_rho(sensitivity: float, sigma_share: float, n: int, dim: int) -> float:
-    """zCDP of one round's sum of ``n`` shares of std ``sigma_share`` (Kairouz et al. Thm. 1, L2 branch)."""
+    """zCDP of one round's sum of ``n`` shares of std ``sigma_share`` (Kairouz et al. Prop. 14, L2 branch)."""
     if n < 1:
         return math.inf
+    if sigma_share < 0.5:
+        raise ValueError(f"sigma_share={sigma_share!r}: the bound needs sigma >= 1/2")
     eps2 = sensitivity**2 / (n * sigma_share**2) + 0.5 * ddg_tau(sigma_share, n) * dim
     return eps2 / 2
 
