@@ -182,6 +182,7 @@ class PrivacyConfig:
     # distributed_clip and adds a discrete-Gaussian share of the noise, so the SecAgg+ sum carries the calibrated
     # noise once. Site-level (epsilon, target_delta): distributed_epsilon over the whole run against the server
     # (common/privacy/distributed_dp.py states the guarantee when other sites collude). Independent of DP-SGD above.
+    # The clip is in bound units: an update moving all d parameters by their whole bound has norm ~1.05 sqrt(d).
     distributed_dp: bool = False
     distributed_epsilon: float = 10.0
     distributed_clip: float = 10.0
