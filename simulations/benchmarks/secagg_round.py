@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -183,7 +184,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("_run_id", "_node_id", "_task_id"):
         setattr(TaskIdentity, name, 1)
     counts = [int(x) for x in args.sites.split(",")]
-    body: dict[str, Any] = {"command": "python -m simulations.benchmarks.secagg_round " + " ".join(argv or [])}
+    given = sys.argv[1:] if argv is None else argv
+    body: dict[str, Any] = {"command": "python -m simulations.benchmarks.secagg_round " + " ".join(given),
+                            "note": "load average in 'machine': the 2 cores were shared with other jobs; plain "
+                                    "bytes are the train + evaluate payloads, SecAgg+ bytes every message of the "
+                                    "four stages + evaluate (client.secure, server.secure_aggregation)"}
     with tempfile.TemporaryDirectory(prefix="difusal-secagg-") as tmp:
         work = Path(tmp)
         body["protocol"] = [_protocol(args.protocol_preset, n, mode, work) for n in counts
