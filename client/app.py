@@ -13,6 +13,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.secure import is_secure_train, secure_aggregation_mod, secure_reply
+from client.secure import received as secure_received
 from client.site import SiteSpec, resolve_site
 from common.active_learning.query import answer_query
 from common.active_learning.release_sync import ReleaseCache
@@ -31,10 +33,11 @@ from common.federated.flwr_records import (
     record_to_arrays,
 )
 from common.federated.local_update import local_evaluate, local_train
-from common.models.bundle import ModelBundle, build_bundle
+from common.models.bundle import ModelBundle, build_bundle, federated_arrays
 from common.privacy.site_state import SiteStateStore
 
-app = ClientApp()
+# SecAgg+ train messages go through Flower's secaggplus_mod (client.secure); the others reach the handlers as they are.
+app = ClientApp(mods=[secure_aggregation_mod])
 
 # Error code for a site-side failure (Flower's codes are < 100).
 SITE_FAILURE = 700
@@ -94,8 +97,13 @@ def train(msg: Message, context: Context) -> Message:
     """Fine-tune generator + downstream models with DP on the site's private data; reply with the trained part."""
     spec, site, name, state_dir = _site(context)
     cfg = spec.cfg
-    server_round = int(msg.content["config"][ROUND_KEY])  # type: ignore[arg-type]
-    bundle = _received_bundle(msg, cfg)
+    secure = is_secure_train(msg)  # SecAgg+'s collect-masked-vectors stage: legacy fit instructions
+    if secure:
+        bundle, server_round, sampled = secure_received(msg, cfg)
+        sent = federated_arrays(bundle)
+    else:
+        server_round = int(msg.content["config"][ROUND_KEY])  # type: ignore[arg-type]
+        bundle = _received_bundle(msg, cfg)
     store = SiteStateStore(state_dir)
     ledger = store.load_ledger(before_round=server_round, privacy=cfg.privacy) if cfg.privacy.target_epsilon else None
     synthetic, held = receive_release(msg, state_dir)
@@ -110,6 +118,14 @@ def train(msg: Message, context: Context) -> Message:
     store.save_local_model(server_round, {k: v for k, v in record_to_arrays(weights).items()
                                           if k.startswith("generator.")})
     status = "ok" if result.trained_any else "budget-exhausted"
+    if secure:  # the update leaves masked; only the site's record is plaintext (no losses: they are the site's own)
+        steps = {k: v for k, v in result.metrics.items() if k.endswith(("-steps", "-epsilon", "-examples"))}
+        return secure_reply(msg, cfg, sent=sent, bundle=bundle, server_round=server_round, sampled=sampled, name=name,
+                            state_dir=state_dir, secret=store.secret(),
+                            num_examples=result.num_examples, status=status,
+                            site={"site-name": name, "site-status": status, "site-metrics": json.dumps(steps),
+                                  "site-privacy": json.dumps(result.privacy),
+                                  "site-messages": json.dumps(result.messages)})
     # Aggregated metrics must be finite and have the same keys at every site: a model that took no step this
     # round reports 0.0 here; the site record below keeps the NaN and the step counts.
     metrics = MetricRecord(

@@ -75,6 +75,13 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
         first = latest.server_round + 1
         log(INFO, "Resuming %s from round %s", run.path, latest.server_round)
     rounds = cfg.federation.num_rounds
+    secure = None
+    if cfg.federation.secure_aggregation:  # Flower's SecAgg+: the server sees only the sum of the updates
+        from server.secure_aggregation import SecureAggregation
+
+        previous = latest.info().get("secure_aggregation", {}) if latest is not None else {}
+        secure = SecureAggregation(cfg, strategy,
+                                   contributors=list(previous.get("distributed_dp", {}).get("contributors", [])))
     strategy.summary()
     for server_round in range(first, rounds + 1):
         t0 = time.perf_counter()
@@ -84,12 +91,12 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
         if coordinator is not None:
             strategy.extra_train_records = coordinator.train_records
         train_metrics, evaluate_metrics = fl_round(strategy, grid, bundle, server_round,
-                                                   timeout=cfg.federation.reply_timeout_s)
+                                                   timeout=cfg.federation.reply_timeout_s, secure=secure)
         if coordinator is not None:  # what each site that was sent the release now holds of it
             coordinator.acknowledge({node: r.release_held for node, r in strategy.reports.items() if r.bytes_down})
         sites = [r.as_dict() for r in strategy.reports.values()]
         failure = round_failure(strategy.reports.values())
-        if failure is not None:
+        if failure is not None and not (secure is not None and secure.last.get("status") == "halted"):
             _fail(run, server_round, f"no site trained in round {server_round}: {failure}", sites)
         for report in strategy.reports.values():
             if report.privacy:
@@ -102,6 +109,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
             "sites": sites,
             "ledger": ledger,
         }
+        if secure is not None:  # a halted SecAgg+ round changed nothing; the run goes on (its reason is here)
+            record["secure_aggregation"] = secure.last
         if coordinator is not None and coordinator.due(server_round):
             names = dict(strategy.node_names)  # bound to node ids by the training replies, not self-declared
             # the coordinator may refine the generator and the downstream models in the bundle
@@ -112,7 +121,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
             bundle,
             strategy_state=strategy.state_arrays(),
             record=record,
-            sidecar=_sidecar(cfg, bundle, server_round, ledger),
+            sidecar=_sidecar(cfg, bundle, server_round, ledger, secure.last if secure is not None else None),
         )
         _log_round(record, rounds)
         if on_checkpoint is not None:
@@ -125,15 +134,19 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
 
 
 def fl_round(strategy: GuardedStrategy, grid: Grid, bundle: ModelBundle, server_round: int, *,
-             timeout: float) -> tuple[MetricRecord | None, MetricRecord | None]:
+             timeout: float, secure: Any = None) -> tuple[MetricRecord | None, MetricRecord | None]:
     """One federated round: train at the sites, aggregate into ``bundle`` (in place), evaluate at the sites.
 
-    Returns the aggregated train and evaluate metrics (``None`` where no valid reply came).
+    Returns the aggregated train and evaluate metrics (``None`` where no valid reply came). With ``secure`` (a
+    :class:`server.secure_aggregation.SecureAggregation`) training goes through Flower's SecAgg+ workflow.
     """
     config = ConfigRecord({ROUND_KEY: server_round})
     sent = bundle_to_record(bundle)
-    replies = grid.send_and_receive(strategy.configure_train(server_round, sent, config, grid), timeout=timeout)
-    aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
+    if secure is not None:
+        aggregated, train_metrics = secure.train(grid, bundle, server_round)
+    else:
+        replies = grid.send_and_receive(strategy.configure_train(server_round, sent, config, grid), timeout=timeout)
+        aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
     if aggregated is not None:
         load_bundle_record(bundle, aggregated)
     current = aggregated if aggregated is not None else sent
@@ -173,8 +186,9 @@ def _metrics(record: MetricRecord | None) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if isinstance(v, (int, float))}
 
 
-def _sidecar(cfg: RunConfig, bundle: ModelBundle, server_round: int, ledger: dict[str, Any]) -> dict[str, Any]:
-    return {
+def _sidecar(cfg: RunConfig, bundle: ModelBundle, server_round: int, ledger: dict[str, Any],
+             secure: dict[str, Any] | None = None) -> dict[str, Any]:
+    out = {
         "kind": "federated-checkpoint",
         "round": server_round,
         "config": cfg.to_dict(),
@@ -187,6 +201,11 @@ def _sidecar(cfg: RunConfig, bundle: ModelBundle, server_round: int, ledger: dic
         "sites": sorted(ledger),
         "code_version": code_version(),
     }
+    if secure is not None:  # the trust model, and under distributed DP its central and local figures
+        out["privacy"]["secure_aggregation"] = True
+        if secure.get("distributed_dp"):
+            out["privacy"]["distributed_dp"] = secure["distributed_dp"]
+    return out
 
 
 def _log_round(record: dict[str, Any], rounds: int) -> None:

@@ -536,9 +536,13 @@ def write_report(r: dict[str, Any], figures: dict[str, bytes], path: Path) -> Pa
               for s, v in cert["sites"].items() for m, e in v["models"].items()]
     totals = [{"site": s, "epsilon (basic composition)": v["epsilon_basic"], "delta": v["delta_basic"],
                "epsilon (joint accountant)": v["epsilon_joint"]} for s, v in cert["sites"].items()]
+    # secure aggregation's distributed DP (per site of data): central (vs the server), local (vs collusion)
+    distributed = [{"site": s, **{k: v["distributed"].get(k) for k in (
+        "central_epsilon", "central_epsilon_floor", "local_epsilon", "recomputed_local_epsilon", "delta", "rounds",
+        "noise_multiplier", "num_sites", "consistent")}} for s, v in cert["sites"].items() if "distributed" in v]
     parts = [f"<h1>Privacy audit of {esc(r['inputs']['release'])}</h1>", "<h2>Headline</h2>",
              table([{"figure": k, "value": v} for k, v in r["headline"].items()]),
-             "<h2>1. DP certificate</h2>", table(totals), table(models),
+             "<h2>1. DP certificate</h2>", table(totals), table(models), table(distributed) if distributed else "",
              "<h3>Covered</h3><ul>" + "".join(f"<li>{esc(c)}</li>" for c in cert["covered"]) + "</ul>",
              "<h3>Not covered</h3><ul>" + "".join(f"<li>{esc(c)}</li>" for c in cert["not_covered"]) + "</ul>",
              "<h3>Problems</h3><ul>" + "".join(f"<li>{esc(c)}</li>" for c in cert["problems"]) + "</ul>"]

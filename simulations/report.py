@@ -232,7 +232,18 @@ def ledger_section(metrics: Sequence[dict[str, Any]]) -> tuple[str, bytes | None
     ledger = metrics[-1].get("ledger", {})
     rows = [[site, model, e.get("epsilon"), e.get("budget_epsilon"), e.get("delta"), e.get("steps"),
              e.get("noise_multiplier"), e.get("sample_rate"), e.get("accountant"), e.get("exhausted")]
-            for site, models in sorted(ledger.items()) for model, e in models.items()]
+            for site, models in sorted(ledger.items()) for model, e in models.items() if model != "distributed"]
+    # secure aggregation's distributed DP (site-level): the local figure (against collusion) and the central one
+    rows += [[site, label, e.get(key), None, e.get("delta"), e.get("rounds"), e.get("noise_multiplier"), None,
+              "distributed discrete Gaussian (zCDP)", None]
+             for site, models in sorted(ledger.items()) if (e := models.get("distributed"))
+             for label, key in (("distributed: central (vs the server)", "central_epsilon"),
+                                ("distributed: local (vs server + other sites)", "local_epsilon"))]
+    ledger = {s: {m: e for m, e in models.items() if m != "distributed"} for s, models in ledger.items()}
+    head = ["site", "model", "epsilon", "budget", "delta", "steps", "noise mult.", "sample rate", "accountant",
+            "exhausted"]
+    if not any(ledger.values()):  # distributed DP only (no DP-SGD): the table says it all
+        return _table(head, rows, 4), None
     if not rows:
         return "<p class='note'>No privacy ledger in metrics.jsonl (a run without DP).</p>", None
     plt = _plt()
@@ -246,8 +257,6 @@ def ledger_section(metrics: Sequence[dict[str, Any]]) -> tuple[str, bytes | None
     ax.set_ylabel("epsilon spent")
     ax.set_title(f"privacy spent per site after round {metrics[-1].get('round')}")
     ax.legend(fontsize=7)
-    head = ["site", "model", "epsilon", "budget", "delta", "steps", "noise mult.", "sample rate", "accountant",
-            "exhausted"]
     return _table(head, rows, 4), _fig_png(fig)
 
 

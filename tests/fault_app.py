@@ -5,7 +5,7 @@ are chosen by environment variables of the test's run:
 
 - ``DIFUSAL_FAULT_AFTER_ROUND=N``: the server process dies right after round N's checkpoint (a kill);
 - ``DIFUSAL_FAULT_AFTER_RELEASE=N``: it dies after round N's images are released, before its checkpoint;
-- ``DIFUSAL_FAULT_SITE=<name or site-<index>>``: that site's handlers raise (the product's guard reports it).
+- ``DIFUSAL_FAULT_SITE=<name or site-<index>>[,...]``: those sites' handlers raise (the product's guard reports it).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 import client.app as product_client
+from client.secure import secure_aggregation_mod
 from client.site import resolve_site
 from common.core.config import RunConfig
 from server.app import serve
@@ -26,7 +27,7 @@ from server.app import serve
 AFTER_ROUND, AFTER_RELEASE, SITE = "DIFUSAL_FAULT_AFTER_ROUND", "DIFUSAL_FAULT_AFTER_RELEASE", "DIFUSAL_FAULT_SITE"
 
 server = ServerApp()
-client = ClientApp()
+client = ClientApp(mods=[secure_aggregation_mod])  # the product's mods (SecAgg+ in secure-aggregation runs)
 
 
 def _exit_at(variable: str) -> Callable[[int], None]:
@@ -48,7 +49,7 @@ def _faulty(handler: Callable[[Message, Context], Message]) -> Callable[[Message
     def wrapper(msg: Message, context: Context) -> Message:
         if SITE in os.environ:
             spec = resolve_site(context.node_config, RunConfig.from_run_config(context.run_config))
-            if os.environ[SITE] in (f"site-{spec.index}", str(context.node_config.get("site-name", ""))):
+            if {f"site-{spec.index}", str(context.node_config.get("site-name", ""))} & set(os.environ[SITE].split(",")):
                 raise RuntimeError(f"fault injected by {SITE}")
         return handler(msg, context)
 

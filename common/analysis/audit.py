@@ -15,6 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from common.privacy.distributed_dp import plan_from_record
+
 # Carlini et al. 2023, CIFAR-10 experiments: l(x^, x; S) = l2(x^, x) / (alpha * mean_{y in S} l2(x^, y)), S the
 # n nearest training images, alpha = 0.5, n = 50. We report the ratio d_1 / mean(d_2..d_{n+1}) (S without the
 # nearest itself, so that a copy does not dilute its own reference; ratio ~ alpha * l) and flag a near-copy when
@@ -272,6 +274,32 @@ def check_ledger_model(entry: Mapping[str, Any], *, rel_tol: float = 1e-3) -> di
     return out
 
 
+# The ledger entry of a site's distributed-DP shares (secure aggregation, common.privacy.distributed_dp).
+DISTRIBUTED_KEY = "distributed"
+
+
+def check_distributed(entry: Mapping[str, Any], *, rel_tol: float = 1e-6) -> dict[str, Any]:
+    """A site's distributed-DP figures recomputed from the plan they state: the local epsilon (its own shares,
+    against the server colluding with every other site) and, when present, the central one is not below the
+    figure with every site's share in every round so far (the least it can be)."""
+    out = dict(entry)
+    try:
+        plan = plan_from_record(entry)
+        local = plan.local_epsilon(int(entry["rounds"]))
+        floor = plan.central_epsilon([plan.num_sites] * int(entry["rounds"]))
+    except (KeyError, TypeError, ValueError) as err:
+        out.update(consistent=False, note=f"malformed distributed-DP entry: {err}")
+        return out
+    reported = float(entry.get("local_epsilon") or 0.0)
+    central = entry.get("central_epsilon")
+    ok = reported >= local * (1 - rel_tol) and (central is None or float(central) >= floor * (1 - rel_tol))
+    out.update(recomputed_local_epsilon=local, central_epsilon_floor=floor, consistent=ok)
+    if not ok:
+        out["note"] = (f"reported local {reported:.4g} / central {central} below the recomputed {local:.4g} / "
+                       f"{floor:.4g} from the stated plan")
+    return out
+
+
 def _history_or_empty(entry: Mapping[str, Any]) -> list[tuple[float, float, int]]:
     try:
         return ledger_history(entry)[0]
@@ -305,6 +333,8 @@ def dp_certificate(rounds: Sequence[Mapping[str, Any]], *, release_records: Sequ
     problems: list[str] = []
     sites: dict[str, Any] = {}
     for site, models in sorted(latest.items()):
+        models = dict(models)
+        distributed = models.pop(DISTRIBUTED_KEY, None)  # secure aggregation's distributed DP: its own figures
         checked = {m: check_ledger_model(e) for m, e in sorted(models.items())}
         used = {m: e for m, e in checked.items() if int(e.get("steps") or 0) > 0}
         delta = sum(float(e["delta"]) for e in used.values())
@@ -315,10 +345,16 @@ def dp_certificate(rounds: Sequence[Mapping[str, Any]], *, release_records: Sequ
                        "epsilon_basic_recomputed": sum(float(e.get("recomputed_epsilon") or 0) for e in used.values()),
                        "delta_basic": delta, "epsilon_joint": joint, "accountant": acc}
         problems += [f"{site}/{m}: {e['note']}" for m, e in checked.items() if not e.get("consistent", True)]
+        if distributed is not None:
+            sites[site]["distributed"] = check_distributed(distributed)
+            if not sites[site]["distributed"]["consistent"]:
+                problems.append(f"{site}/{DISTRIBUTED_KEY}: {sites[site]['distributed']['note']}")
     history: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for rnd, ledger in by_round.items():
         for site, models in ledger.items():
             for m, e in models.items():
+                if m == DISTRIBUTED_KEY:
+                    continue
                 history.setdefault(site, {}).setdefault(m, []).append((rnd, float(e.get("epsilon") or 0.0)))
     for site, models in history.items():
         for m, pts in models.items():

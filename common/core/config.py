@@ -30,6 +30,9 @@ SchedulerName = Literal["ddpm", "ddim", "dpmsolver"]
 PredictionType = Literal["epsilon", "v_prediction"]
 AccountantName = Literal["rdp", "prv"]
 AcquisitionName = Literal["uncertainty", "kcenter", "random"]
+# Strategies whose server step needs only the (weighted) sum of the updates: the ones secure aggregation allows.
+SECAGG_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
+ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "trimmedmean", "krum")
 
 
 def _check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
@@ -174,6 +177,15 @@ class PrivacyConfig:
     budget_generator: float = 0.6
     budget_classifier: float = 0.2
     budget_regressor: float = 0.2
+    # Distributed DP (Kairouz et al. 2021; DP-FedAvg accounting, McMahan et al. 2018), only with
+    # federation.secure-aggregation: each site clips its round update (in units of its update bound) to L2 norm
+    # distributed_clip and adds a discrete-Gaussian share of the noise, so the SecAgg+ sum carries the calibrated
+    # noise once. Site-level (epsilon, target_delta): distributed_epsilon over the whole run against the server
+    # (common/privacy/distributed_dp.py states the guarantee when other sites collude). Independent of DP-SGD above.
+    # The clip is in bound units: an update moving all d parameters by their whole bound has norm ~1.05 sqrt(d).
+    distributed_dp: bool = False
+    distributed_epsilon: float = 10.0
+    distributed_clip: float = 10.0
 
     def budget_split(self) -> dict[str, float]:
         """Fraction of the site budget per model key (what the site's ledger enforces)."""
@@ -201,6 +213,8 @@ class PrivacyConfig:
             )
         if self.noise_multiplier is not None:
             _check_range("privacy.noise_multiplier", self.noise_multiplier, 0.05, 100.0)
+        _check_range("privacy.distributed_epsilon", self.distributed_epsilon, 0.01, 1000.0)
+        _check_range("privacy.distributed_clip", self.distributed_clip, 1e-3, 1e6)
 
 
 @dataclass(frozen=True)
@@ -295,6 +309,16 @@ class FederationConfig:
     al_downstream_steps: int = 0  # server-side classifier/regressor steps on the release (public data, no DP cost)
     al_memorization_check: bool = False  # sites filter near-copies of private images (NOT covered by DP)
     al_max_reply_bytes: int = 16 * 1024 * 1024
+    # Secure aggregation through Flower's SecAgg+ (server/secure_aggregation.py): the server sees only the sum of
+    # the sites' updates. secagg_shares: fraction of the sampled sites that hold shares of each site's secrets
+    # (Flower's num_shares); secagg_threshold: fraction of those shares that reconstructs a secret (Flower's
+    # reconstruction_threshold: a round survives while every site keeps that many live neighbours, fails below).
+    # secagg_max_weight: the largest num-examples a site may weight its update with (integer; the quantization
+    # step of a site's update grows with max_weight / its num-examples).
+    secure_aggregation: bool = False
+    secagg_shares: float = 1.0
+    secagg_threshold: float = 0.67
+    secagg_max_weight: float = 1000.0
 
     def validate(self) -> None:
         _check_range("federation.num_rounds", self.num_rounds, 1, 10_000)
@@ -322,6 +346,27 @@ class FederationConfig:
         _check_range("federation.al_refine_steps", self.al_refine_steps, 0, 100_000)
         _check_range("federation.al_downstream_steps", self.al_downstream_steps, 0, 100_000)
         _check_range("federation.al_max_reply_bytes", self.al_max_reply_bytes, 1024, 2**31)
+        _check_range("federation.secagg_shares", self.secagg_shares, 0.01, 1.0)
+        _check_range("federation.secagg_threshold", self.secagg_threshold, 0.01, 1.0)
+        _check_range("federation.secagg_max_weight", self.secagg_max_weight, 1.0, 2.0**20)
+        if not float(self.secagg_max_weight).is_integer():
+            raise ConfigError(f"federation.secagg_max_weight={self.secagg_max_weight!r} must be a whole number (a "
+                              "site's weight is its integer num-examples)")
+        if self.secure_aggregation and self.strategy not in SECAGG_STRATEGIES:
+            raise ConfigError(
+                f"federation.secure_aggregation=true with federation.strategy={self.strategy!r}: "
+                + ("the robust aggregators (median, trimmed mean, Krum) need each site's update, and under secure "
+                   "aggregation the server sees only their sum" if self.strategy in ROBUST_STRATEGIES else
+                   "FedAdam's server optimizer is not wired to the secure-aggregation path yet")
+                + f"; use one of {list(SECAGG_STRATEGIES)}, or secure_aggregation=false")
+        if self.secure_aggregation and self.fraction_train < 1:
+            raise ConfigError(f"federation.secure_aggregation=true with federation.fraction_train="
+                              f"{self.fraction_train:g}: SecAgg+ rounds sample every live site here; set "
+                              "federation.fraction-train=1")
+        if self.secure_aggregation and self.al_every:
+            raise ConfigError(f"federation.secure_aggregation=true with federation.al_every={self.al_every}: the "
+                              "query rounds' release deltas are not carried by SecAgg+'s fit instructions yet; set "
+                              "federation.al-every=0")
 
 
 _SECTIONS = ("data", "generator", "sampling", "privacy", "train", "federation")
@@ -350,6 +395,13 @@ class RunConfig:
             _check_finite(name, getattr(self, name))
         for name in _SECTIONS:
             getattr(self, name).validate()
+        fed = self.federation
+        if fed.secure_aggregation and self.data.num_sites < 2:
+            raise ConfigError(f"federation.secure_aggregation=true needs data.num_sites >= 2 (SecAgg+ sums the "
+                              f"updates of at least two sites), got {self.data.num_sites}")
+        if self.privacy.distributed_dp and not fed.secure_aggregation:
+            raise ConfigError("privacy.distributed_dp=true needs federation.secure_aggregation=true: each site adds "
+                              "only its share of the noise, which protects it only inside a secure sum")
         mu, t = self.federation.proximal_mu, self.train
         if t.downstream_backbone == "public_cnn" and self.data.source == "fetal_planes_db":
             raise ConfigError("train.downstream_backbone='public_cnn' was trained on FETAL_PLANES_DB images "
