@@ -680,6 +680,7 @@ DATA_PRESETS: dict[str, dict[str, str]] = {
              # the encoder that has seen public real scans (FETAL_PLANES_DB, never HC18) and its public GA head
              # (brain phantoms): the HC18 study's choice by patient-grouped CV, README "Which features?"
              "train.downstream-backbone": "public_cnn", "train.downstream-batch-size": "64",
+             "train.regressor-lr": "0.003",  # the study's most frequent inner-CV pick for public_cnn
              # one plane in scope: the classifier never trains (local_update skips it), so its share goes to GA
              "privacy.budget-classifier": "0.01", "privacy.budget-regressor": "0.39"},
 }
