@@ -205,3 +205,149 @@ def test_a_declined_vote_reply_validates_without_a_histogram() -> None:
     _, site = _reply(status="declined")
     got = validate_vote_reply(None, {**site, "reason": "the votes budget is spent"}, who="site-b", ids=IDS)
     assert got.status == "declined" and got.histogram is None and "spent" in got.reason
+
+
+# -- the vote message through the coordinator and the client's real handler ---------------------------------------
+def _cfg(run_dir, **extra):
+    flat = {"preset": "smoke", "run-dir": str(run_dir), "federation.al-every": 1, "federation.num-rounds": 1,
+            "federation.pe-iterations": 3, "federation.pe-population": 12, "federation.pe-keep": 2,
+            "federation.al-select": 6, "privacy.budget-generator": 0.5, "privacy.budget-regressor": 0.1,
+            "privacy.budget-votes": 0.2, "privacy.target-epsilon": 10.0, **extra}
+    return RunConfig.from_flat(flat)
+
+
+class _VoteGrid:
+    """Two simulated sites answering vote messages with the client's real ``vote`` handler (no SuperLink)."""
+
+    def __init__(self, cfg, corrupt=None) -> None:
+        self.cfg, self.corrupt, self.sent = cfg, corrupt, []
+
+    def get_node_ids(self) -> list[int]:
+        return [11, 12]
+
+    def send_and_receive(self, messages, timeout):
+        from flwr.app import Context, RecordDict
+
+        import client.app as client_app
+
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            ctx = Context(run_id=1, node_id=node, node_config={"partition-id": node - 11, "num-partitions": 2},
+                          state=RecordDict(), run_config=self.cfg.to_run_config())
+            reply = client_app.vote(msg, ctx)
+            if self.corrupt is not None and node == 12:
+                self.corrupt(reply)
+            replies.append(reply)
+        return replies
+
+
+def _names(cfg) -> dict[int, str]:
+    from common.data.sites import load_site
+
+    return {11 + i: load_site(cfg.data, seed=cfg.seed, site_index=i).name for i in range(2)}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_private_evolution_round_through_the_vote_handler_releases_certified_images(tmp_path) -> None:
+    # Prepare
+    from common.active_learning.release import ReleaseStore
+    from common.analysis.audit import compose_epsilon
+    from common.models.bundle import build_bundle
+    from server.coordinator import Coordinator
+    from server.evolution import VOTE_MESSAGE
+
+    cfg = _cfg(tmp_path)
+    names = _names(cfg)
+    grid = _VoteGrid(cfg)
+    # Execute
+    summary = Coordinator(cfg, run_dir=tmp_path).query_round(grid, build_bundle(cfg), 1, site_names=names)
+    # Assert: 3 votes of both sites, the messages carry embeddings only, the release is certified per site
+    pe = summary["private_evolution"]
+    assert [len(it["sites"]) for it in pe["iterations"]] == [2, 2, 2]
+    assert all(s["status"] == "ok" for it in pe["iterations"] for s in it["sites"])
+    assert {m.metadata.message_type for m in grid.sent} == {VOTE_MESSAGE} and len(grid.sent) == 6
+    assert set(grid.sent[0].content["request"]) == {"ids", "plane", "embeddings"}
+    assert 0 < summary["selected"] <= 6
+    records = ReleaseStore(tmp_path / "release").records()
+    assert len(records) == summary["selected"]
+    for rec in records:
+        cert = rec["privacy"]
+        assert cert["model"] == "private-evolution" and set(cert["per_site"]) == set(names.values())
+        for site, entry in cert["mechanisms"]["votes"].items():
+            assert entry["steps"] == 3 and entry["sample_rate"] == 1.0
+            eps = compose_epsilon([tuple(h) for h in entry["history"]], delta=entry["delta"])
+            assert eps == pytest.approx(entry["epsilon"], rel=1e-9)
+            assert cert["per_site"][site]["epsilon"] == pytest.approx(entry["epsilon"])  # phantoms: votes only
+        assert cert["epsilon"] == pytest.approx(max(s["epsilon"] for s in cert["per_site"].values()))
+        assert 0 < cert["epsilon"] <= 0.2 * 10.0
+    # each site's ledger on disk holds the 3 votes
+    for name in names.values():
+        state = json.loads((tmp_path / "sites" / name / "ledger-round-001.json").read_text())
+        assert len(state["ledger"]["models"]["votes"]["history"]) == 1
+        assert state["ledger"]["models"]["votes"]["history"][0][2] == 3
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_site_with_an_exhausted_vote_budget_declines_and_the_round_goes_on(tmp_path) -> None:
+    # Prepare: site 0 spent its 3 planned votes in an earlier round
+    from common.active_learning.release import ReleaseStore
+    from common.models.bundle import build_bundle
+    from server.coordinator import Coordinator
+
+    cfg = _cfg(tmp_path)
+    names = _names(cfg)
+    store = SiteStateStore(tmp_path / "sites" / names[11])
+    ledger = store.load_ledger(before_round=1, privacy=cfg.privacy)
+    priv, _, cand, _ = _data(3)
+    for s in range(3):
+        private_vote(ledger, private=priv, candidates=cand, planned_votes=3, noise_seed=s)
+    store.save_ledger(0, ledger)
+    # Execute
+    summary = Coordinator(cfg, run_dir=tmp_path).query_round(_VoteGrid(cfg), build_bundle(cfg), 1, site_names=names)
+    # Assert: site 0 declined every vote, site 1 voted every time, and the release came from site 1's votes
+    for it in summary["private_evolution"]["iterations"]:
+        status = {s["name"]: s["status"] for s in it["sites"]}
+        assert status == {names[11]: "declined", names[12]: "ok"}
+        assert "spent" in next(s["reason"] for s in it["sites"] if s["name"] == names[11])
+    assert summary["selected"] > 0
+    cert = ReleaseStore(tmp_path / "release").records()[0]["privacy"]
+    assert cert["mechanisms"]["votes"][names[12]]["steps"] == 3
+    assert cert["mechanisms"]["votes"][names[11]]["steps"] == 3  # the decliner's spend so far (earlier round)
+    again = SiteStateStore(tmp_path / "sites" / names[11]).load_ledger(before_round=2, privacy=cfg.privacy)
+    assert again.steps(VOTES) == 3  # declining spent nothing
+
+
+def _set_hist(value):
+    def corrupt(reply):
+        from common.federated.flwr_records import arrays_to_record, record_to_arrays
+
+        arrays = record_to_arrays(reply.content["votes"])
+        arrays.update(value(arrays))
+        reply.content["votes"] = arrays_to_record(arrays)
+    return corrupt
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(("corrupt", "needle"), [
+    (_set_hist(lambda a: {"histogram": a["histogram"][:-1]}), "shape"),
+    (_set_hist(lambda a: {"histogram": np.where(np.arange(len(a["histogram"])) == 0, np.nan, a["histogram"])}),
+     "non-finite"),
+    (_set_hist(lambda a: {"histogram": a["histogram"] - 1e6}), "negative beyond the noise"),
+    (_set_hist(lambda a: {"ids": a["ids"] + 1000}), "ids differ"),
+])
+def test_a_malformed_vote_reply_is_rejected_naming_the_site_and_the_vote_goes_on(tmp_path, corrupt, needle) -> None:
+    from common.models.bundle import build_bundle
+    from server.coordinator import Coordinator
+
+    cfg = _cfg(tmp_path, **{"federation.pe-iterations": 1})
+    names = _names(cfg)
+    summary = Coordinator(cfg, run_dir=tmp_path).query_round(_VoteGrid(cfg, corrupt), build_bundle(cfg), 1,
+                                                             site_names=names)
+    (it,) = summary["private_evolution"]["iterations"]
+    status = {s["name"]: s for s in it["sites"]}
+    assert status[names[11]]["status"] == "ok"
+    assert status[names[12]]["status"] == "rejected"
+    assert status[names[12]]["reason"].startswith(f"{names[12]}:") and needle in status[names[12]]["reason"]
+    assert summary["selected"] > 0  # from site 0's votes alone
