@@ -282,6 +282,21 @@ def test_a_private_evolution_round_through_the_vote_handler_releases_certified_i
             assert cert["per_site"][site]["epsilon"] == pytest.approx(entry["epsilon"])  # phantoms: votes only
         assert cert["epsilon"] == pytest.approx(max(s["epsilon"] for s in cert["per_site"].values()))
         assert 0 < cert["epsilon"] <= 0.2 * 10.0
+    # the privacy audit recomputes every certificate, and the site totals include the votes
+    from common.analysis.audit import dp_certificate
+
+    rounds = [{"round": 1, "ledger": {}, "active_learning": summary}]
+    report = dp_certificate(rounds, release_records=records)
+    assert report["problems"] == [] and report["release"]["private_evolution"]["n_images"] == len(records)
+    for name in names.values():
+        site = report["sites"][name]
+        assert site["models"]["votes"]["consistent"] and site["epsilon_basic"] == pytest.approx(
+            records[0]["privacy"]["mechanisms"]["votes"][name]["epsilon"])
+    forged = [dict(records[0], privacy={**records[0]["privacy"], "per_site": {n: {"epsilon": 0.01, "delta": 0}
+                                                                             for n in names.values()}})]
+    report = dp_certificate(rounds, release_records=forged)
+    assert report["release"]["private_evolution"]["inconsistent"] == [records[0]["id"]]
+    assert any("private-evolution images" in p for p in report["problems"])
     # each site's ledger on disk holds the 3 votes
     for name in names.values():
         state = json.loads((tmp_path / "sites" / name / "ledger-round-001.json").read_text())
