@@ -366,3 +366,60 @@ def test_a_malformed_vote_reply_is_rejected_naming_the_site_and_the_vote_goes_on
     assert status[names[12]]["status"] == "rejected"
     assert status[names[12]]["reason"].startswith(f"{names[12]}:") and needle in status[names[12]]["reason"]
     assert summary["selected"] > 0  # from site 0's votes alone
+
+
+# -- evolution (coordinator side, no private data) ----------------------------------------------------------------
+def test_evolution_keeps_winners_per_bin_varies_them_and_refills_empty_bins() -> None:
+    from common.active_learning.evolution import Population, bins_of, next_generation, select_release, winners
+
+    # Prepare: 16 phantom candidates over the 4 GA bins of planes 0 and 1 (2 per bin)
+    pop = Population(size=32, source="phantom", rng=np.random.default_rng(0))
+    cands = pop.initial(16, planes=[0, 1])
+    bins = bins_of(cands)
+    assert sorted(np.unique(bins, return_counts=True)[1].tolist()) == [2] * 8
+    hist = np.zeros(16)
+    first_bin = bins[0]
+    hist[[i for i in range(16) if bins[i] == first_bin]] = [9.0, 3.0]  # only the first bin gets votes
+    # Execute
+    won = winners(cands, hist, keep=1, threshold=0.0)
+    nxt = next_generation(pop, cands, hist, keep=1, threshold=0.0, strength=0.5, generation=1)
+    # Assert: the bin's best survives (elitism) and its other slot is a mutation of it; the 7 voteless bins get
+    # fresh proposals; the population keeps its size and its bins
+    assert list(won) == [int(first_bin)] and won[int(first_bin)][0][1] == 9.0
+    best = won[int(first_bin)][0][0]
+    assert len(nxt) == 16 and sorted(bins_of(nxt).tolist()) == sorted(bins.tolist())
+    assert best in nxt
+    children = [c for c in nxt if c.parent == best.id]
+    assert len(children) == 1 and children[0].params["seed"] != best.params["seed"]
+    assert sum(c.parent is None and c.generation == 1 for c in nxt) == 14
+    assert len({c.id for c in nxt}) == 16 and min(c.id for c in nxt if c.generation == 1) >= 16
+    # the release: counts above the threshold only, at most k
+    picked = select_release(cands, hist, k=5, threshold=4.0)
+    assert [(c.id, h) for c, h, _ in picked] == [(best.id, 9.0)]
+
+
+def test_sdedit_strength_zero_is_the_image_and_one_leaves_it() -> None:
+    import torch
+
+    from common.diffusion.sdedit import sdedit
+    from common.models.bundle import build_bundle
+
+    bundle = build_bundle(RunConfig.from_flat({"preset": "smoke"}))
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    kw = {"plane": torch.tensor([0, 1]), "ga": torch.tensor([20.0, 30.0]), "num_inference_steps": 4, "seed": 0}
+    assert torch.equal(sdedit(bundle.generator, x, strength=0.0, **kw), x)
+    low, high = (float((sdedit(bundle.generator, x, strength=s, **kw) - x).abs().mean()) for s in (0.25, 1.0))
+    assert 0 < low < high
+
+
+def test_certificate_sums_each_sites_mechanisms_and_reports_the_worst() -> None:
+    from common.active_learning.evolution import Candidate, certificate
+
+    votes = {"a": {"epsilon": 0.5, "delta": 1e-6, "steps": 3}, "b": {"epsilon": 0.7, "delta": 1e-6, "steps": 3}}
+    gen = {"a": {"epsilon": 2.0, "delta": 5e-6}, "b": {"epsilon": 1.0, "delta": 5e-6}}
+    img = np.zeros((4, 4), np.uint8)
+    phantom = certificate(Candidate(0, img, 0, 20.0, "phantom"), votes=votes, generator=gen, accountant="rdp")
+    sample = certificate(Candidate(1, img, 0, 20.0, "generator"), votes=votes, generator=gen, accountant="rdp")
+    assert phantom["epsilon"] == 0.7 and phantom["mechanisms"]["generator"] == {}  # phantoms: the votes only
+    assert sample["per_site"]["a"]["epsilon"] == 2.5 and sample["epsilon"] == 2.5
+    assert sample["delta"] == pytest.approx(6e-6)

@@ -141,6 +141,7 @@ class Population:
         for i, p in enumerate(parents):
             if p.source == "phantom":
                 params, ga = mutate(p.params, p.ga, scale=max(strength, 0.05), rng=self.rng)
+                ga = _within_bin(ga, p.ga)  # a child stays in its parent's plane x GA bin (the bins' slots hold)
                 out[i] = Candidate(ids[i], render(params, p.plane, ga, self.size), p.plane, ga, "phantom", params,
                                    p.id, generation)
         if gen_rows:
@@ -153,6 +154,13 @@ class Population:
                 out[i] = Candidate(ids[i], images[j], p.plane, p.ga, "generator",
                                    {"seed": seed, "row": j, "strength": strength}, p.id, generation)
         return [c for c in out if c is not None]
+
+
+def _within_bin(ga: float, parent_ga: float) -> float:
+    """``ga`` clipped into the GA bin of ``parent_ga``."""
+    edges = np.asarray(GA_BIN_EDGES)
+    b = int(np.clip(np.searchsorted(edges[1:-1], parent_ga, side="right"), 0, len(edges) - 2))
+    return float(np.clip(ga, edges[b], np.nextafter(edges[b + 1], -np.inf) if b + 1 < len(edges) - 1 else edges[b + 1]))
 
 
 def bins_of(candidates: Sequence[Candidate]) -> np.ndarray:
