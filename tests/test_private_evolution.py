@@ -423,3 +423,28 @@ def test_certificate_sums_each_sites_mechanisms_and_reports_the_worst() -> None:
     assert phantom["epsilon"] == 0.7 and phantom["mechanisms"]["generator"] == {}  # phantoms: the votes only
     assert sample["per_site"]["a"]["epsilon"] == 2.5 and sample["epsilon"] == 2.5
     assert sample["delta"] == pytest.approx(6e-6)
+
+
+@pytest.mark.e2e
+def test_private_evolution_through_flower_votes_are_in_the_ledgers_and_the_release_flows_back(tmp_path) -> None:
+    # Prepare: 2 rounds, 2 votes after each, through a SuperLink and the staged ClientApp ("query.vote" routing)
+    from simulations.launcher import run_simulation
+
+    cfg = _cfg(tmp_path / "run", **{"federation.num-rounds": 2, "federation.pe-iterations": 2,
+                                   "federation.al-select": 4})
+    # Execute
+    result = run_simulation(cfg, num_sites=2, echo=False, timeout_s=400)
+    # Assert
+    assert result.returncode == 0, result.log_file.read_text()[-3000:]
+    first, second = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for record in (first, second):
+        its = record["active_learning"]["private_evolution"]["iterations"]
+        assert [sorted(s["status"] for s in it["sites"]) for it in its] == [["ok", "ok"]] * 2
+        assert record["active_learning"]["selected"] > 0
+    # round 2's training replies carry round 1's 2 votes; round 2's query record has all 4, within the votes' share
+    assert all(models["votes"]["steps"] == 2 for models in second["ledger"].values())
+    votes = second["active_learning"]["private_evolution"]["votes_privacy"]
+    assert {v["steps"] for v in votes.values()} == {4}
+    assert all(0 < v["epsilon"] <= 0.2 * 10.0 + 1e-9 for v in votes.values())
+    # the release of round 1 reached both sites' downstream training in round 2
+    assert all(s["metrics"]["synthetic-examples"] == first["active_learning"]["selected"] for s in second["sites"])
