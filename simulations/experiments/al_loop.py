@@ -47,7 +47,12 @@ ARMS: dict[str, dict[str, object]] = {
     # votes take a share from the generator's (0.6 -> 0.4 + 0.2 votes): matched total epsilon per site
     "private-evolution": {"federation.al-every": 1, "federation.pe-iterations": 3, "privacy.budget-generator": 0.4,
                           "privacy.budget-votes": 0.2},
+    # variant (not in the default --arms): half the population from the shared DP generator, varied with SDEdit
+    "private-evolution-generator": {"federation.al-every": 1, "federation.pe-iterations": 3,
+                                    "privacy.budget-generator": 0.4, "privacy.budget-votes": 0.2,
+                                    "federation.pe-source": "both"},
 }
+DEFAULT_ARMS = ("none", "random", "acquisition", "private-evolution")
 
 
 def summarise(run_dir: Path) -> list[dict[str, Any]]:
@@ -175,7 +180,7 @@ def main() -> None:
     p.add_argument("--prior", default="shipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/al-loop")
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--combine", nargs="+", type=Path, metavar="DIR",
                    help="no runs: tabulate finished comparisons (one per --seed) against each other into --out")
