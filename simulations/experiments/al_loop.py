@@ -74,12 +74,12 @@ def to_markdown(table: dict[str, list[dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def across_seeds(tables: list[dict[str, list[dict[str, Any]]]], baseline: str = "none") -> list[dict[str, Any]]:
+def across_seeds(tables: list[dict[str, list[dict[str, Any]]]], baseline: str = "none",
+                 keys: tuple[str, ...] = ("plane_accuracy", "ga_mae_days")) -> list[dict[str, Any]]:
     """Per (arm, round): the metric over seeds and the paired difference to ``baseline`` (same seed, same round).
 
     Only seeds whose comparison holds the arm and the baseline count; ``n`` says how many did.
     """
-    keys = ("plane_accuracy", "ga_mae_days")
     arms = [a for a in dict.fromkeys(a for t in tables for a in t) if a != baseline]
     out: list[dict[str, Any]] = []
     for arm in arms:
@@ -89,7 +89,7 @@ def across_seeds(tables: list[dict[str, list[dict[str, Any]]]], baseline: str = 
         for rnd in sorted({rnd for seed in paired for rnd in seed}):
             row: dict[str, Any] = {"arm": arm, "round": rnd}
             for key in keys:
-                pairs = [(a[key], b[key]) for a, b in (seed[rnd] for seed in paired if rnd in seed)
+                pairs = [(a.get(key), b.get(key)) for a, b in (seed[rnd] for seed in paired if rnd in seed)
                          if a.get(key) is not None and b.get(key) is not None]
                 row[key] = _spread([a for a, _ in pairs])
                 row[f"{key}_vs_{baseline}"] = _spread([a - b for a, b in pairs])
@@ -144,7 +144,28 @@ def combine(dirs: list[Path], out: Path) -> list[dict[str, Any]]:
     (out / "al_loop_seeds.json").write_text(json.dumps({"sources": [str(d) for d in dirs], "seeds": seeds,
                                                         "rows": rows}, indent=2))
     (out / "al_loop_seeds.md").write_text(seeds_markdown(rows) + "\n")
+    if all("acquisition" in t for t in tables):  # the releases against the acquisition release, paired per seed
+        release_rows = across_seeds(tables, baseline="acquisition", keys=RELEASE_KEYS)
+        (out / "al_loop_seeds_release.json").write_text(json.dumps({"seeds": seeds, "rows": release_rows}, indent=2))
+        (out / "al_loop_seeds_release.md").write_text(release_markdown(release_rows) + "\n")
     return rows
+
+
+RELEASE_KEYS = ("fd", "synthetic_only", "real_plus_synthetic_smallest")
+
+
+def release_markdown(rows: list[dict[str, Any]], baseline: str = "acquisition") -> str:
+    """Per (arm, round): each release metric, mean [min, max] over seeds, and its paired difference to ``baseline``."""
+    def f(s: dict[str, Any] | None, sign: str = "") -> str:
+        return "-" if s is None else "{0} [{1}, {2}] (n={3})".format(
+            *(f"{{:{sign}.3f}}".format(round(s[k], 3) + 0.0) for k in ("mean", "min", "max")), s["n"])
+
+    head = " | ".join(f"{k} | vs {baseline}" for k in RELEASE_KEYS)
+    lines = [f"| arm | round | {head} |", "|---|---|" + "---|---|" * len(RELEASE_KEYS)]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['round']} | "
+                     + " | ".join(f"{f(r[k])} | {f(r[f'{k}_vs_{baseline}'], '+')}" for k in RELEASE_KEYS) + " |")
+    return "\n".join(lines)
 
 
 def plot_arms(table: dict[str, list[dict[str, Any]]], path: Path) -> Path:
