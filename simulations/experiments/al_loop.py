@@ -52,6 +52,9 @@ ARMS: dict[str, dict[str, object]] = {
                                     "privacy.budget-generator": 0.4, "privacy.budget-votes": 0.2,
                                     "federation.pe-source": "both"},
 }
+# control (not in the default --arms): the same evolution with votes drowned in noise (sigma 1e4, so the selection
+# is random among the same phantom proposals): what the votes add beyond the simulator itself
+ARMS["private-evolution-novote"] = {**ARMS["private-evolution"], "privacy.vote-noise-multiplier": 1e4}
 DEFAULT_ARMS = ("none", "random", "acquisition", "private-evolution")
 
 
