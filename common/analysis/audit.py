@@ -328,9 +328,10 @@ def dp_certificate(rounds: Sequence[Mapping[str, Any]], *, release_records: Sequ
     release["private_evolution"] = evolution_claims(release_records, by_round, problems, max_listed)
     covered = ["checkpoint weights (generator, classifier, regressor): post-processing of the DP-SGD models"] \
         if latest else []
-    if latest and release["n_images"]:
-        covered.append(f"{release['n_images'] - release['memorization_checked']} released images sampled from the DP "
-                       "generator without reading private data (post-processing)")
+    n_sampled = release["n_images"] - release["memorization_checked"] - release["private_evolution"]["n_images"]
+    if latest and n_sampled > 0:
+        covered.append(f"{n_sampled} released images sampled from the DP generator without reading private data "
+                       "(post-processing)")
     not_covered = ["per-round evaluation metrics in round.json/metrics.jsonl (accuracy, losses, num-examples on each "
                    "site's private test split) are released without noise"]
     if release["private_evolution"]["n_images"]:
