@@ -19,6 +19,7 @@ from client.site import SiteSpec, resolve_site
 from common.active_learning.query import answer_query
 from common.active_learning.release_sync import ReleaseCache
 from common.active_learning.scoring import features
+from common.active_learning.vote_query import VoteRequest, answer_vote, vote_embedder
 from common.core.config import RunConfig
 from common.core.records import UltrasoundRecord
 from common.core.seeding import derive_seed
@@ -32,7 +33,7 @@ from common.federated.flwr_records import (
     load_bundle_record,
     record_to_arrays,
 )
-from common.federated.local_update import local_evaluate, local_train
+from common.federated.local_update import dp_noise_seed, local_evaluate, local_train
 from common.models.bundle import ModelBundle, build_bundle, federated_arrays
 from common.privacy.site_state import SiteStateStore
 
@@ -204,4 +205,36 @@ def query(msg: Message, context: Context) -> Message:
     payload = {"images": answer.candidates.images, "plane": answer.candidates.plane, "ga": answer.candidates.ga}
     payload.update({f"score.{k}": v for k, v in answer.candidates.scores.items()})
     content = RecordDict({"candidates": arrays_to_record(payload), "site": site_record})
+    return Message(content=content, reply_to=msg)
+
+
+@app.query("vote")
+@_guarded
+def vote(msg: Message, context: Context) -> Message:
+    """Private evolution: this site's private images vote on the candidates; reply with the noisy histogram only."""
+    spec, site, name, state_dir = _site(context)
+    cfg = spec.cfg
+    config = msg.content["config"]
+    server_round, index = int(config[ROUND_KEY]), int(config["vote"])  # type: ignore[arg-type]
+    request = record_to_arrays(msg.content["request"])
+    store = SiteStateStore(state_dir)
+    # the ledger after this round's training (and this round's earlier votes): one ledger for the whole run
+    ledger = store.load_ledger(before_round=server_round + 1, privacy=cfg.privacy) if cfg.privacy.target_epsilon else None
+    answer = answer_vote(
+        VoteRequest(ids=request["ids"], plane=request["plane"], embeddings=request["embeddings"],
+                    class_aware=bool(config.get("class-aware", True)),
+                    votes_per_image=int(config.get("votes-per-image", 1))),  # type: ignore[arg-type]
+        ledger=ledger, private=site.train, embed=vote_embedder(cfg), cfg=cfg,
+        noise_seed=dp_noise_seed(cfg, store.secret() if ledger is not None else None, name, server_round,
+                                 f"votes-{index}"),
+    )
+    if ledger is not None and answer.status == "ok":
+        store.save_ledger(server_round, ledger, info={"site": name, "after": f"vote {index} of round {server_round}"})
+    generator = ledger.summary().get("generator", {}) if ledger is not None else {"epsilon": float("inf")}
+    site_record = ConfigRecord({"name": name, "status": answer.status, "reason": answer.reason,
+                                "privacy": json.dumps(answer.privacy), "generator-privacy": json.dumps(generator)})
+    content = RecordDict({"site": site_record})
+    if answer.result is not None:
+        content["votes"] = arrays_to_record({"ids": request["ids"].astype(np.int64),
+                                             "histogram": answer.result.histogram.astype(np.float64)})
     return Message(content=content, reply_to=msg)

@@ -71,6 +71,7 @@ class Coordinator:
         # per node id, what the site last said it holds of the release (lost on restart: then it gets everything)
         self.held: dict[int, Held] = {}
         self._in_step = False  # whether the release was checked against the last checkpoint in this run
+        self._evolution: Any = None  # server.evolution.Evolution, built at the first private-evolution round
 
     def due(self, server_round: int) -> bool:
         """Whether a query round follows this federated round."""
@@ -151,6 +152,8 @@ class Coordinator:
         self.sync_with_checkpoint()
         fed = self.cfg.federation
         names = dict(site_names or {})
+        if fed.pe_iterations > 0:  # private evolution instead of the sites' scored samples (server/evolution.py)
+            return self._evolution_round(grid, bundle, server_round, names)
         existing = self.store.records()
         bank = features(bundle, np.stack([self.store.load_image(r) for r in existing])) if existing else None
         nodes = sorted(grid.get_node_ids(), key=lambda n: (n not in names, names.get(n, ""), n))
@@ -211,6 +214,32 @@ class Coordinator:
             summary["downstream_refine_loss"] = self.refine_downstream(bundle, server_round)
         log(INFO, "Query round %s: %s candidates from %s sites, %s released (release size %s)", server_round,
             len(pooled), len(answers), len(added.added), len(self.store))
+        return summary
+
+    def _evolution_round(self, grid: Grid, bundle: ModelBundle, server_round: int,
+                         names: Mapping[int, str]) -> dict[str, Any]:
+        """A query round by private evolution: the sites' noisy votes select the release."""
+        from server.evolution import Evolution
+
+        if self._evolution is None:
+            self._evolution = Evolution(self.cfg, timeout_s=self.timeout_s)
+        items, chosen, extra = self._evolution.evolve(grid, bundle, server_round, names)
+        summary: dict[str, Any] = {"round": server_round, "candidates": self.cfg.federation.pe_population, **extra}
+        if not items:
+            summary.update(selected=0, **self._release_state())
+            return summary
+        added = self.store.add(items)
+        self._write_sidecar()
+        if self.on_release is not None:
+            self.on_release(server_round)
+        summary.update({"selected": len(added.added), "duplicates": len(added.duplicates), **self._release_state()})
+        fed = self.cfg.federation
+        if fed.al_refine_steps > 0 and len(self.store) > 0:
+            summary["refine_loss"] = self.refine(bundle, server_round)
+        if fed.al_downstream_steps > 0 and len(self.store) > 0:
+            summary["downstream_refine_loss"] = self.refine_downstream(bundle, server_round)
+        log(INFO, "Private evolution round %s: %s released (release size %s)", server_round, len(added.added),
+            len(self.store))
         return summary
 
     def _read_answer(self, reply: Message, requests: Mapping[int, QueryRequest], names: Mapping[int, str],
@@ -294,7 +323,9 @@ class Coordinator:
                 "Each image is post-processing of the DP-SGD-trained generator of its source site; its (epsilon, delta) "
                 "is that generator's cumulative spend when it was sampled (per image in metadata.jsonl). Images with "
                 "memorization_checked=true passed a filter that read the site's private images: that filter is NOT "
-                "covered by the DP guarantee."
+                "covered by the DP guarantee. Images of model 'private-evolution' were selected by the sites' noisy "
+                "votes: their certificate lists, per site, the votes' epsilon (and the generator's, for generator "
+                "samples) and its basic-composition sum."
             ),
             "code_version": code_version(),
         })

@@ -65,3 +65,23 @@ def test_combine_writes_the_table_and_refuses_repeated_seeds_or_other_settings(t
         al_loop.combine([a, other], tmp_path / "out3")
     with pytest.raises(SystemExit, match="run the comparison first"):
         al_loop.combine([a, tmp_path / "missing"], tmp_path / "out4")
+
+
+def test_combine_pairs_the_releases_with_the_acquisition_release_of_their_seed(tmp_path: Path) -> None:
+    # Prepare: private evolution's release is 0.1 / 0.2 more accurate (synthetic-only) than acquisition's
+    def table(acq: float, pe: float) -> dict[str, list[dict[str, Any]]]:
+        return {"none": [_row(1, 0.5, 30.0)],
+                "acquisition": [{**_row(1, 0.5, 30.0), "fd": 2.0, "synthetic_only": acq}],
+                "private-evolution": [{**_row(1, 0.5, 30.0), "fd": 1.0, "synthetic_only": pe}]}
+    a = _write(tmp_path / "a", 0, table(0.4, 0.5))
+    b = _write(tmp_path / "b", 1, table(0.3, 0.5))
+    # Execute
+    al_loop.combine([a, b], tmp_path / "out")
+    # Assert
+    rows = json.loads((tmp_path / "out" / "al_loop_seeds_release.json").read_text())["rows"]
+    (pe,) = [r for r in rows if r["arm"] == "private-evolution"]
+    assert pe["synthetic_only_vs_acquisition"]["mean"] == pytest.approx(0.15)
+    assert pe["fd_vs_acquisition"] == {"n": 2, "mean": -1.0, "min": -1.0, "max": -1.0}
+    assert pe["real_plus_synthetic_smallest"] is None
+    md = (tmp_path / "out" / "al_loop_seeds_release.md").read_text()
+    assert "| private-evolution | 1 | 1.000 [1.000, 1.000] (n=2) | -1.000 [-1.000, -1.000] (n=2) |" in md

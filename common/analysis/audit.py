@@ -328,7 +328,7 @@ def dp_certificate(rounds: Sequence[Mapping[str, Any]], *, release_records: Sequ
     ledger enforces) and the joint RDP/PRV composition at the same delta.
     """
     rounds = sorted(rounds, key=lambda r: int(r.get("round", 0)))
-    by_round = {int(r.get("round", 0)): dict(r.get("ledger") or {}) for r in rounds}
+    by_round = {int(r.get("round", 0)): _with_votes(r) for r in rounds}
     latest = by_round[max(by_round)] if by_round else {}
     problems: list[str] = []
     sites: dict[str, Any] = {}
@@ -361,13 +361,19 @@ def dp_certificate(rounds: Sequence[Mapping[str, Any]], *, release_records: Sequ
             if any(b[1] < a[1] - 1e-9 for a, b in zip(pts, pts[1:])):
                 problems.append(f"{site}/{m}: cumulative epsilon decreases between rounds {pts} (accountant reset?)")
     release = _release_claims(release_records, by_round, problems, max_listed)
+    release["private_evolution"] = evolution_claims(release_records, by_round, problems, max_listed)
     covered = ["checkpoint weights (generator, classifier, regressor): post-processing of the DP-SGD models"] \
         if latest else []
-    if latest and release["n_images"]:
-        covered.append(f"{release['n_images'] - release['memorization_checked']} released images sampled from the DP "
-                       "generator without reading private data (post-processing)")
+    n_sampled = release["n_images"] - release["memorization_checked"] - release["private_evolution"]["n_images"]
+    if latest and n_sampled > 0:
+        covered.append(f"{n_sampled} released images sampled from the DP generator without reading private data "
+                       "(post-processing)")
     not_covered = ["per-round evaluation metrics in round.json/metrics.jsonl (accuracy, losses, num-examples on each "
                    "site's private test split) are released without noise"]
+    if release["private_evolution"]["n_images"]:
+        covered.append(f"{release['private_evolution']['n_images']} released images selected by private evolution: "
+                       "the sites' noisy vote histograms (Gaussian mechanism, accounted as q=1 steps of each site's "
+                       "'votes' ledger key), each image's certificate recomputed from the vote histories")
     if release["memorization_checked"]:
         not_covered.append(f"{release['memorization_checked']} released images passed a memorisation filter that read "
                            "private images: that selection is not covered by DP")
@@ -380,6 +386,63 @@ def dp_certificate(rounds: Sequence[Mapping[str, Any]], *, release_records: Sequ
         not_covered.insert(0, "no privacy ledger found: the checkpoint was trained without DP (epsilon = infinity)")
     return {"dp": bool(latest), "sites": sites, "history": history, "release": release, "covered": covered,
             "not_covered": not_covered, "problems": problems}
+
+
+def _with_votes(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A round's ledger (from the training replies) with the votes its private-evolution query spent after them.
+
+    The votes of round r follow its training, so the training replies report them only from round r+1 on; the
+    query's own record (``active_learning.private_evolution.votes_privacy``) has them at round r. The newer of the two
+    (more votes) counts.
+    """
+    ledger = {site: dict(models) for site, models in dict(record.get("ledger") or {}).items()}
+    pe = dict((record.get("active_learning") or {}).get("private_evolution") or {})
+    for site, votes in dict(pe.get("votes_privacy") or {}).items():
+        have = ledger.setdefault(site, {}).get("votes") or {}
+        if int(votes.get("steps") or 0) >= int(have.get("steps") or 0):
+            ledger[site]["votes"] = {k: v for k, v in votes.items() if k not in ("model", "noise_std")}
+    return ledger
+
+
+def evolution_claims(records: Sequence[Mapping[str, Any]], by_round: Mapping[int, Mapping[str, Any]],
+                     problems: list[str], max_listed: int = 50) -> dict[str, Any]:
+    """Check every private-evolution image's certificate: each site's votes epsilon recomputed from the history it
+    lists, the per-site sum with the generator's, the image's epsilon as their maximum, and no site claiming fewer
+    votes than that round's ledger spent."""
+    bad: list[str] = []
+    n = 0
+    for rec in records:
+        priv = dict(rec.get("privacy") or {})
+        if priv.get("model") != "private-evolution":
+            continue
+        n += 1
+        rid, rnd = str(rec.get("id")), int(rec.get("round", 0))
+        mech = dict(priv.get("mechanisms") or {})
+        votes, gen = dict(mech.get("votes") or {}), dict(mech.get("generator") or {})
+        per_site = dict(priv.get("per_site") or {})
+        ok = True
+        for site, entry in votes.items():
+            try:
+                hist = [(float(s_), float(q), int(k)) for s_, q, k in entry.get("history") or []]
+                eps = compose_epsilon(hist, delta=float(entry["delta"]), accountant=str(entry.get("accountant", "rdp")))
+            except (TypeError, ValueError, KeyError):
+                ok = False
+                continue
+            claimed = float((per_site.get(site) or {}).get("epsilon") or 0.0)
+            generator = float((gen.get(site) or {}).get("epsilon") or 0.0)
+            spent = float(((by_round.get(rnd) or {}).get(site) or {}).get("votes", {}).get("epsilon") or 0.0)
+            if float(entry.get("epsilon") or 0.0) < eps * (1 - 1e-3) or claimed < eps + generator - 1e-6 \
+                    or float(entry.get("epsilon") or 0.0) < spent - 1e-6:
+                ok = False
+        if per_site and float(priv.get("epsilon") or 0.0) < max(float(v.get("epsilon") or 0) for v in
+                                                                per_site.values()) - 1e-9:
+            ok = False
+        if not ok:
+            bad.append(rid)
+    if bad:
+        problems.append(f"{len(bad)} private-evolution images carry a certificate their vote histories or their "
+                        f"round's ledger do not support: {bad[:max_listed]}")
+    return {"n_images": n, "inconsistent": bad[:max_listed]}
 
 
 def _release_claims(records: Sequence[Mapping[str, Any]], by_round: Mapping[int, Mapping[str, Any]],

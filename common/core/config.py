@@ -33,6 +33,7 @@ AcquisitionName = Literal["uncertainty", "kcenter", "random"]
 # Strategies whose server step needs only the (weighted) sum of the updates: the ones secure aggregation allows.
 SECAGG_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
 ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "trimmedmean", "krum")
+PESource = Literal["phantom", "generator", "both"]
 
 
 def _check_range(name: str, value: float, lo: float | None = None, hi: float | None = None) -> None:
@@ -186,19 +187,32 @@ class PrivacyConfig:
     distributed_dp: bool = False
     distributed_epsilon: float = 10.0
     distributed_clip: float = 10.0
+    # The share of the private-evolution votes (the site's fourth mechanism: noisy nearest-candidate histograms,
+    # common/privacy/votes.py). 0 = the site casts no votes (and its ledger has no "votes" key); > 0 needs the other
+    # shares lowered so that all four still sum to at most 1.
+    budget_votes: float = 0.0
+    # Fixed noise multiplier of the votes (noise std / sensitivity); None derives it from the votes' budget and the
+    # votes planned for the whole run (federation.pe-iterations per query round).
+    vote_noise_multiplier: float | None = None
 
     def budget_split(self) -> dict[str, float]:
-        """Fraction of the site budget per model key (what the site's ledger enforces)."""
-        return {"generator": self.budget_generator, "classifier": self.budget_classifier,
-                "regressor": self.budget_regressor}
+        """Fraction of the site budget per model key (what the site's ledger enforces); "votes" only when > 0."""
+        split = {"generator": self.budget_generator, "classifier": self.budget_classifier,
+                 "regressor": self.budget_regressor}
+        if self.budget_votes > 0:
+            split["votes"] = self.budget_votes
+        return split
 
     def validate(self) -> None:
+        _check_range("privacy.budget_votes", self.budget_votes, 0.0, 1.0)
         for model, fraction in self.budget_split().items():
             _check_range(f"privacy.budget_{model}", fraction, 1e-6, 1.0)
         if sum(self.budget_split().values()) > 1.0 + 1e-9:
-            raise ConfigError(f"privacy.budget_generator + budget_classifier + budget_regressor = "
+            raise ConfigError(f"privacy.budget_generator + budget_classifier + budget_regressor + budget_votes = "
                               f"{sum(self.budget_split().values()):.6g} > 1: the models' shares of the site budget "
                               "must sum to at most 1")
+        if self.vote_noise_multiplier is not None:
+            _check_range("privacy.vote_noise_multiplier", self.vote_noise_multiplier, 0.05, 1e4)
         if self.target_epsilon is not None:
             _check_range("privacy.target_epsilon", self.target_epsilon, 0.01, 1000.0)
         _check_range("privacy.target_delta", self.target_delta, 1e-12, 0.1)
@@ -319,6 +333,19 @@ class FederationConfig:
     secagg_shares: float = 1.0
     secagg_threshold: float = 0.67
     secagg_max_weight: float = 1000.0
+    # Private evolution (common/active_learning/evolution.py): > 0 replaces the acquisition selection of a query
+    # round by this many vote -> keep winners -> variations iterations; each is one noisy vote per site
+    # (privacy.budget-votes). pe_population candidates per iteration, pe_keep winners kept per plane x GA bin;
+    # pe_source: who proposes candidates (phantom simulator parameters, the shared DP generator, or both).
+    pe_iterations: int = 0
+    pe_population: int = 24
+    pe_keep: int = 2
+    pe_source: PESource = "phantom"
+    pe_class_aware: bool = True  # a private image votes only among the candidates of its own plane
+    pe_votes_per_image: int = 1  # top-k votes (sensitivity sqrt(k))
+    pe_strength_start: float = 0.7  # SDEdit strength of the generator's variations, first iteration ...
+    pe_strength_end: float = 0.3  # ... and last (linear in between)
+    pe_threshold: float = 0.0  # noisy counts below threshold x the summed noise std count as 0 (PE's H)
 
     def validate(self) -> None:
         _check_range("federation.num_rounds", self.num_rounds, 1, 10_000)
@@ -367,6 +394,20 @@ class FederationConfig:
             raise ConfigError(f"federation.secure_aggregation=true with federation.al_every={self.al_every}: the "
                               "query rounds' release deltas are not carried by SecAgg+'s fit instructions yet; set "
                               "federation.al-every=0")
+        _check_range("federation.pe_iterations", self.pe_iterations, 0, 1000)
+        _check_range("federation.pe_population", self.pe_population, 2, 100_000)
+        _check_range("federation.pe_keep", self.pe_keep, 1, 10_000)
+        _check_literal(self, "federation", "pe_source")
+        _check_range("federation.pe_votes_per_image", self.pe_votes_per_image, 1, 64)
+        _check_range("federation.pe_strength_start", self.pe_strength_start, 0.0, 1.0)
+        _check_range("federation.pe_strength_end", self.pe_strength_end, 0.0, 1.0)
+        _check_range("federation.pe_threshold", self.pe_threshold, 0.0, 100.0)
+
+    def planned_votes(self) -> int:
+        """Vote queries a site answers over the whole run: pe_iterations per query round (the votes' plan)."""
+        if self.pe_iterations == 0 or self.al_every == 0:
+            return 0
+        return (self.num_rounds // self.al_every) * self.pe_iterations
 
 
 _SECTIONS = ("data", "generator", "sampling", "privacy", "train", "federation")
@@ -402,6 +443,11 @@ class RunConfig:
         if self.privacy.distributed_dp and not fed.secure_aggregation:
             raise ConfigError("privacy.distributed_dp=true needs federation.secure_aggregation=true: each site adds "
                               "only its share of the noise, which protects it only inside a secure sum")
+        if self.federation.pe_iterations > 0 and self.privacy.target_epsilon is not None \
+                and self.privacy.budget_votes == 0:
+            raise ConfigError("federation.pe_iterations > 0 asks the sites for private votes, but privacy.budget_votes "
+                              "is 0: give the votes a share of the site budget (e.g. privacy.budget-votes=0.2 with "
+                              "privacy.budget-generator=0.4)")
         mu, t = self.federation.proximal_mu, self.train
         if t.downstream_backbone == "public_cnn" and self.data.source == "fetal_planes_db":
             raise ConfigError("train.downstream_backbone='public_cnn' was trained on FETAL_PLANES_DB images "

@@ -8,7 +8,10 @@ Arms (identical seeds, data, privacy and rounds; only the coordinator differs):
 - ``none``: no queries, no synthetic data;
 - ``random``: queries every round, random selection (no quality threshold, no balancing): the baseline;
 - ``acquisition``: queries every round with the configured acquisition (quality threshold, plane x GA balancing,
-  k-center greedy inside bins by default).
+  k-center greedy inside bins by default);
+- ``private-evolution``: every round, ``federation.pe-iterations`` votes of the sites' private images on a population
+  of phantom-simulator (and/or DP-generator) candidates select the release; the votes take 0.2 of the site budget
+  from the generator's share, so every arm spends the same total epsilon per site.
 The arms simulate the same hospitals: every arm's sites get the site secrets of the first arm (they key the DP
 noise), so the arms draw the same private noise and differ only by the coordinator.
 Arms already finished in ``--out`` with the same config are reused, so an interrupted comparison resumes.
@@ -30,14 +33,29 @@ from common.core.run_layout import RunLayout
 from common.federated.round_metrics import round_summary
 from common.privacy.site_state import copy_site_secrets
 from simulations.config_args import add_data_arguments, build_config, count_sites
+from simulations.experiments.release_quality import release_quality
 from simulations.launcher import finished_as, run_simulation
+
+QUALITY_KEYS = ("fd", "kid", "synthetic_only", "real_only_smallest", "real_plus_synthetic_smallest")
 
 ARMS: dict[str, dict[str, object]] = {
     "none": {"federation.al-every": 0},
     "random": {"federation.al-every": 1, "federation.al-acquisition": "random", "federation.al-balance": False,
                "federation.al-quality-threshold": 0.0},
     "acquisition": {"federation.al-every": 1},
+    # the sites' noisy votes select the release (server/evolution.py); the same site total epsilon, of which the
+    # votes take a share from the generator's (0.6 -> 0.4 + 0.2 votes): matched total epsilon per site
+    "private-evolution": {"federation.al-every": 1, "federation.pe-iterations": 3, "privacy.budget-generator": 0.4,
+                          "privacy.budget-votes": 0.2},
+    # variant (not in the default --arms): half the population from the shared DP generator, varied with SDEdit
+    "private-evolution-generator": {"federation.al-every": 1, "federation.pe-iterations": 3,
+                                    "privacy.budget-generator": 0.4, "privacy.budget-votes": 0.2,
+                                    "federation.pe-source": "both"},
 }
+# control (not in the default --arms): the same evolution with votes drowned in noise (sigma 1e4, so the selection
+# is random among the same phantom proposals): what the votes add beyond the simulator itself
+ARMS["private-evolution-novote"] = {**ARMS["private-evolution"], "privacy.vote-noise-multiplier": 1e4}
+DEFAULT_ARMS = ("none", "random", "acquisition", "private-evolution")
 
 
 def summarise(run_dir: Path) -> list[dict[str, Any]]:
@@ -46,22 +64,25 @@ def summarise(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def to_markdown(table: dict[str, list[dict[str, Any]]]) -> str:
-    """One row per (arm, round)."""
-    lines = ["| arm | round | plane acc | macro-F1 | GA MAE (days) | release |", "|---|---|---|---|---|---|"]
+    """One row per (arm, round): the federation's held-out metrics, then the release's (release_quality.py)."""
+    lines = ["| arm | round | plane acc | macro-F1 | GA MAE (days) | release | FD | KID | synth-only acc | "
+             "smallest: real | smallest: real+synth |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for arm, rows in table.items():
         for r in rows:
             lines.append(f"| {arm} | {r['round']} | {fmt(r['plane_accuracy'])} | {fmt(r['plane_macro_f1'])} | "
-                         f"{fmt(r['ga_mae_days'])} | {r['release_size']} |")
+                         f"{fmt(r['ga_mae_days'])} | {r['release_size']} | {fmt(r.get('fd'))} | {fmt(r.get('kid'))} | "
+                         f"{fmt(r.get('synthetic_only'))} | {fmt(r.get('real_only_smallest'))} | "
+                         f"{fmt(r.get('real_plus_synthetic_smallest'))} |")
     return "\n".join(lines)
 
 
-def across_seeds(tables: list[dict[str, list[dict[str, Any]]]], baseline: str = "none") -> list[dict[str, Any]]:
+def across_seeds(tables: list[dict[str, list[dict[str, Any]]]], baseline: str = "none",
+                 keys: tuple[str, ...] = ("plane_accuracy", "ga_mae_days")) -> list[dict[str, Any]]:
     """Per (arm, round): the metric over seeds and the paired difference to ``baseline`` (same seed, same round).
 
     Only seeds whose comparison holds the arm and the baseline count; ``n`` says how many did.
     """
-    keys = ("plane_accuracy", "ga_mae_days")
     arms = [a for a in dict.fromkeys(a for t in tables for a in t) if a != baseline]
     out: list[dict[str, Any]] = []
     for arm in arms:
@@ -71,7 +92,7 @@ def across_seeds(tables: list[dict[str, list[dict[str, Any]]]], baseline: str = 
         for rnd in sorted({rnd for seed in paired for rnd in seed}):
             row: dict[str, Any] = {"arm": arm, "round": rnd}
             for key in keys:
-                pairs = [(a[key], b[key]) for a, b in (seed[rnd] for seed in paired if rnd in seed)
+                pairs = [(a.get(key), b.get(key)) for a, b in (seed[rnd] for seed in paired if rnd in seed)
                          if a.get(key) is not None and b.get(key) is not None]
                 row[key] = _spread([a for a, _ in pairs])
                 row[f"{key}_vs_{baseline}"] = _spread([a - b for a, b in pairs])
@@ -126,7 +147,28 @@ def combine(dirs: list[Path], out: Path) -> list[dict[str, Any]]:
     (out / "al_loop_seeds.json").write_text(json.dumps({"sources": [str(d) for d in dirs], "seeds": seeds,
                                                         "rows": rows}, indent=2))
     (out / "al_loop_seeds.md").write_text(seeds_markdown(rows) + "\n")
+    if all("acquisition" in t for t in tables):  # the releases against the acquisition release, paired per seed
+        release_rows = across_seeds(tables, baseline="acquisition", keys=RELEASE_KEYS)
+        (out / "al_loop_seeds_release.json").write_text(json.dumps({"seeds": seeds, "rows": release_rows}, indent=2))
+        (out / "al_loop_seeds_release.md").write_text(release_markdown(release_rows) + "\n")
     return rows
+
+
+RELEASE_KEYS = ("fd", "synthetic_only", "real_plus_synthetic_smallest")
+
+
+def release_markdown(rows: list[dict[str, Any]], baseline: str = "acquisition") -> str:
+    """Per (arm, round): each release metric, mean [min, max] over seeds, and its paired difference to ``baseline``."""
+    def f(s: dict[str, Any] | None, sign: str = "") -> str:
+        return "-" if s is None else "{0} [{1}, {2}] (n={3})".format(
+            *(f"{{:{sign}.3f}}".format(round(s[k], 3) + 0.0) for k in ("mean", "min", "max")), s["n"])
+
+    head = " | ".join(f"{k} | vs {baseline}" for k in RELEASE_KEYS)
+    lines = [f"| arm | round | {head} |", "|---|---|" + "---|---|" * len(RELEASE_KEYS)]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['round']} | "
+                     + " | ".join(f"{f(r[k])} | {f(r[f'{k}_vs_{baseline}'], '+')}" for k in RELEASE_KEYS) + " |")
+    return "\n".join(lines)
 
 
 def plot_arms(table: dict[str, list[dict[str, Any]]], path: Path) -> Path:
@@ -162,10 +204,12 @@ def main() -> None:
     p.add_argument("--prior", default="shipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/al-loop")
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--combine", nargs="+", type=Path, metavar="DIR",
                    help="no runs: tabulate finished comparisons (one per --seed) against each other into --out")
+    p.add_argument("--no-release-quality", action="store_true",
+                   help="skip the per-round release metrics (simulations/experiments/release_quality.py)")
     add_data_arguments(p)
     args = p.parse_args()
     out = Path(args.out).resolve()
@@ -186,6 +230,10 @@ def main() -> None:
             if result.returncode != 0:
                 raise SystemExit(f"arm {arm!r} failed; see {result.log_file}")
         table[arm] = summarise(out / arm)
+        if not args.no_release_quality:  # FD/KID to real test, synthetic-only and real+synthetic probes, per round
+            quality = {q["round"]: q for q in release_quality(out / arm)}
+            for row in table[arm]:
+                row.update({k: v for k, v in quality.get(row["round"], {}).items() if k in QUALITY_KEYS})
         print(f"[al-loop] {arm}: {table[arm]}", flush=True)
     (out / "al_loop.json").write_text(json.dumps({"arms": ARMS, "table": table, "argv": vars(args)}, indent=2))
     (out / "al_loop.md").write_text(to_markdown(table) + "\n")

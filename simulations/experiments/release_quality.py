@@ -1,0 +1,98 @@
+"""How good is a run's release as data? Per round: FD/KID to the real test images, synthetic-only accuracy, and
+what the release adds to the smallest site's real images.
+
+All in one frozen public feature space (the run's vote embedder, :func:`common.active_learning.vote_query.vote_embedder`:
+the frozen downstream backbone, phantom_cnn or public_cnn). Private evolution's votes select in that same space, so
+FD/KID there favour it; the accuracies are the fairer read. The probes are non-private logistic regressions
+(:func:`common.models.features.fit_softmax`) on those features: a measurement of the release's value as training data,
+not a DP claim (the federation's own DP models are al_loop's ``plane acc``). The real test images are the sites'
+held-out splits; nothing in the run saw them.
+
+    python -m simulations.experiments.release_quality RUN_DIR [RUN_DIR ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.active_learning.release import load_release_records
+from common.active_learning.vote_query import vote_embedder
+from common.analysis.image_metrics import kernel_inception_distance
+from common.analysis.metrics import frechet_distance
+from common.core.config import RunConfig
+from common.data.sites import load_site
+from common.models.features import fit_softmax
+from simulations.config_args import count_sites
+
+L2 = 1e-3  # the probes' weight decay (fixed, not tuned on the test images)
+
+
+def _probe(train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray, test_y: np.ndarray, planes: list[int]
+           ) -> float | None:
+    """Accuracy on (test_z, test_y) of a softmax fitted on (train_z, train_y), over the in-scope planes."""
+    if len(train_y) == 0 or len(set(train_y.tolist())) < 2:
+        return None
+    index = {p: i for i, p in enumerate(planes)}
+    keep = np.isin(train_y, planes)
+    head = fit_softmax(torch.from_numpy(train_z[keep]), torch.tensor([index[int(p)] for p in train_y[keep]]),
+                       num_classes=len(planes), l2=L2)
+    with torch.no_grad():
+        pred = head(torch.from_numpy(test_z)).argmax(1).numpy()
+    return float(np.mean(np.array(planes)[pred] == test_y))
+
+
+def release_quality(run_dir: Path) -> list[dict[str, Any]]:
+    """Per query round of the run in ``run_dir``: the release up to that round against the real test images."""
+    doc = json.loads((run_dir / "config.json").read_text())
+    cfg = RunConfig.from_dict(doc.get("config", doc))
+    torch.set_num_threads(1)
+    embed = vote_embedder(cfg)
+    sites = [load_site(cfg.data, seed=cfg.seed, site_index=i) for i in range(count_sites(cfg))]
+    test = [r for s in sites for r in s.test]
+    test_z, test_y = embed(np.stack([r.image for r in test])), np.array([r.plane for r in test])
+    smallest = min(sites, key=lambda s: len(s.train))
+    real_z = embed(np.stack([r.image for r in smallest.train]))
+    real_y = np.array([r.plane for r in smallest.train])
+    planes = list(cfg.data.plane_scope())
+    real_only = _probe(real_z, real_y, test_z, test_y, planes)
+    records = load_release_records(run_dir / "release") if (run_dir / "release" / "metadata.jsonl").is_file() else []
+    out = []
+    done = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    for rnd in done:
+        upto = records[: len(_rounds(run_dir, rnd))]  # rounds append in order: the first records are the earliest
+        row: dict[str, Any] = {"round": rnd, "release_size": len(upto), "real_only_smallest": real_only,
+                               "smallest_site": smallest.name, "smallest_n": len(smallest.train)}
+        if len(upto) >= 2:
+            z, y = embed(np.stack([r.image for r in upto])), np.array([r.plane for r in upto])
+            kid = kernel_inception_distance(test_z, z, num_subsets=20, subset_size=min(len(z), len(test_z)))
+            row.update(fd=frechet_distance(test_z, z), kid=kid.kid, synthetic_only=_probe(z, y, test_z, test_y, planes),
+                       real_plus_synthetic_smallest=_probe(np.concatenate([real_z, z]), np.concatenate([real_y, y]),
+                                                           test_z, test_y, planes))
+        out.append(row)
+    return out
+
+
+def _rounds(run_dir: Path, upto: int) -> list[int]:
+    """The release's record rounds that are <= ``upto`` (metadata.jsonl order is the release order)."""
+    rounds = [json.loads(line)["round"] for line in (run_dir / "release" / "metadata.jsonl").read_text().splitlines()
+              if line.strip()] if (run_dir / "release" / "metadata.jsonl").is_file() else []
+    return [r for r in rounds if r <= upto]
+
+
+def main() -> None:
+    """Print each run's per-round release quality as JSON lines."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    for run in p.parse_args().runs:
+        for row in release_quality(run):
+            print(json.dumps({"run": str(run), **row}))
+
+
+if __name__ == "__main__":
+    main()
