@@ -10,7 +10,6 @@ the site named and the vote goes on with the other sites; a vote nobody answered
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from logging import WARNING
@@ -24,6 +23,7 @@ from flwr.supercore import log
 
 from common.active_learning.evolution import Candidate, Population, certificate, next_generation, select_release
 from common.active_learning.evolution import strength_at as _strength
+from common.active_learning.query import reply_json_object
 from common.active_learning.release import ReleaseItem
 from common.active_learning.scoring import generate
 from common.active_learning.vote_query import SiteVotes, validate_vote_reply, vote_embedder
@@ -155,12 +155,7 @@ class Evolution:
         seen.add(name)
         arrays = record_to_arrays(content["votes"]) if "votes" in content else None
         votes = validate_vote_reply(arrays, site, who=name, ids=ids)
-        try:
-            generator = json.loads(str(site.get("generator-privacy", "{}")))
-        except json.JSONDecodeError as exc:
-            raise ReplyValidationError(f"{name}: 'generator-privacy' is not valid JSON: {exc}") from exc
-        if not isinstance(generator, dict):
-            raise ReplyValidationError(f"{name}: 'generator-privacy' must be a JSON object")
+        generator = reply_json_object(site, "generator-privacy", who=name)
         return _Read(votes, votes.privacy, generator)
 
 

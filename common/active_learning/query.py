@@ -152,6 +152,18 @@ class QuerySite:
     memorization_checked: bool
 
 
+def reply_json_object(site: Mapping[str, object], key: str, *, who: str) -> dict[str, Any]:
+    """The JSON object a reply's ``site`` record holds under ``key`` (``{}`` when absent); a string that is not JSON,
+    or JSON that is not an object, is a :class:`ReplyValidationError` naming ``who``."""
+    try:
+        value = json.loads(str(site.get(key, "{}")))
+    except json.JSONDecodeError as exc:
+        raise ReplyValidationError(f"{who}: {key!r} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ReplyValidationError(f"{who}: {key!r} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
 def validate_query_site(site: Mapping[str, object], *, who: str, candidates: Candidates) -> QuerySite:
     """Check a query reply's ``site`` record: its privacy JSON, scanner and memorization flag (see the schema).
 
@@ -161,12 +173,7 @@ def validate_query_site(site: Mapping[str, object], *, who: str, candidates: Can
         Naming ``who``: the privacy is not a JSON object with an epsilon >= 0 (and a delta in [0, 1)), or the
         memorization flag disagrees with whether ``candidates`` carry the ratio.
     """
-    try:
-        privacy = json.loads(str(site.get("privacy", "{}")))
-    except json.JSONDecodeError as exc:
-        raise ReplyValidationError(f"{who}: 'privacy' is not valid JSON: {exc}") from exc
-    if not isinstance(privacy, dict):
-        raise ReplyValidationError(f"{who}: 'privacy' must be a JSON object, got {type(privacy).__name__}")
+    privacy = reply_json_object(site, "privacy", who=who)
     eps, delta = privacy.get("epsilon"), privacy.get("delta", 0.0)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ReplyValidationError(f"{who}: privacy epsilon must be a number >= 0 (inf without DP), got {eps!r}")

@@ -14,7 +14,6 @@ vote reads, and only its noisy histogram leaves the site.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from common.active_learning.query import reply_json_object
 from common.core.config import RunConfig
 from common.core.errors import ReplyValidationError
 from common.core.records import UltrasoundRecord
@@ -135,12 +135,7 @@ def validate_vote_reply(arrays: Mapping[str, np.ndarray] | None, site: Mapping[s
         Naming ``who`` and the first problem found; nothing of a rejected reply is used.
     """
     status = site.get("status")
-    try:
-        privacy = json.loads(str(site.get("privacy", "{}")))
-    except json.JSONDecodeError as exc:
-        raise ReplyValidationError(f"{who}: vote 'privacy' is not valid JSON: {exc}") from exc
-    if not isinstance(privacy, dict):
-        raise ReplyValidationError(f"{who}: vote 'privacy' must be a JSON object")
+    privacy = reply_json_object(site, "privacy", who=who)
     eps = privacy.get("epsilon")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ReplyValidationError(f"{who}: vote privacy epsilon must be a number >= 0, got {eps!r}")
