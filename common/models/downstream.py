@@ -380,10 +380,10 @@ def fit_public_ga_head(regressor: GARegressor, *, n_per_profile: int = 150, seed
         raise ValueError("fit_public_ga_head needs a linear-head regressor with output='log_hc' on a frozen backbone")
     size = regressor.image_size
     feats, targets, profile_of = [], [], []
-    brain = [1.0 if name in planes else 0.0 for name in PLANES]
+    probs = [1.0 if name in planes else 0.0 for name in PLANES]
     for k, profile in enumerate(SCANNER_PROFILES):
         recs = make_phantoms(n_per_profile, size=size, seed=seed * 1000 + 500 + k, profile=profile,
-                             plane_probs=brain, site="public", id_prefix=f"public-ga-{profile}")
+                             plane_probs=probs, site="public", id_prefix=f"public-ga-{profile}")
         x = torch.from_numpy(np.stack([r.image for r in recs])).float()[:, None] / 127.5 - 1.0
         sp = torch.tensor([r.pixel_spacing_mm for r in recs], dtype=torch.float32)
         z = torch.log(torch.as_tensor(hc_mm(np.array([r.ga_weeks for r in recs])), dtype=torch.float64))

@@ -88,8 +88,8 @@ def study_seed(preset: str, seed: int, extractors: Sequence[str], epsilons: Sequ
                                       local_steps=50, clip=1.0, seed=ex._seed("phantom", name, seed, eps),
                                       init=clf.head if warm_clf else None, num_classes=len(PLANES))
             arms[f"clf_dp_eps{eps:g}"] = {"accuracy": _accuracy(head, f_te, y_te)}
-        # the regressor: its own backbone instance computes the same frozen features
-        g_tr, g_te = _features(reg.backbone, x_tr), _features(reg.backbone, x_te)
+        # the regressor's backbone is the same frozen extractor (same kind and size): the same features
+        g_tr, g_te = f_tr, f_te
         reg.init_state = {k: v.clone() for k, v in reg.state_dict().items()}
         if reg.public_warm_start:
             arms["reg_public_head"] = gh.head_metrics(gh.FeatureHead(reg), g_te, ga_te, sp_te)
