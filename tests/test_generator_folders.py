@@ -104,3 +104,16 @@ def test_legacy_prior_demo_loads_and_resaves_with_the_same_samples(tmp_path: Pat
     # Assert
     assert (folder / SCHEDULER_DIR / SCHEDULER_JSON).is_file() and (folder / ENCODER_DIR / "config.json").is_file()
     assert torch.equal(_draw(resaved, "dpmsolver"), expected)
+
+
+def test_a_prior_of_another_image_size_is_refused_with_the_fix() -> None:
+    from common.core.config import RunConfig
+    from common.core.errors import ConfigError
+    from common.models.assets import ASSETS
+    from common.models.bundle import build_bundle
+
+    prior = ASSETS / "prior-demo64"
+    with pytest.raises(ConfigError, match="pretrained at 64 px but data.image-size=32; set data.image-size=64"):
+        build_bundle(RunConfig.from_flat({"preset": "demo", "prior": str(prior)}))
+    bundle = build_bundle(RunConfig.from_flat({"preset": "demo", "prior": str(prior), "data.image-size": 64}))
+    assert not bundle.prior_id.startswith("init:")  # loaded from the prior folder, not a fresh init

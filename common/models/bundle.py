@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from common.core.atomic_io import atomic_dir
 from common.core.config import RunConfig
+from common.core.errors import ConfigError
 from common.models.assets import asset_folder
 from common.models.downstream import DownstreamSpec, GARegressor, PlaneClassifier, federated_state, load_federated_state
 from common.models.generator import ConditionalUNet, build_generator, load_generator, save_generator
@@ -54,6 +55,12 @@ def resolve_prior(cfg: RunConfig) -> Path | None:
             else "pass a folder written by `difusal pretrain` or a run checkpoint"
         )
         raise FileNotFoundError(f"prior folder {folder} has no generator/ subfolder; {hint}")
+    sidecar = folder / "sidecar.json"
+    trained = json.loads(sidecar.read_text()).get("data", {}) if sidecar.is_file() else {}
+    size = trained.get("image_size") if isinstance(trained, dict) else None
+    if size is not None and int(size) != cfg.data.image_size:
+        raise ConfigError(f"prior {folder} was pretrained at {size} px but data.image-size={cfg.data.image_size}; "
+                          f"set data.image-size={size} or pick a prior of that size")
     return folder
 
 
