@@ -55,12 +55,6 @@ def resolve_prior(cfg: RunConfig) -> Path | None:
             else "pass a folder written by `difusal pretrain` or a run checkpoint"
         )
         raise FileNotFoundError(f"prior folder {folder} has no generator/ subfolder; {hint}")
-    sidecar = folder / "sidecar.json"
-    trained = json.loads(sidecar.read_text()).get("data", {}) if sidecar.is_file() else {}
-    size = trained.get("image_size") if isinstance(trained, dict) else None
-    if size is not None and int(size) != cfg.data.image_size:
-        raise ConfigError(f"prior {folder} was pretrained at {size} px but data.image-size={cfg.data.image_size}; "
-                          f"set data.image-size={size} or pick a prior of that size")
     return folder
 
 
@@ -86,6 +80,9 @@ def build_bundle(cfg: RunConfig, *, finetune: bool = True) -> ModelBundle:
         prior_id = f"init:{cfg.seed}"
     else:
         generator, _ = load_generator(prior / "generator")
+        if generator.image_size != size:
+            raise ConfigError(f"prior {prior} was pretrained at {generator.image_size} px but data.image-size={size}; "
+                              f"set data.image-size={generator.image_size} or pick a prior of that size")
         generator = generator.float()
         if not spec.frozen:  # the prior's end-to-end CNNs; heads on frozen features start at zero (data-free)
             classifier.load_state_dict(_load_tensors(prior / "classifier.safetensors"))

@@ -176,11 +176,13 @@ def run(data: Path, seeds: int) -> dict[str, Any]:
         tr = np.setdiff1d(np.arange(len(labels)), test)
         xtr, ytr, s_tr, xte, yte = feats[tr], labels[tr], sites[tr], feats[test], labels[test]
         sub, _ = ex._sub_groups(groups, tr)
+        nonprivate = ex.accuracy(ex.fit_logreg(xtr, ytr, 1e-4), xte, yte)  # no noise: the same for every seed
+        public_alone = ex.accuracy(warm, xte, yte)
         for seed in range(seeds):
-            put("nonprivate", seed, f, ex.accuracy(ex.fit_logreg(xtr, ytr, 1e-4), xte, yte))
-            put("public_head_alone", seed, f, ex.accuracy(warm, xte, yte))
+            put("nonprivate", seed, f, nonprivate)
+            put("public_head_alone", seed, f, public_alone)
             for eps in EPSILONS:
-                head, info = ex.federated_dp(xtr, ytr, s_tr, epsilon=eps, lr=0.1, rounds=6, local_steps=50, clip=1.0,
+                head, _ = ex.federated_dp(xtr, ytr, s_tr, epsilon=eps, lr=0.1, rounds=6, local_steps=50, clip=1.0,
                                              seed=ex._seed("g", f, seed), init=warm)
                 put(f"per_site_dpsgd_eps{eps:g}", seed, f, ex.accuracy(head, xte, yte))
                 for mode, arm in (("distributed", "distributed_example"), ("per_site", "per_site_fedsgd")):
