@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from common.core.config import DATA_PRESETS, RunConfig, data_preset, parse_overrides
+from common.core.config import DATA_PRESETS, RunConfig, data_preset, get_preset, parse_overrides
 from common.core.errors import ConfigError
 
 
@@ -24,6 +24,8 @@ def build_config(preset: str, sets: Sequence[str], *, run_dir: str = "", data: s
                           f"never read it): add --data {real} (e.g. --data african), or drop --data-root")
     if data:
         flat.update(data_preset(data, str(Path(data_root).resolve()) if data_root else ""))
+        if "data.image-size" in flat:  # a real-data preset's minimum size; a larger size preset keeps its own
+            flat["data.image-size"] = str(max(int(flat["data.image-size"]), get_preset(preset).data.image_size))
     for item in sets:
         flat.update(parse_overrides(item))
     flat.update({k.replace("_", "-"): v for k, v in top.items() if v is not None})

@@ -130,8 +130,13 @@ def test_data_presets_set_source_and_site_split_and_later_overrides_win(tmp_path
     phantom = build_config("demo", [], data="phantom")
     # Assert: countries / machines are the natural sites, HC18 is split by patient, --set still overrides
     assert (african.data.source, african.data.partition, african.data.root) == ("african", "natural", str(tmp_path))
-    # size preset kept; the African preset stands on the encoder that has seen public real scans
-    assert african.data.image_size == 32 and african.train.downstream_backbone == "public_cnn"
+    # real scans run at 64 px at least (the demo's 32 px is raised, paper's 128 kept, --set still wins); the African
+    # preset stands on the encoder that has seen public real scans
+    assert african.data.image_size == 64 and hc18.data.image_size == 64 and fpdb.data.image_size == 64
+    assert build_config("paper", [], data="african", data_root=str(tmp_path)).data.image_size == 128
+    assert build_config("demo", ["data.image-size=32"], data="african", data_root=str(tmp_path)).data.image_size == 32
+    assert phantom.data.image_size == 32
+    assert african.train.downstream_backbone == "public_cnn"
     assert replace(african.train, downstream_backbone="phantom_cnn") == build_config("demo", []).train
     assert (hc18.data.source, hc18.data.partition, hc18.data.num_sites) == ("hc18", "iid", 3)
     assert (fpdb.data.source, fpdb.data.partition) == ("fetal_planes_db", "dirichlet")

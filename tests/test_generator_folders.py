@@ -117,3 +117,24 @@ def test_a_prior_of_another_image_size_is_refused_with_the_fix() -> None:
         build_bundle(RunConfig.from_flat({"preset": "demo", "prior": str(prior)}))
     bundle = build_bundle(RunConfig.from_flat({"preset": "demo", "prior": str(prior), "data.image-size": 64}))
     assert not bundle.prior_id.startswith("init:")  # loaded from the prior folder, not a fresh init
+
+
+def test_the_shipped_prior_is_the_one_pretrained_at_the_runs_image_size(tmp_path, monkeypatch) -> None:
+    from common.core.config import RunConfig
+    from common.core.errors import ConfigError
+    from common.models.assets import ASSETS, ASSETS_ENV
+    from common.models.bundle import build_bundle, resolve_prior, shipped_prior_folder
+
+    # the project's assets: 32 px demo prior and its 64 px twin, chosen by data.image-size
+    assert resolve_prior(RunConfig.from_flat({"preset": "demo", "prior": "shipped"})) == ASSETS / "prior-demo"
+    cfg64 = RunConfig.from_flat({"preset": "demo", "prior": "shipped", "data.image-size": 64})
+    assert resolve_prior(cfg64) == ASSETS / "prior-demo64"
+    assert build_bundle(cfg64).generator.image_size == 64
+    # Prepare: an assets folder with the 32 px prior only
+    for name in ("prior-demo", "phantom-encoder"):
+        (tmp_path / name).symlink_to(ASSETS / name, target_is_directory=True)
+    monkeypatch.setenv(ASSETS_ENV, str(tmp_path))
+    # Execute / Assert: no prior of that size: the preset's own folder, whose size the bundle refuses with the fix
+    assert shipped_prior_folder("demo", 64) == tmp_path / "prior-demo"
+    with pytest.raises(ConfigError, match="pretrained at 32 px but data.image-size=64"):
+        build_bundle(RunConfig.from_flat({"preset": "demo", "prior": "shipped", "data.image-size": 64}))

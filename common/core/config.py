@@ -710,7 +710,10 @@ def _paper() -> RunConfig:
 PRESETS = {"smoke": _smoke, "demo": _demo, "paper": _paper}
 
 # Data presets: how each source is split into sites, applied on top of a size preset (``--data african``).
-# Real sources need ``data.root`` (the dataset folder in its published layout).
+# Real sources need ``data.root`` (the dataset folder in its published layout). Real scans run at REAL_IMAGE_SIZE px
+# at least (a size preset above it, e.g. paper's 128, keeps its own): at 32 px a head's outline or a femur is a few
+# pixels, and `--prior shipped` then loads the preset's 64 px prior (common/assets/prior-demo64).
+REAL_IMAGE_SIZE = 64
 DATA_PRESETS: dict[str, dict[str, str]] = {
     "phantom": {"data.source": "phantom"},  # the size preset's phantom sites (scanner profiles + its label skew)
     # one site per country (`Center`); the public African set has the four fetal planes only
@@ -737,6 +740,8 @@ def data_preset(name: str, root: str = "") -> dict[str, str]:
     if name not in DATA_PRESETS:
         raise ConfigError(f"data preset {name!r} is unknown; choose one of {sorted(DATA_PRESETS)}")
     out = dict(DATA_PRESETS[name])
+    if name != "phantom":
+        out["data.image-size"] = str(REAL_IMAGE_SIZE)
     if root:
         out["data.root"] = root
     elif name != "phantom":

@@ -38,16 +38,37 @@ class ModelBundle:
     prior_id: str  # content hash of the prior folder, or "init:<seed>" for a fresh init
 
 
-def shipped_prior_folder(preset: str) -> Path:
-    """Where the shipped prior of ``preset`` lives (``$DIFUSAL_ASSETS`` or ``common/assets``; may not exist)."""
-    return asset_folder(f"prior-{preset}")
+def _prior_image_size(folder: Path) -> int | None:
+    """The image size a prior folder's sidecar records (``None`` when it has none)."""
+    side = folder / "sidecar.json"
+    if not side.is_file():
+        return None
+    size = json.loads(side.read_text()).get("data", {}).get("image_size")
+    return int(size) if size is not None else None
+
+
+def shipped_prior_folder(preset: str, image_size: int | None = None) -> Path:
+    """Where the shipped prior of ``preset`` lives (``$DIFUSAL_ASSETS`` or ``common/assets``; may not exist).
+
+    A preset may ship one prior per image size: ``prior-<preset>`` at the preset's own size and
+    ``prior-<preset><size>`` at another (``prior-demo64``: the real-data presets run the demo at 64 px). With
+    ``image_size`` the folder pretrained at that size is returned; when none is, ``prior-<preset>`` (whose size
+    mismatch :func:`build_bundle` then refuses with the fix).
+    """
+    default = asset_folder(f"prior-{preset}")
+    if image_size is None:
+        return default
+    for folder in (default, asset_folder(f"prior-{preset}{image_size}")):
+        if (folder / "generator").is_dir() and _prior_image_size(folder) == image_size:
+            return folder
+    return default
 
 
 def resolve_prior(cfg: RunConfig) -> Path | None:
     """Folder of the configured prior, ``None`` for a fresh init; clear error when it is missing."""
     if not cfg.prior:
         return None
-    folder = shipped_prior_folder(cfg.preset) if cfg.prior == "shipped" else Path(cfg.prior).expanduser()
+    folder = shipped_prior_folder(cfg.preset, cfg.data.image_size) if cfg.prior == "shipped" else Path(cfg.prior).expanduser()
     if not (folder / "generator").is_dir():
         hint = (
             f"run `bash simulations/run.sh pretrain --preset {cfg.preset}` to (re)create it"
