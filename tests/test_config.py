@@ -138,6 +138,9 @@ def test_data_presets_set_source_and_site_split_and_later_overrides_win(tmp_path
     assert phantom.data.image_size == 32
     assert african.train.downstream_backbone == "public_cnn"
     assert replace(african.train, downstream_backbone="phantom_cnn") == build_config("demo", []).train
+    # no GA label in the African set: the regressor's share goes to the classifier; HC18 (one plane): the converse
+    assert (african.privacy.budget_classifier, african.privacy.budget_regressor) == (0.39, 0.01)
+    assert (hc18.privacy.budget_classifier, hc18.privacy.budget_regressor) == (0.01, 0.39)
     assert (hc18.data.source, hc18.data.partition, hc18.data.num_sites) == ("hc18", "iid", 3)
     assert (fpdb.data.source, fpdb.data.partition) == ("fetal_planes_db", "dirichlet")
     assert phantom == build_config("demo", [])
