@@ -217,3 +217,33 @@ def test_a_one_plane_scope_spends_nothing_on_the_classifier(tmp_path: Path):
     assert any("classifier skipped" in m for m in result.messages)
     got = federated_arrays(bundle)
     assert all(np.array_equal(sent[k], got[k]) for k in sent if k.startswith("classifier."))
+
+
+def test_a_site_without_ga_labels_trains_the_regressor_on_the_release_alone_at_no_privacy_cost(tmp_path: Path):
+    # the African situation: no real image carries a GA; the shared (public) release does
+    from dataclasses import replace as dc_replace
+
+    cfg = _cfg(tmp_path, **{"train.downstream-steps": 3})
+    bundle = build_bundle(cfg)
+    site = load_site(cfg.data, seed=cfg.seed, site_index=0)
+    no_ga = [dc_replace(r, ga_weeks=None) for r in site.train]
+    site = type(site)(**{**site.__dict__, "train": no_ga})
+    release = [dc_replace(r, site="release") for r in load_site(cfg.data, seed=cfg.seed, site_index=1).train]
+    assert all(r.ga_weeks is not None for r in release)
+    sent = federated_arrays(bundle)
+    ledger = PrivacyLedger(target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
+                           budget_split=cfg.privacy.budget_split())
+    # Execute
+    result = local_train(bundle, site, ledger, cfg, server_round=1, synthetic=release)
+    # Assert: the regressor moved, the ledger charged it nothing; the classifier still trained under DP
+    assert result.metrics["regressor-steps"] == 3 and result.metrics["regressor-epsilon"] == 0.0
+    assert ledger.steps("regressor") == 0 and ledger.epsilon("regressor") == 0.0
+    assert ledger.steps("classifier") == 3
+    assert any("release only" in m and "no privacy cost" in m for m in result.messages)
+    got = federated_arrays(bundle)
+    assert any(not np.array_equal(sent[k], got[k]) for k in sent if k.startswith("regressor."))
+    # without a release there is nothing to learn GA from: skipped, as before
+    ledger2 = PrivacyLedger(target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
+                            budget_split=cfg.privacy.budget_split())
+    result2 = local_train(build_bundle(cfg), site, ledger2, cfg, server_round=1)
+    assert "regressor-steps" not in result2.metrics and any("regressor skipped" in m for m in result2.messages)

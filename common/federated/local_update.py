@@ -95,8 +95,17 @@ def local_train(
         jobs.append(("classifier", bundle.classifier, classifier_loss, down, t.downstream_steps))
     else:  # one plane in scope: every prediction is that plane, so its DP steps would only spend budget
         skipped.append("classifier skipped: the label scope (data.planes) is one plane, there is nothing to learn")
-    if has_ga(down):
+    public_keys: set[str] = set()  # models trained on public data only: no DP, no privacy cost
+    if has_ga(real):
         jobs.append(("regressor", bundle.regressor, regressor_loss, down, t.downstream_steps))
+    elif synthetic and has_ga(release := records_to_dataset(list(synthetic), image_size=size)):
+        # no real image of this site has a GA (the African set): the regressor can learn only from the shared
+        # release, which is public (post-processing of the DP generator), so it trains on the release alone,
+        # without DP, and the site's private data and budget are never touched
+        jobs.append(("regressor", bundle.regressor, regressor_loss, release, t.downstream_steps))
+        public_keys.add("regressor")
+        skipped.append("regressor trained on the synthetic release only (no image of this site has a known "
+                       "gestational age): public data, no privacy cost")
     else:
         skipped.append("regressor skipped: no image of this site has a known gestational age")
     # mu comes from the site's run config, the one source of truth; the "proximal-mu" key Flower's FedProx puts into
@@ -110,6 +119,7 @@ def local_train(
         if steps == 0:
             continue
         lr, optimizer = t.rate(key)
+        private = ledger if key not in public_keys else None
         result: PrivateTrainResult = train_private(
             model,
             loss_fn,  # type: ignore[arg-type]
@@ -118,13 +128,13 @@ def local_train(
             batch_size=min(t.batch_for(key), len(data)),
             lr=lr,
             optimizer=optimizer,
-            ledger=ledger,
+            ledger=private,
             model_key=key,
             planned_total_steps=planned_steps(cfg, key),
             max_grad_norm=cfg.privacy.max_grad_norm,
             grad_sample_mode=cfg.privacy.grad_sample_mode,
             seed=derive_seed(seed, key),
-            noise_multiplier=cfg.privacy.noise_multiplier if ledger is not None else None,
+            noise_multiplier=cfg.privacy.noise_multiplier if private is not None else None,
             noise_seed=dp_noise_seed(cfg, secret, site.name, server_round, key),
             proximal=anchors.get(key),
         )
