@@ -182,7 +182,6 @@ def run_fold(x: Tensor, y: Tensor, sites: np.ndarray, train_idx: np.ndarray, tes
     te = {c: test_idx[sites[test_idx] == c] for c in countries}
     out: dict[str, Any] = {"fold": fold, "seed": seed, "n_train": int(len(train_idx)), "n_test": int(len(test_idx)),
                            "per_country_sizes": {c: [int(len(tr[c])), int(len(te[c]))] for c in countries}}
-    y_test = y[test_idx]
 
     def per_country(pred: Tensor) -> dict[str, float]:
         pos = {int(i): p for p, i in enumerate(test_idx)}
@@ -192,7 +191,7 @@ def run_fold(x: Tensor, y: Tensor, sites: np.ndarray, train_idx: np.ndarray, tes
     # (a) local
     t0 = time.perf_counter()
     correct, total, accs = 0, 0, {}
-    for c in countries:
+    for c in (countries if "local" in args.regimes else []):
         if len(tr[c]) == 0 or len(te[c]) == 0:
             continue
         model = new_model(_seed(seed, fold, "local", c))
@@ -201,27 +200,36 @@ def run_fold(x: Tensor, y: Tensor, sites: np.ndarray, train_idx: np.ndarray, tes
         hit = predict(model, x[te[c]]) == y[te[c]]
         accs[c] = float(hit.float().mean())
         correct, total = correct + int(hit.sum()), total + int(len(hit))
-    out["local"] = {"mean_over_countries": float(np.mean(list(accs.values()))), "pooled": correct / total,
-                    "per_country": accs, "seconds": time.perf_counter() - t0}
+    if accs:
+        out["local"] = {"mean_over_countries": float(np.mean(list(accs.values()))), "pooled": correct / total,
+                        "per_country": accs, "seconds": time.perf_counter() - t0}
+    if "fedavg" in args.regimes:
+        _fedavg(out, x, y, countries, tr, test_idx, per_country, seed=seed, fold=fold, args=args)
+    if "pooled" in args.regimes:
+        _pooled(out, x, y, train_idx, test_idx, per_country, seed=seed, fold=fold, args=args)
+    return out
 
-    # (b) FedAvg
+
+def _fedavg(out: dict[str, Any], x: Tensor, y: Tensor, countries: list[str], tr: Mapping[str, np.ndarray],
+            test_idx: np.ndarray, per_country: Any, *, seed: int, fold: int, args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     fed_sites = [(x[tr[c]], y[tr[c]]) for c in countries if len(tr[c])]
     model = fedavg(fed_sites, rounds=args.rounds, local_steps=args.steps // args.rounds, batch_size=args.site_batch,
                    lr=args.lr, weighting=args.weighting, seed=_seed(seed, fold, "fedavg"))
     pred = predict(model, x[test_idx])
-    out["fedavg"] = {"accuracy": float((pred == y_test).float().mean()), "per_country": per_country(pred),
+    out["fedavg"] = {"accuracy": float((pred == y[test_idx]).float().mean()), "per_country": per_country(pred),
                      "seconds": time.perf_counter() - t0}
 
-    # (c) pooled
+
+def _pooled(out: dict[str, Any], x: Tensor, y: Tensor, train_idx: np.ndarray, test_idx: np.ndarray,
+            per_country: Any, *, seed: int, fold: int, args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     model = new_model(_seed(seed, fold, "pooled"))
     gen = torch.Generator().manual_seed(_seed(seed, fold, "pooled-data"))
     train_steps(model, x[train_idx], y[train_idx], steps=args.steps, batch_size=args.batch, lr=args.lr, gen=gen)
     pred = predict(model, x[test_idx])
-    out["pooled"] = {"accuracy": float((pred == y_test).float().mean()), "per_country": per_country(pred),
+    out["pooled"] = {"accuracy": float((pred == y[test_idx]).float().mean()), "per_country": per_country(pred),
                      "seconds": time.perf_counter() - t0}
-    return out
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -229,19 +237,26 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         a = np.array(values, dtype=float)
         return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": int(len(a))}
 
-    return {"local_mean_over_countries": stat([r["local"]["mean_over_countries"] for r in runs]),
-            "local_pooled": stat([r["local"]["pooled"] for r in runs]),
-            "fedavg": stat([r["fedavg"]["accuracy"] for r in runs]),
-            "pooled": stat([r["pooled"]["accuracy"] for r in runs]),
-            "wall_seconds": {k: float(sum(r[k]["seconds"] for r in runs)) for k in REGIMES}}
+    ran = [k for k in REGIMES if all(k in r for r in runs)]
+    out: dict[str, Any] = {}
+    if "local" in ran:
+        out["local_mean_over_countries"] = stat([r["local"]["mean_over_countries"] for r in runs])
+        out["local_pooled"] = stat([r["local"]["pooled"] for r in runs])
+    for k in ("fedavg", "pooled"):
+        if k in ran:
+            out[k] = stat([r[k]["accuracy"] for r in runs])
+    out["wall_seconds"] = {k: float(sum(r[k]["seconds"] for r in runs)) for k in ran}
+    return out
 
 
 def markdown(summary: dict[str, Any], n_folds: int, n_seeds: int) -> str:
     s = summary
-    rows = [("local (mean over countries)", s["local_mean_over_countries"], s["wall_seconds"]["local"]),
-            ("local (pooled predictions)", s["local_pooled"], None),
-            ("FedAvg (5 countries)", s["fedavg"], s["wall_seconds"]["fedavg"]),
-            ("pooled (centralised)", s["pooled"], s["wall_seconds"]["pooled"])]
+    wall = s["wall_seconds"]
+    rows = [(name, s[key], wall.get(regime) if show else None) for name, key, regime, show in (
+        ("local (mean over countries)", "local_mean_over_countries", "local", True),
+        ("local (pooled predictions)", "local_pooled", "local", False),
+        ("FedAvg (5 countries)", "fedavg", "fedavg", True),
+        ("pooled (centralised)", "pooled", "pooled", True)) if key in s]
     lines = ["| regime | accuracy mean ± std | n (folds x seeds) | wall s |", "|---|---|---|---|"]
     for name, st, sec in rows:
         lines.append(f"| {name} | {st['mean']:.3f} ± {st['std']:.3f} | {n_folds} x {n_seeds} = {st['n']} | "
@@ -262,7 +277,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--site-batch", type=int, default=16, help="batch size at a site (local and FedAvg)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weighting", choices=("size", "unweighted"), default="size")
+    p.add_argument("--regimes", default=",".join(REGIMES), help="which of local,fedavg,pooled to train")
     args = p.parse_args(argv)
+    args.regimes = [r for r in args.regimes.split(",") if r]
+    if not args.regimes or set(args.regimes) - set(REGIMES):
+        p.error(f"--regimes {','.join(args.regimes)}: choose one or more of {','.join(REGIMES)}")
     if args.steps % args.rounds:
         p.error(f"--steps {args.steps} must be a multiple of --rounds {args.rounds}")
     torch.set_num_threads(1)
@@ -273,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "seeds": args.seeds, "steps_per_model": args.steps, "fedavg_rounds": args.rounds,
                 "fedavg_local_steps": args.steps // args.rounds, "pooled_batch": args.batch,
                 "site_batch": args.site_batch, "lr": args.lr, "optimizer": "Adam (fresh state per model / per round)",
-                "fedavg_weighting": args.weighting, "model": f"PlaneClassifier(backbone='cnn', width={WIDTH}, "
+                "fedavg_weighting": args.weighting, "regimes": args.regimes, "model": f"PlaneClassifier(backbone='cnn', width={WIDTH}, "
                 f"image_size={IMAGE_SIZE}, planes={PLANES_IN_SCOPE}) GroupNorm CNN, trained end to end, non-private",
                 "augmentation": "every step: affine rotation +-15 deg, scale 0.9-1.1, shift +-8% of side, hflip p=0.5, "
                                 "contrast 0.8-1.2 around image mean, brightness +-0.1 (of [0,1]); black fill",
@@ -310,9 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["complete"] = len(report["runs"]) == args.folds * args.seeds
             report["wall_seconds"] = round(time.perf_counter() - t_all, 1)
             out.write_text(json.dumps(report, indent=2))
-            print(f"seed {seed} fold {k}: local {run['local']['mean_over_countries']:.3f} "
-                  f"fedavg {run['fedavg']['accuracy']:.3f} pooled {run['pooled']['accuracy']:.3f} "
-                  f"({report['wall_seconds']:.0f}s)", file=sys.stderr, flush=True)
+            scores = {"local": run.get("local", {}).get("mean_over_countries"),
+                      "fedavg": run.get("fedavg", {}).get("accuracy"), "pooled": run.get("pooled", {}).get("accuracy")}
+            print(f"seed {seed} fold {k}: " + " ".join(f"{r} {v:.3f}" for r, v in scores.items() if v is not None)
+                  + f" ({report['wall_seconds']:.0f}s)", file=sys.stderr, flush=True)
     print(markdown(report["summary"], args.folds, args.seeds))
     print(f"wrote {out} ({report['wall_seconds']:.0f}s)")
     return 0
