@@ -1,0 +1,127 @@
+"""The product itself on a data preset, over seeds: Flower runs of ``difusal simulate``, summarised per round.
+
+``python -m simulations.benchmarks.preset_runs --data african --data-root ../shared/data/african_fetal_planes
+--seeds 0,1,2 --out simulations/benchmarks/results/preset_african64.json`` runs ``difusal simulate --preset demo
+--prior shipped --data african ... --seed S --no-report`` once per seed (sequentially, each into
+``runs/preset-<data>-s<S>``) and writes one JSON: per run and round the pooled held-out plane accuracy, GA MAE and
+90 % coverage (where the data has GA), the round's wall time and each site's epsilon per model; then the mean and
+std over seeds per round. ``--summarise RUN_DIR [RUN_DIR ...]`` summarises runs that already finished instead
+(their ``config.json`` must agree on preset, data source and image size).
+
+What it measures is what a consortium gets: the checkpoint's own models, scored on the sites' held-out images
+(``data.test-fraction`` of each site, never trained on). A different seed is a different site split and fresh DP
+noise, so the spread over seeds is the run-to-run spread a user sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from simulations.benchmarks._common import machine_info
+
+ROOT = Path(__file__).resolve().parents[2]
+METRICS = ("plane-accuracy", "ga-mae-days", "ga-coverage")
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """One finished run folder: its config facts and per-round metrics."""
+    metrics = run_dir / "metrics.jsonl"
+    config = run_dir / "config.json"
+    if not metrics.is_file() or not config.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished run folder (needs config.json and metrics.jsonl)")
+    cfg = json.loads(config.read_text())
+    cfg = cfg.get("config", cfg)  # the run folder wraps the RunConfig dict
+    rounds = []
+    for line in metrics.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        ev = rec.get("evaluate", {})
+        eps: dict[str, dict[str, float]] = {}
+        for site in rec.get("sites", []):
+            eps[site["name"]] = {model: round(float(p["epsilon"]), 3) for model, p in site.get("privacy", {}).items()}
+        rounds.append({"round": rec["round"], "wall_s": rec.get("wall_s"),
+                       **{m: ev.get(m) for m in METRICS if m in ev},
+                       "held_out_images": int(sum(s.get("evaluation", {}).get("num-examples", 0)
+                                                  for s in rec.get("sites", []))),
+                       "epsilon_per_site": eps})
+    if not rounds:
+        raise ValueError(f"{metrics} has no round: the run did not finish a round")
+    return {"run_dir": str(run_dir), "seed": cfg.get("seed"), "preset": cfg.get("preset"),
+            "data_source": cfg["data"]["source"], "image_size": cfg["data"]["image_size"],
+            "target_epsilon": cfg["privacy"]["target_epsilon"], "budget_split": {
+                k: cfg["privacy"][f"budget_{k}"] for k in ("generator", "classifier", "regressor")},
+            "backbone": cfg["train"]["downstream_backbone"], "rounds": rounds}
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and std over runs (seeds) per round of every metric the runs report."""
+    keys = {(r["preset"], r["data_source"], r["image_size"]) for r in runs}
+    if len(keys) != 1:
+        raise ValueError(f"the runs mix presets, data or image sizes: {sorted(keys)}; summarise like with like")
+    out: dict[str, Any] = {}
+    n_rounds = min(len(r["rounds"]) for r in runs)
+    for i in range(n_rounds):
+        row: dict[str, Any] = {}
+        for m in (*METRICS, "wall_s"):
+            vals = [r["rounds"][i][m] for r in runs if r["rounds"][i].get(m) is not None]
+            if vals:
+                a = np.asarray(vals, dtype=float)
+                row[m] = {"mean": round(float(a.mean()), 4), "std": round(float(a.std(ddof=1)), 4) if len(a) > 1
+                          else 0.0, "n": len(a)}
+        out[f"round_{i + 1}"] = row
+    return out
+
+
+def launch(data: str, data_root: str, seed: int, extra: Sequence[str]) -> Path:
+    """Run the product once; returns its run folder."""
+    run_dir = ROOT / "runs" / f"preset-{data}-s{seed}"
+    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--preset", "demo", "--prior", "shipped",
+           "--data", data, "--data-root", data_root, "--seed", str(seed), "--run-dir", str(run_dir), "--no-report",
+           *extra]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    return run_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default="african")
+    p.add_argument("--data-root", default="")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--set", action="append", default=[], help="extra --set KEY=VALUE for every run")
+    p.add_argument("--summarise", nargs="+", type=Path, help="summarise these finished run folders instead")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--note", default="", help="machine state and anything else a reader needs")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    if args.summarise:
+        dirs = list(args.summarise)
+        command = "summarised from finished runs"
+    else:
+        if not args.data_root:
+            p.error("--data-root is needed to launch runs (the dataset folder in its published layout)")
+        extra = [x for kv in args.set for x in ("--set", kv)]
+        dirs = [launch(args.data, args.data_root, int(s), extra) for s in args.seeds.split(",")]
+        command = " ".join(["python -m simulations.benchmarks.preset_runs", *(argv or sys.argv[1:])])
+    runs = [read_run(d) for d in dirs]
+    report = {"benchmark": "preset_runs", "command": command, "machine": machine_info(), "note": args.note,
+              "runs": runs, "summary": summarise(runs), "seconds": round(time.perf_counter() - t0, 1)}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    for name, row in report["summary"].items():
+        print(name, " ".join(f"{m} {v['mean']:.3f} ± {v['std']:.3f} (n={v['n']})" for m, v in row.items()))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
