@@ -34,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--public", action="append", default=[], metavar="LAYOUT:DIR",
                    help="public labelled real scans, e.g. fetal_planes_db:../shared/data/fetal_planes_db (repeatable;"
                         " never a site's private data)")
+    p.add_argument("--public-balanced", action="store_true",
+                   help="draw the public images plane-balanced (for a public set dominated by one plane, e.g. HC18)")
     p.add_argument("--heads-only", action="store_true",
                    help="keep the encoder in --out and (re)fit only its public warm-start heads on --public")
     p.add_argument("--head-sizes", default="32,64,128", help="image sizes to fit a public warm-start head for")
@@ -50,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         public.append(load_public_images(layout, root))
     command = "python -m simulations.encoder " + " ".join(shlex.quote(v) for v in (argv or sys.argv[1:]))
     if not a.heads_only:
-        train_phantom_encoder(out, EncoderConfig(steps=a.steps, seed=a.seed), public=public)
+        train_phantom_encoder(out, EncoderConfig(steps=a.steps, seed=a.seed, public_balanced=a.public_balanced), public=public)
     meta = json.loads((out / "encoder.json").read_text())
     meta["command" if not a.heads_only else "heads_command"] = command
     sizes = [int(v) for v in a.head_sizes.split(",") if v.strip()]

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from common.core.config import RunConfig, data_preset
@@ -149,3 +150,14 @@ def test_a_checkpoint_sidecar_lists_the_downstream_public_data(tmp_path):
     side = _sidecar(cfg, build_bundle(cfg), 1, {})["downstream"]
     assert side["backbone"] == "public_cnn" and side["public_sources"][0]["layout"] == "fetal_planes_db"
     assert json.loads(json.dumps(side)) == side  # JSON-safe, as the sidecar is written
+
+
+def test_balanced_public_sampling_draws_every_plane_alike_whatever_the_mix() -> None:
+    # a public set of 90 brain images and 10 abdomen images (HC18 beside a small multi-plane set)
+    planes = torch.tensor([0] * 90 + [1] * 10)
+    gen = torch.Generator().manual_seed(0)
+    balanced = fx.public_indices(planes, 4000, gen, balanced=True)
+    uniform = fx.public_indices(planes, 4000, gen, balanced=False)
+    share = lambda idx: float((planes[idx] == 1).float().mean())  # noqa: E731
+    assert abs(share(balanced) - 0.5) < 0.03 and abs(share(uniform) - 0.1) < 0.02
+    assert set(balanced[planes[balanced] == 1].tolist()) == set(range(90, 100))  # every abdomen image is used

@@ -205,6 +205,9 @@ class EncoderConfig:
     lr: float = 2e-3
     seed: int = 0
     public_batch: int = 16  # images per step from the public real scans, when any are given
+    # draw the public images plane-balanced (a plane, then one of its images) instead of uniformly: for public sets
+    # dominated by one plane (HC18 is brain only), so that the encoder does not learn the public plane mix
+    public_balanced: bool = False
 
 
 class PublicImages(Protocol):
@@ -284,6 +287,16 @@ def _phantom_images(n_per_profile: int, *, size: int, seed: int) -> tuple[np.nda
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
+def public_indices(planes: Tensor, n: int, gen: torch.Generator, *, balanced: bool) -> Tensor:
+    """``n`` indices into the public images: uniform, or ``balanced`` (a plane uniformly among those present, then
+    one of its images uniformly), so that a public set dominated by one plane does not set the encoder's plane mix."""
+    if not balanced:
+        return torch.randint(0, len(planes), (n,), generator=gen)
+    by_plane = [torch.nonzero(planes == c).flatten() for c in torch.unique(planes)]
+    which = torch.randint(0, len(by_plane), (n,), generator=gen).tolist()
+    return torch.stack([by_plane[c][torch.randint(0, len(by_plane[c]), (1,), generator=gen)[0]] for c in which])
+
+
 def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig(), *, log_every: int = 100,
                           public: Sequence[PublicImages] = ()) -> Path:
     """Train :class:`PhantomEncoder` on augmented plane classification of phantoms (and, when ``public`` is given,
@@ -315,7 +328,7 @@ def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig
         idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=gen)
         xb, yb = x_all[idx], y_all[idx]
         if public:
-            j = torch.randint(0, x_pub.shape[0], (cfg.public_batch,), generator=gen)
+            j = public_indices(y_pub, cfg.public_batch, gen, balanced=cfg.public_balanced)
             xb, yb = torch.cat([xb, x_pub[j]]), torch.cat([yb, y_pub[j]])
         loss = F.cross_entropy(model(augment(xb, gen)), yb)
         opt.zero_grad(set_to_none=True)
