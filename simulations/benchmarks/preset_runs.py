@@ -48,18 +48,49 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         eps: dict[str, dict[str, float]] = {}
         for site in rec.get("sites", []):
             eps[site["name"]] = {model: round(float(p["epsilon"]), 3) for model, p in site.get("privacy", {}).items()}
+        pooled = {m: ev[m] if m in ev else _site_weighted(rec.get("sites", []), m) for m in METRICS}
         rounds.append({"round": rec["round"], "wall_s": rec.get("wall_s"),
-                       **{m: ev.get(m) for m in METRICS if m in ev},
+                       **{m: v for m, v in pooled.items() if v is not None},
                        "held_out_images": int(sum(s.get("evaluation", {}).get("num-examples", 0)
                                                   for s in rec.get("sites", []))),
                        "epsilon_per_site": eps})
     if not rounds:
         raise ValueError(f"{metrics} has no round: the run did not finish a round")
-    return {"run_dir": str(run_dir), "seed": cfg.get("seed"), "preset": cfg.get("preset"),
+    return {"run_dir": str(run_dir), "seed": cfg.get("seed"), "pixel_size_line": pixel_line_of(cfg), "preset": cfg.get("preset"),
             "data_source": cfg["data"]["source"], "image_size": cfg["data"]["image_size"],
             "target_epsilon": cfg["privacy"]["target_epsilon"], "budget_split": {
                 k: cfg["privacy"][f"budget_{k}"] for k in ("generator", "classifier", "regressor")},
             "backbone": cfg["train"]["downstream_backbone"], "rounds": rounds}
+
+
+def pixel_line_of(cfg_dict: dict[str, Any]) -> dict[str, float] | None:
+    """The GA reference on the run's own split: a straight line of GA on log pixel spacing, fitted (non-privately,
+    as a yardstick) on every site's training images and scored on their held-out images; ``None`` without GA."""
+    from common.core.config import RunConfig
+    from common.data.sites import load_site
+    from simulations.config_args import count_sites
+    from simulations.experiments.ga_heads import pixel_size_line
+
+    if cfg_dict["data"]["source"] != "hc18":  # the one source whose images carry GA and pixel spacing
+        return None
+    cfg = RunConfig.from_dict(cfg_dict)
+    sites = [load_site(cfg.data, seed=cfg.seed, site_index=i) for i in range(count_sites(cfg))]
+
+    def arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
+        recs = [r for s in sites for r in getattr(s, split) if r.ga_weeks is not None and r.pixel_spacing_mm]
+        return (np.array([r.pixel_spacing_mm for r in recs], dtype=np.float64),
+                np.array([r.ga_weeks for r in recs], dtype=np.float64))
+
+    return pixel_size_line(*arrays("train"), *arrays("test"))
+
+
+def _site_weighted(sites: list[dict[str, Any]], metric: str) -> float | None:
+    """A metric pooled over the sites' held-out images (each site's value weighted by its image count), where the
+    round's record has no server-side aggregate of it (the GA metrics); ``None`` where no site reports it."""
+    pairs = [(float(s["evaluation"][metric]), float(s["evaluation"].get("num-examples", 0)))
+             for s in sites if metric in s.get("evaluation", {})]
+    total = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / total if pairs and total > 0 else None
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -78,6 +109,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 row[m] = {"mean": round(float(a.mean()), 4), "std": round(float(a.std(ddof=1)), 4) if len(a) > 1
                           else 0.0, "n": len(a)}
         out[f"round_{i + 1}"] = row
+    lines = [r["pixel_size_line"]["mae_days"] for r in runs if r.get("pixel_size_line")]
+    if lines:
+        a = np.asarray(lines, dtype=float)
+        out["pixel_size_line_ga_mae_days"] = {"mean": round(float(a.mean()), 4), "std": round(float(a.std(ddof=1)), 4)
+                                              if len(a) > 1 else 0.0, "n": len(a)}
     return out
 
 
@@ -118,6 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     for name, row in report["summary"].items():
+        if "mean" in row:
+            print(name, f"{row['mean']:.3f} ± {row['std']:.3f} (n={row['n']})")
+            continue
         print(name, " ".join(f"{m} {v['mean']:.3f} ± {v['std']:.3f} (n={v['n']})" for m, v in row.items()))
     print(f"wrote {args.out}")
     return 0
