@@ -4,8 +4,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from common.core.config import RunConfig, data_preset
 from common.core.errors import ConfigError
