@@ -66,7 +66,8 @@ def local_train(
         The site's ledger (DP-SGD), or ``None`` when the run has no DP (``privacy.target_epsilon=None``).
     synthetic:
         Images of the shared synthetic release; post-processing of DP models, they add no privacy cost.
-        They are pooled with the real images in the downstream models' DP datasets (accounted conservatively).
+        They are pooled with the real images in the downstream models' DP datasets (accounted conservatively);
+        where no real image of the site has a GA, the regressor trains on them alone, without DP (public data).
     secret:
         The site's secret (:meth:`common.privacy.site_state.SiteStateStore.secret`); it keys DP-SGD's sampling and noise,
         so a replayed round draws the same noise and nobody without it can regenerate it. ``None``: fresh noise

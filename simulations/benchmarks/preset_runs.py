@@ -56,7 +56,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
                        "epsilon_per_site": eps})
     if not rounds:
         raise ValueError(f"{metrics} has no round: the run did not finish a round")
-    return {"run_dir": str(run_dir), "seed": cfg.get("seed"), "pixel_size_line": pixel_line_of(cfg), "preset": cfg.get("preset"),
+    return {"run_dir": str(run_dir), "seed": cfg.get("seed"), "pixel_size_line": pixel_line_of(cfg),
+            "preset": cfg.get("preset"),
             "data_source": cfg["data"]["source"], "image_size": cfg["data"]["image_size"],
             "target_epsilon": cfg["privacy"]["target_epsilon"], "budget_split": {
                 k: cfg["privacy"][f"budget_{k}"] for k in ("generator", "classifier", "regressor")},
