@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         public.append(load_public_images(layout, root))
     command = "python -m simulations.encoder " + " ".join(shlex.quote(v) for v in (argv or sys.argv[1:]))
     if not a.heads_only:
-        train_phantom_encoder(out, EncoderConfig(steps=a.steps, seed=a.seed, public_balanced=a.public_balanced), public=public)
+        cfg = EncoderConfig(steps=a.steps, seed=a.seed, public_balanced=a.public_balanced)
+        train_phantom_encoder(out, cfg, public=public)
     meta = json.loads((out / "encoder.json").read_text())
     meta["command" if not a.heads_only else "heads_command"] = command
     sizes = [int(v) for v in a.head_sizes.split(",") if v.strip()]

@@ -195,7 +195,7 @@ def phantom_prior(cfg: RunConfig, settings: EvalSettings) -> tuple[dict[str, dic
     """
     spec, size = DownstreamSpec.from_config(cfg), cfg.data.image_size
     candidates = ([Path(cfg.prior).expanduser()] if cfg.prior and cfg.prior != "shipped" else []) + [
-        ASSETS / f"prior-{cfg.preset}", ASSETS / f"prior-{cfg.preset}{size}", ASSETS / "prior-demo"]
+        ASSETS / f"prior-{cfg.preset}", ASSETS / "prior-demo"]
     for folder in candidates:
         if (folder / "classifier.safetensors").is_file():
             side = json.loads((folder / "sidecar.json").read_text()) if (folder / "sidecar.json").is_file() else {}

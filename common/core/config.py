@@ -721,8 +721,9 @@ DATA_PRESETS: dict[str, dict[str, str]] = {
                 "data.planes": "fetal_brain,fetal_abdomen,fetal_femur,fetal_thorax",
                 # features that have seen public real scans (another country's): see README "Which features?"
                 "train.downstream-backbone": "public_cnn",
-                # no African image has a gestational age: the regressor never trains (local_update skips it), so
-                # its share goes to the classifier (the HC18 preset's mirror image)
+                # no African image has a gestational age: the regressor never touches the sites' data (local_update
+                # trains it on the public release alone, without DP), so its share goes to the classifier (the
+                # HC18 preset's mirror image)
                 "privacy.budget-classifier": "0.39", "privacy.budget-regressor": "0.01"},
     # one site per US_Machine; the dataset has all six planes (its "Other" and "Maternal cervix" included)
     "fetal_planes_db": {"data.source": "fetal_planes_db", "data.partition": "natural", "data.planes": ",".join(PLANES)},

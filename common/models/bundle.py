@@ -68,7 +68,8 @@ def resolve_prior(cfg: RunConfig) -> Path | None:
     """Folder of the configured prior, ``None`` for a fresh init; clear error when it is missing."""
     if not cfg.prior:
         return None
-    folder = shipped_prior_folder(cfg.preset, cfg.data.image_size) if cfg.prior == "shipped" else Path(cfg.prior).expanduser()
+    folder = (shipped_prior_folder(cfg.preset, cfg.data.image_size) if cfg.prior == "shipped"
+              else Path(cfg.prior).expanduser())
     if not (folder / "generator").is_dir():
         hint = (
             f"run `bash simulations/run.sh pretrain --preset {cfg.preset}` to (re)create it"

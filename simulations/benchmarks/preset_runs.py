@@ -106,16 +106,19 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for m in (*METRICS, "wall_s"):
             vals = [r["rounds"][i][m] for r in runs if r["rounds"][i].get(m) is not None]
             if vals:
-                a = np.asarray(vals, dtype=float)
-                row[m] = {"mean": round(float(a.mean()), 4), "std": round(float(a.std(ddof=1)), 4) if len(a) > 1
-                          else 0.0, "n": len(a)}
+                row[m] = _stat(vals)
         out[f"round_{i + 1}"] = row
     lines = [r["pixel_size_line"]["mae_days"] for r in runs if r.get("pixel_size_line")]
     if lines:
-        a = np.asarray(lines, dtype=float)
-        out["pixel_size_line_ga_mae_days"] = {"mean": round(float(a.mean()), 4), "std": round(float(a.std(ddof=1)), 4)
-                                              if len(a) > 1 else 0.0, "n": len(a)}
+        out["pixel_size_line_ga_mae_days"] = _stat(lines)
     return out
+
+
+def _stat(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample std (0 for one value) and count, rounded for the report."""
+    a = np.asarray(values, dtype=float)
+    return {"mean": round(float(a.mean()), 4), "std": round(float(a.std(ddof=1)), 4) if len(a) > 1 else 0.0,
+            "n": len(a)}
 
 
 def launch(data: str, data_root: str, seed: int, extra: Sequence[str]) -> Path:
