@@ -15,11 +15,12 @@ import numpy as np
 from safetensors.torch import save_file
 
 from common.data.public import load_public_images
-from common.models.downstream import GARegressor, fit_public_ga_head, public_ga_head_file
+from common.models.downstream import GARegressor, fit_public_ga_head
 from common.models.features import (
     EncoderConfig,
     PhantomEncoderBackbone,
     fit_public_head,
+    public_ga_head_file,
     public_head_file,
     train_phantom_encoder,
 )
@@ -83,14 +84,17 @@ def fit_heads(folder: Path, specs: Sequence[str], sizes: Sequence[int], l2: floa
 
 def fit_ga_heads(folder: Path, sizes: Sequence[int]) -> dict[str, object]:
     """Fit and save the GA regressor's public warm-start head (brain phantoms, :func:`fit_public_ga_head`) at every
-    image size; what each was fitted on is returned for ``encoder.json``."""
+    image size, on single-view and on flip-averaged features (the regressor's default); what each was fitted on
+    is returned for ``encoder.json``, keyed by its file name."""
     out: dict[str, object] = {}
     for size in sizes:
-        regressor = GARegressor(size, backbone="phantom_cnn")
-        regressor.backbone = PhantomEncoderBackbone(size, folder)
-        state, info = fit_public_ga_head(regressor)
-        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / public_ga_head_file(size)))
-        out[str(size)] = info
+        for flips in (False, True):
+            regressor = GARegressor(size, backbone="phantom_cnn", flips=flips)
+            regressor.backbone = PhantomEncoderBackbone(size, folder, flips=flips)
+            state, info = fit_public_ga_head(regressor)
+            name = public_ga_head_file(size, flips=flips)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / name))
+            out[name] = info
     return out
 
 

@@ -75,12 +75,14 @@ def test_regressor_loss_is_the_laplace_nll_of_log_hc():
     np.testing.assert_allclose(loss[1:], expect, rtol=1e-4)
 
 
-def test_public_ga_head_reads_ga_off_fresh_phantoms_without_private_data():
+@pytest.mark.parametrize("flips", [False, True])
+def test_public_ga_head_reads_ga_off_fresh_phantoms_without_private_data(flips):
     torch.manual_seed(0)
-    reg = GARegressor(32, backbone="phantom_cnn")
+    reg = GARegressor(64, backbone="phantom_cnn", flips=flips)
+    assert reg.backbone.flips is flips
     state, info = fit_public_ga_head(reg, n_per_profile=40)
     assert info["l2"] in (1e-3, 1e-2, 1e-1, 1.0) and info["images"] == 200
-    recs = make_phantoms(60, size=32, seed=4242, profile="aloka", plane_probs=[1, 0, 0, 0, 0, 0])
+    recs = make_phantoms(60, size=64, seed=4242, profile="aloka", plane_probs=[1, 0, 0, 0, 0, 0])
     x = torch.from_numpy(np.stack([r.image for r in recs])).float()[:, None] / 127.5 - 1
     sp = torch.tensor([r.pixel_spacing_mm for r in recs], dtype=torch.float32)
     ga = np.array([r.ga_weeks for r in recs])
@@ -103,9 +105,14 @@ def test_linear_ga_heads_on_shipped_encoders_start_at_the_public_ga_head(backbon
     folder = {"phantom_cnn": "phantom-encoder", "public_cnn": "public-encoder"}[backbone]
     from common.models.assets import asset_folder
 
-    shipped = load_file(str(asset_folder(folder) / "public_ga_head_64.safetensors"))
+    # the regressor reads flip-averaged features, so it starts at the head fitted on those
+    shipped = load_file(str(asset_folder(folder) / "public_ga_head_64_flips.safetensors"))
     assert torch.equal(reg.head.weight, shipped["weight"]) and torch.equal(reg.head.bias, shipped["bias"])
-    assert reg.backbone.provenance["public_ga_head"] == "public_ga_head_64.safetensors"
+    assert reg.backbone.provenance["public_ga_head"] == "public_ga_head_64_flips.safetensors"
+    assert reg.backbone.provenance["flip_averaged"] is True
+    single = GARegressor(64, backbone=backbone, flips=False)
+    assert single.backbone.provenance["public_ga_head"] == "public_ga_head_64.safetensors"
+    assert not torch.equal(single.head.weight, reg.head.weight)
     assert float(reg.film.weight.abs().sum()) == 0.0  # FiLM still starts at the identity
     hidden = GARegressor(64, backbone=backbone, hidden=8)  # a hidden-layer head has no public fit: zero output
     assert float(hidden.head[-1].weight.abs().sum()) == 0.0
@@ -172,3 +179,21 @@ def test_regressor_weights_from_before_the_log_hc_output_are_refused(tmp_path):
     save_file({k: v.contiguous() for k, v in reg.state_dict().items()}, str(tmp_path / "regressor.safetensors"))
     assert checkpoint_models(tmp_path, spec).regressor.output == "log_hc"
     assert "log_hc_format" not in GARegressor(32, 8, backbone="cnn").state_dict()  # the prior's CNN loads as before
+
+
+def test_flip_averaged_features_are_the_same_for_an_image_and_its_flips():
+    recs = make_phantoms(4, size=64, seed=7, profile="mindray", plane_probs=[1, 0, 0, 0, 0, 0])
+    x = torch.from_numpy(np.stack([r.image for r in recs])).float()[:, None] / 127.5 - 1
+    averaged, single = GARegressor(64, backbone="phantom_cnn").backbone, GARegressor(
+        64, backbone="phantom_cnn", flips=False).backbone
+    for flipped in (x.flip(-1), x.flip(-2), x.flip(-2, -1)):
+        torch.testing.assert_close(averaged(flipped), averaged(x), atol=1e-5, rtol=1e-5)
+        assert (single(flipped) - single(x)).abs().max() > 1e-3  # single views do see the orientation
+
+
+def test_a_regressor_saved_on_single_view_features_does_not_load_into_a_flip_averaged_one():
+    old = GARegressor(64, backbone="phantom_cnn", flips=False).state_dict()
+    new = GARegressor(64, backbone="phantom_cnn")
+    with pytest.raises(RuntimeError, match="flip_views_format"):
+        new.load_state_dict(old)
+    new.load_state_dict(GARegressor(64, backbone="phantom_cnn").state_dict())  # same format: loads

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from common.core.config import RunConfig
 
 BACKBONES: tuple[str, ...] = ("phantom_cnn", "public_cnn", "scattering", "cnn")
+ENCODER_BACKBONES: tuple[str, ...] = ("phantom_cnn", "public_cnn")  # the shipped public encoders
 
 _GA_CENTER = (GA_MIN_WEEKS + GA_MAX_WEEKS) / 2.0  # 27 weeks
 _GA_SCALE = (GA_MAX_WEEKS - GA_MIN_WEEKS) / 2.0  # 13 weeks
@@ -71,17 +72,18 @@ class ConvBackbone(nn.Module):
         return self.net(x).mean(dim=(2, 3))
 
 
-def make_backbone(kind: str, image_size: int, width: int, scattering_j: int = 2, scattering_grid: int = 2
-                  ) -> nn.Module:
+def make_backbone(kind: str, image_size: int, width: int, scattering_j: int = 2, scattering_grid: int = 2, *,
+                  flips: bool = False) -> nn.Module:
     """The feature extractor of a downstream model: ``"phantom_cnn"``, ``"public_cnn"`` (the encoder trained on
-    phantoms + public real scans), ``"scattering"`` (frozen) or ``"cnn"`` (trained)."""
+    phantoms + public real scans), ``"scattering"`` (frozen) or ``"cnn"`` (trained). ``flips``: the encoders'
+    features averaged over the four flips of each image (:func:`common.models.features.flip_average`)."""
     if kind == "phantom_cnn":
-        return PhantomEncoderBackbone(image_size)
+        return PhantomEncoderBackbone(image_size, flips=flips)
     if kind == "public_cnn":
         from common.models.assets import asset_folder
         from common.models.features import PUBLIC_ENCODER_ASSET
 
-        return PhantomEncoderBackbone(image_size, asset_folder(PUBLIC_ENCODER_ASSET))
+        return PhantomEncoderBackbone(image_size, asset_folder(PUBLIC_ENCODER_ASSET), flips=flips)
     if kind == "scattering":
         return ScatteringBackbone(image_size, J=scattering_j, grid=scattering_grid)
     if kind == "cnn":
@@ -272,6 +274,13 @@ class GARegressor(nn.Module):
     ``output="weeks"`` (the end-to-end CNN, whose weights the shipped prior carries) maps the head's output
     affinely to weeks, as before.
 
+    On the shipped encoders (``phantom_cnn``, ``public_cnn``) the regressor reads features averaged over the four
+    flips of the image (``flips=True``, :func:`common.models.features.flip_average`): a head's size does not
+    depend on the probe's orientation, and the average removes feature noise that does (HC18, 5 patient-grouped
+    folds: 9.2 instead of 9.7 days under DP at eps = 10). The public warm-start head is the one fitted on the same
+    flip-averaged features. A buffer ``flip_views_format`` marks such weights, so a checkpoint saved before (same
+    shapes, features of single views) fails to load strictly instead of predicting off-scale GA.
+
     Parameters
     ----------
     image_size, width, backbone, hidden, scattering_j, scattering_grid:
@@ -283,13 +292,17 @@ class GARegressor(nn.Module):
         The consortium's label scope (``None``: every plane). The public GA head warm-starts a linear ``log_hc``
         head only when the scope is the brain plane alone (the HC18 preset); by default a bare regressor is a
         head-biometry one.
+    flips:
+        Flip-averaged features on the shipped encoders (default; ignored by the other backbones). ``False`` only
+        to compare with single-view features.
     """
 
     def __init__(self, image_size: int = 64, width: int = 32, *, backbone: str = "cnn", hidden: int = 0,
                  scattering_j: int = 2, scattering_grid: int = 2, output: str | None = None,
-                 planes: Sequence[int] | None = (PLANES.index("fetal_brain"),)) -> None:
+                 planes: Sequence[int] | None = (PLANES.index("fetal_brain"),), flips: bool = True) -> None:
         super().__init__()
-        self.backbone = make_backbone(backbone, image_size, width, scattering_j, scattering_grid)
+        flips = flips and backbone in ENCODER_BACKBONES
+        self.backbone = make_backbone(backbone, image_size, width, scattering_j, scattering_grid, flips=flips)
         self.image_size = int(image_size)
         d = self.backbone.out_dim
         self.film = nn.Linear(2, 2 * d)
@@ -304,6 +317,9 @@ class GARegressor(nn.Module):
             # a format mark in the state dict: weights saved before the log-HC output (same shapes, other meaning)
             # fail to load strictly instead of predicting nonsense GA
             self.register_buffer("log_hc_format", torch.ones(1))
+        if flips:
+            # likewise for flip-averaged features: weights fitted on single views fail to load strictly
+            self.register_buffer("flip_views_format", torch.ones(1))
         public = getattr(self.backbone, "public_ga_head", None)
         brain_only = planes is not None and tuple(sorted(set(planes))) == (PLANES.index("fetal_brain"),)
         self.public_warm_start = public is not None and hidden == 0 and self.output == "log_hc" and brain_only
@@ -351,11 +367,6 @@ class GARegressor(nn.Module):
         if log_hc:
             return z, logvar_z
         return ga_from_log_hc(z), logvar_z + 2 * torch.log(_dga_dlog_hc(z))
-
-
-def public_ga_head_file(image_size: int) -> str:
-    """File name of an encoder folder's public GA warm-start head for images of ``image_size`` px."""
-    return f"public_ga_head_{int(image_size)}.safetensors"
 
 
 def fit_public_ga_head(regressor: GARegressor, *, n_per_profile: int = 150, seed: int = 0,

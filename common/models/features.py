@@ -351,10 +351,21 @@ def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig
     return folder
 
 
-class PhantomEncoderExtractor:
-    """Pooled last-block features (mean and std per channel) of a :class:`PhantomEncoder` trained on phantoms."""
+def flip_average(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn`` averaged over the four flips of ``[B, 1, H, W]`` images (none, left-right, up-down, both).
 
-    def __init__(self, folder: str | Path) -> None:
+    The average is the same for an image and any of its flips (the four flips form a group), so features of
+    anatomy whose size or plane does not depend on orientation lose the part of their noise that does: on HC18
+    heads a linear GA head on flip-averaged ``public_cnn`` features errs 6.7 days non-privately and 9.2 under DP at
+    eps = 10, against 8.0 and 9.7 without (README, "GA from the apparent head size")."""
+    return (fn(x) + fn(x.flip(-1)) + fn(x.flip(-2)) + fn(x.flip(-2, -1))) / 4
+
+
+class PhantomEncoderExtractor:
+    """Pooled last-block features (mean and std per channel) of a :class:`PhantomEncoder` trained on phantoms;
+    with ``flips=True`` averaged over the four flips of each image (:func:`flip_average`)."""
+
+    def __init__(self, folder: str | Path, *, flips: bool = False) -> None:
         folder = Path(folder)
         meta = json.loads((folder / "encoder.json").read_text())
         if meta.get("format") != ENCODER_FORMAT:
@@ -365,11 +376,23 @@ class PhantomEncoderExtractor:
         self.model = PhantomEncoder(tuple(cfg["widths"]))
         self.model.load_state_dict(load_file(str(folder / "encoder.safetensors")), strict=True)
         self.model.eval().requires_grad_(False)
-        self.name = "phantom_cnn"
+        self.flips = bool(flips)
+        self.name = "phantom_cnn_flips" if self.flips else "phantom_cnn"
         self.dim = self.model.feature_dim
 
+    def features01(self, x01: torch.Tensor) -> torch.Tensor:
+        """Features of ``[B, 1, H, W]`` images in [0, 1] (no gradient bookkeeping here: callers decide)."""
+        one = lambda v: self.model.features(_resize(v, self.size))  # noqa: E731
+        return flip_average(one, x01) if self.flips else one(x01)
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return _batched(lambda b: self.model.features(_resize(b, self.size)), as_unit_float(images))
+        return _batched(self.features01, as_unit_float(images))
+
+
+def public_ga_head_file(image_size: int, *, flips: bool = False) -> str:
+    """File name of an encoder folder's public GA warm-start head for images of ``image_size`` px (fitted on
+    flip-averaged features when ``flips``: a head only fits the features it was fitted on)."""
+    return f"public_ga_head_{int(image_size)}{'_flips' if flips else ''}.safetensors"
 
 
 def public_head_file(image_size: int) -> str:
@@ -419,7 +442,7 @@ class PhantomEncoderBackbone(_FrozenBackbone):
     so train and eval mode compute the same features.
     """
 
-    def __init__(self, image_size: int, folder: str | Path | None = None) -> None:
+    def __init__(self, image_size: int, folder: str | Path | None = None, *, flips: bool = False) -> None:
         super().__init__()
         from common.models.assets import asset_folder
 
@@ -428,19 +451,21 @@ class PhantomEncoderBackbone(_FrozenBackbone):
             raise FileNotFoundError(f"phantom encoder weights missing at {folder}: set $DIFUSAL_ASSETS to the "
                                     "project's common/assets, or train them with "
                                     "common.models.features.train_phantom_encoder(folder)")
-        extractor = PhantomEncoderExtractor(folder)
+        extractor = PhantomEncoderExtractor(folder, flips=flips)
         self.image_size = int(image_size)
         self.encoder = extractor.model
+        self._extractor = extractor  # a plain attribute: its model is self.encoder, stored once
+        self.flips = extractor.flips
         self.size = extractor.size
         self.out_dim = extractor.dim
         self.requires_grad_(False)
-        self._set_statistics(("phantom_cnn", self.image_size, str(folder)), extractor)
+        self._set_statistics(("phantom_cnn", self.image_size, str(folder), self.flips), extractor)
         # a softmax head fitted on the folder's PUBLIC labelled scans at this image size (fit_public_head), if shipped:
         # the classifier's public warm start. Not a parameter or buffer: never in a state dict, never sent.
         head = folder / public_head_file(self.image_size)
         self.public_head = ({k: v.clone() for k, v in load_file(str(head)).items()} if head.is_file() else None)
         # and a GA head fitted on public phantoms (common.models.downstream.fit_public_ga_head): the regressor's
-        ga_head = folder / f"public_ga_head_{self.image_size}.safetensors"
+        ga_head = folder / public_ga_head_file(self.image_size, flips=self.flips)
         self.public_ga_head = ({k: v.clone() for k, v in load_file(str(ga_head)).items()} if ga_head.is_file()
                                else None)
         meta = extractor.meta
@@ -448,10 +473,11 @@ class PhantomEncoderBackbone(_FrozenBackbone):
         self.provenance = {"encoder": folder.name, "data": meta.get("data"),
                            "public_sources": meta.get("public_sources", []),
                            "public_head": head.name if self.public_head is not None else None,
-                           "public_ga_head": ga_head.name if self.public_ga_head is not None else None}
+                           "public_ga_head": ga_head.name if self.public_ga_head is not None else None,
+                           "flip_averaged": self.flips}
 
     def raw(self, x01: Tensor) -> Tensor:
-        return self.encoder.features(_resize(x01, self.size))
+        return self._extractor.features01(x01)
 
 
 # -- (c) the shipped generator's encoder ------------------------------------------------------------------------

@@ -159,11 +159,11 @@ def setting_name(backbone: str, j: int, grid: int) -> str:
     return f"scattering_J{j}_g{grid}_64px" if backbone == "scattering" else f"{backbone}_64px"
 
 
-def make_regressor(backbone: str, j: int, grid: int, hidden: int) -> GARegressor:
+def make_regressor(backbone: str, j: int, grid: int, hidden: int, *, flips: bool = True) -> GARegressor:
     """The product's regressor (a linear head on a shipped encoder starts at its public GA head); ``init_state`` (a
     plain attribute) is what every training run starts from."""
     torch.manual_seed(0)  # the hidden layer's init is public randomness; the output layer is data-free
-    reg = GARegressor(64, 32, backbone=backbone, hidden=hidden, scattering_j=j, scattering_grid=grid)
+    reg = GARegressor(64, 32, backbone=backbone, hidden=hidden, scattering_j=j, scattering_grid=grid, flips=flips)
     reg.init_state = {k: v.clone() for k, v in reg.state_dict().items()}
     return reg
 
@@ -214,8 +214,8 @@ def _site_data(idx: np.ndarray, records: list, feats: Tensor, ga: Tensor, sp: Te
 def evaluate_setting(backbone: str, j: int, grid: int, epsilons: Sequence[float], records: list, data: TensorDataset,
                      groups: list[list[int]], folds: list[np.ndarray], s: dict[str, Any]) -> dict[str, Any]:
     t_start = time.perf_counter()
-    dp_models = [make_regressor(backbone, j, grid, 0) for _ in range(4)]
-    np_models = {h: make_regressor(backbone, j, grid, h) for h in (0, 32)}
+    dp_models = [make_regressor(backbone, j, grid, 0, flips=s["flips"]) for _ in range(4)]
+    np_models = {h: make_regressor(backbone, j, grid, h, flips=s["flips"]) for h in (0, 32)}
     warm = dp_models[0].public_warm_start
     t0 = time.perf_counter()
     with torch.no_grad():  # frozen: computed once
@@ -357,7 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--settings", default="public_cnn:10/4/1,phantom_cnn:10/4/1,scattering:2:4:10/4/1",
                    help="comma-separated BACKBONE:eps/eps/... (phantom_cnn, public_cnn) or scattering:J:grid:eps/...")
+    p.add_argument("--single-view", action="store_true",
+                   help="encoder features of the image alone (default: averaged over its four flips, as the product)")
     p.add_argument("--note", default="")
+    p.add_argument("--machine-note", default="", help="what else ran on the machine (wall times depend on it)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -368,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
          "inner_splits": min(args.inner_splits, args.inner_folds), "seeds": args.seeds, "fold_seed": args.fold_seed,
          "select_on_fold": args.select_on_fold, "lrs": [float(v) for v in args.lrs.split(",")],
          "local_steps": [int(v) for v in args.local_steps.split(",")], "rounds": args.rounds,
-         "batch_size": args.batch_size, "clip": args.clip, "nonprivate_checkpoints": list(NONPRIVATE_CHECKPOINTS)}
+         "batch_size": args.batch_size, "clip": args.clip, "nonprivate_checkpoints": list(NONPRIVATE_CHECKPOINTS),
+         "flips": not args.single_view}
     settings = [parse_setting(v) for v in args.settings.split(",")]
     results = [evaluate_setting(b, j, g, eps, records, data, groups, folds, s) for b, j, g, eps in settings]
     report = {
@@ -393,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "compute_note": args.note},
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
                     "cpus": os.cpu_count(), "torch_threads": 1, "processes": 1,
-                    "note": "2 CPU cores shared with another long study"},
+                    "note": args.machine_note},
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "results": results,
     }
