@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from common.analysis.evaluation import (
 from common.core.config import RunConfig
 from common.data.sites import SiteData, load_federated_data, public_phantoms
 from common.data.tensors import records_to_dataset
+from common.models.assets import ASSETS_ENV
 from common.models.downstream import (
     DownstreamSpec,
     GARegressor,
@@ -146,7 +148,7 @@ def test_generator_budget_reads_the_ledger_and_falls_back_to_the_config_share(tm
 def test_phantom_prior_uses_a_fitting_prior_folder_else_trains_on_public_phantoms(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: no shipped priors (they may exist in common/assets/)
-    monkeypatch.setattr(ev, "ASSETS", tmp_path / "no-assets")
+    monkeypatch.setenv(ASSETS_ENV, str(tmp_path / "no-assets"))
     _save_models(tmp_path / "prior", seed=5)
     _save_models(tmp_path / "prior64", seed=6)  # same widths, but its sidecar says it was trained at 64 px
     (tmp_path / "prior64" / "sidecar.json").write_text('{"data": {"image_size": 64}}')
@@ -162,6 +164,24 @@ def test_phantom_prior_uses_a_fitting_prior_folder_else_trains_on_public_phantom
     assert torch.equal(from_folder["classifier"]["head.weight"], expected.head.weight)
     assert "public phantoms" in src_trained and "no DP" in src_trained
     assert set(trained) == {"classifier", "regressor"}
+
+
+def test_phantom_prior_finds_the_shipped_prior_of_the_runs_size_in_the_assets_folder(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: an assets folder whose demo prior (generator + end-to-end CNNs) was pretrained at the run's size
+    monkeypatch.setenv(ASSETS_ENV, str(tmp_path / "assets"))
+    folder = tmp_path / "assets" / "prior-demo"
+    _save_models(folder, seed=7)
+    (folder / "generator").mkdir()
+    (folder / "sidecar.json").write_text(json.dumps({"data": {"image_size": SIZE}}))
+    settings = EvalSettings(steps=1, prior_steps=1)
+    # Execute
+    found, source = phantom_prior(_cfg(**{"train.downstream-backbone": "cnn"}), settings)
+    # Assert: the shipped weights, not a fresh phantom fit
+    expected = PlaneClassifier(image_size=SIZE, width=WIDTH)
+    expected.load_state_dict(ev._load_state(folder / "classifier.safetensors"))
+    assert source == f"prior folder {folder}"
+    assert torch.equal(found["classifier"]["head.weight"], expected.head.weight)
 
 
 def test_protocol_runs_every_arm_trains_on_no_test_image_and_keeps_dp_within_budget(

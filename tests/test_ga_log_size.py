@@ -197,3 +197,20 @@ def test_a_regressor_saved_on_single_view_features_does_not_load_into_a_flip_ave
     with pytest.raises(RuntimeError, match="flip_views_format"):
         new.load_state_dict(old)
     new.load_state_dict(GARegressor(64, backbone="phantom_cnn").state_dict())  # same format: loads
+
+
+def test_a_checkpoint_saved_before_flip_averaging_is_scored_with_the_features_it_was_trained_on(tmp_path):
+    from safetensors.torch import save_file
+
+    from common.analysis.evaluation import checkpoint_models
+    from common.models.downstream import DownstreamSpec
+
+    spec = DownstreamSpec(64, "phantom_cnn", planes=(0,))
+    old = spec.regressor(flips=False)
+    torch.nn.init.normal_(old.head.weight, std=0.1)
+    save_file({k: v.contiguous() for k, v in spec.classifier().state_dict().items()},
+              str(tmp_path / "classifier.safetensors"))
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(tmp_path / "regressor.safetensors"))
+    loaded = checkpoint_models(tmp_path, spec).regressor
+    assert loaded.backbone.flips is False and "flip_views_format" not in loaded.state_dict()
+    assert torch.equal(loaded.head.weight, old.head.weight)

@@ -34,6 +34,7 @@ from common.core.records import PLANES, UltrasoundRecord
 from common.core.seeding import derive_seed
 from common.data.sites import SiteData, load_federated_data, public_phantoms
 from common.data.tensors import has_ga, records_to_dataset
+from common.models.bundle import shipped_prior_folder
 from common.models.downstream import (
     DownstreamSpec,
     GARegressor,
@@ -48,7 +49,6 @@ from common.models.downstream import (
 from common.privacy.dpsgd import PrivateTrainResult, train_private
 from common.privacy.ledger import PrivacyLedger
 
-ASSETS = Path(__file__).resolve().parent / "assets"
 DP_SPLIT = {"classifier": 0.5, "regressor": 0.5}
 
 
@@ -176,10 +176,13 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 def checkpoint_models(folder: Path, spec: DownstreamSpec) -> DownstreamModels:
     """The classifier and regressor saved in a checkpoint (or prior) folder, built as ``spec`` says (its label
-    scope included); a frozen backbone's saved normalisation is the one loaded."""
+    scope included); a frozen backbone's saved normalisation is the one loaded. A regressor saved before the
+    flip-averaged features (no ``flip_views_format`` mark) is rebuilt on single-view features, as it was trained."""
     clf, reg = spec.classifier(), spec.regressor()
     clf.load_state_dict(_load_state(Path(folder) / "classifier.safetensors"))
     state = _load_state(Path(folder) / "regressor.safetensors")
+    if "flip_views_format" in reg.state_dict() and "flip_views_format" not in state:
+        reg = spec.regressor(flips=False)
     if "log_hc_format" in reg.state_dict() and "log_hc_format" not in state:
         raise ValueError(f"{folder}: its GA regressor was saved before the log-HC output (same shapes, another "
                          "meaning); score a checkpoint written by this version, or retrain")
@@ -194,8 +197,9 @@ def phantom_prior(cfg: RunConfig, settings: EvalSettings) -> tuple[dict[str, dic
     trained here, without DP, on ``cfg.data.public_images`` public phantoms (no private data: no privacy cost).
     """
     spec, size = DownstreamSpec.from_config(cfg), cfg.data.image_size
-    candidates = ([Path(cfg.prior).expanduser()] if cfg.prior and cfg.prior != "shipped" else []) + [
-        ASSETS / f"prior-{cfg.preset}", ASSETS / "prior-demo"]
+    # the shipped priors of the preset and of the demo, each the one pretrained at the run's size where there is one
+    shipped = dict.fromkeys(shipped_prior_folder(p, size) for p in (cfg.preset, "demo"))
+    candidates = ([Path(cfg.prior).expanduser()] if cfg.prior and cfg.prior != "shipped" else []) + list(shipped)
     for folder in candidates:
         if (folder / "classifier.safetensors").is_file():
             side = json.loads((folder / "sidecar.json").read_text()) if (folder / "sidecar.json").is_file() else {}
@@ -205,6 +209,8 @@ def phantom_prior(cfg: RunConfig, settings: EvalSettings) -> tuple[dict[str, dic
                 models = checkpoint_models(folder, spec)
             except (RuntimeError, ValueError):  # another image size, width or backbone
                 continue
+            if models.regressor.state_dict().keys() != spec.regressor().state_dict().keys():
+                continue  # saved in an older format (single-view features): the arms build the current one
             return ({"classifier": models.classifier.state_dict(), "regressor": models.regressor.state_dict()},
                     f"prior folder {folder}")
     public = public_phantoms(cfg.data, seed=cfg.seed)

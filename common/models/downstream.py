@@ -164,8 +164,9 @@ class DownstreamSpec:
     def classifier(self) -> "PlaneClassifier":
         return PlaneClassifier(image_size=self.image_size, width=self.width, planes=self.planes, **self._kw())
 
-    def regressor(self) -> "GARegressor":
-        return GARegressor(self.image_size, self.width, planes=self.planes, **self._kw())
+    def regressor(self, *, flips: bool = True) -> "GARegressor":
+        """The GA regressor (``flips=False``: on single-view features, as checkpoints before them were trained)."""
+        return GARegressor(self.image_size, self.width, planes=self.planes, flips=flips, **self._kw())
 
     @property
     def frozen(self) -> bool:
