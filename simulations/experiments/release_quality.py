@@ -1,5 +1,6 @@
-"""How good is a run's release as data? Per round: FD/KID to the real test images, synthetic-only accuracy, and
-what the release adds to the smallest site's real images.
+"""How good is a run's release as data? Per round: FD/KID to the real test images, synthetic-only accuracy (beside
+train-on-real: the same probe on every site's real training images pooled), and what the release adds to the
+smallest site's real images.
 
 All in one frozen public feature space (the run's vote embedder, :func:`common.active_learning.vote_query.vote_embedder`:
 the frozen downstream backbone, phantom_cnn or public_cnn). Private evolution's votes select in that same space, so
@@ -61,13 +62,17 @@ def release_quality(run_dir: Path) -> list[dict[str, Any]]:
     real_y = np.array([r.plane for r in smallest.train])
     planes = list(cfg.data.plane_scope())
     real_only = _probe(real_z, real_y, test_z, test_y, planes)
+    pooled = [r for s in sites for r in s.train]  # the reference a release is read against: train on real
+    real_pooled = _probe(embed(np.stack([r.image for r in pooled])), np.array([r.plane for r in pooled]), test_z,
+                         test_y, planes)
     records = load_release_records(run_dir / "release") if (run_dir / "release" / "metadata.jsonl").is_file() else []
     out = []
     done = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     for rnd in done:
         upto = records[: len(_rounds(run_dir, rnd))]  # rounds append in order: the first records are the earliest
         row: dict[str, Any] = {"round": rnd, "release_size": len(upto), "real_only_smallest": real_only,
-                               "smallest_site": smallest.name, "smallest_n": len(smallest.train)}
+                               "smallest_site": smallest.name, "smallest_n": len(smallest.train),
+                               "real_pooled": real_pooled, "real_pooled_n": len(pooled)}
         if len(upto) >= 2:
             z, y = embed(np.stack([r.image for r in upto])), np.array([r.plane for r in upto])
             kid = kernel_inception_distance(test_z, z, num_subsets=20, subset_size=min(len(z), len(test_z)))
