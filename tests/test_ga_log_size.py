@@ -214,3 +214,12 @@ def test_a_checkpoint_saved_before_flip_averaging_is_scored_with_the_features_it
     loaded = checkpoint_models(tmp_path, spec).regressor
     assert loaded.backbone.flips is False and "flip_views_format" not in loaded.state_dict()
     assert torch.equal(loaded.head.weight, old.head.weight)
+
+
+def test_federated_regressor_weights_from_before_flip_averaging_are_refused_with_the_reason():
+    from common.models.downstream import federated_state, load_federated_state
+
+    old = federated_state(GARegressor(64, backbone="phantom_cnn", flips=False))
+    assert "flip_views_format" not in old
+    with pytest.raises(ValueError, match="single-view features"):
+        load_federated_state(GARegressor(64, backbone="phantom_cnn"), old)

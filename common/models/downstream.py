@@ -126,6 +126,10 @@ def load_federated_state(model: nn.Module, state: Mapping[str, Tensor]) -> None:
         if missing == ["log_hc_format"]:
             raise ValueError("these GA regressor weights predate the log-HC output (same shapes, another meaning): "
                              "retrain the regressor with this version")
+        if missing == ["flip_views_format"]:
+            raise ValueError("these GA regressor weights were trained on single-view features, before the regressor "
+                             "read flip-averaged ones (same shapes, other features): retrain the regressor with this "
+                             "version, or score the old checkpoint folder with `difusal evaluate` (it rebuilds it)")
         raise ValueError(f"downstream weights do not fit the model: missing {missing[:5]}, unexpected {extra[:5]}"
                          " (was it trained with another train.downstream-backbone / width / hidden?)")
     model.load_state_dict({**model.state_dict(), **dict(state)}, strict=True)
