@@ -62,3 +62,19 @@ def test_the_hc18_runs_pixel_size_line_is_fitted_on_its_own_split(shared_data: P
     # the spacing alone carries GA to within a few weeks on HC18 (17.9 days in the patient-grouped CV study)
     assert line is not None and 10.0 < line["mae_days"] < 25.0 and 0.75 < line["coverage"] < 0.97
     assert pixel_line_of(build_config("demo", []).to_dict()) is None  # phantoms: no such yardstick here
+
+
+def test_a_run_with_a_failed_site_is_left_out_of_the_means_and_named(tmp_path: Path) -> None:
+    good = read_run(_run(tmp_path / "good", 0, [0.5, 0.7]))
+    bad_dir = _run(tmp_path / "bad", 1, [0.1, 0.1])
+    lines = [json.loads(x) for x in (bad_dir / "metrics.jsonl").read_text().splitlines()]
+    lines[1]["active_learning"] = {"sites": [{"name": "Ghana", "status": "failed", "reason": "OutOfMemoryError"}]}
+    (bad_dir / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    bad = read_run(bad_dir)
+    assert bad["rounds"][0]["failed_sites"] == [] and bad["rounds"][1]["failed_sites"] == [
+        "query Ghana: OutOfMemoryError"]
+    summary = summarise([good, bad])
+    assert summary["excluded"] == {str(bad_dir): "query Ghana: OutOfMemoryError"}
+    assert summary["round_2"]["plane-accuracy"] == {"mean": 0.7, "std": 0.0, "n": 1}
+    with pytest.raises(ValueError, match="every run had a failed site"):
+        summarise([bad])

@@ -49,7 +49,11 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         for site in rec.get("sites", []):
             eps[site["name"]] = {model: round(float(p["epsilon"]), 3) for model, p in site.get("privacy", {}).items()}
         pooled = {m: ev[m] if m in ev else _site_weighted(rec.get("sites", []), m) for m in METRICS}
-        rounds.append({"round": rec["round"], "wall_s": rec.get("wall_s"),
+        failed = [f"{phase} {site.get('name', site.get('node_id'))}: {str(site.get('reason', ''))[:120]}"
+                  for phase, sites in (("train", rec.get("sites", [])),
+                                       ("query", (rec.get("active_learning") or {}).get("sites", [])))
+                  for site in sites if site.get("status", "ok") != "ok"]
+        rounds.append({"round": rec["round"], "wall_s": rec.get("wall_s"), "failed_sites": failed,
                        **{m: v for m, v in pooled.items() if v is not None},
                        "held_out_images": int(sum(s.get("evaluation", {}).get("num-examples", 0)
                                                   for s in rec.get("sites", []))),
@@ -95,11 +99,20 @@ def _site_weighted(sites: list[dict[str, Any]], metric: str) -> float | None:
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and std over runs (seeds) per round of every metric the runs report."""
+    """Mean and std over runs (seeds) per round of every metric the runs report.
+
+    A run in which a site failed in any round (a crash, or the machine running out of memory) measured a smaller
+    federation than the others: it is left out of the means and listed under ``excluded`` with its first failure.
+    """
     keys = {(r["preset"], r["data_source"], r["image_size"]) for r in runs}
     if len(keys) != 1:
         raise ValueError(f"the runs mix presets, data or image sizes: {sorted(keys)}; summarise like with like")
-    out: dict[str, Any] = {}
+    excluded = {r["run_dir"]: next(f for x in r["rounds"] for f in x.get("failed_sites", []))
+                for r in runs if any(x.get("failed_sites") for x in r["rounds"])}
+    runs = [r for r in runs if r["run_dir"] not in excluded]
+    if not runs:
+        raise ValueError(f"every run had a failed site, nothing to summarise: {excluded}")
+    out: dict[str, Any] = {"excluded": excluded} if excluded else {}
     n_rounds = min(len(r["rounds"]) for r in runs)
     for i in range(n_rounds):
         row: dict[str, Any] = {}
@@ -158,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     for name, row in report["summary"].items():
+        if name == "excluded":
+            for run_dir, why in row.items():
+                print(f"excluded {run_dir}: a site failed ({why})")
+            continue
         if "mean" in row:
             print(name, f"{row['mean']:.3f} ± {row['std']:.3f} (n={row['n']})")
             continue

@@ -67,12 +67,20 @@ def release_quality(run_dir: Path) -> list[dict[str, Any]]:
                          test_y, planes)
     records = load_release_records(run_dir / "release") if (run_dir / "release" / "metadata.jsonl").is_file() else []
     out = []
-    done = [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    # sites that failed up to a round (a crash, or the machine out of memory): that release came from fewer sites
+    failed, seen = {}, 0
+    for rec in recs:
+        seen += sum(site.get("status", "ok") != "ok" for part in (rec.get("sites", []),
+                    (rec.get("active_learning") or {}).get("sites", [])) for site in part)
+        failed[rec["round"]] = seen
+    done = [rec["round"] for rec in recs]
     for rnd in done:
         upto = records[: len(_rounds(run_dir, rnd))]  # rounds append in order: the first records are the earliest
         row: dict[str, Any] = {"round": rnd, "release_size": len(upto), "real_only_smallest": real_only,
                                "smallest_site": smallest.name, "smallest_n": len(smallest.train),
-                               "real_pooled": real_pooled, "real_pooled_n": len(pooled)}
+                               "real_pooled": real_pooled, "real_pooled_n": len(pooled),
+                               "failed_site_replies": failed[rnd]}
         if len(upto) >= 2:
             z, y = embed(np.stack([r.image for r in upto])), np.array([r.plane for r in upto])
             kid = kernel_inception_distance(test_z, z, num_subsets=20, subset_size=min(len(z), len(test_z)))
