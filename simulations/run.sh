@@ -23,8 +23,6 @@ if [ ! -f "$stamp" ]; then
 fi
 cmd="${1:-demo}"; shift || true
 case "$cmd" in
-  # two workers: the e2e tests (mostly waiting on their SuperLink and SuperNodes) on one, the compute-bound tests
-  # beside them (tests/conftest.py); a later -n (e.g. -n 0) overrides it
-  test) exec "$venv/bin/python" -m pytest -n "${DIFUSAL_TEST_WORKERS:-2}" --dist loadgroup "$@" ;;
+  test) exec "$venv/bin/python" -m pytest "$@" ;;
   *)    exec "$venv/bin/difusal" "$cmd" "$@" ;;
 esac

@@ -54,15 +54,6 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """With pytest-xdist's ``--dist loadgroup`` the end-to-end tests run one after another on one worker: they spend
-    most of their time waiting on their own SuperLink and SuperNode processes, while the other worker runs the
-    compute-bound tests beside them (two e2e runs at once would also fight over the same two cores)."""
-    for item in items:
-        if item.get_closest_marker("e2e") is not None:
-            item.add_marker(pytest.mark.xdist_group("e2e"))
-
-
 # The product's apps with faults injected by environment variables (tests/fault_app.py), for run_simulation(overlay=).
 FAULT_APP = AppOverlay(module=Path(__file__).with_name("fault_app.py"), serverapp="fault_app:server",
                        clientapp="fault_app:client")
