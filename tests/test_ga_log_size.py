@@ -214,6 +214,8 @@ def test_a_checkpoint_saved_before_flip_averaging_is_scored_with_the_features_it
     loaded = checkpoint_models(tmp_path, spec).regressor
     assert loaded.backbone.flips is False and "flip_views_format" not in loaded.state_dict()
     assert torch.equal(loaded.head.weight, old.head.weight)
+    with pytest.raises(ValueError, match="single-view features"):  # where only the current format will do
+        checkpoint_models(tmp_path, spec, single_view_ok=False)
 
 
 def test_federated_regressor_weights_from_before_flip_averaging_are_refused_with_the_reason():

@@ -36,6 +36,7 @@ from common.data.sites import SiteData, load_federated_data, public_phantoms
 from common.data.tensors import has_ga, records_to_dataset
 from common.models.bundle import shipped_prior_folder
 from common.models.downstream import (
+    ENCODER_BACKBONES,
     DownstreamSpec,
     GARegressor,
     PlaneClassifier,
@@ -174,15 +175,18 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(str(path)).items()}
 
 
-def checkpoint_models(folder: Path, spec: DownstreamSpec) -> DownstreamModels:
+def checkpoint_models(folder: Path, spec: DownstreamSpec, *, single_view_ok: bool = True) -> DownstreamModels:
     """The classifier and regressor saved in a checkpoint (or prior) folder, built as ``spec`` says (its label
-    scope included); a frozen backbone's saved normalisation is the one loaded. A regressor saved before the
-    flip-averaged features (no ``flip_views_format`` mark) is rebuilt on single-view features, as it was trained."""
-    clf, reg = spec.classifier(), spec.regressor()
+    scope included); a frozen backbone's saved normalisation is the one loaded. A regressor on a shipped encoder
+    saved before the flip-averaged features (no ``flip_views_format`` mark) is rebuilt on single-view features, as
+    it was trained, or refused (``ValueError``) with ``single_view_ok=False``."""
+    clf = spec.classifier()
     clf.load_state_dict(_load_state(Path(folder) / "classifier.safetensors"))
     state = _load_state(Path(folder) / "regressor.safetensors")
-    if "flip_views_format" in reg.state_dict() and "flip_views_format" not in state:
-        reg = spec.regressor(flips=False)
+    single_view = spec.backbone in ENCODER_BACKBONES and "flip_views_format" not in state
+    if single_view and not single_view_ok:
+        raise ValueError(f"{folder}: its GA regressor was trained on single-view features (before flip averaging)")
+    reg = spec.regressor(flips=not single_view)
     if "log_hc_format" in reg.state_dict() and "log_hc_format" not in state:
         raise ValueError(f"{folder}: its GA regressor was saved before the log-HC output (same shapes, another "
                          "meaning); score a checkpoint written by this version, or retrain")
@@ -206,11 +210,10 @@ def phantom_prior(cfg: RunConfig, settings: EvalSettings) -> tuple[dict[str, dic
             if side.get("data", {}).get("image_size", size) != size:
                 continue  # conv weights would load, but they were trained at another scale
             try:
-                models = checkpoint_models(folder, spec)
-            except (RuntimeError, ValueError):  # another image size, width or backbone
+                # the arms build the current regressor: a prior in an older format is skipped like a misfit
+                models = checkpoint_models(folder, spec, single_view_ok=False)
+            except (RuntimeError, ValueError):  # another image size, width, backbone or format
                 continue
-            if models.regressor.state_dict().keys() != spec.regressor().state_dict().keys():
-                continue  # saved in an older format (single-view features): the arms build the current one
             return ({"classifier": models.classifier.state_dict(), "regressor": models.regressor.state_dict()},
                     f"prior folder {folder}")
     public = public_phantoms(cfg.data, seed=cfg.seed)

@@ -25,6 +25,14 @@ def pooled(sites: Sequence[Mapping[str, Any]], key: str, weight: str = "num-exam
     return sum(v * w for v, w in pairs) / total if total else None
 
 
+def failed_replies(record: Mapping[str, Any]) -> list[str]:
+    """``"<phase> <site>: <reason>"`` for every site reply of one ``metrics.jsonl`` record that did not come back ok
+    (training, or the coordinator's query): a round with any measured a smaller federation than intended."""
+    phases = (("train", record.get("sites", [])), ("query", (record.get("active_learning") or {}).get("sites", [])))
+    return [f"{phase} {site.get('name', site.get('node_id'))}: {str(site.get('reason', ''))[:120]}"
+            for phase, sites in phases for site in sites if site.get("status", "ok") != "ok"]
+
+
 def round_summary(record: Mapping[str, Any]) -> dict[str, Any]:
     """Round number, pooled held-out metrics and release size of one ``metrics.jsonl`` record."""
     out: dict[str, Any] = {"round": int(record["round"])}

@@ -282,7 +282,7 @@ class GARegressor(nn.Module):
     On the shipped encoders (``phantom_cnn``, ``public_cnn``) the regressor reads features averaged over the four
     flips of the image (``flips=True``, :func:`common.models.features.flip_average`): a head's size does not
     depend on the probe's orientation, and the average removes feature noise that does (HC18, 5 patient-grouped
-    folds: 9.2 instead of 9.7 days under DP at eps = 10). The public warm-start head is the one fitted on the same
+    folds: 9.2 instead of 9.6 days under DP at eps = 10). The public warm-start head is the one fitted on the same
     flip-averaged features. A buffer ``flip_views_format`` marks such weights, so a checkpoint saved before (same
     shapes, features of single views) fails to load strictly instead of predicting off-scale GA.
 

@@ -356,8 +356,8 @@ def flip_average(fn, x: torch.Tensor) -> torch.Tensor:
 
     The average is the same for an image and any of its flips (the four flips form a group), so features of
     anatomy whose size or plane does not depend on orientation lose the part of their noise that does: on HC18
-    heads a linear GA head on flip-averaged ``public_cnn`` features errs 6.7 days non-privately and 9.2 under DP at
-    eps = 10, against 8.0 and 9.7 without (README, "GA from the apparent head size")."""
+    heads a linear GA head on flip-averaged ``public_cnn`` features errs 7.0 days non-privately and 9.2 under DP at
+    eps = 10, against 7.8 and 9.6 without (README, "Flip-averaged features for the GA regressor")."""
     return (fn(x) + fn(x.flip(-1)) + fn(x.flip(-2)) + fn(x.flip(-2, -1))) / 4
 
 

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from common.federated.round_metrics import failed_replies, pooled
 from simulations.benchmarks._common import machine_info
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -48,13 +49,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         eps: dict[str, dict[str, float]] = {}
         for site in rec.get("sites", []):
             eps[site["name"]] = {model: round(float(p["epsilon"]), 3) for model, p in site.get("privacy", {}).items()}
-        pooled = {m: ev[m] if m in ev else _site_weighted(rec.get("sites", []), m) for m in METRICS}
-        failed = [f"{phase} {site.get('name', site.get('node_id'))}: {str(site.get('reason', ''))[:120]}"
-                  for phase, sites in (("train", rec.get("sites", [])),
-                                       ("query", (rec.get("active_learning") or {}).get("sites", [])))
-                  for site in sites if site.get("status", "ok") != "ok"]
-        rounds.append({"round": rec["round"], "wall_s": rec.get("wall_s"), "failed_sites": failed,
-                       **{m: v for m, v in pooled.items() if v is not None},
+        pooled_metrics = {m: ev[m] if m in ev else pooled(rec.get("sites", []), m) for m in METRICS}
+        rounds.append({"round": rec["round"], "wall_s": rec.get("wall_s"), "failed_sites": failed_replies(rec),
+                       **{m: v for m, v in pooled_metrics.items() if v is not None},
                        "held_out_images": int(sum(s.get("evaluation", {}).get("num-examples", 0)
                                                   for s in rec.get("sites", []))),
                        "epsilon_per_site": eps})
@@ -87,15 +84,6 @@ def pixel_line_of(cfg_dict: dict[str, Any]) -> dict[str, float] | None:
                 np.array([r.ga_weeks for r in recs], dtype=np.float64))
 
     return pixel_size_line(*arrays("train"), *arrays("test"))
-
-
-def _site_weighted(sites: list[dict[str, Any]], metric: str) -> float | None:
-    """A metric pooled over the sites' held-out images (each site's value weighted by its image count), where the
-    round's record has no server-side aggregate of it (the GA metrics); ``None`` where no site reports it."""
-    pairs = [(float(s["evaluation"][metric]), float(s["evaluation"].get("num-examples", 0)))
-             for s in sites if metric in s.get("evaluation", {})]
-    total = sum(n for _, n in pairs)
-    return sum(v * n for v, n in pairs) / total if pairs and total > 0 else None
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

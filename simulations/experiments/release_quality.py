@@ -28,6 +28,7 @@ from common.analysis.image_metrics import kernel_inception_distance
 from common.analysis.metrics import frechet_distance
 from common.core.config import RunConfig
 from common.data.sites import load_site
+from common.federated.round_metrics import failed_replies
 from common.models.features import fit_softmax
 from simulations.config_args import count_sites
 
@@ -68,11 +69,10 @@ def release_quality(run_dir: Path) -> list[dict[str, Any]]:
     records = load_release_records(run_dir / "release") if (run_dir / "release" / "metadata.jsonl").is_file() else []
     out = []
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    # sites that failed up to a round (a crash, or the machine out of memory): that release came from fewer sites
+    # site replies that failed up to a round (a crash, or the machine out of memory): a release from fewer sites
     failed, seen = {}, 0
     for rec in recs:
-        seen += sum(site.get("status", "ok") != "ok" for part in (rec.get("sites", []),
-                    (rec.get("active_learning") or {}).get("sites", [])) for site in part)
+        seen += len(failed_replies(rec))
         failed[rec["round"]] = seen
     done = [rec["round"] for rec in recs]
     for rnd in done:
