@@ -37,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         " never a site's private data)")
     p.add_argument("--public-balanced", action="store_true",
                    help="draw the public images plane-balanced (for a public set dominated by one plane, e.g. HC18)")
+    p.add_argument("--size-weight", type=float, default=0.0,
+                   help="weight of the auxiliary apparent-size objective on fetal-plane phantoms (0: planes only)")
     p.add_argument("--heads-only", action="store_true",
                    help="keep the encoder in --out and (re)fit only its public warm-start heads on --public")
     p.add_argument("--head-sizes", default="32,64,128", help="image sizes to fit a public warm-start head for")
@@ -53,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         public.append(load_public_images(layout, root))
     command = "python -m simulations.encoder " + " ".join(shlex.quote(v) for v in (argv or sys.argv[1:]))
     if not a.heads_only:
-        cfg = EncoderConfig(steps=a.steps, seed=a.seed, public_balanced=a.public_balanced)
+        cfg = EncoderConfig(steps=a.steps, seed=a.seed, public_balanced=a.public_balanced, size_weight=a.size_weight)
         train_phantom_encoder(out, cfg, public=public)
     meta = json.loads((out / "encoder.json").read_text())
     meta["command" if not a.heads_only else "heads_command"] = command

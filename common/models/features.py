@@ -208,6 +208,10 @@ class EncoderConfig:
     # draw the public images plane-balanced (a plane, then one of its images) instead of uniformly: for public sets
     # dominated by one plane (HC18 is brain only), so that the encoder does not learn the public plane mix
     public_balanced: bool = False
+    # weight of an auxiliary objective on the phantoms of the fetal planes: regress the anatomy's apparent size
+    # (:func:`apparent_size`, known exactly for a phantom and its augmentation) from the pooled features, so that
+    # they carry what a GA head reads. 0: plane classification only (every encoder trained before this option)
+    size_weight: float = 0.0
 
 
 class PublicImages(Protocol):
@@ -218,10 +222,28 @@ class PublicImages(Protocol):
     source: dict[str, Any]  # what an auditor needs: layout, folder, image count, pixel digest
 
 
-class PhantomEncoder(nn.Module):
-    """A strided stem, then conv3x3-GroupNorm-SiLU-avgpool blocks; global pooling; a linear plane head."""
+# the planes whose phantom anatomy grows with GA (the size objective's examples); maternal cervix and "other" do not
+SIZE_PLANES: tuple[int, ...] = tuple(PLANES.index(p) for p in ("fetal_brain", "fetal_abdomen", "fetal_femur",
+                                                                "fetal_thorax"))
 
-    def __init__(self, widths: Sequence[int] = (16, 32, 64, 96), num_classes: int = len(PLANES)) -> None:
+
+def apparent_size(ga_weeks: Tensor, spacing_mm: Tensor, size: int, zoom: Tensor | float = 1.0) -> Tensor:
+    """``log(HC(GA) / field of view) + log(zoom)``: how large the fetus of that GA looks in a ``size`` px image of
+    that pixel spacing, magnified ``zoom`` times (an augmentation's scale). The GA regressor's ``log_hc`` output
+    reads this quantity off a brain image; the other fetal planes' anatomy follows the same GA, so their apparent
+    size moves with it (each plane gets its own output of the encoder's size head)."""
+    from common.phantoms.biometry import hc_from_ga
+
+    hc = torch.as_tensor(hc_from_ga(np.asarray(ga_weeks, dtype=np.float64)), dtype=torch.float32)
+    return torch.log(hc) - torch.log(spacing_mm.float() * size) + torch.log(torch.as_tensor(zoom, dtype=torch.float32))
+
+
+class PhantomEncoder(nn.Module):
+    """A strided stem, then conv3x3-GroupNorm-SiLU-avgpool blocks; global pooling; a linear plane head; with
+    ``size_head``, also a linear head from the pooled features to each plane's apparent size (training only)."""
+
+    def __init__(self, widths: Sequence[int] = (16, 32, 64, 96), num_classes: int = len(PLANES), *,
+                 size_head: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(1, widths[0], 5, stride=2, padding=2),
                                    nn.GroupNorm(4, widths[0]), nn.SiLU()]
@@ -232,19 +254,32 @@ class PhantomEncoder(nn.Module):
         self.trunk = nn.Sequential(*layers)
         self.head = nn.Linear(c_in, num_classes)
         self.feature_dim = 2 * c_in
+        self.size_head = nn.Linear(self.feature_dim, num_classes) if size_head else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Mean and standard deviation of the last block's channels: ``[N, 2 * widths[-1]]``."""
-        h = self.trunk(x * 2.0 - 1.0)
+        return self._pool(self.trunk(x * 2.0 - 1.0))
+
+    @staticmethod
+    def _pool(h: torch.Tensor) -> torch.Tensor:
         return torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.trunk(x * 2.0 - 1.0).mean(dim=(2, 3)))
 
+    def forward_with_size(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(plane logits, apparent size per plane [N, num_classes] in standardised units)`` from one trunk pass."""
+        if self.size_head is None:
+            raise ValueError("this encoder has no size head (EncoderConfig.size_weight = 0)")
+        h = self.trunk(x * 2.0 - 1.0)
+        return self.head(h.mean(dim=(2, 3))), self.size_head(self._pool(h))
 
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+
+def augment(x: torch.Tensor, gen: torch.Generator, *, return_zoom: bool = False
+            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Heavy random augmentation of ``[N, 1, H, W]`` images in [0, 1]: affine (rotation +-35 deg, scale 0.7-1.35,
-    shift +-15 %, flip), gamma 0.5-2, contrast/brightness, blur, multiplicative speckle, additive noise, cut-out."""
+    shift +-15 %, flip), gamma 0.5-2, contrast/brightness, blur, multiplicative speckle, additive noise, cut-out.
+    With ``return_zoom``, also each image's magnification ``[N]`` (the affine scale: anatomy looks that much larger)."""
     n, dev = x.shape[0], x.device
 
     def u(lo: float, hi: float, *shape: int) -> torch.Tensor:
@@ -273,18 +308,22 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         h = int(torch.randint(side // 8, side // 3, (1,), generator=gen))
         r, c = (int(v) for v in torch.randint(0, side - h, (2,), generator=gen))
         y[i, :, r:r + h, c:c + h] = 0.0
-    return y.clamp(0, 1)
+    return (y.clamp(0, 1), scale.cpu()) if return_zoom else y.clamp(0, 1)
 
 
-def _phantom_images(n_per_profile: int, *, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """``n_per_profile`` phantoms of every scanner profile (uniform planes): uint8 images and plane labels."""
-    images, labels = [], []
+def _phantom_images(n_per_profile: int, *, size: int, seed: int, with_ga: bool = False) -> tuple[np.ndarray, ...]:
+    """``n_per_profile`` phantoms of every scanner profile (uniform planes): uint8 images and plane labels (and,
+    ``with_ga``, GA weeks and pixel spacing in mm)."""
+    images, labels, ga, spacing = [], [], [], []
     for k, profile in enumerate(SCANNER_PROFILES):
         for r in make_phantoms(int(n_per_profile), size=size, seed=seed * 1000 + k, profile=profile,
                                site="public", id_prefix=f"public-{profile}"):
             images.append(r.image)
             labels.append(r.plane)
-    return np.stack(images), np.asarray(labels, dtype=np.int64)
+            ga.append(r.ga_weeks)
+            spacing.append(r.pixel_spacing_mm)
+    out = (np.stack(images), np.asarray(labels, dtype=np.int64))
+    return out + (np.asarray(ga, np.float32), np.asarray(spacing, np.float32)) if with_ga else out
 
 
 def public_indices(planes: Tensor, n: int, gen: torch.Generator, *, balanced: bool) -> Tensor:
@@ -312,15 +351,21 @@ def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    images, labels = _phantom_images(cfg.images_per_profile, size=cfg.size, seed=cfg.seed + 1)
-    held_images, held_labels = _phantom_images(40, size=cfg.size, seed=cfg.seed + 7)
+    images, labels, ga, spacing = _phantom_images(cfg.images_per_profile, size=cfg.size, seed=cfg.seed + 1,
+                                                  with_ga=True)
+    held_images, held_labels, held_ga, held_spacing = _phantom_images(40, size=cfg.size, seed=cfg.seed + 7,
+                                                                      with_ga=True)
     x_all, y_all = as_unit_float(images), torch.from_numpy(labels)
+    fetal = torch.isin(y_all, torch.tensor(SIZE_PLANES))
+    size_raw = apparent_size(torch.from_numpy(ga), torch.from_numpy(spacing), cfg.size)
+    size_center, size_scale = float(size_raw[fetal].mean()), float(size_raw[fetal].std())  # of public phantoms
+    size_target = (size_raw - size_center) / size_scale
     if public:
         x_pub = torch.cat([as_unit_float(p.images) for p in public])
         y_pub = torch.from_numpy(np.concatenate([p.planes for p in public]))
         if x_pub.shape[-1] != cfg.size:
             raise ValueError(f"public images are {x_pub.shape[-1]} px; the encoder trains at {cfg.size} px")
-    model = PhantomEncoder(cfg.widths)
+    model = PhantomEncoder(cfg.widths, size_head=cfg.size_weight > 0)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps)
     model.train()
@@ -330,7 +375,16 @@ def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig
         if public:
             j = public_indices(y_pub, cfg.public_batch, gen, balanced=cfg.public_balanced)
             xb, yb = torch.cat([xb, x_pub[j]]), torch.cat([yb, y_pub[j]])
-        loss = F.cross_entropy(model(augment(xb, gen)), yb)
+        if cfg.size_weight > 0:  # phantoms first in the batch: their apparent size under the augmentation is known
+            xa, zoom = augment(xb, gen, return_zoom=True)
+            logits, size_pred = model.forward_with_size(xa)
+            m = fetal[idx]
+            target = size_target[idx] + torch.log(zoom[: len(idx)]) / size_scale
+            pred = size_pred[: len(idx)].gather(1, y_all[idx][:, None])[:, 0]
+            size_loss = F.mse_loss(pred[m], target[m]) if bool(m.any()) else pred.sum() * 0.0
+            loss = F.cross_entropy(logits, yb) + cfg.size_weight * size_loss
+        else:
+            loss = F.cross_entropy(model(augment(xb, gen)), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -340,13 +394,21 @@ def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig
     model.eval()
     with torch.no_grad():
         acc = float((model(as_unit_float(held_images)).argmax(1).numpy() == held_labels).mean())
+        extra: dict[str, Any] = {}
+        if model.size_head is not None:  # held-out apparent-size error (log units) on unaugmented fetal-plane phantoms
+            _, size_pred = model.forward_with_size(as_unit_float(held_images))
+            y = torch.from_numpy(held_labels)
+            m = torch.isin(y, torch.tensor(SIZE_PLANES))
+            pred = size_pred.gather(1, y[:, None])[:, 0] * size_scale + size_center
+            truth = apparent_size(torch.from_numpy(held_ga), torch.from_numpy(held_spacing), cfg.size)
+            extra["phantom_heldout_size_rmse_log"] = round(float(((pred - truth)[m] ** 2).mean().sqrt()), 4)
     folder.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(folder / "encoder.safetensors"))
     meta = {"format": ENCODER_FORMAT, "config": asdict(cfg), "phantom_heldout_accuracy": acc,
             "train_seconds": round(time.perf_counter() - t0, 1), "data": "phantoms of every scanner profile: "
             + ", ".join(SCANNER_PROFILES) + ("; public real scans: " + ", ".join(
                 f"{p.source['layout']} ({p.source['images']} images)" for p in public) if public else ""),
-            "public_sources": [p.source for p in public]}
+            "public_sources": [p.source for p in public], **extra}
     (folder / "encoder.json").write_text(json.dumps(meta, indent=2))
     return folder
 
@@ -373,7 +435,7 @@ class PhantomEncoderExtractor:
         self.meta = meta
         cfg = meta["config"]
         self.size = int(cfg["size"])
-        self.model = PhantomEncoder(tuple(cfg["widths"]))
+        self.model = PhantomEncoder(tuple(cfg["widths"]), size_head=float(cfg.get("size_weight", 0.0)) > 0)
         self.model.load_state_dict(load_file(str(folder / "encoder.safetensors")), strict=True)
         self.model.eval().requires_grad_(False)
         self.flips = bool(flips)
