@@ -28,8 +28,8 @@ from common.models.features import PhantomEncoderBackbone, ScatteringBackbone
 if TYPE_CHECKING:
     from common.core.config import RunConfig
 
-BACKBONES: tuple[str, ...] = ("phantom_cnn", "public_cnn", "scattering", "cnn")
-ENCODER_BACKBONES: tuple[str, ...] = ("phantom_cnn", "public_cnn")  # the shipped public encoders
+BACKBONES: tuple[str, ...] = ("phantom_cnn", "public_cnn", "public_size_cnn", "scattering", "cnn")
+ENCODER_BACKBONES: tuple[str, ...] = ("phantom_cnn", "public_cnn", "public_size_cnn")  # the shipped public encoders
 
 _GA_CENTER = (GA_MIN_WEEKS + GA_MAX_WEEKS) / 2.0  # 27 weeks
 _GA_SCALE = (GA_MAX_WEEKS - GA_MIN_WEEKS) / 2.0  # 13 weeks
@@ -75,15 +75,17 @@ class ConvBackbone(nn.Module):
 def make_backbone(kind: str, image_size: int, width: int, scattering_j: int = 2, scattering_grid: int = 2, *,
                   flips: bool = False) -> nn.Module:
     """The feature extractor of a downstream model: ``"phantom_cnn"``, ``"public_cnn"`` (the encoder trained on
-    phantoms + public real scans), ``"scattering"`` (frozen) or ``"cnn"`` (trained). ``flips``: the encoders'
-    features averaged over the four flips of each image (:func:`common.models.features.flip_average`)."""
+    phantoms + public real scans), ``"public_size_cnn"`` (the same data, plus the phantoms' apparent anatomy size as
+    a second objective), ``"scattering"`` (frozen) or ``"cnn"`` (trained). ``flips``: the encoders' features
+    averaged over the four flips of each image (:func:`common.models.features.flip_average`)."""
     if kind == "phantom_cnn":
         return PhantomEncoderBackbone(image_size, flips=flips)
-    if kind == "public_cnn":
+    if kind in ("public_cnn", "public_size_cnn"):
         from common.models.assets import asset_folder
-        from common.models.features import PUBLIC_ENCODER_ASSET
+        from common.models.features import PUBLIC_ENCODER_ASSET, PUBLIC_SIZE_ENCODER_ASSET
 
-        return PhantomEncoderBackbone(image_size, asset_folder(PUBLIC_ENCODER_ASSET), flips=flips)
+        asset = PUBLIC_ENCODER_ASSET if kind == "public_cnn" else PUBLIC_SIZE_ENCODER_ASSET
+        return PhantomEncoderBackbone(image_size, asset_folder(asset), flips=flips)
     if kind == "scattering":
         return ScatteringBackbone(image_size, J=scattering_j, grid=scattering_grid)
     if kind == "cnn":

@@ -39,6 +39,8 @@ ENCODER_FORMAT = "difusal-phantom-encoder/1"
 PHANTOM_ENCODER_ASSET = "phantom-encoder"  # common/assets/phantom-encoder: EncoderConfig() defaults, seed 0
 # common/assets/public-encoder: phantoms + public labelled real scans (its encoder.json lists every source)
 PUBLIC_ENCODER_ASSET = "public-encoder"
+# common/assets/public-size-encoder: the same data, trained with the apparent-size objective (EncoderConfig.size_weight)
+PUBLIC_SIZE_ENCODER_ASSET = "public-size-encoder"
 
 
 @runtime_checkable
@@ -437,6 +439,9 @@ class PhantomEncoderExtractor:
         self.size = int(cfg["size"])
         self.model = PhantomEncoder(tuple(cfg["widths"]), size_head=float(cfg.get("size_weight", 0.0)) > 0)
         self.model.load_state_dict(load_file(str(folder / "encoder.safetensors")), strict=True)
+        # the size head served training only: without it every encoder's state dict has the same keys (a checkpoint
+        # keeps its backbone's weights)
+        self.model.size_head = None
         self.model.eval().requires_grad_(False)
         self.flips = bool(flips)
         self.name = "phantom_cnn_flips" if self.flips else "phantom_cnn"

@@ -150,7 +150,7 @@ def parse_setting(text: str) -> tuple[str, int, int, list[float]]:
     parts = text.split(":")
     if parts[0] == "scattering" and len(parts) == 4:
         return "scattering", int(parts[1]), int(parts[2]), [float(e) for e in parts[3].split("/") if e]
-    if parts[0] in ("phantom_cnn", "public_cnn") and len(parts) == 2:
+    if parts[0] in ("phantom_cnn", "public_cnn", "public_size_cnn") and len(parts) == 2:
         return parts[0], 2, 4, [float(e) for e in parts[1].split("/") if e]
     raise ValueError(f"setting {text!r}: expected phantom_cnn:EPS/EPS, public_cnn:EPS/EPS or scattering:J:GRID:EPS/EPS")
 
