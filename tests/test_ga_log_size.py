@@ -97,12 +97,13 @@ def test_public_ga_head_reads_ga_off_fresh_phantoms_without_private_data(flips):
     assert 0.6 <= covered <= 1.0
 
 
-@pytest.mark.parametrize("backbone", ["phantom_cnn", "public_cnn"])
+@pytest.mark.parametrize("backbone", ["phantom_cnn", "public_cnn", "public_size_cnn"])
 def test_linear_ga_heads_on_shipped_encoders_start_at_the_public_ga_head(backbone):
     from safetensors.torch import load_file
 
     reg = GARegressor(64, backbone=backbone)
-    folder = {"phantom_cnn": "phantom-encoder", "public_cnn": "public-encoder"}[backbone]
+    folder = {"phantom_cnn": "phantom-encoder", "public_cnn": "public-encoder",
+              "public_size_cnn": "public-size-encoder"}[backbone]
     from common.models.assets import asset_folder
 
     # the regressor reads flip-averaged features, so it starts at the head fitted on those
@@ -126,7 +127,8 @@ def test_linear_ga_heads_on_shipped_encoders_start_at_the_public_ga_head(backbon
     assert float(DownstreamSpec(64, backbone, planes=None).regressor().head.weight.abs().sum()) == 0.0
 
 
-def test_public_ga_head_beats_the_pixel_size_line_on_real_hc18_scans():
+@pytest.mark.parametrize("backbone,bound", [("public_cnn", 0.7), ("public_size_cnn", 0.65)])
+def test_public_ga_head_beats_the_pixel_size_line_on_real_hc18_scans(backbone, bound):
     """No private image: the head fitted on brain phantoms, applied to the HC18 training images (public here)."""
     from pathlib import Path
 
@@ -138,11 +140,11 @@ def test_public_ga_head_beats_the_pixel_size_line_on_real_hc18_scans():
         pytest.skip(f"HC18 not at {root}")
     data = records_to_dataset(load_source("hc18", str(root), image_size=64).records, image_size=64)
     x, ga, sp = data.tensors[0], data.tensors[2].numpy().astype(np.float64), data.tensors[3]
-    mean, std = predict_ga(GARegressor(64, backbone="public_cnn"), x, sp)
+    mean, std = predict_ga(GARegressor(64, backbone=backbone), x, sp)
     mae = np.abs(mean.numpy() - ga).mean() * 7
     a = np.stack([np.ones(len(ga)), np.log(sp.numpy().astype(np.float64))], 1)  # the line, fitted in-sample
     line = np.abs(a @ np.linalg.lstsq(a, ga, rcond=None)[0] - ga).mean() * 7
-    assert mae < 0.7 * line, (mae, line)  # measured 10.8 vs 17.9 days
+    assert mae < bound * line, (mae, line)  # measured 11.2 (public_cnn) and 10.2 (public_size_cnn) vs 17.9 days
     covered = np.mean(np.abs(mean.numpy() - ga) <= 1.645 * std.numpy())
     assert 0.7 <= covered <= 0.97, covered
 
@@ -152,7 +154,7 @@ def test_hc18_preset_regressor_starts_at_the_public_ga_head(tmp_path):
     from common.models.downstream import DownstreamSpec
 
     cfg = RunConfig.from_flat({"preset": "smoke", "data.image-size": "64", **data_preset("hc18", str(tmp_path))})
-    assert cfg.train.downstream_backbone == "public_cnn" and cfg.train.downstream_batch_size == 64
+    assert cfg.train.downstream_backbone == "public_size_cnn" and cfg.train.downstream_batch_size == 64
     assert cfg.train.rate("regressor")[0] == 0.003 and cfg.privacy.budget_regressor == 0.39
     assert cfg.train.batch_for("regressor") == 64 and cfg.train.batch_for("generator") == cfg.train.batch_size
     reg = DownstreamSpec.from_config(cfg).regressor()

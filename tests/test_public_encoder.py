@@ -40,8 +40,9 @@ def test_public_images_of_another_size_are_refused(tmp_path):
 def test_fetal_planes_db_data_refuses_the_encoder_that_saw_it(tmp_path):
     flat = {"preset": "smoke", **data_preset("fetal_planes_db", str(tmp_path))}
     assert RunConfig.from_flat(flat).train.downstream_backbone == "phantom_cnn"
-    with pytest.raises(ConfigError, match="FETAL_PLANES_DB"):
-        RunConfig.from_flat({**flat, "train.downstream-backbone": "public_cnn"})
+    for backbone, folder in (("public_cnn", "public-encoder"), ("public_size_cnn", "public-size-encoder")):
+        with pytest.raises(ConfigError, match=f"FETAL_PLANES_DB images \\(common/assets/{folder}/"):
+            RunConfig.from_flat({**flat, "train.downstream-backbone": backbone})
 
 
 def test_african_preset_stands_on_the_shipped_public_encoder(tmp_path):

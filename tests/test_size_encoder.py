@@ -44,8 +44,8 @@ def test_an_encoder_trained_with_the_size_objective_learns_it_and_loads(tmp_path
     truth = fx.apparent_size(torch.from_numpy(ga), torch.from_numpy(spacing), 32)
     fetal = torch.isin(torch.from_numpy(labels), torch.tensor(fx.SIZE_PLANES))
     assert meta["phantom_heldout_size_rmse_log"] < 0.85 * float(truth[fetal].std())  # measured 0.77x
-    ext = fx.PhantomEncoderExtractor(out)  # strict load, the size head included
-    assert ext.model.size_head is not None and ext(np.zeros((2, 32, 32), np.uint8)).shape == (2, 64)
+    ext = fx.PhantomEncoderExtractor(out)  # loads strictly (the file has the size head), then drops the head
+    assert ext.model.size_head is None and ext(np.zeros((2, 32, 32), np.uint8)).shape == (2, 64)
 
 
 def test_an_encoder_without_the_objective_has_no_size_head(tmp_path):
@@ -56,3 +56,18 @@ def test_an_encoder_without_the_objective_has_no_size_head(tmp_path):
         (out / "encoder.json").read_text())
     with pytest.raises(ValueError, match="no size head"):
         ext.model.forward_with_size(torch.zeros(1, 1, 32, 32))
+
+
+def test_the_shipped_size_encoder_saw_the_same_public_data_and_keeps_the_checkpoint_layout():
+    from common.models.assets import asset_folder
+    from common.models.downstream import make_backbone
+
+    size_meta = json.loads((asset_folder(fx.PUBLIC_SIZE_ENCODER_ASSET) / "encoder.json").read_text())
+    plain_meta = json.loads((asset_folder(fx.PUBLIC_ENCODER_ASSET) / "encoder.json").read_text())
+    assert size_meta["config"]["size_weight"] == 1.0 and size_meta["phantom_heldout_size_rmse_log"] < 0.15
+    assert size_meta["public_sources"] == plain_meta["public_sources"]  # the same public scans, nothing more
+    sized, plain = make_backbone("public_size_cnn", 64, 32), make_backbone("public_cnn", 64, 32)
+    assert sized.state_dict().keys() == plain.state_dict().keys()  # the size head is not part of the backbone
+    assert not any(p.requires_grad for p in sized.parameters())
+    x = torch.rand(3, 1, 64, 64)
+    assert sized(x).shape == plain(x).shape == (3, 192) and not torch.allclose(sized(x), plain(x))
