@@ -156,6 +156,7 @@ def test_hc18_preset_regressor_starts_at_the_public_ga_head(tmp_path):
     cfg = RunConfig.from_flat({"preset": "smoke", "data.image-size": "64", **data_preset("hc18", str(tmp_path))})
     assert cfg.train.downstream_backbone == "public_size_cnn" and cfg.train.downstream_batch_size == 64
     assert cfg.train.rate("regressor")[0] == 0.003 and cfg.privacy.budget_regressor == 0.39
+    assert cfg.train.downstream_steps == 200
     assert cfg.train.batch_for("regressor") == 64 and cfg.train.batch_for("generator") == cfg.train.batch_size
     reg = DownstreamSpec.from_config(cfg).regressor()
     assert reg.public_warm_start and reg.output == "log_hc"

@@ -737,6 +737,9 @@ DATA_PRESETS: dict[str, dict[str, str]] = {
              # by patient-grouped CV over the same folds and seeds (7.9 vs 9.2 days at eps 10), README "Which features?"
              "train.downstream-backbone": "public_size_cnn", "train.downstream-batch-size": "64",
              "train.regressor-lr": "0.003",  # the study's most frequent inner-CV pick for public_cnn
+             # local steps per round (the regressor's: the classifier does not train here): 200 had the lowest
+             # inner-CV error of 50 / 100 / 200 in the product's shape (3 rounds, eps 4, public_size_cnn; README)
+             "train.downstream-steps": "200",
              # one plane in scope: the classifier never trains (local_update skips it), so its share goes to GA
              "privacy.budget-classifier": "0.01", "privacy.budget-regressor": "0.39"},
 }
