@@ -42,3 +42,14 @@ def test_feature_head_is_exactly_the_regressor():
     batch_img = (x, torch.zeros(6, dtype=torch.int64), ga, spacing)
     assert torch.equal(regressor_loss(reg, batch_img), regressor_loss(head, feature_dataset(h, ga, spacing).tensors))
     assert {f"reg.{k}" for k in federated_state(reg)} == set(head.state_dict())
+
+
+def test_settings_name_every_shipped_encoder_and_refuse_a_typo():
+    import pytest
+
+    from simulations.experiments.ga_heads import parse_setting
+
+    assert parse_setting("public_size_cnn:10/4") == ("public_size_cnn", 2, 4, [10.0, 4.0])
+    assert parse_setting("scattering:2:4:1") == ("scattering", 2, 4, [1.0])
+    with pytest.raises(ValueError, match="public_size_cnn:EPS/EPS"):
+        parse_setting("public_sized_cnn:10")

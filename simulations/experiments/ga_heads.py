@@ -4,7 +4,7 @@
 image_size=64)``; the records carry GA, pixel spacing rescaled to the 64 px image, patient id), splits its patients
 into K folds (:func:`grouped_kfold`: no patient is split) and reports GA MAE (days), coverage of the central 90%
 Gaussian interval and its mean width (days) on each held-out fold, per extractor (``--settings``: the shipped
-``public_cnn`` and ``phantom_cnn`` encoders, wavelet scattering), for:
+``public_cnn``, ``public_size_cnn`` and ``phantom_cnn`` encoders, wavelet scattering), for:
 
 1. ``pixel_size_line``: least squares of GA (weeks) on log pixel spacing, residual std as a constant interval; the
    baseline a model that looks at the image has to beat (in HC18 the spacing alone carries much of GA).
@@ -145,14 +145,15 @@ def train_nonprivate(reg: GARegressor, data: TensorDataset, *, checkpoints: Sequ
 
 
 def parse_setting(text: str) -> tuple[str, int, int, list[float]]:
-    """``"phantom_cnn:10/4/1"``, ``"public_cnn:10/4/1"`` or ``"scattering:J:grid:10/4/1"`` -> (backbone, J, grid,
-    DP epsilons)."""
+    """``"phantom_cnn:10/4/1"``, ``"public_cnn:10/4/1"``, ``"public_size_cnn:10/4/1"`` or
+    ``"scattering:J:grid:10/4/1"`` -> (backbone, J, grid, DP epsilons)."""
     parts = text.split(":")
     if parts[0] == "scattering" and len(parts) == 4:
         return "scattering", int(parts[1]), int(parts[2]), [float(e) for e in parts[3].split("/") if e]
     if parts[0] in ("phantom_cnn", "public_cnn", "public_size_cnn") and len(parts) == 2:
         return parts[0], 2, 4, [float(e) for e in parts[1].split("/") if e]
-    raise ValueError(f"setting {text!r}: expected phantom_cnn:EPS/EPS, public_cnn:EPS/EPS or scattering:J:GRID:EPS/EPS")
+    raise ValueError(f"setting {text!r}: expected phantom_cnn:EPS/EPS, public_cnn:EPS/EPS, public_size_cnn:EPS/EPS or "
+                     "scattering:J:GRID:EPS/EPS")
 
 
 def setting_name(backbone: str, j: int, grid: int) -> str:
@@ -356,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--settings", default="public_cnn:10/4/1,phantom_cnn:10/4/1,scattering:2:4:10/4/1",
-                   help="comma-separated BACKBONE:eps/eps/... (phantom_cnn, public_cnn) or scattering:J:grid:eps/...")
+                   help="comma-separated BACKBONE:eps/eps/... (phantom_cnn, public_cnn, public_size_cnn) or "
+                        "scattering:J:grid:eps/...")
     p.add_argument("--single-view", action="store_true",
                    help="encoder features of the image alone (default: averaged over its four flips, as the product)")
     p.add_argument("--note", default="")
