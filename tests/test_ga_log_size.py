@@ -102,8 +102,9 @@ def test_linear_ga_heads_on_shipped_encoders_start_at_the_public_ga_head(backbon
     from safetensors.torch import load_file
 
     reg = GARegressor(64, backbone=backbone)
-    folder = {"phantom_cnn": "phantom-encoder", "public_cnn": "public-encoder",
-              "public_size_cnn": "public-size-encoder"}[backbone]
+    from common.core.config import ENCODER_FOLDERS
+
+    folder = ENCODER_FOLDERS[backbone]
     from common.models.assets import asset_folder
 
     # the regressor reads flip-averaged features, so it starts at the head fitted on those

@@ -25,6 +25,11 @@ FinetuneMode = Literal["lora", "subset", "full"]
 GradSampleMode = Literal["hooks", "functorch", "ghost"]
 OptimizerName = Literal["adam", "adamw", "sgd"]
 DownstreamBackbone = Literal["phantom_cnn", "public_cnn", "public_size_cnn", "scattering", "cnn"]
+# the shipped frozen encoders: backbone name -> its folder in common/assets (common.models.assets.asset_folder)
+ENCODER_FOLDERS: dict[str, str] = {"phantom_cnn": "phantom-encoder", "public_cnn": "public-encoder",
+                                   "public_size_cnn": "public-size-encoder"}
+# the encoders that have seen FETAL_PLANES_DB images (their encoder.json lists them): never scored on that dataset
+SAW_FETAL_PLANES_DB: tuple[str, ...] = ("public_cnn", "public_size_cnn")
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "trimmedmean", "krum"]
 SchedulerName = Literal["ddpm", "ddim", "dpmsolver"]
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -245,7 +250,8 @@ class TrainConfig:
     # encoder trained on phantoms + public labelled real scans, FETAL_PLANES_DB images: the African preset's
     # backbone; refused on FETAL_PLANES_DB data), "public_size_cnn" (the same data, plus the phantoms' apparent
     # anatomy size as a second objective: the HC18 preset's backbone; refused on FETAL_PLANES_DB data too),
-    # "scattering" (frozen wavelet scattering) or "cnn" (trained end to end). With a frozen backbone only the heads train.
+    # "scattering" (frozen wavelet scattering) or "cnn" (trained end to end). With a frozen backbone only the heads
+    # train.
     downstream_backbone: DownstreamBackbone = "phantom_cnn"
     downstream_width: int = 32  # CNN backbone channels
     downstream_hidden: int = 0  # hidden units of the heads on a frozen backbone (0: linear heads)
@@ -450,10 +456,10 @@ class RunConfig:
                               "is 0: give the votes a share of the site budget (e.g. privacy.budget-votes=0.2 with "
                               "privacy.budget-generator=0.4)")
         mu, t = self.federation.proximal_mu, self.train
-        if t.downstream_backbone in ("public_cnn", "public_size_cnn") and self.data.source == "fetal_planes_db":
-            folder = "public-encoder" if t.downstream_backbone == "public_cnn" else "public-size-encoder"
+        if t.downstream_backbone in SAW_FETAL_PLANES_DB and self.data.source == "fetal_planes_db":
             raise ConfigError(f"train.downstream_backbone={t.downstream_backbone!r} was trained on FETAL_PLANES_DB "
-                              f"images (common/assets/{folder}/encoder.json lists them): its scores on that dataset "
+                              f"images (common/assets/{ENCODER_FOLDERS[t.downstream_backbone]}/encoder.json lists "
+                              "them): its scores on that dataset "
                               "would not be held out; use train.downstream-backbone=phantom_cnn")
         if mu > 0 and t.downstream_optimizer == "sgd":
             # FedProx's term is a plain gradient step mu*(w - w_global): with SGD at rate lr it scales the distance to

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from common.core.config import ENCODER_FOLDERS
 from common.core.records import GA_MAX_WEEKS, GA_MIN_WEEKS, PLANES
 from common.models.features import PhantomEncoderBackbone, ScatteringBackbone
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from common.core.config import RunConfig
 
 BACKBONES: tuple[str, ...] = ("phantom_cnn", "public_cnn", "public_size_cnn", "scattering", "cnn")
-ENCODER_BACKBONES: tuple[str, ...] = ("phantom_cnn", "public_cnn", "public_size_cnn")  # the shipped public encoders
+ENCODER_BACKBONES: tuple[str, ...] = tuple(ENCODER_FOLDERS)  # the shipped public encoders
 
 _GA_CENTER = (GA_MIN_WEEKS + GA_MAX_WEEKS) / 2.0  # 27 weeks
 _GA_SCALE = (GA_MAX_WEEKS - GA_MIN_WEEKS) / 2.0  # 13 weeks
@@ -78,14 +79,10 @@ def make_backbone(kind: str, image_size: int, width: int, scattering_j: int = 2,
     phantoms + public real scans), ``"public_size_cnn"`` (the same data, plus the phantoms' apparent anatomy size as
     a second objective), ``"scattering"`` (frozen) or ``"cnn"`` (trained). ``flips``: the encoders' features
     averaged over the four flips of each image (:func:`common.models.features.flip_average`)."""
-    if kind == "phantom_cnn":
-        return PhantomEncoderBackbone(image_size, flips=flips)
-    if kind in ("public_cnn", "public_size_cnn"):
+    if kind in ENCODER_FOLDERS:
         from common.models.assets import asset_folder
-        from common.models.features import PUBLIC_ENCODER_ASSET, PUBLIC_SIZE_ENCODER_ASSET
 
-        asset = PUBLIC_ENCODER_ASSET if kind == "public_cnn" else PUBLIC_SIZE_ENCODER_ASSET
-        return PhantomEncoderBackbone(image_size, asset_folder(asset), flips=flips)
+        return PhantomEncoderBackbone(image_size, asset_folder(ENCODER_FOLDERS[kind]), flips=flips)
     if kind == "scattering":
         return ScatteringBackbone(image_size, J=scattering_j, grid=scattering_grid)
     if kind == "cnn":

@@ -29,18 +29,20 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from common.core.config import ENCODER_FOLDERS
 from common.core.records import PLANES
+from common.phantoms.biometry import hc_from_ga
 from common.phantoms.profiles import SCANNER_PROFILES
 from common.phantoms.simulator import make_phantoms
 
 _BATCH = 64  # images per forward pass (results do not depend on it: every extractor works image by image)
 PHANTOM_STATS_SEED = 90_210  # fixed public phantom stream for normalisation statistics
 ENCODER_FORMAT = "difusal-phantom-encoder/1"
-PHANTOM_ENCODER_ASSET = "phantom-encoder"  # common/assets/phantom-encoder: EncoderConfig() defaults, seed 0
-# common/assets/public-encoder: phantoms + public labelled real scans (its encoder.json lists every source)
-PUBLIC_ENCODER_ASSET = "public-encoder"
-# common/assets/public-size-encoder: the same data, trained with the apparent-size objective (EncoderConfig.size_weight)
-PUBLIC_SIZE_ENCODER_ASSET = "public-size-encoder"
+PHANTOM_ENCODER_ASSET = ENCODER_FOLDERS["phantom_cnn"]  # EncoderConfig() defaults, seed 0
+# phantoms + public labelled real scans (its encoder.json lists every source)
+PUBLIC_ENCODER_ASSET = ENCODER_FOLDERS["public_cnn"]
+# the same data, trained with the apparent-size objective (EncoderConfig.size_weight)
+PUBLIC_SIZE_ENCODER_ASSET = ENCODER_FOLDERS["public_size_cnn"]
 
 
 @runtime_checkable
@@ -234,10 +236,14 @@ def apparent_size(ga_weeks: Tensor, spacing_mm: Tensor, size: int, zoom: Tensor 
     that pixel spacing, magnified ``zoom`` times (an augmentation's scale). The GA regressor's ``log_hc`` output
     reads this quantity off a brain image; the other fetal planes' anatomy follows the same GA, so their apparent
     size moves with it (each plane gets its own output of the encoder's size head)."""
-    from common.phantoms.biometry import hc_from_ga
-
     hc = torch.as_tensor(hc_from_ga(np.asarray(ga_weeks, dtype=np.float64)), dtype=torch.float32)
     return torch.log(hc) - torch.log(spacing_mm.float() * size) + torch.log(torch.as_tensor(zoom, dtype=torch.float32))
+
+
+def _plane_size(size_pred: Tensor, planes: Tensor) -> tuple[Tensor, Tensor]:
+    """Each image's own plane's output of the size head ``[N, num_classes]``, and the mask of the images whose
+    plane grows with GA (:data:`SIZE_PLANES`): the examples the size objective is fitted and scored on."""
+    return size_pred.gather(1, planes[:, None])[:, 0], torch.isin(planes, torch.tensor(SIZE_PLANES))
 
 
 class PhantomEncoder(nn.Module):
@@ -358,10 +364,11 @@ def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig
     held_images, held_labels, held_ga, held_spacing = _phantom_images(40, size=cfg.size, seed=cfg.seed + 7,
                                                                       with_ga=True)
     x_all, y_all = as_unit_float(images), torch.from_numpy(labels)
-    fetal = torch.isin(y_all, torch.tensor(SIZE_PLANES))
-    size_raw = apparent_size(torch.from_numpy(ga), torch.from_numpy(spacing), cfg.size)
-    size_center, size_scale = float(size_raw[fetal].mean()), float(size_raw[fetal].std())  # of public phantoms
-    size_target = (size_raw - size_center) / size_scale
+    if cfg.size_weight > 0:  # standardised with the public phantoms' own mean and std
+        size_raw = apparent_size(torch.from_numpy(ga), torch.from_numpy(spacing), cfg.size)
+        fetal = torch.isin(y_all, torch.tensor(SIZE_PLANES))
+        size_center, size_scale = float(size_raw[fetal].mean()), float(size_raw[fetal].std())
+        size_target = (size_raw - size_center) / size_scale
     if public:
         x_pub = torch.cat([as_unit_float(p.images) for p in public])
         y_pub = torch.from_numpy(np.concatenate([p.planes for p in public]))
@@ -380,9 +387,8 @@ def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig
         if cfg.size_weight > 0:  # phantoms first in the batch: their apparent size under the augmentation is known
             xa, zoom = augment(xb, gen, return_zoom=True)
             logits, size_pred = model.forward_with_size(xa)
-            m = fetal[idx]
+            pred, m = _plane_size(size_pred[: len(idx)], y_all[idx])
             target = size_target[idx] + torch.log(zoom[: len(idx)]) / size_scale
-            pred = size_pred[: len(idx)].gather(1, y_all[idx][:, None])[:, 0]
             size_loss = F.mse_loss(pred[m], target[m]) if bool(m.any()) else pred.sum() * 0.0
             loss = F.cross_entropy(logits, yb) + cfg.size_weight * size_loss
         else:
@@ -399,9 +405,8 @@ def train_phantom_encoder(folder: str | Path, cfg: EncoderConfig = EncoderConfig
         extra: dict[str, Any] = {}
         if model.size_head is not None:  # held-out apparent-size error (log units) on unaugmented fetal-plane phantoms
             _, size_pred = model.forward_with_size(as_unit_float(held_images))
-            y = torch.from_numpy(held_labels)
-            m = torch.isin(y, torch.tensor(SIZE_PLANES))
-            pred = size_pred.gather(1, y[:, None])[:, 0] * size_scale + size_center
+            pred, m = _plane_size(size_pred, torch.from_numpy(held_labels))
+            pred = pred * size_scale + size_center
             truth = apparent_size(torch.from_numpy(held_ga), torch.from_numpy(held_spacing), cfg.size)
             extra["phantom_heldout_size_rmse_log"] = round(float(((pred - truth)[m] ** 2).mean().sqrt()), 4)
     folder.mkdir(parents=True, exist_ok=True)

@@ -49,7 +49,14 @@ from torch.utils.data import TensorDataset
 from common.data.loaders import load_source
 from common.data.partition import case_groups, partition
 from common.data.tensors import records_to_dataset
-from common.models.downstream import GARegressor, federated_state, ga_metrics, load_federated_state, regressor_loss
+from common.models.downstream import (
+    ENCODER_BACKBONES,
+    GARegressor,
+    federated_state,
+    ga_metrics,
+    load_federated_state,
+    regressor_loss,
+)
 from common.privacy.dpsgd import train_private
 from common.privacy.ledger import PrivacyLedger
 
@@ -150,10 +157,10 @@ def parse_setting(text: str) -> tuple[str, int, int, list[float]]:
     parts = text.split(":")
     if parts[0] == "scattering" and len(parts) == 4:
         return "scattering", int(parts[1]), int(parts[2]), [float(e) for e in parts[3].split("/") if e]
-    if parts[0] in ("phantom_cnn", "public_cnn", "public_size_cnn") and len(parts) == 2:
+    if parts[0] in ENCODER_BACKBONES and len(parts) == 2:
         return parts[0], 2, 4, [float(e) for e in parts[1].split("/") if e]
-    raise ValueError(f"setting {text!r}: expected phantom_cnn:EPS/EPS, public_cnn:EPS/EPS, public_size_cnn:EPS/EPS or "
-                     "scattering:J:GRID:EPS/EPS")
+    raise ValueError(f"setting {text!r}: expected " + ", ".join(f"{b}:EPS/EPS" for b in ENCODER_BACKBONES)
+                     + " or scattering:J:GRID:EPS/EPS")
 
 
 def setting_name(backbone: str, j: int, grid: int) -> str:
