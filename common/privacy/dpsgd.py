@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import warnings
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.core.config import GradSampleMode, OptimizerName
 from common.core.errors import BudgetExceededError, ConfigError, DataError
+from common.privacy.fused_lora import fusable_layers, fused_lora
 from common.privacy.ledger import PrivacyLedger
 
 GRAD_SAMPLE_MODES = get_args(GradSampleMode)
@@ -123,7 +125,7 @@ def train_private(
     ledger: PrivacyLedger | None, model_key: str, planned_total_steps: int, max_grad_norm: float = 1.0,
     grad_sample_mode: str = "functorch", seed: int = 0, device: str = "cpu", optimizer: OptimizerName = "adam",
     strict: bool = False, noise_multiplier: float | None = None, noise_seed: int | None = None,
-    proximal: ProximalTerm | None = None,
+    proximal: ProximalTerm | None = None, fuse_lora: bool = True,
 ) -> PrivateTrainResult:
     """Train the ``requires_grad`` parameters of ``model`` in place, with DP-SGD when a ledger is given.
 
@@ -160,6 +162,11 @@ def train_private(
     proximal:
         FedProx's :class:`ProximalTerm` (anchored at the round's global weights), or ``None`` for plain local
         training. Its gradient joins the update after DP-SGD's clipping and noise (no privacy cost).
+    fuse_lora:
+        Train peft LoRA layers in their fused form (:mod:`common.privacy.fused_lora`: one convolution with the
+        merged weight, adapters' gradients in low rank): the same gradients, per example under DP, in fewer flops.
+        DP-SGD then runs in Opacus' ``hooks`` mode, whose grad sampler the fused layers register (``ghost`` mode
+        keeps the peft layers). ``False`` keeps peft's layers and ``grad_sample_mode`` as given.
 
     Returns
     -------
@@ -185,7 +192,10 @@ def train_private(
     was_training = model.training
     model.to(dev).train()
     opt = _OPTIMIZER_CLASSES[optimizer](params, lr=lr)
-    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
+    per_sample = ledger is not None
+    fuse = fuse_lora and not (per_sample and grad_sample_mode == "ghost") and bool(fusable_layers(model))
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []), \
+            (fused_lora(model, per_sample=per_sample) if fuse else contextlib.nullcontext()):
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         try:
@@ -193,7 +203,8 @@ def train_private(
                 return _train_public(model, loss_fn, dataset, opt, steps, batch_size, gen, dev, proximal)
             private_seed = secrets.randbits(63) if noise_seed is None else int(noise_seed)
             return _train_dp(model, loss_fn, dataset, opt, ledger, model_key, steps, batch_size, planned_total_steps,
-                             max_grad_norm, grad_sample_mode, private_seed, dev, strict, noise_multiplier, proximal)
+                             max_grad_norm, "hooks" if fuse else grad_sample_mode, private_seed, dev, strict,
+                             noise_multiplier, proximal)
         finally:
             model.zero_grad(set_to_none=True)
             model.train(was_training)

@@ -3,8 +3,10 @@
 Everything runs side by side in one process on the same batch: a non-DP Adam step, then a DP step
 (per-sample gradients, clipping, noise; Opacus ``make_private`` with ``wrap_model=False`` as
 ``common.privacy.dpsgd.train_private`` does) for each of ``functorch``, ``hooks`` and ``ghost``, for the whole
-UNet and for LoRA r=8 (+ condition encoder). Fixed batches (no Poisson sampling) so that every timed step
-has the same size. Goal (issue #16): a LoRA r=8 DP step <= 1.0x the non-DP whole-model step.
+UNet and for LoRA r=8 (+ condition encoder); for LoRA also ``fused`` (the layers of
+:mod:`common.privacy.fused_lora`, Opacus ``hooks`` mode with their low-rank grad sampler: what ``train_private``
+runs for LoRA since the fused layers exist) and ``fused-non-dp``. Fixed batches (no Poisson sampling) so that every
+timed step has the same size. Goal (issue #16): a LoRA r=8 DP step <= 1.0x the non-DP whole-model step.
 
     python -m simulations.benchmarks.dp_step_time --out runs/benchmarks
 """
@@ -12,6 +14,7 @@ has the same size. Goal (issue #16): a LoRA r=8 DP step <= 1.0x the non-DP whole
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -30,10 +33,12 @@ from common.diffusion.loss import make_loss_fn
 from common.diffusion.schedulers import make_scheduler
 from common.models.generator import build_generator
 from common.models.lora import set_finetune_mode
+from common.privacy.fused_lora import fused_lora
 from simulations.benchmarks._common import parse_args, write_report
 
 GOAL_RATIO = 1.0
-MODES = ("functorch", "hooks", "ghost")
+MODES = ("functorch", "hooks", "ghost", "fused")
+LORA_ONLY_MODES = ("fused", "fused-non-dp")
 
 
 def _batch(size: int, batch_size: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -44,11 +49,21 @@ def _batch(size: int, batch_size: int, seed: int) -> tuple[torch.Tensor, ...]:
 
 
 class _Case:
-    """One (finetune, mode) training setup: its own model, optimiser and (for DP) Opacus hooks."""
+    """One (finetune, mode) training setup: its own model, optimiser and (for DP) Opacus hooks.
+
+    ``mode`` ``"fused"`` is DP-SGD on the LoRA layers fused by :func:`common.privacy.fused_lora.fused_lora`
+    (Opacus ``hooks`` mode with the low-rank grad sampler), as ``train_private`` runs LoRA; ``"fused-non-dp"`` the
+    same layers without DP.
+    """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[[nn.Module, tuple], torch.Tensor],
                  batch: tuple[torch.Tensor, ...], mode: str | None) -> None:
-        self.model, self.loss_fn, self.batch, self.mode = model, loss_fn, batch, mode
+        self.model, self.loss_fn, self.batch = model, loss_fn, batch
+        self.fused = contextlib.ExitStack()
+        if mode in ("fused", "fused-non-dp"):
+            self.fused.enter_context(fused_lora(model, per_sample=mode == "fused"))
+            mode = "hooks" if mode == "fused" else None
+        self.mode = mode
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         self.hooks: Any = None
         self.opt: Any = opt
@@ -86,6 +101,7 @@ class _Case:
         """Remove the Opacus hooks."""
         if self.hooks is not None:
             self.hooks.cleanup()
+        self.fused.close()
 
 
 def run(out_dir: Path, *, sizes: Sequence[int], batch_size: int, rank: int, channels: tuple[int, ...],
@@ -103,7 +119,9 @@ def run(out_dir: Path, *, sizes: Sequence[int], batch_size: int, rank: int, chan
         cases: dict[tuple[str, str], _Case] = {}
         rows: dict[tuple[str, str], dict[str, Any]] = {}
         for finetune in ("full", "lora"):
-            for mode in (None, *modes):
+            for mode in (None, *modes, *(("fused-non-dp",) if "fused" in modes else ())):
+                if finetune != "lora" and mode in LORA_ONLY_MODES:
+                    continue
                 key = (finetune, mode or "non-dp")
                 model = build_generator(cfg, image_size=size, seed=seed)
                 info = set_finetune_mode(model, finetune, rank=rank)
@@ -137,7 +155,8 @@ def run(out_dir: Path, *, sizes: Sequence[int], batch_size: int, rank: int, chan
                     row[name] = round(row["seconds_per_step"] / ref, 3)
             print(json.dumps(row), flush=True)
         results.extend(rows.values())
-    lora_dp = [r for r in results if r["finetune"] == "lora" and r["mode"] != "non-dp" and "ratio_vs_nondp_full" in r]
+    lora_dp = [r for r in results if r["finetune"] == "lora" and "non-dp" not in r["mode"]
+               and "ratio_vs_nondp_full" in r]
     return write_report(out_dir, "dp_step_time", {
         "setup": {"block_out_channels": list(channels), "batch_size": batch_size, "lora_rank": rank,
                   "noise_multiplicity": noise_multiplicity, "warmup_steps": warmup, "timed_steps": timed,
