@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -12,6 +14,7 @@ import torch
 from simulations.launcher import OFFLINE_ENV, AppOverlay
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -57,3 +60,15 @@ def pytest_configure(config: pytest.Config) -> None:
 # The product's apps with faults injected by environment variables (tests/fault_app.py), for run_simulation(overlay=).
 FAULT_APP = AppOverlay(module=Path(__file__).with_name("fault_app.py"), serverapp="fault_app:server",
                        clientapp="fault_app:client")
+
+
+@pytest.fixture(scope="session")
+def smoke_cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``difusal simulate --preset smoke`` once per session, with stdout a pipe (the demo's code path: report and
+    audit on). Each Flower run costs about a minute on 2 cores, so the tests that need a plain smoke federation (its
+    output, its run folder, its round record, its DP noise) share this one; they only read it."""
+    run_dir = tmp_path_factory.mktemp("smoke-cli") / "run"
+    env = {**os.environ, **OFFLINE_ENV, "MPLCONFIGDIR": str(run_dir.parent / "mpl")}
+    out = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--preset", "smoke", "--run-dir",
+                          str(run_dir)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return out, run_dir

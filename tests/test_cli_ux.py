@@ -88,18 +88,9 @@ def test_event_lines_keep_the_servers_events_only() -> None:
         assert event_line(noise) is None
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """``difusal simulate --preset smoke`` with stdout a pipe (the demo's code path: report and audit on)."""
-    run_dir = tmp_path_factory.mktemp("ux") / "run"
-    out = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--preset", "smoke", "--run-dir",
-                          str(run_dir)], cwd=PROJECT_ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    return out, run_dir
-
-
 @pytest.mark.e2e
-def test_smoke_output_is_short_names_the_sites_and_the_run_folder(smoke_run) -> None:  # type: ignore[no-untyped-def]
-    out, run_dir = smoke_run
+def test_smoke_output_is_short_names_the_sites_and_the_run_folder(smoke_cli_run) -> None:  # type: ignore[no-untyped-def]
+    out, run_dir = smoke_cli_run
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     lines = out.stdout.splitlines()
     assert len(lines) < 40, out.stdout
@@ -112,8 +103,8 @@ def test_smoke_output_is_short_names_the_sites_and_the_run_folder(smoke_run) -> 
 
 
 @pytest.mark.e2e
-def test_the_run_folder_holds_the_report_and_the_audit_summary(smoke_run) -> None:  # type: ignore[no-untyped-def]
-    out, run_dir = smoke_run
+def test_the_run_folder_holds_the_report_and_the_audit_summary(smoke_cli_run) -> None:  # type: ignore[no-untyped-def]
+    out, run_dir = smoke_cli_run
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert (run_dir / "report.html").is_file() and (run_dir / "audit" / "audit.json").is_file()
     assert f"open report:       {run_dir / 'report.html'}" in out.stdout
@@ -132,8 +123,8 @@ class _Images(html.parser.HTMLParser):
 
 @pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
-def test_the_report_renders_offline_with_every_image(smoke_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    out, run_dir = smoke_run
+def test_the_report_renders_offline_with_every_image(smoke_cli_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out, run_dir = smoke_cli_run
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     report = run_dir / "report.html"
     images = _Images()

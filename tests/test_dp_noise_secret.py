@@ -109,20 +109,29 @@ def test_ledger_state_keeps_the_noise_mark_and_old_states_are_not_private() -> N
     assert PrivacyLedger.from_state_dict(old).private_noise is False
 
 
+def _config(run: Path) -> dict:
+    cfg = json.loads((run / "config.json").read_text())["config"]
+    return {k: v for k, v in cfg.items() if k != "run_dir"}
+
+
 def _files_containing(root: Path, needles: list[bytes], *, skip: set[Path]) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file() and p not in skip
             and any(n in p.read_bytes() for n in needles)]
 
 
 @pytest.mark.e2e
-def test_same_seed_dp_federations_differ_in_noise_and_the_secret_stays_home(tmp_path: Path) -> None:
-    # Prepare: the same config and seed twice, in two run folders (as a server would replay them)
-    runs = [tmp_path / "one", tmp_path / "two"]
+def test_same_seed_dp_federations_differ_in_noise_and_the_secret_stays_home(  # type: ignore[no-untyped-def]
+        tmp_path: Path, smoke_cli_run) -> None:
+    # Prepare: the same config and seed twice, in two run folders (as a server would replay them): the session's
+    # smoke federation (`difusal simulate --preset smoke`, tests/conftest.py) and one more here
+    out, first = smoke_cli_run
+    runs = [first, tmp_path / "two"]
     # Execute
-    results = [run_simulation(RunConfig.from_flat({"preset": "smoke", "run-dir": str(r)}), num_sites=2,
-                              echo=False, timeout_s=300) for r in runs]
+    result = run_simulation(RunConfig.from_flat({"preset": "smoke", "run-dir": str(runs[1])}), num_sites=2,
+                            echo=False, timeout_s=300)
     # Assert: the private noise differs, so the federated weights differ
-    assert all(r.returncode == 0 for r in results), results[0].log_file.read_text()[-3000:]
+    assert out.returncode == 0 and result.returncode == 0, result.log_file.read_text()[-3000:]
+    assert _config(first) == _config(runs[1])  # the same run, but for its folder
     a, b = (load_federated_file(r / "checkpoints" / "round-001") for r in runs)
     assert a.keys() == b.keys()
     assert any(not np.array_equal(a[k], b[k]) for k in a if k.startswith("classifier."))

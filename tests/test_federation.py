@@ -29,14 +29,11 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.e2e
-def test_two_sites_one_round_through_flower(tmp_path: Path) -> None:
-    # Prepare
-    cfg = _cfg(tmp_path / "run")
-    # Execute
-    result = run_simulation(cfg, num_sites=2, echo=False, timeout_s=300)
+def test_two_sites_one_round_through_flower(smoke_cli_run) -> None:  # type: ignore[no-untyped-def]
+    # Prepare / Execute: the session's smoke federation (2 sites, 1 round; tests/conftest.py)
+    out, run = smoke_cli_run
     # Assert
-    assert result.returncode == 0, result.log_file.read_text()[-3000:]
-    run = tmp_path / "run"
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     (record,) = _records(run)
     assert record["round"] == 1
     assert sorted(s["status"] for s in record["sites"]) == ["ok", "ok"]
