@@ -2,7 +2,7 @@
 # One entry point for a fresh machine: creates .venv if missing, then runs the main job or the tests.
 # Any other command goes to the difusal console script: bash simulations/run.sh report RUN_DIR, ...
 #   bash simulations/run.sh demo [args...]   # the main job
-#   bash simulations/run.sh test [pytest args...]
+#   bash simulations/run.sh test [pytest args...]   # 2 pytest-xdist workers; DIFUSAL_TEST_WORKERS=0 runs serially
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -23,6 +23,8 @@ if [ ! -f "$stamp" ]; then
 fi
 cmd="${1:-demo}"; shift || true
 case "$cmd" in
-  test) exec "$venv/bin/python" -m pytest "$@" ;;
+  # Two workers on two cores: the end-to-end tests spend much of their time waiting on Flower's processes, so two
+  # at a time nearly halve the suite. Tests sharing a session fixture carry the same xdist_group (one worker).
+  test) exec "$venv/bin/python" -m pytest -n "${DIFUSAL_TEST_WORKERS:-2}" --dist loadgroup "$@" ;;
   *)    exec "$venv/bin/difusal" "$cmd" "$@" ;;
 esac
