@@ -24,7 +24,7 @@ fi
 cmd="${1:-demo}"; shift || true
 case "$cmd" in
   # Two workers on two cores: the end-to-end tests spend much of their time waiting on Flower's processes, so two
-  # at a time nearly halve the suite. Tests sharing a session fixture carry the same xdist_group (one worker).
-  test) exec "$venv/bin/python" -m pytest -n "${DIFUSAL_TEST_WORKERS:-2}" --dist loadgroup "$@" ;;
+  # at a time nearly halve the suite (tests/conftest.py shares its one smoke federation between the workers).
+  test) exec "$venv/bin/python" -m pytest -n "${DIFUSAL_TEST_WORKERS:-2}" "$@" ;;
   *)    exec "$venv/bin/difusal" "$cmd" "$@" ;;
 esac

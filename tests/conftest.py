@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -62,13 +64,31 @@ FAULT_APP = AppOverlay(module=Path(__file__).with_name("fault_app.py"), serverap
                        clientapp="fault_app:client")
 
 
+def _smoke_command(run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "simulations.cli", "simulate", "--preset", "smoke", "--run-dir", str(run_dir)]
+
+
 @pytest.fixture(scope="session")
 def smoke_cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """``difusal simulate --preset smoke`` once per session, with stdout a pipe (the demo's code path: report and
+    """``difusal simulate --preset smoke`` once per test session, with stdout a pipe (the demo's code path: report and
     audit on). Each Flower run costs about a minute on 2 cores, so the tests that need a plain smoke federation (its
-    output, its run folder, its round record, its DP noise) share this one; they only read it."""
-    run_dir = tmp_path_factory.mktemp("smoke-cli") / "run"
-    env = {**os.environ, **OFFLINE_ENV, "MPLCONFIGDIR": str(run_dir.parent / "mpl")}
-    out = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--preset", "smoke", "--run-dir",
-                          str(run_dir)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600)
-    return out, run_dir
+    output, its run folder, its round record, its DP noise) share this one; they only read it.
+
+    Under pytest-xdist every worker asks for it: the first one runs it under a lock in the folder the workers of this
+    session share, the others wait for the lock and read the saved result.
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # .../pytest-N for this session only
+    folder = shared / "smoke-cli"
+    folder.mkdir(exist_ok=True)
+    run_dir, saved = folder / "run", folder / "result.json"
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not saved.is_file():
+            env = {**os.environ, **OFFLINE_ENV, "MPLCONFIGDIR": str(folder / "mpl")}
+            out = subprocess.run(_smoke_command(run_dir), cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+                                 timeout=600)
+            saved.write_text(json.dumps({"returncode": out.returncode, "stdout": out.stdout, "stderr": out.stderr}))
+    result = json.loads(saved.read_text())
+    return subprocess.CompletedProcess(_smoke_command(run_dir), result["returncode"], result["stdout"],
+                                       result["stderr"]), run_dir

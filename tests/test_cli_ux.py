@@ -88,7 +88,6 @@ def test_event_lines_keep_the_servers_events_only() -> None:
         assert event_line(noise) is None
 
 
-@pytest.mark.xdist_group("smoke_cli_run")
 @pytest.mark.e2e
 def test_smoke_output_is_short_names_the_sites_and_the_run_folder(smoke_cli_run) -> None:  # type: ignore[no-untyped-def]
     out, run_dir = smoke_cli_run
@@ -103,7 +102,6 @@ def test_smoke_output_is_short_names_the_sites_and_the_run_folder(smoke_cli_run)
     assert "Starting Flower Simulation" in flower_log and "[ROUND 1/1]" in flower_log
 
 
-@pytest.mark.xdist_group("smoke_cli_run")
 @pytest.mark.e2e
 def test_the_run_folder_holds_the_report_and_the_audit_summary(smoke_cli_run) -> None:  # type: ignore[no-untyped-def]
     out, run_dir = smoke_cli_run
@@ -123,7 +121,6 @@ class _Images(html.parser.HTMLParser):
             self.src.append(dict(attrs).get("src") or "")
 
 
-@pytest.mark.xdist_group("smoke_cli_run")
 @pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="no chromium on PATH (Debian: apt-get install chromium)")
 def test_the_report_renders_offline_with_every_image(smoke_cli_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -119,7 +119,6 @@ def _files_containing(root: Path, needles: list[bytes], *, skip: set[Path]) -> l
             and any(n in p.read_bytes() for n in needles)]
 
 
-@pytest.mark.xdist_group("smoke_cli_run")
 @pytest.mark.e2e
 def test_same_seed_dp_federations_differ_in_noise_and_the_secret_stays_home(  # type: ignore[no-untyped-def]
         tmp_path: Path, smoke_cli_run) -> None:

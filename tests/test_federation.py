@@ -28,7 +28,6 @@ def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.xdist_group("smoke_cli_run")
 @pytest.mark.e2e
 def test_two_sites_one_round_through_flower(smoke_cli_run) -> None:  # type: ignore[no-untyped-def]
     # Prepare / Execute: the session's smoke federation (2 sites, 1 round; tests/conftest.py)
