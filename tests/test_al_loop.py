@@ -85,3 +85,20 @@ def test_combine_pairs_the_releases_with_the_acquisition_release_of_their_seed(t
     assert pe["real_plus_synthetic_smallest"] is None
     md = (tmp_path / "out" / "al_loop_seeds_release.md").read_text()
     assert "| private-evolution | 1 | 1.000 [1.000, 1.000] (n=2) | -1.000 [-1.000, -1.000] (n=2) |" in md
+
+
+def test_an_arm_added_later_gets_the_site_secrets_of_an_arm_that_already_ran(tmp_path: Path) -> None:
+    # Prepare: an --out folder in which an earlier call ran "none" and "acquisition"; nothing in "empty"
+    from common.privacy.site_state import SECRET_FILE
+
+    for arm in ("none", "acquisition"):
+        (tmp_path / arm / "sites" / "Ghana").mkdir(parents=True)
+        (tmp_path / arm / "sites" / "Ghana" / SECRET_FILE).write_bytes(b"x" * 32)
+    # Execute
+    later = al_loop.secret_source(tmp_path, ["private-evolution-generator"])
+    listed_first = al_loop.secret_source(tmp_path, ["acquisition", "random"])
+    fresh = al_loop.secret_source(tmp_path / "empty", ["random", "acquisition"])
+    # Assert: the same hospitals (and DP noise) as the arms already there; a fresh folder starts from its first arm
+    assert later == tmp_path / "none"
+    assert listed_first == tmp_path / "acquisition"
+    assert fresh == tmp_path / "empty" / "random"

@@ -31,7 +31,7 @@ from typing import Any
 
 from common.core.run_layout import RunLayout
 from common.federated.round_metrics import round_summary
-from common.privacy.site_state import copy_site_secrets
+from common.privacy.site_state import SECRET_FILE, copy_site_secrets
 from simulations.config_args import add_data_arguments, build_config, count_sites
 from simulations.experiments.release_quality import release_quality
 from simulations.launcher import finished_as, run_simulation
@@ -56,6 +56,16 @@ ARMS: dict[str, dict[str, object]] = {
 # is random among the same phantom proposals): what the votes add beyond the simulator itself
 ARMS["private-evolution-novote"] = {**ARMS["private-evolution"], "privacy.vote-noise-multiplier": 1e4}
 DEFAULT_ARMS = ("none", "random", "acquisition", "private-evolution")
+
+
+def secret_source(out: Path, arms: list[str]) -> Path:
+    """The arm folder whose site secrets every arm gets: the first of ``arms``, then of :data:`ARMS`, that has any
+    (arms finished by an earlier call into the same ``--out`` count, so an arm added later simulates the same
+    hospitals, with the same DP noise); ``arms[0]`` when none has trained yet."""
+    for arm in dict.fromkeys([*arms, *ARMS]):
+        if any((out / arm / "sites").glob(f"*/{SECRET_FILE}")):
+            return out / arm
+    return out / arms[0]
 
 
 def summarise(run_dir: Path) -> list[dict[str, Any]]:
@@ -219,7 +229,7 @@ def main() -> None:
     table: dict[str, list[dict[str, Any]]] = {}
     arms = args.arms.split(",")
     for arm in arms:
-        copy_site_secrets(out / arms[0], out / arm)  # nothing to copy before the first arm has trained
+        copy_site_secrets(secret_source(out, arms), out / arm)  # nothing to copy before the first arm has trained
         sets = [*args.set, " ".join(f"{k}={v}" for k, v in ARMS[arm].items())]
         cfg = build_config(args.preset, sets, run_dir=str(out / arm), data=args.data, data_root=args.data_root,
                            seed=args.seed, prior=args.prior)
