@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from common.core.config import GradSampleMode, OptimizerName
 from common.core.errors import BudgetExceededError, ConfigError, DataError
-from common.privacy.fused_lora import fusable_layers, fused_lora
+from common.privacy.fused_lora import fused_lora
 from common.privacy.ledger import PrivacyLedger
 
 GRAD_SAMPLE_MODES = get_args(GradSampleMode)
@@ -165,8 +165,8 @@ def train_private(
     fuse_lora:
         Train peft LoRA layers in their fused form (:mod:`common.privacy.fused_lora`: one convolution with the
         merged weight, adapters' gradients in low rank): the same gradients, per example under DP, in fewer flops.
-        DP-SGD then runs in Opacus' ``hooks`` mode, whose grad sampler the fused layers register (``ghost`` mode
-        keeps the peft layers). ``False`` keeps peft's layers and ``grad_sample_mode`` as given.
+        Where a layer is fused, DP-SGD runs in Opacus' ``hooks`` mode, whose grad sampler the fused layers register
+        (``ghost`` mode keeps the peft layers). ``False`` keeps peft's layers and ``grad_sample_mode`` as given.
 
     Returns
     -------
@@ -193,9 +193,9 @@ def train_private(
     model.to(dev).train()
     opt = _OPTIMIZER_CLASSES[optimizer](params, lr=lr)
     per_sample = ledger is not None
-    fuse = fuse_lora and not (per_sample and grad_sample_mode == "ghost") and bool(fusable_layers(model))
+    fuse = fuse_lora and not (per_sample and grad_sample_mode == "ghost")
     with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []), \
-            (fused_lora(model, per_sample=per_sample) if fuse else contextlib.nullcontext()):
+            (fused_lora(model, per_sample=per_sample) if fuse else contextlib.nullcontext([])) as fused:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         try:
@@ -203,7 +203,7 @@ def train_private(
                 return _train_public(model, loss_fn, dataset, opt, steps, batch_size, gen, dev, proximal)
             private_seed = secrets.randbits(63) if noise_seed is None else int(noise_seed)
             return _train_dp(model, loss_fn, dataset, opt, ledger, model_key, steps, batch_size, planned_total_steps,
-                             max_grad_norm, "hooks" if fuse else grad_sample_mode, private_seed, dev, strict,
+                             max_grad_norm, "hooks" if fused else grad_sample_mode, private_seed, dev, strict,
                              noise_multiplier, proximal)
         finally:
             model.zero_grad(set_to_none=True)

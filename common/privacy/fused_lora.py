@@ -8,13 +8,15 @@ then computes per-sample gradients of both through their own unfolded inputs.
 While :func:`fused_lora` is active, each eligible peft layer is replaced by a module that holds the *same*
 parameter objects and computes
 
-- forward: ``conv(x, W + s·B·A)``, one convolution of the base layer's size (merging costs r·out·in·k² flops);
+- forward: ``conv(x, [W + s·B·A ; A])``, one convolution of the base layer's size plus r output channels, which are
+  the adapter's low-rank input ``A x`` (merging costs r·out·in·k² flops);
 - backward to the input: ``conv_transpose(g, W + s·B·A)``, skipped when the input needs no gradient;
 - gradients of ``A`` and ``B`` in low rank, never forming a full-size weight gradient (batch-summed for plain
   training; per example, through Opacus' ``register_grad_sampler``, for DP-SGD):
 
   ``grad B_n = s · g_n · (A U_n)ᵀ``, ``grad A_n = s · (Bᵀ g_n) · U_nᵀ``, with ``U_n`` example n's unfolded input
-  (for a Linear layer, ``U_n`` is its input rows).
+  (for a Linear layer, ``U_n`` is its input rows). ``A U_n`` is the forward's extra channels; ``grad A_n`` of a
+  convolution is computed without unfolding, as one weight gradient of a convolution grouped by example.
 
 These are the gradients of the same function (``W`` frozen), so the trained adapters are those peft would train,
 up to floating-point rounding (``tests/test_fused_lora.py`` compares them with peft + functorch per example). On
@@ -80,11 +82,11 @@ class _FusedBase(nn.Module):
         """The stacked product's output channels (plus bias) and its ``A x`` channels."""
         n_out = self.weight.shape[0]
         dim = self.channel_dim
-        y = out.narrow(dim, 0, n_out).contiguous()
+        y = out.narrow(dim, 0, n_out)
         low = out.narrow(dim, n_out, out.shape[dim] - n_out).contiguous()
-        if self.bias is not None:
-            y = y + (self.bias.view(-1, *[1] * (y.ndim - 2)) if dim == 1 else self.bias)
-        return y, low
+        if self.bias is None:
+            return y.contiguous(), low
+        return y + (self.bias.view(-1, *[1] * (y.ndim - 2)) if dim == 1 else self.bias), low  # a new, contiguous tensor
 
     def adapter_grads(self, x: Tensor, low: Tensor, grad_out: Tensor) -> dict[str, Tensor]:
         """Per-example gradients of ``A`` and ``B`` (leading batch dimension), in low rank; ``low`` is ``A x``."""

@@ -60,7 +60,7 @@ class _Case:
                  batch: tuple[torch.Tensor, ...], mode: str | None) -> None:
         self.model, self.loss_fn, self.batch = model, loss_fn, batch
         self.fused = contextlib.ExitStack()
-        if mode in ("fused", "fused-non-dp"):
+        if mode in LORA_ONLY_MODES:
             self.fused.enter_context(fused_lora(model, per_sample=mode == "fused"))
             mode = "hooks" if mode == "fused" else None
         self.mode = mode
