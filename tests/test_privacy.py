@@ -353,3 +353,51 @@ def test_a_given_noise_multiplier_is_checked_against_the_budget_every_step() -> 
     # Assert: the planned 8 steps do not fit; the check stops at 3, even after a save/restore
     assert allowed == 3 and ledger.epsilon("generator") <= 3.0
     assert PrivacyLedger.from_state_dict(ledger.state_dict()).exhausted("generator")
+
+
+# -- tail averaging ---------------------------------------------------------------------------------------------
+def _dp_iterates(tail_average: float, steps: int = 10, epsilon: float = 10.0,
+                 planned: int | None = None) -> tuple[TinyNet, list, object]:
+    """A seeded DP run of TinyNet; returns the model, the iterate after every step (recorded by a test hook on the
+    optimizer, i.e. what the optimizer produced, before any averaging) and the result."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    iterates: list[list[Tensor]] = []
+    original = torch.optim.Adam.step
+
+    def recording_step(self, *a, **k):  # type: ignore[no-untyped-def]
+        out = original(self, *a, **k)
+        iterates.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
+        return out
+
+    ledger = PrivacyLedger(target_epsilon=epsilon, target_delta=1e-5, budget_split={"classifier": 1.0})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.Adam, "step", recording_step)
+        result = train_private(model, ce_loss, bright_dark(64), steps=steps, batch_size=16, lr=0.05, ledger=ledger,
+                               model_key="classifier", planned_total_steps=planned or steps, noise_seed=7,
+                               tail_average=tail_average)
+    return model, iterates, result
+
+
+def test_tail_average_is_the_mean_of_the_last_iterates_and_costs_no_privacy() -> None:
+    # Execute: the same private noise seed, last iterate vs the mean of the last half
+    last, iterates, res_last = _dp_iterates(0.0)
+    averaged, iterates_avg, res_avg = _dp_iterates(0.5)
+    # Assert: averaging does not change the trajectory, only what is left in the model at the end
+    assert len(iterates) == len(iterates_avg) == 10
+    assert all(torch.equal(a, b) for it, it2 in zip(iterates, iterates_avg) for a, b in zip(it, it2))
+    assert all(torch.equal(p, it) for p, it in zip(last.parameters(), iterates[-1]))
+    mean = [torch.stack([it[i] for it in iterates[5:]]).mean(0) for i in range(len(iterates[0]))]
+    assert all(torch.allclose(p, m, atol=1e-6) for p, m in zip(averaged.parameters(), mean))
+    assert not all(torch.allclose(p, it, atol=1e-6) for p, it in zip(averaged.parameters(), iterates[-1]))
+    assert res_avg.epsilon == res_last.epsilon and res_avg.steps == res_last.steps == 10
+
+
+def test_tail_average_of_a_run_stopped_by_budget_and_bad_fraction() -> None:
+    # Noise planned for 10 steps, 40 asked: the budget stops the run before the window (the last 20 % of 40) opens
+    model, iterates, res = _dp_iterates(0.2, steps=40, epsilon=0.5, planned=10)
+    assert res.stopped_by_budget and 0 < res.steps < 32 and len(iterates) == res.steps
+    assert all(torch.equal(p, it) for p, it in zip(model.parameters(), iterates[-1]))  # the last iterate stays
+    with pytest.raises(ValueError, match="tail_average"):
+        train_private(TinyNet(), ce_loss, bright_dark(8), steps=2, batch_size=4, lr=0.1, ledger=None,
+                      model_key="classifier", planned_total_steps=2, tail_average=1.5)

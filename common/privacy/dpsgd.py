@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 import warnings
 from dataclasses import dataclass
@@ -87,6 +88,36 @@ class ProximalTerm:
             p.grad.add_(p - w0.to(p.device), alpha=self.mu)
 
 
+class TailAverage:
+    """Running mean of ``params`` over the optimizer steps after ``steps - ceil(fraction * steps)``.
+
+    Registered as a step post-hook on the optimizer that updates ``params`` (under DP-SGD: the optimizer Opacus
+    wraps, whose step runs after the noise is added), so it sees exactly the iterates training produces.
+    :meth:`apply` writes the mean into the parameters; a run that stopped before the window (budget) keeps its last
+    iterate, one that stopped inside it the mean of the iterates it reached.
+    """
+
+    def __init__(self, params: Sequence[Tensor], steps: int, fraction: float) -> None:
+        self.params = list(params)
+        self.start = steps - math.ceil(fraction * steps)
+        self.count, self.done = 0, 0
+        self.mean = [torch.zeros_like(p) for p in self.params]
+
+    def __call__(self, *_: Any) -> None:
+        self.done += 1
+        if self.done > self.start:
+            self.count += 1
+            with torch.no_grad():
+                for m, p in zip(self.mean, self.params):
+                    m.add_(p.detach() - m, alpha=1.0 / self.count)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        if self.count:
+            for m, p in zip(self.mean, self.params):
+                p.copy_(m)
+
+
 def validate_for_dp(model: nn.Module) -> None:
     """Raise :class:`ConfigError` listing every reason ``model`` cannot be trained with DP-SGD."""
     was_training = model.training
@@ -125,7 +156,7 @@ def train_private(
     ledger: PrivacyLedger | None, model_key: str, planned_total_steps: int, max_grad_norm: float = 1.0,
     grad_sample_mode: str = "functorch", seed: int = 0, device: str = "cpu", optimizer: OptimizerName = "adam",
     strict: bool = False, noise_multiplier: float | None = None, noise_seed: int | None = None,
-    proximal: ProximalTerm | None = None, fuse_lora: bool = True,
+    proximal: ProximalTerm | None = None, fuse_lora: bool = True, tail_average: float = 0.0,
 ) -> PrivateTrainResult:
     """Train the ``requires_grad`` parameters of ``model`` in place, with DP-SGD when a ledger is given.
 
@@ -167,15 +198,20 @@ def train_private(
         merged weight, adapters' gradients in low rank): the same gradients, per example under DP, in fewer flops.
         Where a layer is fused, DP-SGD runs in Opacus' ``hooks`` mode, whose grad sampler the fused layers register
         (``ghost`` mode keeps the peft layers). ``False`` keeps peft's layers and ``grad_sample_mode`` as given.
+    tail_average:
+        Fraction of this call's steps whose iterates are averaged into the weights it leaves (Polyak-Ruppert tail
+        averaging; ``0`` keeps the last iterate). With ``0.5`` the trained parameters end as the mean of the
+        iterates after steps ``ceil(steps/2) .. steps``. Under DP the average is post-processing of iterates that
+        DP-SGD already released (no privacy cost); it damps the noise those iterates carry.
 
     Returns
     -------
     PrivateTrainResult
         Steps done, per-step mean losses (NaN for an empty Poisson batch), cumulative epsilon, DP settings.
     """
-    if steps < 0 or batch_size < 1 or not lr > 0 or not max_grad_norm > 0:
-        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0, max_grad_norm > 0; got {steps}, {batch_size}, "
-                         f"{lr}, {max_grad_norm}")
+    if steps < 0 or batch_size < 1 or not lr > 0 or not max_grad_norm > 0 or not 0.0 <= tail_average <= 1.0:
+        raise ValueError(f"need steps >= 0, batch_size >= 1, lr > 0, max_grad_norm > 0, 0 <= tail_average <= 1; got "
+                         f"{steps}, {batch_size}, {lr}, {max_grad_norm}, {tail_average}")
     if grad_sample_mode not in GRAD_SAMPLE_MODES or optimizer not in OPTIMIZERS:
         raise ValueError(f"grad_sample_mode must be in {list(GRAD_SAMPLE_MODES)} and optimizer in {list(OPTIMIZERS)};"
                          f" got {grad_sample_mode!r}, {optimizer!r}")
@@ -192,6 +228,9 @@ def train_private(
     was_training = model.training
     model.to(dev).train()
     opt = _OPTIMIZER_CLASSES[optimizer](params, lr=lr)
+    average = TailAverage(params, steps, tail_average) if tail_average > 0 else None
+    if average is not None:
+        opt.register_step_post_hook(average)
     per_sample = ledger is not None
     fuse = fuse_lora and not (per_sample and grad_sample_mode == "ghost")
     with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []), \
@@ -200,11 +239,15 @@ def train_private(
         gen = torch.Generator().manual_seed(seed)
         try:
             if ledger is None:
-                return _train_public(model, loss_fn, dataset, opt, steps, batch_size, gen, dev, proximal)
-            private_seed = secrets.randbits(63) if noise_seed is None else int(noise_seed)
-            return _train_dp(model, loss_fn, dataset, opt, ledger, model_key, steps, batch_size, planned_total_steps,
-                             max_grad_norm, "hooks" if fused else grad_sample_mode, private_seed, dev, strict,
-                             noise_multiplier, proximal)
+                result = _train_public(model, loss_fn, dataset, opt, steps, batch_size, gen, dev, proximal)
+            else:
+                private_seed = secrets.randbits(63) if noise_seed is None else int(noise_seed)
+                result = _train_dp(model, loss_fn, dataset, opt, ledger, model_key, steps, batch_size,
+                                   planned_total_steps, max_grad_norm, "hooks" if fused else grad_sample_mode,
+                                   private_seed, dev, strict, noise_multiplier, proximal)
+            if average is not None:
+                average.apply()
+            return result
         finally:
             model.zero_grad(set_to_none=True)
             model.train(was_training)

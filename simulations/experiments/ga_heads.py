@@ -178,7 +178,7 @@ def make_regressor(backbone: str, j: int, grid: int, hidden: int, *, flips: bool
 
 def federated_dp(models: list[GARegressor], data: list[TensorDataset], *, epsilon: float, lr: float,
                  local_steps: int, rounds: int, batch_size: int, clip: float, seed: int,
-                 delta: float = 1e-5) -> tuple[FeatureHead, dict[str, Any]]:
+                 delta: float = 1e-5, tail_average: float = 0.0) -> tuple[FeatureHead, dict[str, Any]]:
     """FedAvg over ``rounds`` of per-site DP-SGD (:func:`train_private`, Adam) of the regressor head.
 
     ``models[0]`` is the global model, ``models[1:]`` one per site (reused, reloaded every round); every site has
@@ -198,7 +198,7 @@ def federated_dp(models: list[GARegressor], data: list[TensorDataset], *, epsilo
             res = train_private(FeatureHead(m), regressor_loss, d, steps=local_steps, batch_size=min(batch_size, len(d)),
                                 lr=lr, ledger=led, model_key="regressor", planned_total_steps=rounds * local_steps,
                                 max_grad_norm=clip, optimizer="adam", seed=_seed(seed, s, r, "pub"),
-                                noise_seed=_seed(seed, s, r, "noise"))
+                                noise_seed=_seed(seed, s, r, "noise"), tail_average=tail_average)
             states.append(federated_state(m))
             if r == rounds - 1:
                 info[f"site{s}"] = {"n": len(d), "epsilon": round(res.epsilon, 4),
@@ -234,7 +234,7 @@ def evaluate_setting(backbone: str, j: int, grid: int, epsilons: Sequence[float]
     out: dict[str, Any] = {"setting": name, "dim": int(feats.shape[1]), "feature_seconds": round(feat_seconds, 2),
                            "output": dp_models[0].output, "public_warm_start": warm, "folds": []}
     grid_hp = [(lr, ls) for lr in s["lrs"] for ls in s["local_steps"]]
-    dp_kw = dict(rounds=s["rounds"], batch_size=s["batch_size"], clip=s["clip"])
+    dp_kw = dict(rounds=s["rounds"], batch_size=s["batch_size"], clip=s["clip"], tail_average=s["tail_average"])
     n = len(records)
     chosen_once: dict[float, dict[tuple[float, int], float]] = {}  # with select_on_fold: that fold's inner CV
     for f in s["fold_ids"]:
@@ -363,6 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--tail-average", type=float, default=0.0,
+                   help="fraction of each site's local DP steps whose iterates are averaged (train_private)")
     p.add_argument("--settings", default="public_cnn:10/4/1,phantom_cnn:10/4/1,scattering:2:4:10/4/1",
                    help="comma-separated BACKBONE:eps/eps/... (phantom_cnn, public_cnn, public_size_cnn) or "
                         "scattering:J:grid:eps/...")
@@ -380,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
          "inner_splits": min(args.inner_splits, args.inner_folds), "seeds": args.seeds, "fold_seed": args.fold_seed,
          "select_on_fold": args.select_on_fold, "lrs": [float(v) for v in args.lrs.split(",")],
          "local_steps": [int(v) for v in args.local_steps.split(",")], "rounds": args.rounds,
-         "batch_size": args.batch_size, "clip": args.clip, "nonprivate_checkpoints": list(NONPRIVATE_CHECKPOINTS),
+         "batch_size": args.batch_size, "clip": args.clip, "tail_average": args.tail_average, "nonprivate_checkpoints": list(NONPRIVATE_CHECKPOINTS),
          "flips": not args.single_view}
     settings = [parse_setting(v) for v in args.settings.split(",")]
     results = [evaluate_setting(b, j, g, eps, records, data, groups, folds, s) for b, j, g, eps in settings]
