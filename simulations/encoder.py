@@ -32,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="new encoder folder")
     p.add_argument("--steps", type=int, default=EncoderConfig.steps)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--images-per-profile", type=int, default=EncoderConfig.images_per_profile,
+                   help="phantoms drawn per scanner profile (fresh, every plane) for the training pool")
     p.add_argument("--public", action="append", default=[], metavar="LAYOUT:DIR",
                    help="public labelled real scans, e.g. fetal_planes_db:../shared/data/fetal_planes_db (repeatable;"
                         " never a site's private data)")
@@ -55,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         public.append(load_public_images(layout, root))
     command = "python -m simulations.encoder " + " ".join(shlex.quote(v) for v in (argv or sys.argv[1:]))
     if not a.heads_only:
-        cfg = EncoderConfig(steps=a.steps, seed=a.seed, public_balanced=a.public_balanced, size_weight=a.size_weight)
+        cfg = EncoderConfig(steps=a.steps, seed=a.seed, public_balanced=a.public_balanced, size_weight=a.size_weight,
+                            images_per_profile=a.images_per_profile)
         train_phantom_encoder(out, cfg, public=public)
     meta = json.loads((out / "encoder.json").read_text())
     meta["command" if not a.heads_only else "heads_command"] = command
