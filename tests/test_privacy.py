@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opacus.accountants import create_accountant
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import TensorDataset
 
 from common.core.errors import BudgetExceededError, ConfigError, DataError
@@ -363,19 +364,18 @@ def _dp_iterates(tail_average: float, steps: int = 10, epsilon: float = 10.0,
     torch.manual_seed(0)
     model = TinyNet()
     iterates: list[list[Tensor]] = []
-    original = torch.optim.Adam.step
 
-    def recording_step(self, *a, **k):  # type: ignore[no-untyped-def]
-        out = original(self, *a, **k)
-        iterates.append([p.detach().clone() for g in self.param_groups for p in g["params"]])
-        return out
+    def record(opt: torch.optim.Optimizer, *_: object) -> None:  # a global post-step hook: once per update
+        iterates.append([p.detach().clone() for g in opt.param_groups for p in g["params"]])
 
     ledger = PrivacyLedger(target_epsilon=epsilon, target_delta=1e-5, budget_split={"classifier": 1.0})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(torch.optim.Adam, "step", recording_step)
+    handle = register_optimizer_step_post_hook(record)
+    try:
         result = train_private(model, ce_loss, bright_dark(64), steps=steps, batch_size=16, lr=0.05, ledger=ledger,
                                model_key="classifier", planned_total_steps=planned or steps, noise_seed=7,
                                tail_average=tail_average)
+    finally:
+        handle.remove()
     return model, iterates, result
 
 
