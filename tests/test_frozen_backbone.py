@@ -247,3 +247,42 @@ def test_a_site_without_ga_labels_trains_the_regressor_on_the_release_alone_at_n
                             budget_split=cfg.privacy.budget_split())
     result2 = local_train(build_bundle(cfg), site, ledger2, cfg, server_round=1)
     assert "regressor-steps" not in result2.metrics and any("regressor skipped" in m for m in result2.messages)
+
+
+@pytest.mark.parametrize("release_models", ["classifier,regressor", "classifier", ""])
+def test_the_release_joins_only_the_downstream_models_the_config_names(tmp_path: Path, monkeypatch, release_models):
+    # Prepare: a site with GA labels and a release of 8 images; record the dataset each model's training gets
+    from dataclasses import replace as dc_replace
+
+    import common.federated.local_update as lu
+
+    cfg = _cfg(tmp_path, **{"train.downstream-steps": 1, "train.release-models": release_models})
+    site = load_site(cfg.data, seed=cfg.seed, site_index=0)
+    release = [dc_replace(r, site="release") for r in load_site(cfg.data, seed=cfg.seed, site_index=1).train[:8]]
+    sizes: dict[str, int] = {}
+    real_train = lu.train_private
+
+    def recording(model, loss_fn, data, **kw):  # type: ignore[no-untyped-def]
+        sizes[kw["model_key"]] = len(data)
+        return real_train(model, loss_fn, data, **kw)
+
+    monkeypatch.setattr(lu, "train_private", recording)
+    ledger = PrivacyLedger(target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
+                           budget_split=cfg.privacy.budget_split())
+    # Execute
+    local_train(build_bundle(cfg), site, ledger, cfg, server_round=1, synthetic=release)
+    # Assert: the generator never sees the release; each downstream model sees it only where named
+    n = len(site.train)
+    assert sizes["generator"] == n
+    assert sizes["classifier"] == n + 8 * ("classifier" in release_models)
+    assert sizes["regressor"] == n + 8 * ("regressor" in release_models)
+
+
+def test_release_models_rejects_an_unknown_model_and_the_hc18_preset_keeps_the_regressor_on_real_images(tmp_path):
+    from common.core.config import ConfigError, RunConfig, data_preset
+
+    with pytest.raises(ConfigError, match="train.release_models"):
+        RunConfig.from_flat({"preset": "smoke", "train.release-models": "classifier,generator"})
+    hc18 = RunConfig.from_flat({"preset": "smoke", "data.image-size": "64", **data_preset("hc18", str(tmp_path))})
+    assert not hc18.train.trains_on_release("regressor") and hc18.train.trains_on_release("classifier")
+    assert RunConfig.from_flat({"preset": "smoke"}).train.release_model_keys() == ("classifier", "regressor")

@@ -66,8 +66,9 @@ def local_train(
         The site's ledger (DP-SGD), or ``None`` when the run has no DP (``privacy.target_epsilon=None``).
     synthetic:
         Images of the shared synthetic release; post-processing of DP models, they add no privacy cost.
-        They are pooled with the real images in the downstream models' DP datasets (accounted conservatively);
-        where no real image of the site has a GA, the regressor trains on them alone, without DP (public data).
+        They are pooled with the real images in the DP datasets of the downstream models ``train.release_models``
+        names (accounted conservatively); where no real image of the site has a GA and the regressor is named, it
+        trains on them alone, without DP (public data).
     secret:
         The site's secret (:meth:`common.privacy.site_state.SiteStateStore.secret`); it keys DP-SGD's sampling and noise,
         so a replayed round draws the same noise and nobody without it can regenerate it. ``None``: fresh noise
@@ -79,7 +80,9 @@ def local_train(
     """
     size = cfg.data.image_size
     real = records_to_dataset(site.train, image_size=size)
-    down = records_to_dataset(list(site.train) + list(synthetic), image_size=size) if synthetic else real
+    t = cfg.train
+    pooled = records_to_dataset(list(site.train) + list(synthetic), image_size=size) if synthetic else real
+    down = {key: pooled if t.trains_on_release(key) else real for key in ("classifier", "regressor")}
     seed = derive_seed(cfg.seed, site.name, server_round)
     scheduler = bundle.generator.noise_scheduler("ddpm")  # the schedule saved with the prior's weights
     gen_loss = make_loss_fn(
@@ -88,18 +91,18 @@ def local_train(
         cond_dropout=cfg.generator.cond_dropout,
         seed=derive_seed(seed, "generator-noise"),
     )
-    t = cfg.train
     jobs: list[tuple[str, torch.nn.Module, object, TensorDataset, int]] = [
         ("generator", bundle.generator, gen_loss, real, t.local_steps)]
     skipped: list[str] = []
     if len(cfg.data.plane_scope()) > 1:
-        jobs.append(("classifier", bundle.classifier, classifier_loss, down, t.downstream_steps))
+        jobs.append(("classifier", bundle.classifier, classifier_loss, down["classifier"], t.downstream_steps))
     else:  # one plane in scope: every prediction is that plane, so its DP steps would only spend budget
         skipped.append("classifier skipped: the label scope (data.planes) is one plane, there is nothing to learn")
     public_keys: set[str] = set()  # models trained on public data only: no DP, no privacy cost
     if has_ga(real):
-        jobs.append(("regressor", bundle.regressor, regressor_loss, down, t.downstream_steps))
-    elif synthetic and has_ga(release := records_to_dataset(list(synthetic), image_size=size)):
+        jobs.append(("regressor", bundle.regressor, regressor_loss, down["regressor"], t.downstream_steps))
+    elif synthetic and t.trains_on_release("regressor") and has_ga(
+            release := records_to_dataset(list(synthetic), image_size=size)):
         # no real image of this site has a GA (the African set): the regressor can learn only from the shared
         # release, which is public (post-processing of the DP generator), so it trains on the release alone,
         # without DP, and the site's private data and budget are never touched
