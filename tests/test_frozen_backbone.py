@@ -249,7 +249,7 @@ def test_a_site_without_ga_labels_trains_the_regressor_on_the_release_alone_at_n
     assert "regressor-steps" not in result2.metrics and any("regressor skipped" in m for m in result2.messages)
 
 
-@pytest.mark.parametrize("release_models", ["classifier,regressor", "classifier", ""])
+@pytest.mark.parametrize("release_models", ["classifier,regressor", "classifier", "none"])
 def test_the_release_joins_only_the_downstream_models_the_config_names(tmp_path: Path, monkeypatch, release_models):
     # Prepare: a site with GA labels and a release of 8 images; record the dataset each model's training gets
     from dataclasses import replace as dc_replace

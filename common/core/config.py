@@ -267,7 +267,7 @@ class TrainConfig:
     pretrain_steps: int = 2000
     pretrain_batch_size: int = 32
     # Which downstream models a site trains on the shared release besides its own images (comma-separated from
-    # "classifier", "regressor"; "" for none): the selection flowing back into the models. A synthetic image has no
+    # "classifier", "regressor"; "none"): the selection flowing back into the models. A synthetic image has no
     # pixel spacing (the generator is not conditioned on it), so for a GA read off apparent size its label is
     # weaker than a real one; the HC18 preset leaves the regressor out (chosen by CV, README).
     release_models: str = "classifier,regressor"
@@ -277,11 +277,13 @@ class TrainConfig:
         return model_key in self.release_model_keys()
 
     def release_model_keys(self) -> tuple[str, ...]:
+        if self.release_models.strip() == "none":
+            return ()
         keys = tuple(t.strip() for t in self.release_models.split(",") if t.strip())
         unknown = [k for k in keys if k not in ("classifier", "regressor")]
-        if unknown:
-            raise ConfigError(f"train.release_models names {unknown}; use 'classifier', 'regressor', both "
-                              f"comma-separated, or '' for none")
+        if unknown or not keys:
+            raise ConfigError(f"train.release_models={self.release_models!r}; use 'classifier', 'regressor', both "
+                              f"comma-separated, or 'none'")
         return keys
 
     def rate(self, model_key: str) -> tuple[float, OptimizerName]:
