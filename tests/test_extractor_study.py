@@ -71,6 +71,31 @@ def test_closed_form_federated_dp_spends_exactly_the_budget_per_site() -> None:
         assert site["steps"] == 15 and 3.5 < site["epsilon"] <= 4.0
 
 
+def test_federated_dp_with_a_batch_size_samples_at_the_products_rate_and_reports_every_round() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = rng.integers(0, 4, 60)
+    sites = np.array(["a"] * 40 + ["b"] * 20)
+    seen: list[tuple[int, torch.Tensor]] = []
+    head, info = ex.federated_dp(x, y, sites, epsilon=4.0, lr=0.5, rounds=3, local_steps=5, clip=1.0, seed=0,
+                                 batch_size=16, on_round=lambda r, h: seen.append((r, h.weight.detach().clone())))
+    # q = 1 / ceil(n / 16): 1/3 at the 40-image site, 1/2 at the 20-image one (the product's expected batch 16)
+    assert info["a"]["q"] == round(1 / 3, 4) and info["b"]["q"] == 0.5
+    assert [r for r, _ in seen] == [0, 1, 2]
+    assert torch.equal(seen[-1][1], head.weight) and not torch.equal(seen[0][1], seen[-1][1])
+
+
+def test_release_check_pairs_arms_and_counts_better_in_the_metrics_direction() -> None:
+    from simulations.experiments.release_in_heads import paired
+
+    out = {"real": [0.7, 0.8, 0.9], "real+release": [0.75, 0.8, 0.85]}
+    acc = paired(out, lower_is_better=False)["paired_difference"]
+    assert acc["better"] == 1 and acc["worse"] == 1 and acc["pairs"] == 3 and abs(acc["mean"]) < 1e-12
+    mae = paired({"real": [7.0, 7.0], "real+release": [7.5, 7.2]}, lower_is_better=True)["paired_difference"]
+    assert mae["worse"] == 2 and mae["better"] == 0 and mae["mean"] == pytest.approx(0.35)
+
+
 def test_closed_form_adam_is_the_opacus_adam_step() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(16, 6, generator=g)

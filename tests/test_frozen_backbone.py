@@ -278,11 +278,13 @@ def test_the_release_joins_only_the_downstream_models_the_config_names(tmp_path:
     assert sizes["regressor"] == n + 8 * ("regressor" in release_models)
 
 
-def test_release_models_rejects_an_unknown_model_and_the_hc18_preset_keeps_the_regressor_on_real_images(tmp_path):
+def test_release_models_rejects_an_unknown_model_and_the_real_presets_keep_their_dp_heads_on_real_images(tmp_path):
     from common.core.config import ConfigError, RunConfig, data_preset
 
     with pytest.raises(ConfigError, match="train.release_models"):
         RunConfig.from_flat({"preset": "smoke", "train.release-models": "classifier,generator"})
     hc18 = RunConfig.from_flat({"preset": "smoke", "data.image-size": "64", **data_preset("hc18", str(tmp_path))})
     assert not hc18.train.trains_on_release("regressor") and hc18.train.trains_on_release("classifier")
+    african = RunConfig.from_flat({"preset": "smoke", "data.image-size": "64", **data_preset("african", str(tmp_path))})
+    assert african.train.trains_on_release("regressor") and not african.train.trains_on_release("classifier")
     assert RunConfig.from_flat({"preset": "smoke"}).train.release_model_keys() == ("classifier", "regressor")

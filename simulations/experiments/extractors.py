@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -163,11 +163,15 @@ def linear_dp_sgd(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, *, steps: i
 
 def federated_dp(x: np.ndarray, y: np.ndarray, sites: np.ndarray, *, epsilon: float, lr: float, rounds: int,
                  local_steps: int, clip: float, seed: int, delta: float = 1e-5, batch_fraction: float = 1 / 3,
-                 optimizer: str = "adam", init: nn.Linear | None = None, num_classes: int = NUM_CLASSES
+                 optimizer: str = "adam", init: nn.Linear | None = None, num_classes: int = NUM_CLASSES,
+                 batch_size: int | None = None, on_round: Callable[[int, nn.Linear], None] | None = None
                  ) -> tuple[nn.Linear, dict[str, Any]]:
     """FedAvg of per-site DP-SGD softmax heads (:func:`linear_dp_sgd`, the product's Opacus step in closed form);
     every site has its own ledger for the whole run. The global head starts at zero, or at ``init`` (a head fitted
-    on public data only: a public warm start). ``num_classes``: the head's outputs (the African set's 4)."""
+    on public data only: a public warm start). ``num_classes``: the head's outputs (the African set's 4). The
+    expected batch is ``batch_fraction`` of each site's examples, or ``batch_size`` (capped at the site's size: the
+    product's ``train.downstream-batch-size``) where given. ``on_round(r, global_head)`` sees the global head after
+    every round r = 0, 1, ..."""
     dim = x.shape[1]
     global_head = nn.Linear(dim, num_classes)
     nn.init.zeros_(global_head.weight)
@@ -185,7 +189,7 @@ def federated_dp(x: np.ndarray, y: np.ndarray, sites: np.ndarray, *, epsilon: fl
             head = nn.Linear(dim, num_classes)
             head.load_state_dict(global_head.state_dict())
             n = len(data[s])
-            batch = max(1, math.ceil(n * batch_fraction))
+            batch = min(batch_size, n) if batch_size else max(1, math.ceil(n * batch_fraction))
             gen = torch.Generator().manual_seed(_seed(seed, s, r, "noise") % 2**63)
             sigma = linear_dp_sgd(head, *data[s].tensors, steps=local_steps, batch_size=batch, lr=lr,
                                   ledger=ledgers[s], planned_total_steps=rounds * local_steps, clip=clip,
@@ -196,6 +200,8 @@ def federated_dp(x: np.ndarray, y: np.ndarray, sites: np.ndarray, *, epsilon: fl
                 info[s] = {"n": n, "epsilon": round(ledgers[s].epsilon("classifier"), 4), "sigma": round(sigma, 4),
                            "q": round(q, 4), "steps": ledgers[s].steps("classifier")}
         global_head.load_state_dict({k: torch.stack([st[k] for st in states]).mean(0) for k in states[0]})
+        if on_round is not None:
+            on_round(r, global_head)
     return global_head, info
 
 
