@@ -137,7 +137,10 @@ def test_data_presets_set_source_and_site_split_and_later_overrides_win(tmp_path
     assert build_config("demo", ["data.image-size=32"], data="african", data_root=str(tmp_path)).data.image_size == 32
     assert phantom.data.image_size == 32
     assert african.train.downstream_backbone == "public_cnn"
-    assert replace(african.train, downstream_backbone="phantom_cnn") == build_config("demo", []).train
+    # besides the backbone, the African preset only keeps its DP classifier off the release (chosen by CV)
+    assert african.train.release_models == "regressor"
+    assert replace(african.train, downstream_backbone="phantom_cnn", release_models="classifier,regressor") == \
+        build_config("demo", []).train
     # no GA label in the African set: the regressor's share goes to the classifier; HC18 (one plane): the converse
     assert (african.privacy.budget_classifier, african.privacy.budget_regressor) == (0.39, 0.01)
     assert (hc18.privacy.budget_classifier, hc18.privacy.budget_regressor) == (0.01, 0.39)
