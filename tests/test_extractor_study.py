@@ -96,6 +96,24 @@ def test_release_check_pairs_arms_and_counts_better_in_the_metrics_direction() -
     assert mae["worse"] == 2 and mae["better"] == 0 and mae["mean"] == pytest.approx(0.35)
 
 
+def test_release_check_trains_the_real_arm_once_per_fold_and_seed_and_pairs_every_release_with_it() -> None:
+    from simulations.experiments.release_in_heads import SEEDS, compare
+
+    calls: list[tuple[int, int, object]] = []
+
+    def train_and_score(f: int, test: np.ndarray, seed: int, release: object) -> float:
+        calls.append((f, seed, release))
+        return 10.0 * f + seed + (0.0 if release is None else float(release))  # type: ignore[arg-type]
+
+    folds = [np.array([0]), np.array([1])]
+    out = compare(folds, {"a": 0.5, "b": -1.0}, train_and_score, lower_is_better=False)
+    assert [c for c in calls if c[2] is None] == [(f, s, None) for f in range(2) for s in range(SEEDS)]
+    assert len(calls) == 3 * 2 * SEEDS
+    a = out["a"]["paired_difference"]
+    assert a["mean"] == pytest.approx(0.5) and a["better"] == 2 * SEEDS
+    assert out["b"]["paired_difference"]["worse"] == 2 * SEEDS and out["b"]["real"] == out["a"]["real"]
+
+
 def test_closed_form_adam_is_the_opacus_adam_step() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(16, 6, generator=g)

@@ -81,7 +81,8 @@ def local_train(
     size = cfg.data.image_size
     real = records_to_dataset(site.train, image_size=size)
     t = cfg.train
-    pooled = records_to_dataset(list(site.train) + list(synthetic), image_size=size) if synthetic else real
+    pooled = (records_to_dataset(list(site.train) + list(synthetic), image_size=size)
+              if synthetic and t.release_model_keys() else real)
     down = {key: pooled if t.trains_on_release(key) else real for key in ("classifier", "regressor")}
     seed = derive_seed(cfg.seed, site.name, server_round)
     scheduler = bundle.generator.noise_scheduler("ddpm")  # the schedule saved with the prior's weights

@@ -28,7 +28,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -65,6 +65,24 @@ def paired(out: dict[str, list[float]], lower_is_better: bool) -> dict[str, Any]
                                   "worse": int(worse.sum()), "pairs": len(d)}}
 
 
+def compare(folds: Sequence[np.ndarray], releases: dict[str, Any],
+            train_and_score: Callable[[int, np.ndarray, int, Any], float], *, lower_is_better: bool
+            ) -> dict[str, dict[str, Any]]:
+    """Every (fold, seed): the real-only arm once (``release=None``), then each run's release arm with the same
+    fold, sites and noise seed; per run, :func:`paired` of the two arms."""
+    real: list[float] = []
+    plus: dict[str, list[float]] = {run: [] for run in releases}
+    for f, test in enumerate(folds):
+        for seed in range(SEEDS):
+            real.append(train_and_score(f, test, seed, None))
+            for run, release in releases.items():
+                plus[run].append(train_and_score(f, test, seed, release))
+    out = {run: paired({"real": real, "real+release": plus[run]}, lower_is_better) for run in releases}
+    for run, result in out.items():
+        print(f"{run}: {json.dumps(result['paired_difference'])}", flush=True)
+    return out
+
+
 def african(run_dirs: Sequence[Path], data: Path) -> dict[str, Any]:
     images, labels, sites, groups = ex._load({"data": str(data)})
     extractor = fx.PhantomEncoderExtractor(ROOT / "common" / "assets" / "public-encoder")
@@ -75,34 +93,35 @@ def african(run_dirs: Sequence[Path], data: Path) -> dict[str, Any]:
     s = AFRICAN
     kw = dict(epsilon=s["epsilon"], lr=s["lr"], rounds=s["rounds"], local_steps=s["local_steps"], clip=s["clip"],
               batch_size=s["batch_size"], init=warm)
-    per_round = np.zeros((FOLDS, SEEDS, s["rounds"]))
-    results: dict[str, Any] = {}
+    releases: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for run in run_dirs:
         recs = _release(run)
         ry = np.array([r.plane for r in recs])
         if ry.max() >= ex.NUM_CLASSES:
             raise ValueError(f"{run}/release has planes outside the African scope")
-        rf = stats.apply(extractor(np.stack([r.image for r in recs])), unit_norm=True)
-        out: dict[str, list[float]] = {"real": [], "real+release": []}
-        for f, test in enumerate(folds):
-            tr = np.setdiff1d(np.arange(len(labels)), test)
-            names = sorted(set(sites[tr].tolist()))
-            x = np.concatenate([feats[tr]] + [rf] * len(names))
-            y = np.concatenate([labels[tr]] + [ry] * len(names))
-            s_of = np.concatenate([sites[tr]] + [np.array([n] * len(ry)) for n in names])
-            for seed in range(SEEDS):
-                def score(r: int, head: torch.nn.Linear, f: int = f, seed: int = seed, test: np.ndarray = test
-                          ) -> None:
-                    per_round[f, seed, r] = ex.accuracy(head, feats[test], labels[test])
+        releases[str(run)] = (stats.apply(extractor(np.stack([r.image for r in recs])), unit_norm=True), ry)
+    per_round = np.zeros((FOLDS, SEEDS, s["rounds"]))
 
-                head, _ = ex.federated_dp(feats[tr], labels[tr], sites[tr], seed=ex._seed("g", f, seed),
-                                          on_round=score, **kw)
-                out["real"].append(ex.accuracy(head, feats[test], labels[test]))
-                head, _ = ex.federated_dp(x, y, s_of, seed=ex._seed("g", f, seed), **kw)
-                out["real+release"].append(ex.accuracy(head, feats[test], labels[test]))
-        results[str(run)] = {"released": len(recs), "planes": np.bincount(ry, minlength=ex.NUM_CLASSES).tolist(),
-                             **paired(out, lower_is_better=False)}
-        print(f"{run}: {json.dumps(results[str(run)]['paired_difference'])}", flush=True)
+    def train_and_score(f: int, test: np.ndarray, seed: int, release: tuple[np.ndarray, np.ndarray] | None) -> float:
+        tr = np.setdiff1d(np.arange(len(labels)), test)
+        x, y, s_of = feats[tr], labels[tr], sites[tr]
+        if release is None:  # the real arm also records its accuracy after every round
+            def score(r: int, head: torch.nn.Linear) -> None:
+                per_round[f, seed, r] = ex.accuracy(head, feats[test], labels[test])
+        else:  # every site pools the whole release, as local_train does
+            score = None
+            names = sorted(set(s_of.tolist()))
+            rf, ry = release
+            x = np.concatenate([x] + [rf] * len(names))
+            y = np.concatenate([y] + [ry] * len(names))
+            s_of = np.concatenate([s_of] + [np.array([n] * len(ry)) for n in names])
+        head, _ = ex.federated_dp(x, y, s_of, seed=ex._seed("g", f, seed), on_round=score, **kw)
+        return ex.accuracy(head, feats[test], labels[test])
+
+    results = compare(folds, releases, train_and_score, lower_is_better=False)
+    for run, (_, ry) in releases.items():
+        results[run] = {"released": len(ry), "planes": np.bincount(ry, minlength=ex.NUM_CLASSES).tolist(),
+                        **results[run]}
     flat = per_round.reshape(-1, s["rounds"])
     return {"metric": "plane accuracy on the held-out fold", "settings": s, "runs": results,
             "real_per_round": {"mean": flat.mean(0).tolist(), "std": flat.std(0).tolist(),
@@ -116,29 +135,28 @@ def hc18(run_dirs: Sequence[Path], data: Path) -> dict[str, Any]:
     backbone = models[0].backbone
     with torch.no_grad():
         feats = torch.cat([backbone(dataset.tensors[0][i:i + 256]) for i in range(0, len(dataset), 256)])
+        releases = {}
+        for run in run_dirs:
+            rel = records_to_dataset(_release(run), image_size=64)
+            # the layout of gh.feature_dataset: features, plane (unused), GA, spacing (NaN: not conditioned on)
+            releases[str(run)] = (backbone(rel.tensors[0]), torch.zeros(len(rel), dtype=torch.int64),
+                                  rel.tensors[2], rel.tensors[3])
     ga, sp = dataset.tensors[2], dataset.tensors[3]
     s = HC18
-    results: dict[str, Any] = {}
-    for run in run_dirs:
-        rel = records_to_dataset(_release(run), image_size=64)
-        with torch.no_grad():
-            rfeats = backbone(rel.tensors[0])
-        out: dict[str, list[float]] = {"real": [], "real+release": []}
-        for f, test in enumerate(folds):
-            train = np.setdiff1d(np.arange(len(records)), test)
-            site_data = gh._site_data(train, records, feats, ga, sp, seed=gh._seed("sites", f))
-            plus = [TensorDataset(torch.cat([d.tensors[0], rfeats]),
-                                  torch.cat([d.tensors[1], torch.zeros(len(rel), dtype=torch.int64)]),
-                                  torch.cat([d.tensors[2], rel.tensors[2]]), torch.cat([d.tensors[3], rel.tensors[3]]))
-                    for d in site_data]
-            for seed in range(SEEDS):
-                for arm, ds in (("real", site_data), ("real+release", plus)):
-                    head, _ = gh.federated_dp(models, ds, epsilon=s["epsilon"], lr=s["lr"],
-                                              local_steps=s["local_steps"], rounds=s["rounds"],
-                                              batch_size=s["batch_size"], clip=s["clip"], seed=gh._seed("rel", f, seed))
-                    out[arm].append(gh.head_metrics(head, feats[test], ga[test], sp[test])["mae_days"])
-        results[str(run)] = {"released": len(rel), **paired(out, lower_is_better=True)}
-        print(f"{run}: {json.dumps(results[str(run)]['paired_difference'])}", flush=True)
+
+    def train_and_score(f: int, test: np.ndarray, seed: int, release: tuple[torch.Tensor, ...] | None) -> float:
+        train = np.setdiff1d(np.arange(len(records)), test)
+        site_data = gh._site_data(train, records, feats, ga, sp, seed=gh._seed("sites", f))
+        if release is not None:  # every site pools the whole release, as local_train does
+            site_data = [TensorDataset(*(torch.cat([a, b]) for a, b in zip(d.tensors, release))) for d in site_data]
+        head, _ = gh.federated_dp(models, site_data, epsilon=s["epsilon"], lr=s["lr"], local_steps=s["local_steps"],
+                                  rounds=s["rounds"], batch_size=s["batch_size"], clip=s["clip"],
+                                  seed=gh._seed("rel", f, seed))
+        return gh.head_metrics(head, feats[test], ga[test], sp[test])["mae_days"]
+
+    results = compare(folds, releases, train_and_score, lower_is_better=True)
+    for run, release in releases.items():
+        results[run] = {"released": len(release[0]), **results[run]}
     return {"metric": "GA MAE (days) on the held-out patients", "settings": s, "runs": results}
 
 
