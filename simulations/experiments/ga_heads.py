@@ -178,13 +178,17 @@ def make_regressor(backbone: str, j: int, grid: int, hidden: int, *, flips: bool
 
 def federated_dp(models: list[GARegressor], data: list[TensorDataset], *, epsilon: float, lr: float,
                  local_steps: int, rounds: int, batch_size: int, clip: float, seed: int,
-                 delta: float = 1e-5, tail_average: float = 0.0) -> tuple[FeatureHead, dict[str, Any]]:
-    """FedAvg over ``rounds`` of per-site DP-SGD (:func:`train_private`, Adam) of the regressor head.
+                 delta: float = 1e-5, tail_average: float = 0.0, optimizer: str = "adam",
+                 train_film: bool = True) -> tuple[FeatureHead, dict[str, Any]]:
+    """FedAvg over ``rounds`` of per-site DP-SGD (:func:`train_private`, ``optimizer``) of the regressor head.
 
     ``models[0]`` is the global model, ``models[1:]`` one per site (reused, reloaded every round); every site has
     its own ledger for the whole run (``planned_total_steps = rounds * local_steps``, as the product plans it).
+    ``train_film=False`` keeps the spacing FiLM at its data-free init (zero) and trains the head alone.
     """
     glob, sites = models[0], models[1:]
+    for m in sites:
+        m.film.requires_grad_(train_film)
     glob.load_state_dict(glob.init_state)
     ledgers = [PrivacyLedger(target_epsilon=epsilon, target_delta=delta, budget_split={"regressor": 1.0})
                for _ in sites]
@@ -197,7 +201,7 @@ def federated_dp(models: list[GARegressor], data: list[TensorDataset], *, epsilo
             load_federated_state(m, start)
             res = train_private(FeatureHead(m), regressor_loss, d, steps=local_steps, batch_size=min(batch_size, len(d)),
                                 lr=lr, ledger=led, model_key="regressor", planned_total_steps=rounds * local_steps,
-                                max_grad_norm=clip, optimizer="adam", seed=_seed(seed, s, r, "pub"),
+                                max_grad_norm=clip, optimizer=optimizer, seed=_seed(seed, s, r, "pub"),
                                 noise_seed=_seed(seed, s, r, "noise"), tail_average=tail_average)
             states.append(federated_state(m))
             if r == rounds - 1:
@@ -234,7 +238,8 @@ def evaluate_setting(backbone: str, j: int, grid: int, epsilons: Sequence[float]
     out: dict[str, Any] = {"setting": name, "dim": int(feats.shape[1]), "feature_seconds": round(feat_seconds, 2),
                            "output": dp_models[0].output, "public_warm_start": warm, "folds": []}
     grid_hp = [(lr, ls) for lr in s["lrs"] for ls in s["local_steps"]]
-    dp_kw = dict(rounds=s["rounds"], batch_size=s["batch_size"], clip=s["clip"], tail_average=s["tail_average"])
+    dp_kw = dict(rounds=s["rounds"], batch_size=s["batch_size"], clip=s["clip"], tail_average=s["tail_average"],
+                 optimizer=s["optimizer"], train_film=s["train_film"])
     n = len(records)
     chosen_once: dict[float, dict[tuple[float, int], float]] = {}  # with select_on_fold: that fold's inner CV
     for f in s["fold_ids"]:
@@ -365,6 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--tail-average", type=float, default=0.0,
                    help="fraction of each site's local DP steps whose iterates are averaged (train_private)")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="the sites' DP optimiser")
+    p.add_argument("--freeze-film", action="store_true",
+                   help="DP arms train the head alone; the spacing FiLM stays at its zero init")
     p.add_argument("--settings", default="public_cnn:10/4/1,phantom_cnn:10/4/1,scattering:2:4:10/4/1",
                    help="comma-separated BACKBONE:eps/eps/... (phantom_cnn, public_cnn, public_size_cnn) or "
                         "scattering:J:grid:eps/...")
@@ -382,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
          "inner_splits": min(args.inner_splits, args.inner_folds), "seeds": args.seeds, "fold_seed": args.fold_seed,
          "select_on_fold": args.select_on_fold, "lrs": [float(v) for v in args.lrs.split(",")],
          "local_steps": [int(v) for v in args.local_steps.split(",")], "rounds": args.rounds,
-         "batch_size": args.batch_size, "clip": args.clip, "tail_average": args.tail_average, "nonprivate_checkpoints": list(NONPRIVATE_CHECKPOINTS),
+         "batch_size": args.batch_size, "clip": args.clip, "tail_average": args.tail_average,
+         "optimizer": args.optimizer, "train_film": not args.freeze_film,
+         "nonprivate_checkpoints": list(NONPRIVATE_CHECKPOINTS),
          "flips": not args.single_view}
     settings = [parse_setting(v) for v in args.settings.split(",")]
     results = [evaluate_setting(b, j, g, eps, records, data, groups, folds, s) for b, j, g, eps in settings]
@@ -396,9 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "delta": 1e-5,
                      "accountant": "rdp", "coverage_level": COVERAGE, "sites": "3, training patients split iid "
                      "(common.data.partition.partition kind=iid, fixed per fold)",
-                     "dp": "train_private (Opacus, functorch per-sample grads, Adam, fresh optimizer state each "
-                           "round), one PrivacyLedger per site for the whole run, planned_total_steps = rounds * "
-                           "local_steps; FedAvg weighted by site size of federated_state; DP head hidden=0",
+                     "dp": "train_private (Opacus, functorch per-sample grads, settings.optimizer, fresh optimizer "
+                           "state each round), one PrivacyLedger per site for the whole run, planned_total_steps = "
+                           "rounds * local_steps; FedAvg weighted by site size of federated_state; DP head hidden=0",
                      "dp_selection": "(lr, local steps) minimising inner-CV MAE, 1 seed, per outer fold and epsilon",
                      "nonprivate": f"from the regressor's init (the public GA head where shipped), "
                                    f"train_private(ledger=None), Adam lr={NONPRIVATE_LR}, batch {NONPRIVATE_BATCH}, "
