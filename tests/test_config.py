@@ -145,9 +145,9 @@ def test_data_presets_set_source_and_site_split_and_later_overrides_win(tmp_path
     assert (african.privacy.budget_classifier, african.privacy.budget_regressor) == (0.39, 0.01)
     assert (hc18.privacy.budget_classifier, hc18.privacy.budget_regressor) == (0.01, 0.39)
     assert (hc18.data.source, hc18.data.partition, hc18.data.num_sites) == ("hc18", "iid", 3)
-    # the HC18 regressor trains with plain DP-SGD at 0.003 (chosen by patient-grouped CV; Adam random-walks under noise)
-    assert (hc18.train.downstream_optimizer, hc18.train.regressor_lr) == ("sgd", 0.003)
-    assert hc18.train.rate("regressor") == (0.003, "sgd")
+    # the HC18 regressor trains its head alone (the spacing FiLM stays at zero), with Adam at 0.003 (patient-grouped CV)
+    assert (hc18.train.regressor_film, hc18.train.rate("regressor")) == (False, (0.003, "adam"))
+    assert african.train.regressor_film and build_config("demo", []).train.regressor_film
     assert (fpdb.data.source, fpdb.data.partition) == ("fetal_planes_db", "dirichlet")
     assert phantom == build_config("demo", [])
     # the consortium's label scope follows the data: four fetal planes (African), brain only (HC18), all six

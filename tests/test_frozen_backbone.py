@@ -219,6 +219,30 @@ def test_a_one_plane_scope_spends_nothing_on_the_classifier(tmp_path: Path):
     assert all(np.array_equal(sent[k], got[k]) for k in sent if k.startswith("classifier."))
 
 
+def test_a_frozen_film_stays_at_zero_through_a_dp_round_while_the_ga_head_trains(tmp_path: Path):
+    # train.regressor-film=false (the HC18 preset): DP-SGD trains the GA head alone; the FiLM keeps its zero init
+    cfg = _cfg(tmp_path, **{"train.downstream-steps": 3, "data.planes": "fetal_brain", "train.regressor-film": False})
+    bundle = build_bundle(cfg)
+    assert not any(p.requires_grad for p in bundle.regressor.film.parameters())
+    assert all(p.requires_grad for p in bundle.regressor.head.parameters())
+    site = load_site(_cfg(tmp_path).data, seed=cfg.seed, site_index=0)
+    site = type(site)(**{**site.__dict__, "train": [r for r in site.train if r.plane == 0],
+                         "test": [r for r in site.test if r.plane == 0]})
+    sent = federated_arrays(bundle)
+    ledger = PrivacyLedger(target_epsilon=cfg.privacy.target_epsilon, target_delta=cfg.privacy.target_delta,
+                           budget_split=cfg.privacy.budget_split())
+    local_train(bundle, site, ledger, cfg, server_round=1)
+    got = federated_arrays(bundle)
+    assert ledger.steps("regressor") == 3
+    film = [k for k in sent if k.startswith("regressor.film.")]
+    assert len(film) == 2 and all(np.array_equal(sent[k], got[k]) and not got[k].any() for k in film)
+    assert any(not np.array_equal(sent[k], got[k]) for k in sent if k.startswith("regressor.head."))
+    # the default trains both, and either kind of weights loads into either model (same keys)
+    default = build_bundle(_cfg(tmp_path))
+    assert all(p.requires_grad for p in default.regressor.film.parameters())
+    load_federated_state(default.regressor, federated_state(bundle.regressor))
+
+
 def test_a_site_without_ga_labels_trains_the_regressor_on_the_release_alone_at_no_privacy_cost(tmp_path: Path):
     # the African situation: no real image carries a GA; the shared (public) release does
     from dataclasses import replace as dc_replace

@@ -152,13 +152,14 @@ class DownstreamSpec:
     scattering_j: int = 2
     scattering_grid: int = 4
     planes: tuple[int, ...] | None = None
+    regressor_film: bool = True
 
     @classmethod
     def from_config(cls, cfg: "RunConfig") -> "DownstreamSpec":
         t = cfg.train
         return cls(image_size=cfg.data.image_size, backbone=t.downstream_backbone, width=t.downstream_width,
                    hidden=t.downstream_hidden, scattering_j=t.scattering_j, scattering_grid=t.scattering_grid,
-                   planes=cfg.data.plane_scope())
+                   planes=cfg.data.plane_scope(), regressor_film=t.regressor_film)
 
     def _kw(self) -> dict[str, Any]:
         return dict(backbone=self.backbone, hidden=self.hidden, scattering_j=self.scattering_j,
@@ -169,7 +170,8 @@ class DownstreamSpec:
 
     def regressor(self, *, flips: bool = True) -> "GARegressor":
         """The GA regressor (``flips=False``: on single-view features, as checkpoints before them were trained)."""
-        return GARegressor(self.image_size, self.width, planes=self.planes, flips=flips, **self._kw())
+        return GARegressor(self.image_size, self.width, planes=self.planes, flips=flips, film=self.regressor_film,
+                           **self._kw())
 
     @property
     def frozen(self) -> bool:
@@ -299,11 +301,16 @@ class GARegressor(nn.Module):
     flips:
         Flip-averaged features on the shipped encoders (default; ignored by the other backbones). ``False`` only
         to compare with single-view features.
+    film:
+        Whether the spacing FiLM trains (default). ``False`` keeps it at its zero init (``requires_grad`` off, the
+        weights still in the state dict, so checkpoints of either kind load into either): the spacing then enters
+        through the field of view and the head's input only, and DP-SGD trains the head alone.
     """
 
     def __init__(self, image_size: int = 64, width: int = 32, *, backbone: str = "cnn", hidden: int = 0,
                  scattering_j: int = 2, scattering_grid: int = 2, output: str | None = None,
-                 planes: Sequence[int] | None = (PLANES.index("fetal_brain"),), flips: bool = True) -> None:
+                 planes: Sequence[int] | None = (PLANES.index("fetal_brain"),), flips: bool = True,
+                 film: bool = True) -> None:
         super().__init__()
         flips = flips and backbone in ENCODER_BACKBONES
         self.backbone = make_backbone(backbone, image_size, width, scattering_j, scattering_grid, flips=flips)
@@ -317,6 +324,7 @@ class GARegressor(nn.Module):
         self.head = _head(d + 2, 2, hidden if frozen else d, zero=frozen)
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
+        self.film.requires_grad_(film)
         if self.output == "log_hc":
             # a format mark in the state dict: weights saved before the log-HC output (same shapes, other meaning)
             # fail to load strictly instead of predicting nonsense GA
