@@ -102,3 +102,16 @@ def test_an_arm_added_later_gets_the_site_secrets_of_an_arm_that_already_ran(tmp
     assert later == tmp_path / "none"
     assert listed_first == tmp_path / "acquisition"
     assert fresh == tmp_path / "empty" / "random"
+
+
+def test_every_arm_is_a_valid_run_config_and_top2_differs_from_private_evolution_only_by_its_votes() -> None:
+    from common.core.config import RunConfig
+    from common.privacy.votes import sensitivity
+
+    base = {"preset": "smoke", "run-dir": "", "prior": ""}
+    configs = {arm: RunConfig.from_flat({**base, **sets}) for arm, sets in al_loop.ARMS.items()}
+    pe, top2 = configs["private-evolution"], configs["private-evolution-top2"]
+    assert top2.federation.pe_votes_per_image == 2 and pe.federation.pe_votes_per_image == 1
+    assert RunConfig.from_flat({**base, **al_loop.ARMS["private-evolution-top2"],
+                                "federation.pe-votes-per-image": 1}) == pe
+    assert sensitivity(2) == pytest.approx(2 ** 0.5)

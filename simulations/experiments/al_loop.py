@@ -55,6 +55,9 @@ ARMS: dict[str, dict[str, object]] = {
 # control (not in the default --arms): the same evolution with votes drowned in noise (sigma 1e4, so the selection
 # is random among the same phantom proposals): what the votes add beyond the simulator itself
 ARMS["private-evolution-novote"] = {**ARMS["private-evolution"], "privacy.vote-noise-multiplier": 1e4}
+# variant (not in the default --arms): each private image votes for its 2 nearest candidates (of its plane), the
+# histogram's sensitivity sqrt(2): twice the votes for sqrt(2) times the noise
+ARMS["private-evolution-top2"] = {**ARMS["private-evolution"], "federation.pe-votes-per-image": 2}
 DEFAULT_ARMS = ("none", "random", "acquisition", "private-evolution")
 
 
