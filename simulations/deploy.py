@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from common.core.config import RunConfig
+from common.federated.update_bound import update_bounds
 from simulations.certs import (
     ServerCertificates,
     SiteKeys,
@@ -358,6 +359,7 @@ def run_federation(layout: Layout, cfg: RunConfig, *, resume: bool = False, echo
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_absolute():
         raise ValueError(f"run_dir must be absolute, got {run_dir!r}")
+    update_bounds(cfg)  # a config the server would refuse fails here, before anything runs
     app = stage_app(layout.path(".app"))
     cmd = [str(VENV_BIN / "flwr"), "run", str(app), CONNECTION, "--stream",
            "--run-config", str(write_run_config(cfg, layout.path(".flwr"), resume=resume))]

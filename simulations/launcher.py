@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 from common.core.config import RunConfig, run_config_toml
 from common.core.provenance import code_version
 from common.core.run_layout import RunLayout
+from common.federated.update_bound import update_bounds
 from simulations.progress import event_line
 from simulations.watchdog import Watchdog
 
@@ -263,6 +264,9 @@ def run_simulation(
     run_dir = Path(cfg.run_dir)
     if not run_dir.is_absolute():
         raise ValueError(f"run_dir must be absolute, got {run_dir}")
+    # a config the server would refuse (e.g. SGD heads, whose updates the server cannot bound) fails here, with its
+    # reason, before a SuperLink starts (it used to surface as Flower's exit code 700 with the reason in the logs)
+    update_bounds(cfg)
     layout = RunLayout(run_dir)
     flwr_home = layout.flower_home
     port = free_port()

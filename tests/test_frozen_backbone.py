@@ -197,6 +197,16 @@ def test_the_servers_update_bound_is_refused_for_sgd_heads(tmp_path: Path) -> No
     assert (bounds["classifier"].lr, bounds["regressor"].lr) == (0.2, 0.05)
     with pytest.raises(ConfigError, match="Adam only"):
         update_bounds(_cfg(tmp_path, **{"train.downstream-optimizer": "sgd", "train.downstream-lr": 1.0}))
+    # a federated run with SGD heads fails before anything starts, with that reason (not Flower's exit code 700)
+    from simulations.deploy import Layout, run_federation
+    from simulations.launcher import run_simulation
+
+    sgd = _cfg(tmp_path, **{"train.downstream-optimizer": "sgd"})
+    with pytest.raises(ConfigError, match="Adam only"):
+        run_simulation(sgd, num_sites=2)
+    with pytest.raises(ConfigError, match="Adam only"):
+        run_federation(Layout(tmp_path / "deploy"), sgd)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "deploy").exists()
 
 
 def test_a_one_plane_scope_spends_nothing_on_the_classifier(tmp_path: Path):
