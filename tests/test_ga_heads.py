@@ -58,17 +58,17 @@ def test_settings_name_every_shipped_encoder_and_refuse_a_typo():
 def test_federated_dp_can_keep_the_film_at_its_init_and_train_with_sgd():
     from simulations.experiments.ga_heads import federated_dp, make_regressor
 
-    models = [make_regressor("public_cnn", 2, 4, 0) for _ in range(4)]
-    d = models[0].backbone.out_dim
+    d = make_regressor("public_cnn", 2, 4, 0).backbone.out_dim
     gen = torch.Generator().manual_seed(0)
     sites = []
     for _ in range(3):
         h = torch.nn.functional.normalize(torch.randn(40, d, generator=gen), dim=1)
         sites.append(feature_dataset(h, 20 + 15 * torch.rand(40, generator=gen), torch.full((40,), 0.6)))
-    init = {k: v.clone() for k, v in models[0].init_state.items()}
     for train_film, optimizer in ((False, "sgd"), (True, "adam")):
+        models = [make_regressor("public_cnn", 2, 4, 0, film=train_film) for _ in range(4)]
+        init = {k: v.clone() for k, v in models[0].init_state.items()}
         head, info = federated_dp(models, sites, epsilon=10.0, lr=0.01, local_steps=4, rounds=2, batch_size=16,
-                                  clip=1.0, seed=1, optimizer=optimizer, train_film=train_film)
+                                  clip=1.0, seed=1, optimizer=optimizer)
         state = head.reg.state_dict()
         film_moved = not (torch.equal(state["film.weight"], init["film.weight"])
                           and torch.equal(state["film.bias"], init["film.bias"]))

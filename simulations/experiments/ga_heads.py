@@ -167,28 +167,29 @@ def setting_name(backbone: str, j: int, grid: int) -> str:
     return f"scattering_J{j}_g{grid}_64px" if backbone == "scattering" else f"{backbone}_64px"
 
 
-def make_regressor(backbone: str, j: int, grid: int, hidden: int, *, flips: bool = True) -> GARegressor:
-    """The product's regressor (a linear head on a shipped encoder starts at its public GA head); ``init_state`` (a
-    plain attribute) is what every training run starts from."""
+def make_regressor(backbone: str, j: int, grid: int, hidden: int, *, flips: bool = True,
+                   film: bool = True) -> GARegressor:
+    """The product's regressor (a linear head on a shipped encoder starts at its public GA head; ``film=False``: its
+    spacing FiLM stays at zero, as ``train.regressor-film=false``); ``init_state`` (a plain attribute) is what every
+    training run starts from."""
     torch.manual_seed(0)  # the hidden layer's init is public randomness; the output layer is data-free
-    reg = GARegressor(64, 32, backbone=backbone, hidden=hidden, scattering_j=j, scattering_grid=grid, flips=flips)
+    reg = GARegressor(64, 32, backbone=backbone, hidden=hidden, scattering_j=j, scattering_grid=grid, flips=flips,
+                      film=film)
     reg.init_state = {k: v.clone() for k, v in reg.state_dict().items()}
     return reg
 
 
 def federated_dp(models: list[GARegressor], data: list[TensorDataset], *, epsilon: float, lr: float,
                  local_steps: int, rounds: int, batch_size: int, clip: float, seed: int,
-                 delta: float = 1e-5, tail_average: float = 0.0, optimizer: str = "adam",
-                 train_film: bool = True) -> tuple[FeatureHead, dict[str, Any]]:
+                 delta: float = 1e-5, tail_average: float = 0.0,
+                 optimizer: str = "adam") -> tuple[FeatureHead, dict[str, Any]]:
     """FedAvg over ``rounds`` of per-site DP-SGD (:func:`train_private`, ``optimizer``) of the regressor head.
 
     ``models[0]`` is the global model, ``models[1:]`` one per site (reused, reloaded every round); every site has
     its own ledger for the whole run (``planned_total_steps = rounds * local_steps``, as the product plans it).
-    ``train_film=False`` keeps the spacing FiLM at its data-free init (zero) and trains the head alone.
+    What trains is what the models leave trainable (``make_regressor(film=False)``: the head alone).
     """
     glob, sites = models[0], models[1:]
-    for m in sites:
-        m.film.requires_grad_(train_film)
     glob.load_state_dict(glob.init_state)
     ledgers = [PrivacyLedger(target_epsilon=epsilon, target_delta=delta, budget_split={"regressor": 1.0})
                for _ in sites]
@@ -226,7 +227,7 @@ def _site_data(idx: np.ndarray, records: list, feats: Tensor, ga: Tensor, sp: Te
 def evaluate_setting(backbone: str, j: int, grid: int, epsilons: Sequence[float], records: list, data: TensorDataset,
                      groups: list[list[int]], folds: list[np.ndarray], s: dict[str, Any]) -> dict[str, Any]:
     t_start = time.perf_counter()
-    dp_models = [make_regressor(backbone, j, grid, 0, flips=s["flips"]) for _ in range(4)]
+    dp_models = [make_regressor(backbone, j, grid, 0, flips=s["flips"], film=s["train_film"]) for _ in range(4)]
     np_models = {h: make_regressor(backbone, j, grid, h, flips=s["flips"]) for h in (0, 32)}
     warm = dp_models[0].public_warm_start
     t0 = time.perf_counter()
@@ -239,7 +240,7 @@ def evaluate_setting(backbone: str, j: int, grid: int, epsilons: Sequence[float]
                            "output": dp_models[0].output, "public_warm_start": warm, "folds": []}
     grid_hp = [(lr, ls) for lr in s["lrs"] for ls in s["local_steps"]]
     dp_kw = dict(rounds=s["rounds"], batch_size=s["batch_size"], clip=s["clip"], tail_average=s["tail_average"],
-                 optimizer=s["optimizer"], train_film=s["train_film"])
+                 optimizer=s["optimizer"])
     n = len(records)
     chosen_once: dict[float, dict[tuple[float, int], float]] = {}  # with select_on_fold: that fold's inner CV
     for f in s["fold_ids"]:
