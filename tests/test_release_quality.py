@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from common.core.config import RunConfig
 from common.data.sites import load_site
 from simulations.config_args import count_sites
@@ -29,3 +31,34 @@ def test_a_run_without_a_release_reports_train_on_real_and_no_release_figures(tm
         assert row["smallest_n"] == min(len(s.train) for s in sites)
         # phantom planes are easy in the frozen feature space: pooled real beats chance over the scope by far
         assert row["real_pooled"] > 1.0 / len(cfg.data.plane_scope()) + 0.2
+
+
+def test_size_matched_fd_removes_the_release_size_bias_of_the_plain_estimate() -> None:
+    # Prepare: real test features and two releases drawn from the SAME distribution, of 48 and of 144 images
+    import numpy as np
+
+    from common.analysis.metrics import frechet_distance
+    from simulations.experiments.release_quality import subset_mean
+
+    rng = np.random.default_rng(0)
+    dim = 32
+    real = rng.normal(size=(400, dim))
+    fd = lambda z, _: frechet_distance(real, z)  # noqa: E731
+    small = [rng.normal(size=(48, dim)) for _ in range(10)]
+    large = [rng.normal(size=(144, dim)) for _ in range(10)]
+    labels = lambda z: np.zeros(len(z), dtype=int)  # noqa: E731
+    # Execute
+    plain_small = np.mean([frechet_distance(real, z) for z in small])
+    plain_large = np.mean([frechet_distance(real, z) for z in large])
+    matched_large = np.mean([subset_mean(z, labels(z), fd, n=48) for z in large])
+    # Assert: the plain estimate favours the larger release of the same images; the matched one does not
+    assert plain_large < 0.6 * plain_small
+    assert abs(matched_large - plain_small) < 0.1 * plain_small
+    # a release of exactly n is scored once, a smaller one not at all, a bad pair of arrays is an error
+    z = small[0]
+    assert subset_mean(z, labels(z), fd, n=48) == frechet_distance(real, z)
+    assert subset_mean(z[:47], labels(z[:47]), fd, n=48) is None
+    with pytest.raises(ValueError, match="differ in length"):
+        subset_mean(z, labels(z)[:3], fd, n=2)
+    # draws where the score is undefined are left out; none defined gives None
+    assert subset_mean(z, labels(z), lambda *_: None, n=10) is None

@@ -33,10 +33,11 @@ from common.core.run_layout import RunLayout
 from common.federated.round_metrics import round_summary
 from common.privacy.site_state import SECRET_FILE, copy_site_secrets
 from simulations.config_args import add_data_arguments, build_config, count_sites
-from simulations.experiments.release_quality import release_quality
+from simulations.experiments.release_quality import MATCHED_N, release_quality
 from simulations.launcher import finished_as, run_simulation
 
-QUALITY_KEYS = ("fd", "kid", "synthetic_only", "real_only_smallest", "real_plus_synthetic_smallest")
+QUALITY_KEYS = ("fd", "kid", "synthetic_only", "real_only_smallest", "real_plus_synthetic_smallest", "fd_matched",
+                "synthetic_only_matched")
 
 ARMS: dict[str, dict[str, object]] = {
     "none": {"federation.al-every": 0},
@@ -79,14 +80,16 @@ def summarise(run_dir: Path) -> list[dict[str, Any]]:
 def to_markdown(table: dict[str, list[dict[str, Any]]]) -> str:
     """One row per (arm, round): the federation's held-out metrics, then the release's (release_quality.py)."""
     lines = ["| arm | round | plane acc | macro-F1 | GA MAE (days) | release | FD | KID | synth-only acc | "
-             "smallest: real | smallest: real+synth |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"smallest: real | smallest: real+synth | FD at {MATCHED_N} | synth-only at {MATCHED_N} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for arm, rows in table.items():
         for r in rows:
             lines.append(f"| {arm} | {r['round']} | {fmt(r['plane_accuracy'])} | {fmt(r['plane_macro_f1'])} | "
                          f"{fmt(r['ga_mae_days'])} | {r['release_size']} | {fmt(r.get('fd'))} | {fmt(r.get('kid'))} | "
                          f"{fmt(r.get('synthetic_only'))} | {fmt(r.get('real_only_smallest'))} | "
-                         f"{fmt(r.get('real_plus_synthetic_smallest'))} |")
+                         f"{fmt(r.get('real_plus_synthetic_smallest'))} | {fmt(r.get('fd_matched'))} | "
+                         f"{fmt(r.get('synthetic_only_matched'))} |")
     return "\n".join(lines)
 
 
@@ -167,7 +170,7 @@ def combine(dirs: list[Path], out: Path) -> list[dict[str, Any]]:
     return rows
 
 
-RELEASE_KEYS = ("fd", "synthetic_only", "real_plus_synthetic_smallest")
+RELEASE_KEYS = ("fd", "synthetic_only", "real_plus_synthetic_smallest", "fd_matched", "synthetic_only_matched")
 
 
 def release_markdown(rows: list[dict[str, Any]], baseline: str = "acquisition") -> str:
