@@ -38,20 +38,6 @@ from common.models.bundle import ModelBundle
 VOTE_MESSAGE = f"{MessageType.QUERY}.vote"
 
 
-def population(cfg: RunConfig, bundle: ModelBundle, rng: np.random.Generator, *, source: str | None = None
-               ) -> Population:
-    """The run's proposers: phantoms, and the shared DP generator (samples; SDEdit variations) with the run's solver,
-    steps and guidance. ``source`` overrides ``federation.pe-source``."""
-    def vary(x: np.ndarray, plane: np.ndarray, ga: np.ndarray, strength: float, seed: int) -> np.ndarray:
-        return to_uint8(sdedit(bundle.generator, torch.from_numpy(x.astype(np.float32) / 127.5 - 1.0)[:, None],
-                               plane=torch.as_tensor(plane), ga=torch.as_tensor(ga), strength=strength,
-                               num_inference_steps=cfg.sampling.num_inference_steps,
-                               guidance_scale=cfg.sampling.guidance_scale, seed=seed))
-
-    return Population(size=cfg.data.image_size, source=source or cfg.federation.pe_source, rng=rng,
-                      sampler=lambda p, g, s: generate(bundle, cfg, p, g, seed=s), varier=vary)
-
-
 class Evolution:
     """One run's private evolution (the embedder is built once per coordinator)."""
 
@@ -64,8 +50,14 @@ class Evolution:
                ) -> tuple[list[ReleaseItem], list[Candidate], dict[str, Any]]:
         """Run the T vote iterations of ``server_round``; the release items, the chosen candidates and a summary."""
         fed = self.cfg.federation
-        pop = population(self.cfg, bundle, np.random.default_rng(derive_seed(self.cfg.seed, "private-evolution",
-                                                                               server_round)))
+        rng = np.random.default_rng(derive_seed(self.cfg.seed, "private-evolution", server_round))
+        pop = Population(size=self.cfg.data.image_size, source=fed.pe_source, rng=rng,
+                         sampler=lambda p, g, s: generate(bundle, self.cfg, p, g, seed=s),
+                         varier=lambda x, p, g, st, s: to_uint8(sdedit(
+                             bundle.generator, torch.from_numpy(x.astype(np.float32) / 127.5 - 1.0)[:, None],
+                             plane=torch.as_tensor(p), ga=torch.as_tensor(g), strength=st,
+                             num_inference_steps=self.cfg.sampling.num_inference_steps,
+                             guidance_scale=self.cfg.sampling.guidance_scale, seed=s)))
         candidates = pop.initial(fed.pe_population, planes=self.cfg.data.plane_scope())
         votes_privacy: dict[str, dict[str, Any]] = {}
         generator_privacy: dict[str, dict[str, Any]] = {}

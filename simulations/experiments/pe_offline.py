@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -66,14 +66,9 @@ CONFIGS: dict[str, tuple[int, int, float | None]] = {
 
 
 def evolve(cfg: Any, private: dict[str, tuple[np.ndarray, np.ndarray]], embed: Any, *, population: int,
-           votes_per_round: int, noise: float | None, rounds: int, seed: int,
-           proposers: Callable[[np.random.Generator], Population] | None = None,
-           planned_rounds: int | None = None) -> tuple[list[Any], dict[str, Any]]:
-    """The release of ``rounds`` query rounds of private evolution and the votes' figures. ``proposers(rng)`` builds
-    each round's :class:`Population` (default: phantoms); sigma is planned for ``planned_rounds`` query rounds
-    (default ``rounds``), so that fewer simulated rounds keep the product's noise."""
+           votes_per_round: int, noise: float | None, rounds: int, seed: int) -> tuple[list[Any], dict[str, Any]]:
+    """The release of ``rounds`` query rounds of private evolution (phantom proposals) and the votes' figures."""
     fed = cfg.federation
-    planned = (planned_rounds or rounds) * votes_per_round
     planes = list(cfg.data.plane_scope())
     with tempfile.TemporaryDirectory() as tmp:
         ledgers = {s: SiteStateStore(Path(tmp) / s).load_ledger(before_round=1, privacy=cfg.privacy) for s in private}
@@ -81,7 +76,7 @@ def evolve(cfg: Any, private: dict[str, tuple[np.ndarray, np.ndarray]], embed: A
         snr, sigma, eps = [], None, {}
         for rnd in range(1, rounds + 1):
             rng = np.random.default_rng(derive_seed(seed, "pe-offline", rnd))
-            pop = proposers(rng) if proposers else Population(size=cfg.data.image_size, source="phantom", rng=rng)
+            pop = Population(size=cfg.data.image_size, source="phantom", rng=rng)
             candidates = pop.initial(population, planes=planes)
             for it in range(votes_per_round):
                 emb = embed(np.stack([c.image for c in candidates]))
@@ -91,7 +86,7 @@ def evolve(cfg: Any, private: dict[str, tuple[np.ndarray, np.ndarray]], embed: A
                 for s, (z, y) in private.items():
                     led = None if noise is not None else ledgers[s]
                     res = private_vote(led, private=z, candidates=emb, private_plane=y, candidate_plane=cand_plane,
-                                       planned_votes=planned, noise_multiplier=noise,
+                                       planned_votes=rounds * votes_per_round, noise_multiplier=noise,
                                        noise_seed=derive_seed(seed, "pe-offline-noise", s, rnd, it))
                     total += res.histogram
                     std2 += res.noise_std ** 2
@@ -111,28 +106,7 @@ def evolve(cfg: Any, private: dict[str, tuple[np.ndarray, np.ndarray]], embed: A
                      "snr_mean": float(np.mean(snr)) if np.isfinite(np.mean(snr)) else None}
 
 
-def generator_proposers(run_dir: Path, cfg: Any) -> tuple[Callable[[np.random.Generator], Population], str]:
-    """Proposals from a finished run's shared DP generator (its last checkpoint): samples and SDEdit variations, as
-    ``federation.pe-source=generator`` makes them. Returns the factory and the checkpoint used."""
-    from common.core.config import RunConfig
-    from common.models.bundle import build_bundle, load_federated_arrays, load_federated_file
-    from server.evolution import population
-
-    doc = json.loads((run_dir / "config.json").read_text())
-    run_cfg = RunConfig.from_dict(doc.get("config", doc))
-    if run_cfg.data.image_size != cfg.data.image_size or run_cfg.data.source != cfg.data.source:
-        raise SystemExit(f"{run_dir} is a {run_cfg.data.source} run at {run_cfg.data.image_size} px; this study needs "
-                         f"{cfg.data.source} at {cfg.data.image_size} px")
-    checkpoints = sorted((run_dir / "checkpoints").glob("round-*"))
-    if not checkpoints:
-        raise SystemExit(f"{run_dir}/checkpoints holds no round-* checkpoint: finish the run first")
-    bundle = build_bundle(run_cfg)
-    load_federated_arrays(bundle, load_federated_file(checkpoints[-1]))
-    return (lambda rng: population(run_cfg, bundle, rng, source="generator")), str(checkpoints[-1])
-
-
-def study(data_root: str, folds: int, seeds: int, configs: Sequence[str], *, generator_run: Path | None = None,
-          rounds: int | None = None, matched: int = MATCHED) -> dict[str, Any]:
+def study(data_root: str, folds: int, seeds: int, configs: Sequence[str]) -> dict[str, Any]:
     # the preset and arm the Flower comparison runs (al_loop --preset demo --data african, private-evolution)
     cfg = build_config("demo", [f"{k}={v}" for k, v in ARMS["private-evolution"].items()], data="african",
                        data_root=data_root)
@@ -141,7 +115,6 @@ def study(data_root: str, folds: int, seeds: int, configs: Sequence[str], *, gen
     z_all = embed(images)
     fold_idx = grouped_stratified_folds(labels, groups, folds, seed=0)
     planes = list(cfg.data.plane_scope())
-    proposers, checkpoint = generator_proposers(generator_run, cfg) if generator_run else (None, None)
     rows: list[dict[str, Any]] = []
     for f, test in enumerate(fold_idx):
         train = np.setdiff1d(np.arange(len(labels)), test)
@@ -153,19 +126,17 @@ def study(data_root: str, folds: int, seeds: int, configs: Sequence[str], *, gen
                 population, per_round, noise = CONFIGS[name]
                 t0 = time.perf_counter()
                 rel, info = evolve(cfg, private, embed, population=population, votes_per_round=per_round,
-                                   noise=noise, rounds=rounds or cfg.federation.num_rounds, seed=derive_seed(seed, f),
-                                   proposers=proposers, planned_rounds=cfg.federation.num_rounds)
+                                   noise=noise, rounds=cfg.federation.num_rounds, seed=derive_seed(seed, f))
                 z = embed(np.stack([c.image for c in rel])) if rel else np.zeros((0, z_all.shape[1]), np.float32)
                 y = np.array([c.plane for c in rel], dtype=np.int64)
                 row = {"fold": f, "seed": seed, "config": name, "release": len(rel), **info,
-                       "fd_matched": subset_mean(z, y, lambda zs, _: frechet_distance(z_te, zs), n=matched),
+                       "fd_matched": subset_mean(z, y, lambda zs, _: frechet_distance(z_te, zs), n=MATCHED),
                        "synthetic_only_matched": subset_mean(
-                           z, y, lambda zs, ys: _probe(zs, ys, z_te, y_te, planes), n=matched),
+                           z, y, lambda zs, ys: _probe(zs, ys, z_te, y_te, planes), n=MATCHED),
                        "seconds": round(time.perf_counter() - t0, 1)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    return {"proposals": f"generator ({checkpoint})" if checkpoint else "phantom", "rows": rows,
-            "summary": summarise(rows, configs)}
+    return {"rows": rows, "summary": summarise(rows, configs)}
 
 
 def summarise(rows: list[dict[str, Any]], configs: Sequence[str]) -> dict[str, Any]:
@@ -190,15 +161,15 @@ def summarise(rows: list[dict[str, Any]], configs: Sequence[str]) -> dict[str, A
     return out
 
 
-def markdown(summary: dict[str, Any], matched: int = MATCHED) -> str:
+def markdown(summary: dict[str, Any]) -> str:
     def f(s: dict[str, Any] | None, d: int = 3) -> str:
         return "-" if s is None else f"{s['mean']:.{d}f} ± {s['std']:.{d}f}"
 
     def p(s: dict[str, Any] | None) -> str:
         return "-" if s is None else f"{s['mean']:+.3f} ± {s['std']:.3f} ({s['better']}/{s['n']} better)"
 
-    lines = [f"| configuration | sigma | votes SNR | release | FD at {matched} | vs product | synthetic-only at "
-             f"{matched} | vs product |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| configuration | sigma | votes SNR | release | FD at {MATCHED} | vs product | synthetic-only at "
+             f"{MATCHED} | vs product |", "|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         sigma = "-" if s["sigma"] is None else f"{s['sigma']:.3g}"
         lines.append(f"| {name} | {sigma} | {f(s['snr_mean'], 2)} | {f(s['release'], 1)} | {f(s['fd_matched'])} | "
@@ -215,12 +186,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--machine-note", default="")
-    p.add_argument("--generator-run", type=Path, default=None,
-                   help="proposals from this finished African run's DP generator (its last checkpoint) instead of "
-                        "phantoms; that generator was trained on every training image, the held-out folds' too")
-    p.add_argument("--matched", type=int, default=MATCHED, help="released images in the FD and probe figures")
-    p.add_argument("--rounds", type=int, default=None,
-                   help="query rounds to simulate (default: the preset's); sigma stays planned for the preset's")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     configs = [c for c in a.configs.split(",") if c]
@@ -228,20 +193,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown configurations {unknown}; choose from {sorted(CONFIGS)}")
     t0 = time.perf_counter()
-    result = study(a.data_root, a.folds, a.seeds, configs, generator_run=a.generator_run, rounds=a.rounds,
-                   matched=a.matched)
+    result = study(a.data_root, a.folds, a.seeds, configs)
     report = {"study": "pe_offline: private evolution's vote signal at the African preset's scale (training split, "
                        "case-grouped folds)",
               "configs": {k: {"population": v[0], "votes_per_query_round": v[1], "noise_multiplier": v[2]}
                           for k, v in CONFIGS.items() if k in configs},
-              "matched_n": a.matched,
+              "matched_n": MATCHED,
               "command": "python -m simulations.experiments.pe_offline " + " ".join(argv or sys.argv[1:]),
               "machine": {"platform": platform.platform(), "torch": torch.__version__, "note": a.machine_note},
               "wall_seconds": round(time.perf_counter() - t0, 1), **result}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out, json.dumps(report, indent=2))
-    print(markdown(result["summary"], a.matched))
+    print(markdown(result["summary"]))
     print(f"wrote {out}")
     return 0
 
