@@ -37,7 +37,7 @@ from simulations.experiments.release_quality import MATCHED_N, release_quality
 from simulations.launcher import finished_as, run_simulation
 
 QUALITY_KEYS = ("fd", "kid", "synthetic_only", "real_only_smallest", "real_plus_synthetic_smallest", "fd_matched",
-                "synthetic_only_matched")
+                "synthetic_only_matched", "by_site", "sites_not_worse", "sites")
 
 ARMS: dict[str, dict[str, object]] = {
     "none": {"federation.al-every": 0},
@@ -80,8 +80,8 @@ def summarise(run_dir: Path) -> list[dict[str, Any]]:
 def to_markdown(table: dict[str, list[dict[str, Any]]]) -> str:
     """One row per (arm, round): the federation's held-out metrics, then the release's (release_quality.py)."""
     lines = ["| arm | round | plane acc | macro-F1 | GA MAE (days) | release | FD | KID | synth-only acc | "
-             f"smallest: real | smallest: real+synth | FD at {MATCHED_N} | synth-only at {MATCHED_N} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"smallest: real | smallest: real+synth | FD at {MATCHED_N} | synth-only at {MATCHED_N} | "
+             "sites not worse with it |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     for arm, rows in table.items():
         for r in rows:
@@ -89,7 +89,8 @@ def to_markdown(table: dict[str, list[dict[str, Any]]]) -> str:
                          f"{fmt(r['ga_mae_days'])} | {r['release_size']} | {fmt(r.get('fd'))} | {fmt(r.get('kid'))} | "
                          f"{fmt(r.get('synthetic_only'))} | {fmt(r.get('real_only_smallest'))} | "
                          f"{fmt(r.get('real_plus_synthetic_smallest'))} | {fmt(r.get('fd_matched'))} | "
-                         f"{fmt(r.get('synthetic_only_matched'))} |")
+                         f"{fmt(r.get('synthetic_only_matched'))} | "
+                         + (f"{r['sites_not_worse']} of {r['sites']} |" if r.get("sites") else "- |"))
     return "\n".join(lines)
 
 

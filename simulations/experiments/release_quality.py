@@ -1,6 +1,7 @@
 """How good is a run's release as data? Per round: FD/KID to the real test images, synthetic-only accuracy (beside
-train-on-real: the same probe on every site's real training images pooled), and what the release adds to the
-smallest site's real images.
+train-on-real: the same probe on every site's real training images pooled), and what the release adds to each
+site's real images (``by_site``; ``sites_not_worse`` counts the sites it does not hurt), the smallest site's
+singled out.
 
 All in one frozen public feature space (the run's vote embedder, :func:`common.active_learning.vote_query.vote_embedder`:
 the frozen downstream backbone, phantom_cnn or public_cnn). Private evolution's votes select in that same space, so
@@ -85,10 +86,13 @@ def release_quality(run_dir: Path) -> list[dict[str, Any]]:
     test = [r for s in sites for r in s.test]
     test_z, test_y = embed(np.stack([r.image for r in test])), np.array([r.plane for r in test])
     smallest = min(sites, key=lambda s: len(s.train))
-    real_z = embed(np.stack([r.image for r in smallest.train]))
-    real_y = np.array([r.plane for r in smallest.train])
     planes = list(cfg.data.plane_scope())
-    real_only = _probe(real_z, real_y, test_z, test_y, planes)
+    # every site's own real images (#16: real + synthetic >= real alone at every site), the smallest's among them
+    site_real = {s.name: (embed(np.stack([r.image for r in s.train])), np.array([r.plane for r in s.train]))
+                 for s in sites}
+    site_alone = {name: _probe(z, y, test_z, test_y, planes) for name, (z, y) in site_real.items()}
+    real_z, real_y = site_real[smallest.name]
+    real_only = site_alone[smallest.name]
     pooled = [r for s in sites for r in s.train]  # the reference a release is read against: train on real
     real_pooled = _probe(embed(np.stack([r.image for r in pooled])), np.array([r.plane for r in pooled]), test_z,
                          test_y, planes)
@@ -116,6 +120,13 @@ def release_quality(run_dir: Path) -> list[dict[str, Any]]:
                        matched_n=MATCHED_N,
                        fd_matched=subset_mean(z, y, lambda zs, _: frechet_distance(test_z, zs)),
                        synthetic_only_matched=subset_mean(z, y, lambda zs, ys: _probe(zs, ys, test_z, test_y, planes)))
+            by_site = {name: {"n": len(sy), "real": site_alone[name],
+                              "real_plus_synthetic": _probe(np.concatenate([sz, z]), np.concatenate([sy, y]), test_z,
+                                                            test_y, planes)}
+                       for name, (sz, sy) in site_real.items()}
+            row.update(by_site=by_site, sites_not_worse=sum(
+                v["real"] is not None and v["real_plus_synthetic"] is not None
+                and v["real_plus_synthetic"] >= v["real"] for v in by_site.values()), sites=len(by_site))
         out.append(row)
     return out
 
