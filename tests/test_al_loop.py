@@ -115,3 +115,14 @@ def test_every_arm_is_a_valid_run_config_and_top2_differs_from_private_evolution
     assert RunConfig.from_flat({**base, **al_loop.ARMS["private-evolution-top2"],
                                 "federation.pe-votes-per-image": 1}) == pe
     assert sensitivity(2) == pytest.approx(2 ** 0.5)
+
+
+def test_the_any_plane_arm_differs_from_private_evolution_only_by_class_awareness() -> None:
+    from common.core.config import RunConfig
+
+    base = {"preset": "smoke", "run-dir": "", "prior": ""}
+    pe = RunConfig.from_flat({**base, **al_loop.ARMS["private-evolution"]})
+    anyplane = RunConfig.from_flat({**base, **al_loop.ARMS["private-evolution-any-plane"]})
+    assert pe.federation.pe_class_aware is True and anyplane.federation.pe_class_aware is False
+    assert RunConfig.from_flat({**base, **al_loop.ARMS["private-evolution-any-plane"],
+                                "federation.pe-class-aware": True}) == pe

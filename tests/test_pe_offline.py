@@ -43,3 +43,19 @@ def test_noiseless_votes_have_no_finite_noise_figure_and_charge_nothing() -> Non
     assert info["snr_mean"] is None and info["votes_epsilon_max"] is None and info["sigma"] == 0.0
     # without noise every candidate that got a vote is released (up to al-select), and only those
     assert 0 < len(release) <= min(8, cfg.federation.al_select)
+
+
+def test_class_aware_votes_release_only_the_planes_the_sites_hold_and_both_kinds_cost_the_same() -> None:
+    # Prepare: private images of one plane only; the population spans the preset's planes
+    cfg, embed, private = _setup()
+    plane = int(private["s0"][1][0])
+    one_plane = {s: (z[y == plane], y[y == plane]) for s, (z, y) in private.items()}
+    assert sum(len(y) for _, y in one_plane.values()) > 0
+    # Execute: noiseless votes (every voted candidate is released), then private votes of both kinds
+    aware, _ = evolve(cfg, one_plane, embed, population=8, votes_per_round=1, noise=0.0, rounds=1, seed=0)
+    _, info_aware = evolve(cfg, private, embed, population=8, votes_per_round=1, noise=None, rounds=1, seed=0)
+    _, info_any = evolve(cfg, private, embed, population=8, votes_per_round=1, noise=None, rounds=1, seed=0,
+                         class_aware=False)
+    # Assert
+    assert aware and {c.plane for c in aware} == {plane}
+    assert info_any["sigma"] == info_aware["sigma"] and info_any["votes_epsilon_max"] == info_aware["votes_epsilon_max"]

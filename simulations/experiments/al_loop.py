@@ -59,6 +59,9 @@ ARMS["private-evolution-novote"] = {**ARMS["private-evolution"], "privacy.vote-n
 # variant (not in the default --arms): each private image votes for its 2 nearest candidates (of its plane), the
 # histogram's sensitivity sqrt(2): twice the votes for sqrt(2) times the noise
 ARMS["private-evolution-top2"] = {**ARMS["private-evolution"], "federation.pe-votes-per-image": 2}
+# variant (not in the default --arms): a private image votes for its nearest candidate of any plane (the offline
+# study, pe_offline.py on the African training split, found a lower FD than class-aware votes in 13 of 15 folds x seeds)
+ARMS["private-evolution-any-plane"] = {**ARMS["private-evolution"], "federation.pe-class-aware": False}
 DEFAULT_ARMS = ("none", "random", "acquisition", "private-evolution")
 
 

@@ -53,21 +53,24 @@ from simulations.experiments.release_quality import _probe, subset_mean
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "simulations" / "benchmarks" / "results" / "pe_offline_african.json"
 MATCHED = 24  # the FD and probe size: every configuration's release reaches it (3 query rounds)
-# name -> (population, votes per query round, noise multiplier override: None = the ledger's plan)
-CONFIGS: dict[str, tuple[int, int, float | None]] = {
-    "product": (24, 3, None),
-    "noiseless": (24, 3, 0.0),
-    "no_signal": (24, 3, 1e4),
-    "one_vote_per_round": (24, 1, None),
-    "population_8": (8, 3, None),
-    "population_8_one_vote": (8, 1, None),
-    "population_48": (48, 3, None),
+# name -> (population, votes per query round, noise multiplier override: None = the ledger's plan, class-aware votes)
+CONFIGS: dict[str, tuple[int, int, float | None, bool]] = {
+    "product": (24, 3, None, True),
+    "noiseless": (24, 3, 0.0, True),
+    "no_signal": (24, 3, 1e4, True),
+    "one_vote_per_round": (24, 1, None, True),
+    "population_8": (8, 3, None, True),
+    "population_8_one_vote": (8, 1, None, True),
+    "population_48": (48, 3, None, True),
+    "not_class_aware": (24, 3, None, False),
 }
 
 
 def evolve(cfg: Any, private: dict[str, tuple[np.ndarray, np.ndarray]], embed: Any, *, population: int,
-           votes_per_round: int, noise: float | None, rounds: int, seed: int) -> tuple[list[Any], dict[str, Any]]:
-    """The release of ``rounds`` query rounds of private evolution (phantom proposals) and the votes' figures."""
+           votes_per_round: int, noise: float | None, rounds: int, seed: int, class_aware: bool = True
+           ) -> tuple[list[Any], dict[str, Any]]:
+    """The release of ``rounds`` query rounds of private evolution (phantom proposals) and the votes' figures; with
+    ``class_aware=False`` a private image votes among every candidate, whatever its plane."""
     fed = cfg.federation
     planes = list(cfg.data.plane_scope())
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,7 +88,8 @@ def evolve(cfg: Any, private: dict[str, tuple[np.ndarray, np.ndarray]], embed: A
                 std2 = 0.0
                 for s, (z, y) in private.items():
                     led = None if noise is not None else ledgers[s]
-                    res = private_vote(led, private=z, candidates=emb, private_plane=y, candidate_plane=cand_plane,
+                    res = private_vote(led, private=z, candidates=emb, private_plane=y if class_aware else None,
+                                       candidate_plane=cand_plane if class_aware else None,
                                        planned_votes=rounds * votes_per_round, noise_multiplier=noise,
                                        noise_seed=derive_seed(seed, "pe-offline-noise", s, rnd, it))
                     total += res.histogram
@@ -123,10 +127,11 @@ def study(data_root: str, folds: int, seeds: int, configs: Sequence[str]) -> dic
         z_te, y_te = z_all[test], labels[test]
         for seed in range(seeds):
             for name in configs:
-                population, per_round, noise = CONFIGS[name]
+                population, per_round, noise, class_aware = CONFIGS[name]
                 t0 = time.perf_counter()
                 rel, info = evolve(cfg, private, embed, population=population, votes_per_round=per_round,
-                                   noise=noise, rounds=cfg.federation.num_rounds, seed=derive_seed(seed, f))
+                                   noise=noise, rounds=cfg.federation.num_rounds, seed=derive_seed(seed, f),
+                                   class_aware=class_aware)
                 z = embed(np.stack([c.image for c in rel])) if rel else np.zeros((0, z_all.shape[1]), np.float32)
                 y = np.array([c.plane for c in rel], dtype=np.int64)
                 row = {"fold": f, "seed": seed, "config": name, "release": len(rel), **info,
@@ -196,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = study(a.data_root, a.folds, a.seeds, configs)
     report = {"study": "pe_offline: private evolution's vote signal at the African preset's scale (training split, "
                        "case-grouped folds)",
-              "configs": {k: {"population": v[0], "votes_per_query_round": v[1], "noise_multiplier": v[2]}
+              "configs": {k: {"population": v[0], "votes_per_query_round": v[1], "noise_multiplier": v[2],
+                              "class_aware": v[3]}
                           for k, v in CONFIGS.items() if k in configs},
               "matched_n": MATCHED,
               "command": "python -m simulations.experiments.pe_offline " + " ".join(argv or sys.argv[1:]),
