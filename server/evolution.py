@@ -21,8 +21,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
-from common.active_learning.evolution import Candidate, Population, certificate, next_generation, select_release
-from common.active_learning.evolution import strength_at as _strength
+from common.active_learning.evolution import Candidate, Population, certificate, run_votes, select_release
 from common.active_learning.query import reply_json_object
 from common.active_learning.release import ReleaseItem
 from common.active_learning.scoring import generate
@@ -62,28 +61,25 @@ class Evolution:
         votes_privacy: dict[str, dict[str, Any]] = {}
         generator_privacy: dict[str, dict[str, Any]] = {}
         iterations: list[dict[str, Any]] = []
-        histogram: np.ndarray | None = None
-        voted: list[Candidate] = []
-        for it in range(fed.pe_iterations):
-            total, std, sites = self._vote(grid, candidates, server_round, it, names, votes_privacy, generator_privacy)
-            iterations.append({"iteration": it, "candidates": len(candidates), "sites": sites,
+
+        def vote(population: list[Candidate], it: int) -> tuple[np.ndarray | None, float]:
+            total, std, sites = self._vote(grid, population, server_round, it, names, votes_privacy, generator_privacy)
+            iterations.append({"iteration": it, "candidates": len(population), "sites": sites,
                                "noise_std": std, "votes": None if total is None else float(total.sum()),
-                               "sources": {s: sum(c.source == s for c in candidates) for s in ("phantom", "generator")}})
+                               "sources": {s: sum(c.source == s for c in population) for s in ("phantom", "generator")}})
             if total is None:
                 log(WARNING, "Private evolution round %s, vote %s: no site voted; the evolution stops", server_round, it)
-                break
-            histogram, voted = total, candidates
-            iterations[-1]["top_counts"] = sorted((float(h) for h in total), reverse=True)[:5]
-            if it < fed.pe_iterations - 1:
-                candidates = next_generation(
-                    pop, candidates, total, keep=fed.pe_keep, threshold=fed.pe_threshold * std,
-                    strength=_strength(it, fed.pe_iterations - 1, fed.pe_strength_start, fed.pe_strength_end),
-                    generation=it + 1)
+            else:
+                iterations[-1]["top_counts"] = sorted((float(h) for h in total), reverse=True)[:5]
+            return total, std
+
+        voted, histogram, std = run_votes(pop, candidates, vote, iterations=fed.pe_iterations, keep=fed.pe_keep,
+                                          threshold=fed.pe_threshold, strength_start=fed.pe_strength_start,
+                                          strength_end=fed.pe_strength_end)
         summary: dict[str, Any] = {"private_evolution": {"iterations": iterations, "votes_privacy": votes_privacy}}
         if histogram is None:
             return [], [], summary
-        std_total = iterations[-1]["noise_std"] if iterations else 0.0
-        chosen = select_release(voted, histogram, k=fed.al_select, threshold=fed.pe_threshold * std_total)
+        chosen = select_release(voted, histogram, k=fed.al_select, threshold=fed.pe_threshold * std)
         accountant = self.cfg.privacy.accountant
         items = [
             ReleaseItem(

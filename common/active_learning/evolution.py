@@ -208,6 +208,33 @@ def next_generation(pop: Population, candidates: Sequence[Candidate], histogram:
     return out
 
 
+Vote = Callable[[list[Candidate], int], tuple["np.ndarray | None", float]]  # (population, iteration) -> (sum, std)
+
+
+def run_votes(pop: Population, candidates: list[Candidate], vote: Vote, *, iterations: int, keep: int,
+              threshold: float, strength_start: float, strength_end: float
+              ) -> tuple[list[Candidate], np.ndarray | None, float]:
+    """``iterations`` votes on an evolving population: ``vote(candidates, it)`` gives the summed noisy histogram
+    (``None`` when no site voted: the evolution stops) and its noise std; between votes the winners are kept and
+    varied (:func:`next_generation`, threshold ``threshold x std``, strength falling from start to end).
+
+    Returns the last population that was voted on, its histogram (``None``: no vote at all) and its noise std.
+    """
+    voted: list[Candidate] = []
+    histogram: np.ndarray | None = None
+    std_voted = 0.0
+    for it in range(iterations):
+        total, std = vote(candidates, it)
+        if total is None:
+            break
+        voted, histogram, std_voted = candidates, total, std
+        if it < iterations - 1:
+            candidates = next_generation(pop, candidates, total, keep=keep, threshold=threshold * std,
+                                         strength=strength_at(it, iterations - 1, strength_start, strength_end),
+                                         generation=it + 1)
+    return voted, histogram, std_voted
+
+
 def select_release(candidates: Sequence[Candidate], histogram: np.ndarray, *, k: int, threshold: float
                    ) -> list[tuple[Candidate, float, str]]:
     """Up to ``k`` candidates with counts above the threshold, round-robin over bins (best count first in each)."""

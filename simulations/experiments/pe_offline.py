@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from common.active_learning.evolution import Population, next_generation, select_release, strength_at
+from common.active_learning.evolution import Population, run_votes, select_release
 from common.active_learning.vote_query import vote_embedder
 from common.analysis.metrics import frechet_distance
 from common.core.atomic_io import write_text_atomic
@@ -76,12 +76,16 @@ def evolve(cfg: Any, private: dict[str, tuple[np.ndarray, np.ndarray]], embed: A
     with tempfile.TemporaryDirectory() as tmp:
         ledgers = {s: SiteStateStore(Path(tmp) / s).load_ledger(before_round=1, privacy=cfg.privacy) for s in private}
         release: list[Any] = []
-        snr, sigma, eps = [], None, {}
+        snr: list[float] = []
+        sigma: float | None = None
+        eps: dict[str, float] = {}
+        n_votes = sum(len(z) for z, _ in private.values())
         for rnd in range(1, rounds + 1):
             rng = np.random.default_rng(derive_seed(seed, "pe-offline", rnd))
             pop = Population(size=cfg.data.image_size, source="phantom", rng=rng)
-            candidates = pop.initial(population, planes=planes)
-            for it in range(votes_per_round):
+
+            def vote(candidates: list[Any], it: int) -> tuple[np.ndarray, float]:
+                nonlocal sigma
                 emb = embed(np.stack([c.image for c in candidates]))
                 cand_plane = np.array([c.plane for c in candidates])
                 total = np.zeros(len(candidates))
@@ -97,15 +101,15 @@ def evolve(cfg: Any, private: dict[str, tuple[np.ndarray, np.ndarray]], embed: A
                     sigma = res.noise_multiplier
                     if led is not None:
                         eps[s] = res.epsilon
-                n_votes = sum(len(z) for z, _ in private.values())
                 snr.append((n_votes / len(candidates)) / std2 ** 0.5 if std2 > 0 else float("inf"))
-                if it < votes_per_round - 1:
-                    candidates = next_generation(
-                        pop, candidates, total, keep=fed.pe_keep, threshold=fed.pe_threshold * std2 ** 0.5,
-                        strength=strength_at(it, votes_per_round - 1, fed.pe_strength_start, fed.pe_strength_end),
-                        generation=it + 1)
-            release += [c for c, _, _ in select_release(candidates, total, k=fed.al_select,
-                                                        threshold=fed.pe_threshold * std2 ** 0.5)]
+                return total, std2 ** 0.5
+
+            voted, histogram, std = run_votes(pop, pop.initial(population, planes=planes), vote,
+                                              iterations=votes_per_round, keep=fed.pe_keep,
+                                              threshold=fed.pe_threshold, strength_start=fed.pe_strength_start,
+                                              strength_end=fed.pe_strength_end)
+            release += [c for c, _, _ in select_release(voted, histogram, k=fed.al_select,
+                                                        threshold=fed.pe_threshold * std)]
     return release, {"sigma": sigma, "votes_epsilon_max": max(eps.values()) if eps else None,
                      "snr_mean": float(np.mean(snr)) if np.isfinite(np.mean(snr)) else None}
 
