@@ -13,7 +13,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.secure import is_secure_train, secure_aggregation_mod, secure_reply
+from client.secure import classifier_gradient_reply, is_secure_train, secure_aggregation_mod, secure_reply, secure_task
 from client.secure import received as secure_received
 from client.site import SiteSpec, resolve_site
 from common.active_learning.query import answer_query
@@ -34,6 +34,7 @@ from common.federated.flwr_records import (
     record_to_arrays,
 )
 from common.federated.local_update import dp_noise_seed, local_evaluate, local_train
+from common.federated.secure_update import CLASSIFIER_TASK
 from common.models.bundle import ModelBundle, build_bundle, federated_arrays
 from common.privacy.site_state import SiteStateStore
 
@@ -99,6 +100,8 @@ def train(msg: Message, context: Context) -> Message:
     spec, site, name, state_dir = _site(context)
     cfg = spec.cfg
     secure = is_secure_train(msg)  # SecAgg+'s collect-masked-vectors stage: legacy fit instructions
+    if secure and secure_task(msg) == CLASSIFIER_TASK:  # a DP-FedSGD sub-round (privacy.distributed-classifier)
+        return _classifier_step(msg, cfg, site, name, state_dir)
     if secure:
         bundle, server_round, sampled = secure_received(msg, cfg)
         sent = federated_arrays(bundle)
@@ -147,6 +150,19 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({"arrays": weights, "metrics": metrics, "site": site_record})
     return Message(content=content, reply_to=msg)
+
+
+def _classifier_step(msg: Message, cfg: RunConfig, site: SiteData, name: str, state_dir: Path) -> Message:
+    """This site's share of one DP-FedSGD step of the classifier, accounted in its one ledger."""
+    store = SiteStateStore(state_dir)
+    server_round = int(msg.content["fitins.config"][ROUND_KEY])  # type: ignore[arg-type]
+    # the ledger after this round's training and its earlier classifier steps: one ledger for the whole run
+    ledger = store.load_ledger(before_round=server_round + 1, privacy=cfg.privacy)
+    reply, status = classifier_gradient_reply(msg, cfg, records=list(site.train), ledger=ledger, name=name,
+                                              secret=store.secret())
+    if status == "ok":
+        store.save_ledger(server_round, ledger, info={"site": name, "after": "a distributed classifier step"})
+    return reply
 
 
 def _finite(value: float) -> float:

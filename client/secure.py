@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
@@ -32,10 +33,22 @@ from common.core.atomic_io import write_json_atomic
 from common.core.config import RunConfig
 from common.core.errors import ReplyValidationError
 from common.core.seeding import derive_seed, secret_seed
+from common.data.tensors import records_to_dataset
+from common.federated.fedsgd import clipped_gradient_sum, trainable_names
 from common.federated.flwr_records import ROUND_KEY
-from common.federated.secure_update import bounds_for, check_site_update, flatten, to_bound_units, unflatten
+from common.federated.secure_update import (
+    STEP_KEY,
+    TASK_KEY,
+    bounds_for,
+    check_site_update,
+    flatten,
+    to_bound_units,
+    unflatten,
+)
 from common.models.bundle import ModelBundle, build_bundle, federated_arrays, load_federated_arrays
-from common.privacy.distributed_dp import plan_for, site_record, to_secagg_floats
+from common.models.downstream import DownstreamSpec, classifier_loss, load_federated_state
+from common.privacy.distributed_dp import classifier_plan, plan_for, site_record, to_secagg_floats
+from common.privacy.ledger import PrivacyLedger
 
 # Error code of a site that refuses or fails a secure-aggregation step (Flower's codes are < 100; client.app: 700).
 SECAGG_FAILURE = 701
@@ -157,3 +170,77 @@ def secure_reply(msg: Message, cfg: RunConfig, *, sent: dict[str, np.ndarray], b
     fitres = FitRes(status=Status(code=Code.OK, message="ok"), parameters=ndarrays_to_parameters(arrays),
                     num_examples=weight, metrics=record)
     return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
+
+
+def secure_task(msg: Message) -> str:
+    """The task of SecAgg+'s fit instructions: ``""`` for a training round, :data:`CLASSIFIER_TASK` for a
+    DP-FedSGD sub-round of the classifier."""
+    return str(compat.recorddict_to_fitins(msg.content, keep_input=True).config.get(TASK_KEY, ""))
+
+
+def classifier_noise_multiplier(cfg: RunConfig, ledger: PrivacyLedger) -> float:
+    """``z`` of the classifier's DP-FedSGD: the classifier's budget share over every planned step, no subsampling
+    (the site's ledger fixes it at first use; the server derives the same from the config)."""
+    plan = ledger.plan("classifier", sample_rate=1.0,
+                       planned_total_steps=cfg.privacy.distributed_steps * cfg.federation.num_rounds)
+    return plan.noise_multiplier
+
+
+def classifier_gradient_reply(msg: Message, cfg: RunConfig, *, records: list, ledger: PrivacyLedger, name: str,
+                              secret: bytes | None) -> tuple[Message, str]:
+    """One DP-FedSGD sub-round at a site: the reply ``secaggplus_mod`` masks, and the site's status.
+
+    The site loads the classifier the server sent, sums its images' clipped per-example gradients, checks and
+    accounts the step in its ledger (the central figure, with the ``N`` shares the plan assumes; ``local_epsilon``
+    beside it), adds its discrete-Gaussian share and encodes the vector on SecAgg+'s grid. A site whose budget would
+    be exceeded, or whose data exceeds the public example cap, sends only its noise share (a zero sum) and says why.
+    """
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    server_round, step = int(fitins.config[ROUND_KEY]), int(fitins.config[STEP_KEY])
+    sampled = int(fitins.config.get(SAMPLED_KEY, cfg.data.num_sites))
+    if sampled > cfg.data.num_sites:
+        raise ReplyValidationError(f"site {name}: the server sampled {sampled} sites, more than the run's "
+                                   f"{cfg.data.num_sites}: the noise shares would not add up to the calibration")
+    classifier = DownstreamSpec.from_config(cfg).classifier()
+    names = trainable_names(classifier)
+    arrays = parameters_to_ndarrays(fitins.parameters)
+    if len(arrays) != len(names):
+        raise ReplyValidationError(f"site {name}: classifier step carries {len(arrays)} arrays, the classifier has "
+                                   f"{len(names)}")
+    load_federated_state(classifier, {n: torch.from_numpy(np.asarray(a, np.float32).copy())
+                                      for n, a in zip(names, arrays)})
+    z = classifier_noise_multiplier(cfg, ledger)
+    ledger.mark_distributed("classifier", cfg.data.num_sites)
+    dim = sum(int(np.prod(np.shape(a))) for a in arrays)
+    plan = classifier_plan(cfg, dim, z)
+    status, messages = "ok", []
+    if len(records) > cfg.privacy.distributed_max_examples:
+        status = "refused"
+        messages.append(f"site {name} holds {len(records)} training images, more than "
+                        f"privacy.distributed-max-examples={cfg.privacy.distributed_max_examples} (the public cap the "
+                        "secure sum's grid is sized for): raise it at every site and the server")
+    elif ledger.would_exceed("classifier", noise_multiplier=z, sample_rate=1.0):
+        status = "budget-exhausted"
+        messages.append(f"classifier: one more distributed step would exceed its budget "
+                        f"{ledger.budget('classifier')[0]:.4g}; sends its noise share only")
+    vector = np.zeros(dim)
+    if status == "ok":
+        data = records_to_dataset(records, image_size=cfg.data.image_size)
+        vector = clipped_gradient_sum(classifier, classifier_loss, data, clip=plan.clip)
+        ledger.accountant_for("classifier").step(noise_multiplier=z, sample_rate=1.0)
+    if cfg.privacy.insecure_reproducible_noise:
+        ledger.mark_noise_not_private()
+        seed = derive_seed(cfg.seed, name, server_round, step, "classifier-fedsgd")
+    else:
+        seed = secret_seed(secret, name, server_round, step, "classifier-fedsgd") if secret is not None else None
+    residues, _ = plan.encode(vector, np.random.default_rng(seed))
+    shapes = [np.shape(a) for a in arrays]
+    privacy = ledger.summary()
+    site = {"site-name": name, "site-status": status,
+            "site-metrics": json.dumps({"real-examples": len(records), "classifier-steps": float(status == "ok"),
+                                        "classifier-epsilon": privacy["classifier"]["epsilon"]}),
+            "site-privacy": json.dumps(privacy), "site-messages": json.dumps(messages)}
+    fitres = FitRes(status=Status(code=Code.OK, message="ok"),
+                    parameters=ndarrays_to_parameters(unflatten(to_secagg_floats(residues), shapes)),
+                    num_examples=int(cfg.federation.secagg_max_weight), metrics=site)
+    return Message(content=compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg), status

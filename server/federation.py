@@ -30,6 +30,7 @@ from common.core.atomic_io import write_json_atomic
 from common.core.config import RunConfig
 from common.core.provenance import code_version
 from common.federated.flwr_records import ROUND_KEY, bundle_to_record, load_bundle_record
+from common.federated.secure_update import FEDSGD_STATE
 from common.models.bundle import ModelBundle, build_bundle, expected_shapes, federated_arrays, load_federated_arrays
 from server.checkpoint import RunFolder
 from server.reporting import plot_rounds, save_sample_grid
@@ -70,7 +71,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
     first = 1
     if latest is not None:
         load_federated_arrays(bundle, latest.arrays())
-        strategy.load_state_arrays(latest.strategy_state())
+        strategy.load_state_arrays({k: v for k, v in latest.strategy_state().items() if not k.startswith(FEDSGD_STATE)})
         ledger = dict(latest.info().get("ledger", {}))
         first = latest.server_round + 1
         log(INFO, "Resuming %s from round %s", run.path, latest.server_round)
@@ -81,7 +82,10 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
 
         previous = latest.info().get("secure_aggregation", {}) if latest is not None else {}
         secure = SecureAggregation(cfg, strategy,
-                                   contributors=list(previous.get("distributed_dp", {}).get("contributors", [])))
+                                   contributors=list(previous.get("distributed_dp", {}).get("contributors", [])),
+                                   classifier_contributors=list(previous.get("classifier", {}).get("contributors", [])))
+        if latest is not None:
+            secure.load_state_arrays(latest.strategy_state())
     strategy.summary()
     for server_round in range(first, rounds + 1):
         t0 = time.perf_counter()
@@ -119,7 +123,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
         run.save_checkpoint(
             server_round,
             bundle,
-            strategy_state=strategy.state_arrays(),
+            strategy_state={**strategy.state_arrays(), **(secure.state_arrays() if secure is not None else {})},
             record=record,
             sidecar=_sidecar(cfg, bundle, server_round, ledger, secure.last if secure is not None else None),
         )
@@ -149,6 +153,9 @@ def fl_round(strategy: GuardedStrategy, grid: Grid, bundle: ModelBundle, server_
         aggregated, train_metrics = strategy.aggregate_train(server_round, replies)
     if aggregated is not None:
         load_bundle_record(bundle, aggregated)
+    if secure is not None and secure.cfg.privacy.distributed_classifier:  # the classifier's DP-FedSGD sub-rounds
+        secure.last["classifier"] = secure.train_classifier(grid, bundle, server_round)
+        aggregated = bundle_to_record(bundle)
     current = aggregated if aggregated is not None else sent
     replies = grid.send_and_receive(strategy.configure_evaluate(server_round, current, ConfigRecord(dict(config)), grid),
                                     timeout=timeout)
@@ -205,6 +212,8 @@ def _sidecar(cfg: RunConfig, bundle: ModelBundle, server_round: int, ledger: dic
         out["privacy"]["secure_aggregation"] = True
         if secure.get("distributed_dp"):
             out["privacy"]["distributed_dp"] = secure["distributed_dp"]
+        if secure.get("classifier"):  # example-level distributed DP of the classifier: central and local figures
+            out["privacy"]["distributed_classifier"] = secure["classifier"]
     return out
 
 

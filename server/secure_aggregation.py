@@ -24,6 +24,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
@@ -41,10 +42,31 @@ from flwr.supercore import log
 
 from common.core.config import RunConfig
 from common.core.errors import ReplyValidationError
+from common.federated.fedsgd import ServerAdam, trainable_names
 from common.federated.flwr_records import ROUND_KEY, arrays_to_record
-from common.federated.secure_update import SLACK, bounds_for, check_sum, flatten, from_bound_units, unflatten
+from common.federated.secure_update import (
+    CLASSIFIER_TASK,
+    FEDSGD_STATE,
+    SLACK,
+    STEP_KEY,
+    TASK_KEY,
+    bounds_for,
+    check_sum,
+    flatten,
+    from_bound_units,
+    unflatten,
+)
 from common.models.bundle import ModelBundle, federated_arrays
-from common.privacy.distributed_dp import CLIP_RANGE, MODULUS, from_secagg_mean, plan_for
+from common.models.downstream import federated_state, load_federated_state
+from common.privacy.distributed_dp import (
+    CLIP_RANGE,
+    MODULUS,
+    classifier_noise_multiplier,
+    classifier_plan,
+    from_secagg_mean,
+    plan_for,
+)
+from common.privacy.ledger import history_epsilon
 from server.strategy import GuardedStrategy, _check_privacy
 
 # SecAgg+'s mask modulus (Flower's default and maximum).
@@ -108,20 +130,21 @@ class SecAggFedAvg(LegacyFedAvg):
     aggregate; it keeps the aggregate and the sites' plaintext records (never an individual update).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, extra_config: dict[str, Any] | None = None) -> None:
         super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=2, min_available_clients=2,
                          accept_failures=True)
         self.results: list[tuple[int, FitRes]] = []
         self.failures: list[BaseException | tuple[ClientProxy, FitRes]] = []
         self.aggregate: list[np.ndarray] | None = None
         self.sampled: list[int] = []
+        self.extra_config = dict(extra_config or {})  # e.g. a DP-FedSGD sub-round's task and step
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         """Every registered node, with the true round and the number of sites sampled in the config."""
         clients = sorted(client_manager.all().values(), key=lambda c: c.node_id)
         self.sampled = [int(c.node_id) for c in clients]
-        config = {ROUND_KEY: server_round, SAMPLED_KEY: len(clients)}
+        config = {ROUND_KEY: server_round, SAMPLED_KEY: len(clients), **self.extra_config}
         return [(client, FitIns(parameters, dict(config))) for client in clients]
 
     def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
@@ -164,6 +187,73 @@ class SecureAggregation:
     guard: GuardedStrategy
     contributors: list[int] = field(default_factory=list)  # shares in each completed round's sum (distributed DP)
     last: dict[str, Any] = field(default_factory=dict)  # the summary of the latest round (for metrics.jsonl)
+    # privacy.distributed-classifier: the shares in each DP-FedSGD step's sum over the run, and the server's Adam
+    classifier_contributors: list[int] = field(default_factory=list)
+    adam: ServerAdam | None = None
+
+    def __post_init__(self) -> None:
+        if self.adam is None:
+            self.adam = ServerAdam(self.cfg.privacy.distributed_lr)
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The DP-FedSGD server optimizer's moments, named for the checkpoint's strategy state."""
+        assert self.adam is not None
+        return {FEDSGD_STATE + k: v for k, v in self.adam.state_arrays().items()}
+
+    def load_state_arrays(self, state: dict[str, np.ndarray]) -> None:
+        """Inverse of :meth:`state_arrays` (other keys are ignored)."""
+        assert self.adam is not None
+        self.adam.load_state_arrays({k[len(FEDSGD_STATE):]: v for k, v in state.items() if k.startswith(FEDSGD_STATE)})
+
+    def train_classifier(self, grid: Grid, bundle: ModelBundle, server_round: int) -> dict[str, Any]:
+        """``privacy.distributed-classifier``: this round's DP-FedSGD steps of the classifier, one SecAgg+ sub-round
+        each; the classifier in ``bundle`` is updated in place. Returns the summary for the round record.
+
+        Each sub-round the server decodes the noisy sum of the sites' clipped gradient sums (the noise of ``N``
+        shares once), divides it by the number of sites summed (public) and takes an Adam step. A halted sub-round
+        changes nothing and the next one goes on; the realised central epsilon counts the shares each sum held.
+        """
+        assert self.adam is not None
+        p = self.cfg.privacy
+        names = trainable_names(bundle.classifier)
+        state = federated_state(bundle.classifier)
+        shapes = [tuple(state[n].shape) for n in names]
+        params = flatten([state[n].detach().cpu().double().numpy() for n in names])
+        z = classifier_noise_multiplier(self.cfg)
+        plan = classifier_plan(self.cfg, len(params), z)
+        done, halted = 0, []
+        for step in range(p.distributed_steps):
+            arrays = [a.astype(np.float32) for a in unflatten(params, shapes)]
+            legacy, summary = self._protocol(grid, arrays, server_round, {TASK_KEY: CLASSIFIER_TASK, STEP_KEY: step},
+                                             sub_round=True)
+            n = len(legacy.results)
+            if summary["status"] != "ok" or legacy.aggregate is None:
+                halted.append({"step": step, "halted_at": summary["halted_at"], "error": summary["error"]})
+                log(WARNING, "Round %s: DP-FedSGD step %s halted (%s); the classifier keeps its weights",
+                    server_round, step, summary["error"] or summary["halted_at"])
+                continue
+            grad = plan.decode(from_secagg_mean(flatten(legacy.aggregate), n), n)
+            if grad.shape != params.shape or not np.all(np.isfinite(grad)):
+                halted.append({"step": step, "halted_at": "check", "error": "the secure sum is malformed"})
+                continue
+            params = self.adam.step(params, grad)
+            self.classifier_contributors.append(n)
+            done += 1
+        load_federated_state(bundle.classifier, {n: torch.from_numpy(a.astype(np.float32))
+                                                 for n, a in zip(names, unflatten(params, shapes))})
+        delta = p.target_delta * p.budget_classifier
+        realised = [(z * math.sqrt(n / plan.num_sites), 1.0, 1) for n in self.classifier_contributors]
+        local = {r.name: r.privacy.get("classifier", {}).get("distributed", {}).get("local_epsilon")
+                 for r in self.guard.reports.values() if r.privacy.get("classifier", {}).get("distributed")}
+        return {"steps": done, "halted": halted, "noise_multiplier": z, "lr": p.distributed_lr,
+                "contributors": list(self.classifier_contributors),
+                "central_epsilon": history_epsilon(realised, delta, p.accountant),
+                "planned_central_epsilon": history_epsilon([(z, 1.0, plan.rounds)], delta, p.accountant),
+                "local_epsilon": local, "delta": delta, **{k: v for k, v in plan.as_dict().items()
+                                                           if k not in ("noise_multiplier", "delta")},
+                "statement": "example-level (epsilon, delta) of the classifier: central holds against the server "
+                             "and anyone who sees only the secure sums; local is what each site keeps if the server "
+                             "and every other site collude (its own noise share)"}
 
     def workflow(self) -> RecordingSecAggPlusWorkflow:
         """Flower's workflow with the run's shares, threshold and weights, on the grid the encoding assumes."""
@@ -173,11 +263,14 @@ class SecureAggregation:
             max_weight=float(fed.secagg_max_weight), clipping_range=CLIP_RANGE, quantization_range=MODULUS,
             modulus_range=MASK_MODULUS, timeout=fed.reply_timeout_s)
 
-    def train(self, grid: Grid, bundle: ModelBundle, server_round: int) -> tuple[ArrayRecord | None,
-                                                                                  MetricRecord | None]:
-        """One SecAgg+ training round: the new global arrays (``None`` when nothing was summed) and the metrics."""
+    def _protocol(self, grid: Grid, arrays: list[np.ndarray], server_round: int,
+                  extra_config: dict[str, Any] | None = None, *,
+                  sub_round: bool = False) -> tuple[SecAggFedAvg, dict[str, Any]]:
+        """One run of the SecAgg+ workflow over ``arrays`` (what the sites receive): the legacy strategy holding
+        the unmasked sum (or ``None``) and the sites' plaintext records, and the protocol's summary; per-site byte
+        counts, dropouts and records go to the guard's reports (a ``sub_round`` leaves the sites' round status as
+        their training set it and only adds warnings)."""
         guard = self.guard
-        sent = federated_arrays(bundle)
         counting = CountingGrid(grid)
         manager = SimpleClientManager()
         for node in grid.get_nodes():
@@ -188,12 +281,12 @@ class SecureAggregation:
                 report.status, report.reason = "budget-exhausted", "skipped: privacy budget spent in an earlier round"
                 continue
             manager.register(GridClientProxy(node_id=node.node_id, grid=counting, run_id=grid.run.run_id))
-        legacy = SecAggFedAvg()
+        legacy = SecAggFedAvg(extra_config)
         context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                                         run_config={}), strategy=legacy, client_manager=manager)
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
-            ndarrays_to_parameters(list(sent.values())), keep_input=True)
+            ndarrays_to_parameters(list(arrays)), keep_input=True)
         workflow = self.workflow()
         error = ""
         try:
@@ -214,15 +307,28 @@ class SecureAggregation:
             "distributed_dp": self.cfg.privacy.distributed_dp,
         }
         reasons = "; ".join(_failure_reason(f) for f in legacy.failures)
-        for node in legacy.sampled:
+        summary["dropped"] = sorted(guard._report(n).name for n in legacy.sampled if n not in summed)
+        for node in legacy.sampled:  # every stage's bytes (a round's DP-FedSGD sub-rounds add to its training's)
             report = guard._report(node)
-            report.bytes_down, report.bytes_up = counting.down.get(node, 0), counting.up.get(node, 0)
-            if node not in summed:
+            report.bytes_down += counting.down.get(node, 0)
+            report.bytes_up += counting.up.get(node, 0)
+            if node not in summed and sub_round:
+                report.warnings.append(f"dropped out of a DP-FedSGD sub-round ({reasons or 'no reply'})")
+            elif node not in summed:
                 report.status = "unavailable"
                 report.reason = "dropped out of the SecAgg+ round before its masked vector was collected" + (
                     f" ({reasons})" if reasons else "")
         for node, res in legacy.results:
-            self._read_site(server_round, node, res)
+            self._read_site(server_round, node, res, sub_round=sub_round)
+        return legacy, summary
+
+    def train(self, grid: Grid, bundle: ModelBundle, server_round: int) -> tuple[ArrayRecord | None,
+                                                                                  MetricRecord | None]:
+        """One SecAgg+ training round: the new global arrays (``None`` when nothing was summed) and the metrics."""
+        guard = self.guard
+        sent = federated_arrays(bundle)
+        legacy, summary = self._protocol(grid, list(sent.values()), server_round)
+        summed = {node for node, _ in legacy.results}
         aggregated = None
         if summary["status"] == "ok":
             try:
@@ -268,8 +374,11 @@ class SecureAggregation:
                              "only the sums; local is what each site keeps if the server and every other site "
                              "collude (its own noise share)"}
 
-    def _read_site(self, server_round: int, node: int, res: FitRes) -> None:
-        """A site's plaintext record: name, status, privacy figures and step counts (never its update)."""
+    def _read_site(self, server_round: int, node: int, res: FitRes, *, sub_round: bool = False) -> None:
+        """A site's plaintext record: name, status, privacy figures and step counts (never its update).
+
+        A DP-FedSGD ``sub_round``'s record updates the site's privacy figures only; its status and messages become
+        warnings when they are not "ok" (the round's status is its training's)."""
         guard = self.guard
         report = guard._report(node)
         metrics = res.metrics
@@ -279,19 +388,27 @@ class SecureAggregation:
             guard.node_names[node] = report.name
         except ReplyValidationError as exc:  # its vector is in the sum already: the server can only say so
             report.warnings.append(f"{exc} (its masked update is in the sum: SecAgg+ cannot drop it)")
-        report.status = str(metrics.get("site-status", "ok"))
+        status = str(metrics.get("site-status", "ok"))
         try:
-            report.metrics = json.loads(str(metrics.get("site-metrics", "{}")))
+            site_metrics = json.loads(str(metrics.get("site-metrics", "{}")))
             privacy = json.loads(str(metrics.get("site-privacy", "{}")))
-            report.reason = "; ".join(str(m) for m in json.loads(str(metrics.get("site-messages", "[]"))))
+            reason = "; ".join(str(m) for m in json.loads(str(metrics.get("site-messages", "[]"))))
             epsilons = _check_privacy(report.name, privacy, guard.epsilons.get(node, {}))
             guard.epsilons[node] = {**guard.epsilons.get(node, {}), **epsilons}
             report.privacy = privacy
+            if sub_round:
+                if status != "ok":
+                    report.warnings.append(f"DP-FedSGD sub-round: {status}: {reason}")
+                return
+            report.status, report.metrics, report.reason = status, site_metrics, reason
             if "site-distributed" in metrics:
                 report.privacy = {**privacy, "distributed": json.loads(str(metrics["site-distributed"]))}
         except (ReplyValidationError, json.JSONDecodeError, TypeError, ValueError) as exc:
             report.warnings.append(f"site record rejected: {exc} (its masked update is in the sum)")
             log(WARNING, "Round %s: %s: %s", server_round, report.name, exc)
+            if sub_round:
+                return
+            report.status = status
         report.num_examples = int(report.metrics.get("real-examples", 0)) if report.status == "ok" else 0
         if report.status == "budget-exhausted":
             guard.exhausted.add(node)

@@ -267,6 +267,20 @@ def check_ledger_model(entry: Mapping[str, Any], *, rel_tol: float = 1e-3) -> di
     if not out["consistent"]:
         out["note"] = (f"reported epsilon {reported:.4g} < {eps:.4g} recomputed from the {source} {hist} "
                        "(the ledger under-reports, or sigma/q changed during the run without a recorded history)")
+    distributed = entry.get("distributed")
+    if isinstance(distributed, Mapping) and out["consistent"]:  # example-level distributed DP: the history is central
+        try:
+            n = int(distributed["num_sites"])
+            local = compose_epsilon([(s / n**0.5, q, k) for s, q, k in hist], delta=float(entry["delta"]),
+                                    accountant=str(entry.get("accountant", "rdp")))
+            reported_local = float(distributed["local_epsilon"])
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as err:
+            out.update(consistent=False, note=f"malformed distributed entry: {err}")
+            return out
+        out["recomputed_local_epsilon"] = local
+        if reported_local < local * (1 - rel_tol):
+            out.update(consistent=False, note=f"reported local epsilon {reported_local:.4g} < {local:.4g} recomputed "
+                                              f"from the central history with {n} sites' noise shares")
     if entry.get("private_noise") is False:
         out["consistent"] = False
         out["note"] = ("DP noise was seeded from the public run seed (privacy.insecure-reproducible-noise, or a "

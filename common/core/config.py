@@ -192,6 +192,18 @@ class PrivacyConfig:
     distributed_dp: bool = False
     distributed_epsilon: float = 10.0
     distributed_clip: float = 10.0
+    # Example-level distributed DP for the plane classifier, only with federation.secure-aggregation (Kairouz et al.
+    # 2021 on DP-FedSGD): instead of per-site DP-SGD, each federated round runs distributed_steps SecAgg+ sub-rounds;
+    # in each, every site sends the sum of its per-example classifier gradients (each clipped to max_grad_norm) plus
+    # its discrete-Gaussian share of the noise, the secure sum carries the noise once, and the server takes an Adam
+    # step (rate distributed_lr) on it. The classifier's share of the site budget is then its CENTRAL epsilon (against
+    # the server and anyone who sees only sums); the ledger also reports the site's LOCAL epsilon (its own share,
+    # when the server and every other site collude). distributed_max_examples is the public cap of a site's training
+    # examples (it sets SecAgg+'s integer grid; a site with more refuses with a clear error).
+    distributed_classifier: bool = False
+    distributed_steps: int = 7
+    distributed_lr: float = 0.1
+    distributed_max_examples: int = 256
     # The share of the private-evolution votes (the site's fourth mechanism: noisy nearest-candidate histograms,
     # common/privacy/votes.py). 0 = the site casts no votes (and its ledger has no "votes" key); > 0 needs the other
     # shares lowered so that all four still sum to at most 1.
@@ -234,6 +246,16 @@ class PrivacyConfig:
             _check_range("privacy.noise_multiplier", self.noise_multiplier, 0.05, 100.0)
         _check_range("privacy.distributed_epsilon", self.distributed_epsilon, 0.01, 1000.0)
         _check_range("privacy.distributed_clip", self.distributed_clip, 1e-3, 1e6)
+        _check_range("privacy.distributed_steps", self.distributed_steps, 1, 10_000)
+        _check_range("privacy.distributed_lr", self.distributed_lr, 1e-6, 10.0)
+        _check_range("privacy.distributed_max_examples", self.distributed_max_examples, 1, 100_000)
+        if self.distributed_classifier and self.distributed_dp:
+            raise ConfigError("privacy.distributed_classifier=true with privacy.distributed_dp=true: choose one unit "
+                              "of distributed DP (example-level for the classifier, or site-level on the whole "
+                              "round update)")
+        if self.distributed_classifier and self.target_epsilon is None:
+            raise ConfigError("privacy.distributed_classifier=true needs privacy.target_epsilon: the classifier's "
+                              "share of it is the central epsilon its noise is calibrated for")
 
 
 @dataclass(frozen=True)
@@ -476,6 +498,12 @@ class RunConfig:
         if self.privacy.distributed_dp and not fed.secure_aggregation:
             raise ConfigError("privacy.distributed_dp=true needs federation.secure_aggregation=true: each site adds "
                               "only its share of the noise, which protects it only inside a secure sum")
+        if self.privacy.distributed_classifier and not fed.secure_aggregation:
+            raise ConfigError("privacy.distributed_classifier=true needs federation.secure_aggregation=true: each site "
+                              "adds only its share of the noise, which protects it only inside a secure sum")
+        if self.privacy.distributed_classifier and len(self.data.plane_scope()) < 2:
+            raise ConfigError("privacy.distributed_classifier=true with a one-plane label scope (data.planes): the "
+                              "classifier has nothing to learn; set it to false")
         if self.federation.pe_iterations > 0 and self.privacy.target_epsilon is not None \
                 and self.privacy.budget_votes == 0:
             raise ConfigError("federation.pe_iterations > 0 asks the sites for private votes, but privacy.budget_votes "

@@ -95,7 +95,10 @@ def local_train(
     jobs: list[tuple[str, torch.nn.Module, object, TensorDataset, int]] = [
         ("generator", bundle.generator, gen_loss, real, t.local_steps)]
     skipped: list[str] = []
-    if len(cfg.data.plane_scope()) > 1:
+    if cfg.privacy.distributed_classifier:  # the classifier learns in the secure DP-FedSGD sub-rounds instead
+        skipped.append("classifier trained by distributed DP-FedSGD through secure aggregation "
+                       "(privacy.distributed-classifier), not by per-site DP-SGD")
+    elif len(cfg.data.plane_scope()) > 1:
         jobs.append(("classifier", bundle.classifier, classifier_loss, down["classifier"], t.downstream_steps))
     else:  # one plane in scope: every prediction is that plane, so its DP steps would only spend budget
         skipped.append("classifier skipped: the label scope (data.planes) is one plane, there is nothing to learn")

@@ -23,6 +23,12 @@ from common.core.config import RunConfig
 from common.core.errors import ReplyValidationError
 from common.federated.update_bound import UpdateBound, update_bounds
 
+# The SecAgg+ fit instructions' keys of a DP-FedSGD sub-round (privacy.distributed-classifier): its task and step.
+TASK_KEY = "secagg-task"
+STEP_KEY = "secagg-step"
+CLASSIFIER_TASK = "classifier-gradient"
+# Prefix of the server's DP-FedSGD optimizer state in a checkpoint's strategy state.
+FEDSGD_STATE = "fedsgd-classifier/"
 # The server's slack on the update bound (GuardedStrategy's default), applied by the sites to themselves.
 SLACK = 1.05
 F32_EPS = float(np.finfo(np.float32).eps)

@@ -122,6 +122,11 @@ class DistributedPlan:
     dim: int
     rounds: int
     delta: float
+    # "site": a site's vector is its round update, clipped here to ``clip``; "example": it is the sum of at most
+    # ``max_examples`` per-example gradients each already clipped to ``clip`` (DP-FedSGD), so one example moves it by
+    # at most ``clip`` (the add/remove-one-example unit)
+    unit: str = "site"
+    max_examples: int = 1
 
     @classmethod
     def for_run(cls, *, epsilon: float, delta: float, clip: float, num_sites: int, dim: int,
@@ -140,16 +145,29 @@ class DistributedPlan:
         return plan
 
     @property
+    def max_coordinate(self) -> float:
+        """Largest size of one coordinate of a site's vector before scaling (site: its clipped update in bound units;
+        example: ``max_examples`` clipped gradients)."""
+        return min(self.clip, MAX_COORDINATE) if self.unit == "site" else self.max_examples * self.clip
+
+    @property
+    def rounding(self) -> float:
+        """L2 norm the integer rounding adds to the sensitivity: ``sqrt(d) / 2`` when the unit's whole vector goes
+        (a site), ``sqrt(d)`` when one example leaves a sum that is rounded either way."""
+        return math.sqrt(self.dim) / (2 if self.unit == "site" else 1)
+
+    @property
     def scale(self) -> int:
-        """Integers per bound unit: the sum of ``N`` updates plus ``HEADROOM_SD`` noise std stays below ``M / 2``."""
-        per_unit = min(self.clip, MAX_COORDINATE) * self.num_sites + HEADROOM_SD * self.noise_multiplier * self.clip
-        room = MODULUS / 2 - HEADROOM_SD * self.noise_multiplier * math.sqrt(self.dim) / 2
+        """Integers per unit: the sum of ``N`` vectors plus ``HEADROOM_SD`` noise std stays below ``M / 2``."""
+        per_unit = self.max_coordinate * self.num_sites + HEADROOM_SD * self.noise_multiplier * self.clip
+        room = MODULUS / 2 - HEADROOM_SD * self.noise_multiplier * self.rounding
         return int(room // per_unit)
 
     @property
     def sensitivity(self) -> float:
-        """L2 norm bound of one site's integer vector before noise (``s C + sqrt(d) / 2``)."""
-        return self.scale * self.clip + math.sqrt(self.dim) / 2
+        """L2 norm bound of the change of one site's integer vector before noise that one unit makes
+        (``s C`` + :attr:`rounding`)."""
+        return self.scale * self.clip + self.rounding
 
     @property
     def sigma_share(self) -> float:
@@ -167,19 +185,30 @@ class DistributedPlan:
 
     def as_dict(self) -> dict[str, Any]:
         """The plan's parameters and derived sizes (for ledgers and certificates)."""
-        return {"mechanism": "distributed-discrete-gaussian", "unit": "site", "clip": self.clip,
+        return {"mechanism": "distributed-discrete-gaussian", "unit": self.unit, "clip": self.clip,
                 "noise_multiplier": self.noise_multiplier, "num_sites": self.num_sites, "dim": self.dim,
                 "planned_rounds": self.rounds, "delta": self.delta, "scale": self.scale,
-                "sensitivity": self.sensitivity, "sigma_share": self.sigma_share, "modulus": MODULUS}
+                "sensitivity": self.sensitivity, "sigma_share": self.sigma_share, "modulus": MODULUS,
+                "max_examples": self.max_examples}
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode(self, update: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-        """A site's flat update (bound units) -> its noised integer vector modulo ``M`` and the clip factor applied."""
+        """A site's flat vector -> its noised integer vector modulo ``M`` and the clip factor applied.
+
+        Site unit: the update (bound units) is clipped to ``clip`` here. Example unit: the vector is a sum of clipped
+        per-example gradients (factor 1); one beyond ``max_examples * clip`` in a coordinate is refused.
+        """
         update = np.asarray(update, dtype=np.float64)
         if update.shape != (self.dim,):
             raise ValueError(f"update has shape {update.shape}, the plan expects ({self.dim},)")
-        norm = float(np.linalg.norm(update))
-        factor = min(1.0, self.clip / norm) if norm > 0 else 1.0
+        if self.unit == "site":
+            norm = float(np.linalg.norm(update))
+            factor = min(1.0, self.clip / norm) if norm > 0 else 1.0
+        else:
+            factor = 1.0
+            if not np.all(np.isfinite(update)) or np.abs(update).max(initial=0.0) > self.max_coordinate * (1 + 1e-9):
+                raise ValueError(f"a sum of clipped gradients has a coordinate beyond max_examples x clip = "
+                                 f"{self.max_coordinate:g} (or not finite): it would overflow the secure sum")
         ints = np.rint(update * factor * self.scale).astype(np.int64)
         ints += discrete_gaussian(self.sigma_share, self.dim, rng)
         return np.mod(ints, MODULUS), factor
@@ -220,4 +249,41 @@ def plan_from_record(d: Mapping[str, Any]) -> DistributedPlan:
     """Inverse of :meth:`DistributedPlan.as_dict` (an auditor rebuilds the figures from it)."""
     return DistributedPlan(clip=float(d["clip"]), noise_multiplier=float(d["noise_multiplier"]),
                            num_sites=int(d["num_sites"]), dim=int(d["dim"]), rounds=int(d["planned_rounds"]),
-                           delta=float(d["delta"]))
+                           delta=float(d["delta"]), unit=str(d.get("unit", "site")),
+                           max_examples=int(d.get("max_examples", 1)))
+
+
+def classifier_plan(cfg: RunConfig, dim: int, noise_multiplier: float) -> DistributedPlan:
+    """The example-level plan of ``privacy.distributed-classifier`` (the same at every site and at the server).
+
+    ``noise_multiplier`` ``z`` is the one the site ledger derives for the classifier's budget share (an RDP Gaussian
+    without subsampling over every planned step): the sum of all ``N`` shares has std ``z * sensitivity``, the
+    continuous Gaussian's, and the discrete sum's gap to it (``tau``, Kairouz et al. Prop. 14) must be negligible.
+    """
+    p = cfg.privacy
+    plan = DistributedPlan(clip=p.max_grad_norm, noise_multiplier=noise_multiplier, num_sites=cfg.data.num_sites,
+                           dim=dim, rounds=p.distributed_steps * cfg.federation.num_rounds,
+                           delta=p.target_delta * p.budget_classifier, unit="example",
+                           max_examples=p.distributed_max_examples)
+    if cfg.data.num_sites < 2 or plan.scale < 1:
+        raise ConfigError(f"privacy.distributed-classifier: {cfg.data.num_sites} sites with noise multiplier "
+                          f"{noise_multiplier:.3g} do not fit SecAgg+'s {MODULUS}-level range; lower "
+                          "privacy.distributed-max-examples or raise the classifier's budget")
+    if ddg_tau(plan.sigma_share, plan.num_sites) * dim > 1e-12:
+        raise ConfigError(f"privacy.distributed-classifier: noise shares of std {plan.sigma_share:.3g} are too small "
+                          "for the sum to be the Gaussian the ledger accounts; raise privacy.distributed-max-examples")
+    return plan
+
+
+def classifier_noise_multiplier(cfg: RunConfig) -> float:
+    """``z`` of ``privacy.distributed-classifier``: the classifier's budget share (epsilon and delta) reached after
+    every planned DP-FedSGD step, an RDP Gaussian without subsampling (what each site's ledger derives and enforces
+    for its central figure)."""
+    from common.privacy.ledger import noise_multiplier_for
+
+    p = cfg.privacy
+    if p.target_epsilon is None:
+        raise ConfigError("privacy.distributed-classifier needs privacy.target-epsilon")
+    return noise_multiplier_for(target_epsilon=p.target_epsilon * p.budget_classifier,
+                                target_delta=p.target_delta * p.budget_classifier, sample_rate=1.0,
+                                total_steps=p.distributed_steps * cfg.federation.num_rounds, accountant=p.accountant)

@@ -52,6 +52,16 @@ def _accountant_kwargs(accountant: str) -> dict[str, Any]:
     return {"alphas": list(RDP_ORDERS)} if accountant == "rdp" else {}
 
 
+def history_epsilon(history: list, delta: float, accountant: str = "rdp") -> float:
+    """Epsilon at ``delta`` of an accountant history of ``(noise_multiplier, sample_rate, steps)`` (0 when empty)."""
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    if not acc.history:
+        return 0.0
+    with _integer_orders_quiet():
+        return float(acc.get_epsilon(delta=delta, **_accountant_kwargs(accountant)))
+
+
 def _check_budget(target_epsilon: float | None, target_delta: float, accountant: str) -> None:
     """Raise :class:`ConfigError` for an invalid (epsilon, delta, accountant)."""
     if target_epsilon is not None and not (target_epsilon > 0 and math.isfinite(target_epsilon)):
@@ -136,6 +146,28 @@ class PrivacyLedger:
         # False once any step drew its noise from a seed others can know (privacy.insecure-reproducible-noise);
         # sticky for the whole run, and reported with every figure of this ledger.
         self.private_noise = True
+        # Models trained with distributed DP (model -> the number of sites whose noise shares make the sum's noise):
+        # their history is the CENTRAL one (what the server sees); the site's own share alone, what it keeps when
+        # the server and every other site collude, has noise multiplier sigma / sqrt(num_sites) (its LOCAL epsilon).
+        self._distributed: dict[str, int] = {}
+
+    def mark_distributed(self, model: str, num_sites: int) -> None:
+        """Record that ``model``'s steps are distributed-DP sums of ``num_sites`` noise shares (fixed for the run)."""
+        self.budget(model)
+        if num_sites < 2:
+            raise ConfigError(f"distributed DP of {model!r} needs >= 2 sites' shares, got {num_sites}")
+        if self._distributed.setdefault(model, int(num_sites)) != int(num_sites):
+            raise ConfigError(f"{model!r} was accounted with {self._distributed[model]} sites' noise shares; this run "
+                              f"says {num_sites}: one ledger cannot mix them")
+
+    def local_epsilon(self, model: str) -> float:
+        """Epsilon of ``model`` against the server and every other site colluding (its own noise share only);
+        the model's :meth:`epsilon` for a model without distributed DP."""
+        n = self._distributed.get(model)
+        history = self.accountant_for(model).history
+        if n is None:
+            return self.epsilon(model)
+        return history_epsilon([(s / n**0.5, q, k) for s, q, k in history], self.budget(model)[1], self.accountant)
 
     def mark_noise_not_private(self) -> None:
         """Record that this ledger's steps use reproducible, public-seeded noise: its epsilon is not a guarantee."""
@@ -176,12 +208,7 @@ class PrivacyLedger:
 
     def _eps(self, history: list, delta: float) -> float:
         """Epsilon at ``delta`` of an accountant history (0 when empty)."""
-        acc = create_accountant(mechanism=self.accountant)
-        acc.history = [tuple(h) for h in history]
-        if not acc.history:
-            return 0.0
-        with _integer_orders_quiet():
-            return float(acc.get_epsilon(delta=delta, **_accountant_kwargs(self.accountant)))
+        return history_epsilon(history, delta, self.accountant)
 
     def steps(self, model: str) -> int:
         """DP-SGD steps accounted so far for ``model``."""
@@ -237,6 +264,12 @@ class PrivacyLedger:
                       "private_noise": self.private_noise,
                       # every (sigma, q, steps) segment: q changes when released images join a DP dataset
                       "history": [[float(s), float(q), int(n)] for s, q, n in self.accountant_for(m).history]}
+            if m in self._distributed:  # epsilon above is the central figure; the site keeps the local one
+                out[m]["distributed"] = {"unit": "example", "num_sites": self._distributed[m],
+                                         "central_epsilon": out[m]["epsilon"], "local_epsilon": self.local_epsilon(m),
+                                         "statement": "central: against the server and anyone who sees only the "
+                                                      "secure sums; local: against the server and every other site "
+                                                      "colluding (this site's own noise share)"}
         return out
 
     def state_dict(self) -> dict[str, Any]:
@@ -250,7 +283,7 @@ class PrivacyLedger:
                                                             plan.planned_steps, plan.derived]}
         return {"format": _LEDGER_FORMAT, "target_epsilon": self.target_epsilon, "target_delta": self.target_delta,
                 "accountant": self.accountant, "budget_split": dict(self.budget_split), "models": models,
-                "private_noise": self.private_noise}
+                "private_noise": self.private_noise, "distributed": dict(self._distributed)}
 
     @classmethod
     def from_state_dict(cls, d: Mapping[str, Any]) -> PrivacyLedger:
@@ -267,6 +300,7 @@ class PrivacyLedger:
                     ledger._plans[m] = ModelPlan(float(s), float(q), int(n), bool(derived and derived[0]))
             # A state without the key predates site-secret noise: its noise was seeded from the public run seed.
             ledger.private_noise = d.get("private_noise") is True
+            ledger._distributed = {str(k): int(v) for k, v in d.get("distributed", {}).items()}
         except (KeyError, TypeError, ValueError) as err:
             if isinstance(err, ConfigError):
                 raise
