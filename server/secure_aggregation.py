@@ -232,6 +232,12 @@ class SecureAggregation:
                 log(WARNING, "Round %s: DP-FedSGD step %s halted (%s); the classifier keeps its weights",
                     server_round, step, summary["error"] or summary["halted_at"])
                 continue
+            if not any(str(res.metrics.get("site-status", "")) == "ok" for _, res in legacy.results):
+                # every summed site declined (budget spent, over the example cap): the sum is noise only
+                halted.append({"step": step, "halted_at": "sites", "error": "no site contributed a gradient"})
+                log(WARNING, "Round %s: DP-FedSGD step %s: no site contributed a gradient; the classifier's steps "
+                    "end for this round", server_round, step)
+                break
             grad = plan.decode(from_secagg_mean(flatten(legacy.aggregate), n), n)
             if grad.shape != params.shape or not np.all(np.isfinite(grad)):
                 halted.append({"step": step, "halted_at": "check", "error": "the secure sum is malformed"})

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.privacy.distributed_dp import epsilon_to_zcdp, zcdp_to_epsilon
+from common.privacy.distributed_dp import DistributedPlan, epsilon_to_zcdp, zcdp_to_epsilon
 from simulations.experiments import distributed_utility as du
 
 
@@ -31,9 +31,12 @@ def test_noise_multiplier_composes_to_the_target_epsilon() -> None:
 def test_secure_sum_is_exact_plus_noise_of_the_calibrated_variance() -> None:
     rng = np.random.default_rng(0)
     vectors = [rng.uniform(-3, 3, 20_000) for _ in range(5)]
-    scale, sigma_share = 1000, 300.0
-    noisy = du.secure_noisy_sum(vectors, scale=scale, sigma_share=sigma_share, rng=np.random.default_rng(1))
-    noise = (noisy - sum(vectors)) * scale  # integer units; rounding adds <= 5 * 1/2
+    # the product's example-level plan (sums of up to 3 clipped examples per site)
+    plan = DistributedPlan(clip=1.0, noise_multiplier=0.5, num_sites=5, dim=20_000, rounds=1, delta=du.DELTA,
+                           unit="example", max_examples=3)
+    sigma_share = plan.sigma_share
+    noisy = du.secure_noisy_sum(vectors, plan, np.random.default_rng(1))
+    noise = (noisy - sum(vectors)) * plan.scale  # integer units; rounding adds <= 5 * 1/2
     assert abs(noise.mean()) < 5 * sigma_share * math.sqrt(5) / math.sqrt(len(noise))
     assert noise.var() == pytest.approx(5 * sigma_share**2, rel=0.03)  # the shares add: noise once, N shares
 

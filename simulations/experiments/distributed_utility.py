@@ -48,8 +48,8 @@ from common.core.atomic_io import write_text_atomic
 from common.models import features as fx
 from common.privacy.distributed_dp import (
     MODULUS,
+    DistributedPlan,
     central_rho,
-    discrete_gaussian,
     epsilon_to_zcdp,
     local_rho,
     zcdp_to_epsilon,
@@ -81,16 +81,12 @@ def clipped_gradient_sum(head: nn.Linear, x: torch.Tensor, onehot: torch.Tensor)
         return (err * scale[:, None]).T @ xa  # [K, d + 1]
 
 
-def secure_noisy_sum(vectors: Sequence[np.ndarray], *, scale: int, sigma_share: float,
-                     rng: np.random.Generator) -> np.ndarray:
-    """What the server decodes from SecAgg+: every site's vector on the integer grid (``scale`` per unit) plus its
-    discrete-Gaussian share, each reduced mod M, summed mod M, centred and divided by ``scale``."""
-    total = np.zeros(len(vectors[0]), dtype=np.int64)
-    for v in vectors:
-        ints = np.rint(np.asarray(v) * scale).astype(np.int64)
-        total = np.mod(total + np.mod(ints + discrete_gaussian(sigma_share, len(total), rng), MODULUS), MODULUS)
-    centered = np.where(total >= MODULUS // 2, total - MODULUS, total)
-    return centered.astype(np.float64) / scale
+def secure_noisy_sum(vectors: Sequence[np.ndarray], plan: DistributedPlan, rng: np.random.Generator) -> np.ndarray:
+    """What the server decodes from SecAgg+: every site's vector encoded by the product's example-level plan (its
+    integer grid plus its discrete-Gaussian share, mod M, :meth:`DistributedPlan.encode`), summed mod M and decoded
+    (:meth:`DistributedPlan.decode` gives the mean over sites; times the sites, the noisy sum)."""
+    total = sum(plan.encode(np.asarray(v, np.float64), rng)[0] for v in vectors)
+    return plan.decode(np.mod(total, MODULUS), len(vectors)) * len(vectors)
 
 
 def fedsgd(x: np.ndarray, y: np.ndarray, sites: np.ndarray, *, epsilon: float, rounds: int, lr: float, seed: int,
@@ -112,16 +108,17 @@ def fedsgd(x: np.ndarray, y: np.ndarray, sites: np.ndarray, *, epsilon: float, r
     dim = ex.NUM_CLASSES * (x.shape[1] + 1)
     z = noise_multiplier(epsilon, rounds)
     rng = np.random.default_rng(ex._seed(seed, mode, "noise") % 2**63)
-    # integer grid: the sum of every site's sum plus 8 noise std stays inside (-M/2, M/2)
-    scale = int((MODULUS / 2 - 8 * z * math.sqrt(dim)) // (n_sites * MAX_EXAMPLES * CLIP + 8 * z * CLIP))
-    sensitivity = scale * CLIP + math.sqrt(dim)  # add/remove one example: clipped row plus rounding (<= 1 per coord)
-    sigma_share = z * sensitivity / math.sqrt(n_sites)
+    # the product's example-level plan (privacy.distributed-classifier): integer grid with 8 noise std of headroom,
+    # sensitivity of one example = its clipped row plus rounding (<= 1 per coordinate)
+    plan = DistributedPlan(clip=CLIP, noise_multiplier=z, num_sites=n_sites, dim=dim, rounds=rounds, delta=DELTA,
+                           unit="example", max_examples=MAX_EXAMPLES)
+    scale, sensitivity, sigma_share = plan.scale, plan.sensitivity, plan.sigma_share
     wraps = 0
     for _ in range(rounds):
         if mode == "distributed":
             vectors = [clipped_gradient_sum(head, *data[s]).numpy().ravel() for s in names]
             wraps += int((np.abs(sum(vectors)) * scale + 8 * z * sensitivity >= MODULUS / 2).sum())
-            noisy = secure_noisy_sum(vectors, scale=scale, sigma_share=sigma_share, rng=rng)
+            noisy = secure_noisy_sum(vectors, plan, rng)
         else:
             noisy = sum(clipped_gradient_sum(head, *data[s]).numpy().ravel()
                         + z * CLIP * rng.standard_normal(dim) for s in names)

@@ -1,0 +1,237 @@
+"""Example-level distributed DP of the plane classifier (``privacy.distributed-classifier``): DP-FedSGD through SecAgg+.
+
+In process: Flower's real ``SecAggPlusWorkflow`` against the sites' real ``ClientApp`` train handler (real site data,
+real ledgers) over :class:`simulations.benchmarks.secagg_round.MemoryGrid`. End to end: the product's apps in Flower's
+simulation runtime.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from client.app import train as site_train
+from client.site import resolve_site
+from common.analysis.audit import check_ledger_model
+from common.core.config import RunConfig
+from common.core.errors import ConfigError
+from common.data.sites import load_site
+from common.data.tensors import records_to_dataset
+from common.federated.fedsgd import ServerAdam, clipped_gradient_sum
+from common.models.downstream import classifier_loss
+from common.privacy.distributed_dp import DistributedPlan, classifier_noise_multiplier, classifier_plan
+from common.privacy.ledger import PrivacyLedger, history_epsilon
+from common.privacy.site_state import SiteStateStore
+from simulations.benchmarks.secagg_round import MemoryGrid, secure_aggregation_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cfg(run_dir: Path | str = "", **overrides: object) -> RunConfig:
+    return RunConfig.from_flat({"preset": "smoke", "run-dir": str(run_dir), "federation.secure-aggregation": True,
+                                "privacy.distributed-classifier": True, **overrides})
+
+
+# -- config --------------------------------------------------------------------------------------------------------
+def test_the_distributed_classifier_needs_secure_aggregation_a_budget_and_planes_to_learn() -> None:
+    with pytest.raises(ConfigError, match="needs federation.secure_aggregation=true"):
+        _cfg(**{"federation.secure-aggregation": False})
+    with pytest.raises(ConfigError, match="choose one unit"):
+        _cfg(**{"privacy.distributed-dp": True})
+    with pytest.raises(ConfigError, match="needs privacy.target_epsilon"):
+        _cfg(**{"privacy.target-epsilon": None})
+    with pytest.raises(ConfigError, match="one-plane label scope"):
+        _cfg(**{"data.planes": "fetal_brain"})
+    assert not RunConfig.from_flat({"preset": "smoke"}).privacy.distributed_classifier  # per-site DP-SGD default
+
+
+# -- the site's gradient sum, the server's optimizer ---------------------------------------------------------------
+class _Head(nn.Module):
+    def __init__(self, d: int, k: int) -> None:
+        super().__init__()
+        self.backbone = nn.Identity()
+        self.head = nn.Linear(d, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def test_the_gradient_sum_clips_each_example_and_one_example_moves_it_by_at_most_the_clip() -> None:
+    # Prepare: a linear softmax head (closed-form per-example gradient) on 12 random feature vectors
+    torch.manual_seed(0)
+    model = _Head(5, 3).double()
+    x, y = 4 * torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    data = TensorDataset(x, y)
+
+    def loss(m: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return nn.functional.cross_entropy(m(batch[0]), batch[1], reduction="none")
+
+    # Execute
+    total = clipped_gradient_sum(model, loss, data, clip=0.5)
+    without_last = clipped_gradient_sum(model, loss, TensorDataset(x[:-1], y[:-1]), clip=0.5)
+    # Assert: the closed form, clipped per example; removing one example moves the sum by <= the clip
+    with torch.no_grad():
+        err = torch.softmax(model(x), 1) - nn.functional.one_hot(y, 3).double()
+        per = torch.cat([torch.einsum("bk,bd->bkd", err, x).reshape(12, -1), err], 1)  # [W (row-major) | b]
+        raw_norms = per.norm(dim=1)
+        per = per * (0.5 / raw_norms).clamp(max=1.0)[:, None]
+    np.testing.assert_allclose(total, per.sum(0).numpy(), rtol=1e-10, atol=1e-12)
+    assert np.linalg.norm(total - without_last) <= 0.5 + 1e-12
+    assert (raw_norms > 0.5).sum() >= 10 and (raw_norms < 0.5).any()  # both cases: clipped and left as is
+
+
+def test_server_adam_matches_torch_adam_and_resumes_from_its_state() -> None:
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=7) for _ in range(6)]
+    p = torch.zeros(7, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([p], lr=0.1)
+    ours, params = ServerAdam(0.1), np.zeros(7)
+    resumed = ServerAdam(0.1)
+    for i, g in enumerate(grads):
+        p.grad = torch.from_numpy(g.copy())
+        opt.step()
+        params = ours.step(params, g)
+        if i == 2:  # a checkpoint after the third step, restored into a fresh optimizer
+            resumed.load_state_arrays(ours.state_arrays())
+            resumed_params = params.copy()
+        elif i > 2:
+            resumed_params = resumed.step(resumed_params, g)
+    np.testing.assert_allclose(params, p.detach().numpy(), rtol=1e-12)
+    np.testing.assert_array_equal(resumed_params, params)
+
+
+# -- the example-level plan and the ledger -------------------------------------------------------------------------
+def test_example_level_shares_sum_to_the_calibrated_noise_and_a_too_large_sum_is_refused() -> None:
+    # Prepare: 4 sites, gradient sums of up to 30 clipped examples each
+    plan = DistributedPlan(clip=1.0, noise_multiplier=2.0, num_sites=4, dim=3000, rounds=10, delta=1e-6,
+                           unit="example", max_examples=64)
+    rng = np.random.default_rng(1)
+    sums = [rng.uniform(-30, 30, plan.dim) for _ in range(4)]
+    # Execute: each site encodes with its share; the modular sum is decoded
+    residues = [plan.encode(v, np.random.default_rng(10 + i))[0] for i, v in enumerate(sums)]
+    mean = plan.decode(np.mod(sum(residues), 2**22), 4)
+    # Assert: the mean of the sums plus noise of std z * Delta / (s * N) (the noise of the sum, once)
+    noise = mean - np.mean(sums, axis=0)
+    assert plan.sensitivity == pytest.approx(plan.scale * 1.0 + np.sqrt(plan.dim))  # one example, rounding
+    assert noise.std() == pytest.approx(2.0 * plan.sensitivity / (plan.scale * 4), rel=0.05)
+    assert abs(noise.mean()) < 4 * noise.std() / np.sqrt(plan.dim)
+    with pytest.raises(ValueError, match="beyond max_examples x clip"):
+        plan.encode(np.full(plan.dim, 64.5), rng)
+
+
+def test_the_ledger_enforces_the_central_figure_and_reports_the_local_one_across_save_and_restore() -> None:
+    # Prepare: a classifier budget of 4, the plan's noise for 6 steps without subsampling
+    ledger = PrivacyLedger(target_epsilon=10.0, target_delta=1e-5,
+                           budget_split={"generator": 0.6, "classifier": 0.4})
+    plan = ledger.plan("classifier", sample_rate=1.0, planned_total_steps=6)
+    ledger.mark_distributed("classifier", 5)
+    # Execute: 6 steps, a save and restore in the middle
+    for _ in range(3):
+        ledger.accountant_for("classifier").step(noise_multiplier=plan.noise_multiplier, sample_rate=1.0)
+    ledger = PrivacyLedger.from_state_dict(json.loads(json.dumps(ledger.state_dict())))
+    for _ in range(3):
+        assert not ledger.would_exceed("classifier", noise_multiplier=plan.noise_multiplier, sample_rate=1.0)
+        ledger.accountant_for("classifier").step(noise_multiplier=plan.noise_multiplier, sample_rate=1.0)
+    # Assert: central within the budget and refused beyond it; local = the site's own share (sigma / sqrt(5))
+    entry = ledger.summary()["classifier"]
+    assert entry["epsilon"] <= 4.0 and entry["epsilon"] > 3.9
+    assert ledger.would_exceed("classifier", noise_multiplier=plan.noise_multiplier, sample_rate=1.0)
+    local = history_epsilon([(plan.noise_multiplier / np.sqrt(5), 1.0, 6)], 4e-6)
+    assert entry["distributed"]["local_epsilon"] == pytest.approx(local) and local > 2 * entry["epsilon"]
+    with pytest.raises(ConfigError, match="cannot mix"):
+        ledger.mark_distributed("classifier", 3)
+    # the audit recomputes both; an under-reported local figure is flagged
+    assert check_ledger_model(entry)["consistent"]
+    forged = {**entry, "distributed": {**entry["distributed"], "local_epsilon": entry["epsilon"]}}
+    checked = check_ledger_model(forged)
+    assert not checked["consistent"] and "local epsilon" in checked["note"]
+
+
+# -- through Flower's SecAgg+ with the sites' real handler ----------------------------------------------------------
+class _RecordingAdam(ServerAdam):
+    def __init__(self, lr: float) -> None:
+        super().__init__(lr)
+        self.grads: list[np.ndarray] = []
+
+    def step(self, params: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        self.grads.append(np.asarray(grad).copy())
+        return super().step(params, grad)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_distributed_classifier_step_sums_clipped_gradients_with_the_noise_once(tmp_path: Path) -> None:
+    # Prepare: 3 phantom sites, one DP-FedSGD step per round, noise reproducible so the test can see it
+    cfg = _cfg(tmp_path, **{"data.num-sites": 3, "privacy.distributed-steps": 1,
+                            "privacy.insecure-reproducible-noise": True})
+    secure, bundle = secure_aggregation_for(cfg)
+    secure.adam = _RecordingAdam(cfg.privacy.distributed_lr)
+    before = {k: v.clone() for k, v in bundle.classifier.head.state_dict().items()}
+    grid = MemoryGrid({1000 + i: site_train for i in range(3)}, cfg.to_run_config())
+    sums = []
+    for i in range(3):  # what each site sums: its training images' clipped gradients at the sent weights
+        site = load_site(cfg.data, seed=cfg.seed, site_index=i)
+        data = records_to_dataset(site.train, image_size=cfg.data.image_size)
+        sums.append(clipped_gradient_sum(bundle.classifier, classifier_loss, data, clip=cfg.privacy.max_grad_norm))
+    # Execute
+    summary = secure.train_classifier(grid, bundle, 1)
+    # Assert: the server decoded the mean of the sites' sums plus the calibrated noise of all three shares, once
+    z = classifier_noise_multiplier(cfg)
+    plan = classifier_plan(cfg, len(sums[0]), z)
+    noise = secure.adam.grads[0] - np.mean(sums, axis=0)
+    assert noise.std() == pytest.approx(z * plan.sensitivity / (plan.scale * 3), rel=0.1)
+    assert summary["steps"] == 1 and summary["contributors"] == [3] and not summary["halted"]
+    assert any(not torch.equal(v, bundle.classifier.head.state_dict()[k]) for k, v in before.items())
+    # no site's vector reached the server: the mod emptied every reply's arrays
+    assert all(len(a) == 0 for r in grid.replies for a in r.content.array_records.values())
+    # each site accounted the step in its one ledger: central = the summary's, local beside it
+    for i in range(3):
+        name, state_dir = resolve_site({"partition-id": i}, cfg).resolved(
+            load_site(cfg.data, seed=cfg.seed, site_index=i).name, tmp_path)
+        entry = SiteStateStore(state_dir).load_ledger(before_round=2, privacy=cfg.privacy).summary()["classifier"]
+        assert entry["history"] == [[z, 1.0, 1]]
+        assert entry["epsilon"] == pytest.approx(summary["central_epsilon"])
+        assert summary["local_epsilon"][name] == pytest.approx(entry["distributed"]["local_epsilon"])
+        assert entry["distributed"]["local_epsilon"] > entry["epsilon"]
+    # Execute again: the run planned one step in all; the sites decline, the server takes no noise-only step
+    params = {k: v.clone() for k, v in bundle.classifier.head.state_dict().items()}
+    again = secure.train_classifier(grid, bundle, 1)
+    assert again["steps"] == 0 and again["halted"][0]["error"] == "no site contributed a gradient"
+    assert all(torch.equal(v, bundle.classifier.head.state_dict()[k]) for k, v in params.items())
+    assert any("budget-exhausted" in w for r in secure.guard.reports.values() for w in r.warnings)
+
+
+# -- end to end ----------------------------------------------------------------------------------------------------
+@pytest.mark.e2e
+def test_a_distributed_classifier_run_through_flower_certifies_central_and_local_epsilon(tmp_path: Path) -> None:
+    # Prepare / Execute: the product's apps in Flower's simulation runtime, 2 sites, 2 rounds of 2 steps each
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--preset", "smoke", "--run-dir", str(run_dir),
+           "--set", "federation.secure-aggregation=true", "--set", "privacy.distributed-classifier=true",
+           "--set", "privacy.distributed-steps=2", "--set", "federation.num-rounds=2"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # Assert: 4 steps summed from both sites; each site's ledger holds the central history, the local figure beside
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = records[-1]["secure_aggregation"]["classifier"]
+    assert summary["contributors"] == [2, 2, 2, 2] and summary["steps"] == 2
+    assert summary["central_epsilon"] == pytest.approx(summary["planned_central_epsilon"])
+    assert summary["central_epsilon"] <= 10.0 * 0.2 * (1 + 1e-9)  # the smoke classifier's share of the budget
+    for name, entry in records[-1]["ledger"].items():
+        classifier = entry["classifier"]
+        assert classifier["history"] == [[summary["noise_multiplier"], 1.0, 4]]
+        assert classifier["distributed"]["local_epsilon"] == pytest.approx(summary["local_epsilon"][name])
+    sidecar = json.loads((run_dir / "checkpoints" / "round-002" / "sidecar.json").read_text())
+    assert sidecar["privacy"]["distributed_classifier"]["central_epsilon"] == pytest.approx(summary["central_epsilon"])
+    audit = json.loads((run_dir / "audit" / "audit.json").read_text())
+    assert audit["headline"]["certificate_problems"] == 0
+    checked = audit["certificate"]["sites"][next(iter(records[-1]["ledger"]))]["models"]["classifier"]
+    assert checked["consistent"] and checked["recomputed_local_epsilon"] == pytest.approx(
+        classifier["distributed"]["local_epsilon"])
