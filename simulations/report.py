@@ -239,6 +239,12 @@ def ledger_section(metrics: Sequence[dict[str, Any]]) -> tuple[str, bytes | None
              for site, models in sorted(ledger.items()) if (e := models.get("distributed"))
              for label, key in (("distributed: central (vs the server)", "central_epsilon"),
                                 ("distributed: local (vs server + other sites)", "local_epsilon"))]
+    # example-level distributed DP of a model (privacy.distributed-classifier): its row above is the central figure;
+    # the local one (the site's own noise share) beside it
+    rows += [[site, f"{model}: local (vs server + other sites)", d.get("local_epsilon"), None, e.get("delta"),
+              e.get("steps"), None, e.get("sample_rate"), "distributed discrete Gaussian (example-level)", None]
+             for site, models in sorted(ledger.items()) for model, e in models.items()
+             if model != "distributed" and isinstance(e, dict) and isinstance(d := e.get("distributed"), dict)]
     ledger = {s: {m: e for m, e in models.items() if m != "distributed"} for s, models in ledger.items()}
     head = ["site", "model", "epsilon", "budget", "delta", "steps", "noise mult.", "sample rate", "accountant",
             "exhausted"]

@@ -230,6 +230,7 @@ def test_a_distributed_classifier_run_through_flower_certifies_central_and_local
         assert classifier["distributed"]["local_epsilon"] == pytest.approx(summary["local_epsilon"][name])
     sidecar = json.loads((run_dir / "checkpoints" / "round-002" / "sidecar.json").read_text())
     assert sidecar["privacy"]["distributed_classifier"]["central_epsilon"] == pytest.approx(summary["central_epsilon"])
+    assert "classifier: local (vs server + other sites)" in (run_dir / "report.html").read_text()
     audit = json.loads((run_dir / "audit" / "audit.json").read_text())
     assert audit["headline"]["certificate_problems"] == 0
     checked = audit["certificate"]["sites"][next(iter(records[-1]["ledger"]))]["models"]["classifier"]
