@@ -236,3 +236,27 @@ def test_a_distributed_classifier_run_through_flower_certifies_central_and_local
     checked = audit["certificate"]["sites"][next(iter(records[-1]["ledger"]))]["models"]["classifier"]
     assert checked["consistent"] and checked["recomputed_local_epsilon"] == pytest.approx(
         classifier["distributed"]["local_epsilon"])
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_site_dropping_in_a_classifier_step_is_survived_and_the_central_figure_counts_the_shares_summed(
+        tmp_path: Path) -> None:
+    # Prepare: 4 sites (threshold 3); site 3 vanishes after sharing its keys in the DP-FedSGD sub-round
+    cfg = _cfg(tmp_path, **{"data.num-sites": 4, "privacy.distributed-steps": 1})
+    secure, bundle = secure_aggregation_for(cfg)
+    before = {k: v.clone() for k, v in bundle.classifier.head.state_dict().items()}
+    grid = MemoryGrid({1000 + i: site_train for i in range(4)}, cfg.to_run_config(),
+                      drop={1003: "collect_masked_vectors"})
+    # Execute
+    summary = secure.train_classifier(grid, bundle, 1)
+    # Assert: the step used the 3 survivors' sum; with 3 of 4 shares its noise is smaller, and the realised central
+    # epsilon (what the server reports) is larger than planned; the dropped site is named
+    assert summary["steps"] == 1 and summary["contributors"] == [3]
+    assert summary["central_epsilon"] > summary["planned_central_epsilon"] * 1.05
+    z = summary["noise_multiplier"]
+    delta = cfg.privacy.target_delta * cfg.privacy.budget_classifier
+    assert summary["central_epsilon"] == pytest.approx(history_epsilon([(z * np.sqrt(3 / 4), 1.0, 1)], delta))
+    assert any(not torch.equal(v, bundle.classifier.head.state_dict()[k]) for k, v in before.items())
+    dropped = [r for r in secure.guard.reports.values() if r.name == "node-1003"]
+    assert dropped and any("dropped out of a DP-FedSGD sub-round" in w for w in dropped[0].warnings)
+    assert dropped[0].status != "unavailable"  # a sub-round leaves the round's status to the site's training
