@@ -158,6 +158,14 @@ def _last(paths: list[Path]) -> Path | None:
     return sorted(paths)[-1] if paths else None
 
 
+def _local(entry: object) -> str:
+    """`` central (local X)`` for a model under example-level distributed DP (its epsilon is the central figure)."""
+    d = entry.get("distributed") if isinstance(entry, dict) else None
+    if not isinstance(d, dict) or "local_epsilon" not in d:
+        return ""
+    return f" central (local {float(d['local_epsilon']):.2f} if the server and the other sites collude)"
+
+
 def closing_summary(run_dir: Path, *, wall_s: float) -> list[str]:
     """The lines printed when a run finished: wall time, per-site epsilon, accuracy, release size, what to open."""
     from common.federated.round_metrics import round_summary
@@ -171,7 +179,7 @@ def closing_summary(run_dir: Path, *, wall_s: float) -> list[str]:
         budget = _budget(layout)
         for site, models in sorted(last.get("ledger", {}).items()):
             spent, _, steps = site_privacy(models)
-            parts = ", ".join(f"{k} {float(v.get('epsilon', 0.0)):.2f}" for k, v in sorted(models.items()))
+            parts = ", ".join(f"{k} {float(v.get('epsilon', 0.0)):.2f}" + _local(v) for k, v in sorted(models.items()))
             lines.append(f"{PREFIX}   {site}: epsilon {spent:.2f}" + (f" of {budget:g}" if budget else "")
                          + f" ({parts}; {steps} generator steps)")
         summary = round_summary(last)

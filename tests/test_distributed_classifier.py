@@ -218,6 +218,7 @@ def test_a_distributed_classifier_run_through_flower_certifies_central_and_local
            "--set", "privacy.distributed-steps=2", "--set", "federation.num-rounds=2"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "central (local" in done.stdout  # the closing summary names both figures
     # Assert: 4 steps summed from both sites; each site's ledger holds the central history, the local figure beside
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     summary = records[-1]["secure_aggregation"]["classifier"]
