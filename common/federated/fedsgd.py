@@ -10,11 +10,13 @@ sites' vectors; the server divides the noisy sum by a public constant and takes 
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
+from opacus import GradSampleModule
 from torch.utils.data import TensorDataset
 
 from common.core.errors import ConfigError
@@ -34,27 +36,34 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 
 def clipped_gradient_sum(model: nn.Module, loss_fn: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor],
-                         data: TensorDataset, *, clip: float) -> np.ndarray:
+                         data: TensorDataset, *, clip: float, batch_size: int = 64) -> np.ndarray:
     """Sum over the examples of ``data`` of the loss gradient, each example's clipped to L2 norm ``clip`` (float64).
 
-    Each example's gradient is computed on its own (a batch of one), so no example's value can reach another's
-    gradient (a model with batch statistics would break that; :func:`trainable_names` refuses buffers).
+    Per-example gradients come from Opacus' ``GradSampleModule`` hooks (what DP-SGD uses), over batches of
+    ``batch_size``; ``loss_fn`` must return one loss per example. The hooks are removed afterwards.
     """
     names = trainable_names(model)
     params = dict(model.named_parameters())
     total = np.zeros(sum(params[n].numel() for n in names), dtype=np.float64)
     was_training = model.training
-    model.eval()
+    model.train()  # Opacus records activations in training mode only (the downstream models have no dropout or BN)
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     try:
-        for i in range(len(data)):
-            example = tuple(t[i:i + 1] for t in data.tensors)
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, example).sum().backward()
-            grad = torch.cat([(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n]))
-                              .detach().double().ravel() for n in names]).numpy()
-            norm = float(np.linalg.norm(grad))
-            total += grad * (min(1.0, clip / norm) if norm > 0 else 1.0)
+        for start in range(0, len(data), batch_size):
+            batch = tuple(t[start:start + batch_size] for t in data.tensors)
+            wrapped.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # frozen features: no input needs a gradient, which is the point
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss_fn(wrapped, batch).sum().backward()
+            n = len(batch[0])
+            per = torch.cat([(params[k].grad_sample if params[k].grad_sample is not None
+                              else torch.zeros(n, *params[k].shape)).detach().double().reshape(n, -1)
+                             for k in names], dim=1)
+            norms = per.norm(dim=1)
+            scale = torch.where(norms > clip, clip / norms.clamp_min(1e-30), torch.ones_like(norms))
+            total += (per * scale[:, None]).sum(0).numpy()
     finally:
+        wrapped._close()  # hooks and grad_sample attributes removed: the model is as it came
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     return total
