@@ -15,8 +15,8 @@ from typing import Callable, Mapping
 
 import numpy as np
 import torch
-from torch import nn
 from opacus import GradSampleModule
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from common.core.errors import ConfigError
