@@ -78,3 +78,20 @@ def test_a_run_with_a_failed_site_is_left_out_of_the_means_and_named(tmp_path: P
     assert summary["round_2"]["plane-accuracy"] == {"mean": 0.7, "std": 0.0, "n": 1}
     with pytest.raises(ValueError, match="every run had a failed site"):
         summarise([bad])
+
+
+def test_an_arm_is_compared_with_a_baseline_seed_by_seed(tmp_path: Path) -> None:
+    # Prepare: two arms, seeds 0 and 1 each (the baseline also has seed 2, which the arm lacks)
+    arm = [_run(tmp_path / f"arm{s}", s, acc) for s, acc in ((0, [0.6, 0.8]), (1, [0.5, 0.75]))]
+    base = [_run(tmp_path / f"base{s}", s, acc) for s, acc in ((0, [0.6, 0.7]), (1, [0.6, 0.72]), (2, [0.1, 0.1]))]
+    out = tmp_path / "paired.json"
+    # Execute
+    main(["--summarise", *map(str, arm), "--baseline", *map(str, base), "--out", str(out)])
+    # Assert: differences of the same seed only; the larger of the two arms' seed stds beside them
+    doc = json.loads(out.read_text())
+    assert doc["paired"]["seeds"] == [0, 1]
+    last = doc["paired"]["round_2"]["plane-accuracy"]
+    assert last["per_seed"] == [pytest.approx(0.1), pytest.approx(0.03)] and last["mean"] == pytest.approx(0.065)
+    assert last["min"] == pytest.approx(0.03) and last["largest_seed_std"] == pytest.approx(0.0354, abs=1e-4)
+    assert doc["paired"]["round_1"]["plane-accuracy"]["mean"] == pytest.approx(-0.05)
+    assert doc["baseline"]["summary"]["round_2"]["plane-accuracy"]["n"] == 3

@@ -115,6 +115,27 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def paired(runs: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per round and metric, ``runs`` minus ``baseline`` seed by seed (the seeds both hold): each seed's difference,
+    their mean, min and max, and the larger of the two arms' seed stds (what "beyond the seed spread" compares to)."""
+    base = {r["seed"]: r for r in baseline}
+    pairs = [(r, base[r["seed"]]) for r in runs if r["seed"] in base]
+    if not pairs:
+        raise ValueError("no seed is in both the runs and the baseline")
+    out: dict[str, Any] = {"seeds": [r["seed"] for r, _ in pairs]}
+    for i in range(min(min(len(a["rounds"]), len(b["rounds"])) for a, b in pairs)):
+        row = {}
+        for m in METRICS:
+            if all(a["rounds"][i].get(m) is not None and b["rounds"][i].get(m) is not None for a, b in pairs):
+                d = [a["rounds"][i][m] - b["rounds"][i][m] for a, b in pairs]
+                spread = max(float(np.std([x["rounds"][i][m] for x, _ in pairs], ddof=1)),
+                             float(np.std([y["rounds"][i][m] for _, y in pairs], ddof=1))) if len(d) > 1 else 0.0
+                row[m] = {"per_seed": [round(x, 4) for x in d], "mean": round(float(np.mean(d)), 4),
+                          "min": round(min(d), 4), "max": round(max(d), 4), "largest_seed_std": round(spread, 4)}
+        out[f"round_{i + 1}"] = row
+    return out
+
+
 def _stat(values: Sequence[float]) -> dict[str, Any]:
     """Mean, sample std (0 for one value) and count, rounded for the report."""
     a = np.asarray(values, dtype=float)
@@ -142,13 +163,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", default="", help="names the run folders (runs/preset-<data>-<name>-s<seed>), so that "
                    "arms with different --set do not share one")
     p.add_argument("--summarise", nargs="+", type=Path, help="summarise these finished run folders instead")
+    p.add_argument("--baseline", nargs="+", type=Path, help="finished run folders of a baseline arm: adds each seed's "
+                   "difference (these runs minus the baseline's run of the same seed)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--note", default="", help="machine state and anything else a reader needs")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     if args.summarise:
         dirs = list(args.summarise)
-        command = "summarised from finished runs"
+        command = " ".join(["python -m simulations.benchmarks.preset_runs", *(argv or sys.argv[1:])])
     else:
         if not args.data_root:
             p.error("--data-root is needed to launch runs (the dataset folder in its published layout)")
@@ -158,6 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = [read_run(d) for d in dirs]
     report = {"benchmark": "preset_runs", "command": command, "machine": machine_info(), "note": args.note,
               "runs": runs, "summary": summarise(runs), "seconds": round(time.perf_counter() - t0, 1)}
+    if args.baseline:
+        base = [read_run(d) for d in args.baseline]
+        report["baseline"] = {"runs": base, "summary": summarise(base)}
+        report["paired"] = paired(runs, base)
+        for name, row in report["paired"].items():
+            if name != "seeds":
+                print("paired", name, " ".join(f"{m} {v['mean']:+.3f} [{v['min']:+.3f}, {v['max']:+.3f}] (largest "
+                                               f"seed std {v['largest_seed_std']:.3f})" for m, v in row.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     for name, row in report["summary"].items():
