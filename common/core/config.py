@@ -201,6 +201,9 @@ class PrivacyConfig:
     # when the server and every other site collude). distributed_max_examples is the public cap of a site's training
     # examples (it sets SecAgg+'s integer grid; a site with more refuses with a clear error).
     distributed_classifier: bool = False
+    # 7 steps a round x 3 rounds at Adam 0.1: grouped inner CV on the whole African training split at the African
+    # preset's classifier epsilon (3.9) picked (20, 0.1), (10, 0.1), (40, 0.03) for three noise seeds
+    # (`python -m simulations.experiments.distributed_utility --choose 3.9`, distributed_classifier_choice_eps3.9.json)
     distributed_steps: int = 7
     distributed_lr: float = 0.1
     distributed_max_examples: int = 256

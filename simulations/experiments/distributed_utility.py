@@ -152,14 +152,29 @@ def choose(x: np.ndarray, y: np.ndarray, sites: np.ndarray, groups: list[list[in
     return best
 
 
-def run(data: Path, seeds: int) -> dict[str, Any]:
-    t0 = time.perf_counter()
+def _features(data: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[list[int]], nn.Linear, int]:
+    """The training split's public-encoder features, labels, sites and case groups; the public warm start."""
     images, labels, sites, groups = ex._load({"data": str(data)})
     folder = ROOT / "common" / "assets" / "public-encoder"
     extractor = fx.PhantomEncoderExtractor(folder)
     stats = fx.phantom_statistics(extractor, n_per_profile=40)
     feats = stats.apply(extractor(images), unit_norm=True)
     warm, n_public = public_head(extractor, stats, data / "fetal_planes_db")
+    return feats, labels, sites, groups, warm, n_public
+
+
+def choose_for_product(data: Path, epsilon: float, seeds: int) -> dict[str, Any]:
+    """The product's ``privacy.distributed-steps`` x rounds and ``distributed-lr``: :func:`choose`'s grouped inner CV
+    on the whole African training split at the classifier's central ``epsilon``, once per noise seed."""
+    feats, labels, sites, groups, warm, _ = _features(data)
+    picks = [choose(feats, labels, sites, groups, epsilon=epsilon, seed=s, init=warm, mode="distributed")
+             for s in range(seeds)]
+    return {"epsilon": epsilon, "chosen_rounds_lr": [list(p) for p in picks]}
+
+
+def run(data: Path, seeds: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    feats, labels, sites, groups, warm, n_public = _features(data)
     folds = ex.grouped_stratified_folds(labels, groups, 5, seed=0)
     # acc[arm][seed][fold]
     acc: dict[str, np.ndarray] = {}
@@ -234,8 +249,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--choose", type=float, default=None, metavar="EPSILON",
+                   help="only choose the product's DP-FedSGD steps and rate at this central epsilon (inner CV on the "
+                        "whole training split, per seed) and write them to --out")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    if a.choose is not None:
+        doc = {"study": "distributed_utility --choose", "data": "African fetal planes, training split only",
+               "grid_rounds_lr": [list(g) for g in GRID], **choose_for_product(Path(a.data), a.choose, a.seeds)}
+        write_text_atomic(Path(a.out), json.dumps(doc, indent=1) + "\n")
+        print(doc["chosen_rounds_lr"])
+        return 0
     res = run(Path(a.data), a.seeds)
     doc = {"study": "distributed_utility", "data": "African fetal planes, training split only (5 case-grouped folds)",
            "settings": {"epsilons": list(EPSILONS), "delta": DELTA, "seeds": a.seeds, "clip": CLIP,
