@@ -16,6 +16,7 @@ encodes it on SecAgg+'s integer grid (:mod:`common.privacy.distributed_dp`); its
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,13 @@ from common.federated.secure_update import (
 )
 from common.models.bundle import ModelBundle, build_bundle, federated_arrays, load_federated_arrays
 from common.models.downstream import DownstreamSpec, classifier_loss, load_federated_state
-from common.privacy.distributed_dp import classifier_plan, plan_for, site_record, to_secagg_floats
+from common.privacy.distributed_dp import (
+    classifier_noise_multiplier,
+    classifier_plan,
+    plan_for,
+    site_record,
+    to_secagg_floats,
+)
 from common.privacy.ledger import PrivacyLedger
 
 # Error code of a site that refuses or fails a secure-aggregation step (Flower's codes are < 100; client.app: 700).
@@ -178,11 +185,17 @@ def secure_task(msg: Message) -> str:
     return str(compat.recorddict_to_fitins(msg.content, keep_input=True).config.get(TASK_KEY, ""))
 
 
-def classifier_noise_multiplier(cfg: RunConfig, ledger: PrivacyLedger) -> float:
+def site_noise_multiplier(cfg: RunConfig, ledger: PrivacyLedger) -> float:
     """``z`` of the classifier's DP-FedSGD: the classifier's budget share over every planned step, no subsampling
     (the site's ledger fixes it at first use; the server derives the same from the config)."""
-    plan = ledger.plan("classifier", sample_rate=1.0,
-                       planned_total_steps=cfg.privacy.distributed_steps * cfg.federation.num_rounds)
+    planned = cfg.privacy.distributed_steps * cfg.federation.num_rounds
+    plan = ledger.plan("classifier", sample_rate=1.0, planned_total_steps=planned)
+    if (plan.sample_rate, plan.planned_steps) != (1.0, planned) or not math.isclose(
+            plan.noise_multiplier, classifier_noise_multiplier(cfg), rel_tol=1e-9):
+        raise ReplyValidationError(f"the site ledger's classifier plan (sigma {plan.noise_multiplier:.4g}, q "
+                                   f"{plan.sample_rate:g}, {plan.planned_steps} steps) is not the distributed "
+                                   f"classifier's ({planned} full-batch steps): a run cannot switch the classifier's "
+                                   "mechanism or its plan midway; start a new run")
     return plan.noise_multiplier
 
 
@@ -209,7 +222,7 @@ def classifier_gradient_reply(msg: Message, cfg: RunConfig, *, records: list, le
                                    f"{len(names)}")
     load_federated_state(classifier, {n: torch.from_numpy(np.asarray(a, np.float32).copy())
                                       for n, a in zip(names, arrays)})
-    z = classifier_noise_multiplier(cfg, ledger)
+    z = site_noise_multiplier(cfg, ledger)
     ledger.mark_distributed("classifier", cfg.data.num_sites)
     dim = sum(int(np.prod(np.shape(a))) for a in arrays)
     plan = classifier_plan(cfg, dim, z)

@@ -261,3 +261,25 @@ def test_a_site_dropping_in_a_classifier_step_is_survived_and_the_central_figure
     dropped = [r for r in secure.guard.reports.values() if r.name == "node-1003"]
     assert dropped and any("dropped out of a DP-FedSGD sub-round" in w for w in dropped[0].warnings)
     assert dropped[0].status != "unavailable"  # a sub-round leaves the round's status to the site's training
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_site_whose_ledger_planned_per_site_dp_sgd_for_the_classifier_refuses_a_distributed_step(
+        tmp_path: Path) -> None:
+    # Prepare: 3 sites; site 0's ledger already fixed a DP-SGD plan for the classifier (a run switched modes)
+    cfg = _cfg(tmp_path, **{"data.num-sites": 3, "privacy.distributed-steps": 1})
+    name, state_dir = resolve_site({"partition-id": 0}, cfg).resolved(load_site(cfg.data, seed=cfg.seed,
+                                                                               site_index=0).name, tmp_path)
+    store = SiteStateStore(state_dir)
+    ledger = store.load_ledger(before_round=1, privacy=cfg.privacy)
+    ledger.plan("classifier", sample_rate=0.3, planned_total_steps=10)
+    store.save_ledger(1, ledger, info={"site": name})
+    secure, bundle = secure_aggregation_for(cfg)
+    grid = MemoryGrid({1000 + i: site_train for i in range(3)}, cfg.to_run_config())
+    # Execute
+    with pytest.warns(UserWarning, match="differs from the planned"):
+        summary = secure.train_classifier(grid, bundle, 1)
+    # Assert: site 0 sent nothing and says why; the two others' step went on (threshold 2 of 3)
+    assert summary["contributors"] == [2]
+    warnings = [w for r in secure.guard.reports.values() for w in r.warnings]
+    assert any("cannot switch the classifier's mechanism" in w for w in warnings), warnings
