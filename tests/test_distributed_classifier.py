@@ -235,8 +235,8 @@ def test_a_distributed_classifier_run_through_flower_certifies_central_and_local
     audit = json.loads((run_dir / "audit" / "audit.json").read_text())
     assert audit["headline"]["certificate_problems"] == 0
     checked = audit["certificate"]["sites"][next(iter(records[-1]["ledger"]))]["models"]["classifier"]
-    assert checked["consistent"] and checked["recomputed_local_epsilon"] == pytest.approx(
-        classifier["distributed"]["local_epsilon"])
+    local = classifier["distributed"]["local_epsilon"]  # the audit's accountant may be tighter, never looser
+    assert checked["consistent"] and local * 0.99 <= checked["recomputed_local_epsilon"] <= local * (1 + 1e-9)
 
 
 @pytest.mark.usefixtures("task_identity")
