@@ -51,6 +51,7 @@ from common.models.downstream import DownstreamSpec, classifier_loss, load_feder
 from common.privacy.distributed_dp import (
     classifier_noise_multiplier,
     classifier_plan,
+    min_shares,
     plan_for,
     site_record,
     to_secagg_floats,
@@ -211,9 +212,11 @@ def classifier_gradient_reply(msg: Message, cfg: RunConfig, *, records: list, le
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     server_round, step = int(fitins.config[ROUND_KEY]), int(fitins.config[STEP_KEY])
     sampled = int(fitins.config.get(SAMPLED_KEY, cfg.data.num_sites))
-    if sampled > cfg.data.num_sites:
-        raise ReplyValidationError(f"site {name}: the server sampled {sampled} sites, more than the run's "
-                                   f"{cfg.data.num_sites}: the noise shares would not add up to the calibration")
+    least = min_shares(cfg)
+    if not least <= sampled <= cfg.data.num_sites:
+        raise ReplyValidationError(f"site {name}: the server sampled {sampled} sites for a classifier step; the noise "
+                                   f"is calibrated for sums of {least} to {cfg.data.num_sites} sites' shares "
+                                   "(privacy.distributed-min-shares, data.num-sites): not sent")
     classifier = DownstreamSpec.from_config(cfg).classifier()
     names = trainable_names(classifier)
     arrays = parameters_to_ndarrays(fitins.parameters)
@@ -223,7 +226,7 @@ def classifier_gradient_reply(msg: Message, cfg: RunConfig, *, records: list, le
     load_federated_state(classifier, {n: torch.from_numpy(np.asarray(a, np.float32).copy())
                                       for n, a in zip(names, arrays)})
     z = site_noise_multiplier(cfg, ledger)
-    ledger.mark_distributed("classifier", cfg.data.num_sites)
+    ledger.mark_distributed("classifier", least)  # its own share: 1/t of the noise its ledger accounts
     dim = sum(int(np.prod(np.shape(a))) for a in arrays)
     plan = classifier_plan(cfg, dim, z)
     status, messages = "ok", []

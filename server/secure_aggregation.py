@@ -64,6 +64,7 @@ from common.privacy.distributed_dp import (
     classifier_noise_multiplier,
     classifier_plan,
     from_secagg_mean,
+    min_shares,
     plan_for,
 )
 from common.privacy.ledger import history_epsilon
@@ -219,13 +220,22 @@ class SecureAggregation:
         state = federated_state(bundle.classifier)
         shapes = [tuple(state[n].shape) for n in names]
         params = flatten([state[n].detach().cpu().double().numpy() for n in names])
-        z = classifier_noise_multiplier(self.cfg)
-        plan = classifier_plan(self.cfg, len(params), z)
+        sigma = classifier_noise_multiplier(self.cfg)  # what each site's ledger accounts: a sum of `least` shares
+        plan = classifier_plan(self.cfg, len(params), sigma)
+        least = min_shares(self.cfg)
         done, halted = 0, []
-        for step in range(p.distributed_steps):
+        live = len([n for n in grid.get_nodes() if n.node_id not in self.guard.exhausted])
+        steps = p.distributed_steps
+        if live < least:  # every site would decline: the sum could hold fewer shares than its ledger accounts
+            halted.append({"step": 0, "halted_at": "setup", "error": f"{live} sites reachable, the classifier's sums "
+                           f"need {least} (privacy.distributed-min-shares); its steps are skipped this round"})
+            log(WARNING, "Round %s: %s", server_round, halted[-1]["error"])
+            steps = 0
+        for step in range(steps):
             arrays = [a.astype(np.float32) for a in unflatten(params, shapes)]
+            # Flower unmasks a sum only while >= `least` sites are live: no sum holds fewer shares than accounted
             legacy, summary = self._protocol(grid, arrays, server_round, {TASK_KEY: CLASSIFIER_TASK, STEP_KEY: step},
-                                             sub_round=True)
+                                             sub_round=True, threshold=least)
             n = len(legacy.results)
             if summary["status"] != "ok" or legacy.aggregate is None:
                 halted.append({"step": step, "halted_at": summary["halted_at"], "error": summary["error"]})
@@ -248,30 +258,35 @@ class SecureAggregation:
         load_federated_state(bundle.classifier, {n: torch.from_numpy(a.astype(np.float32))
                                                  for n, a in zip(names, unflatten(params, shapes))})
         delta = p.target_delta * p.budget_classifier
-        realised = [(z * math.sqrt(n / plan.num_sites), 1.0, 1) for n in self.classifier_contributors]
+        realised = [(sigma * math.sqrt(n / least), 1.0, 1) for n in self.classifier_contributors]
         local = {r.name: r.privacy.get("classifier", {}).get("distributed", {}).get("local_epsilon")
                  for r in self.guard.reports.values() if r.privacy.get("classifier", {}).get("distributed")}
-        return {"steps": done, "halted": halted, "noise_multiplier": z, "lr": p.distributed_lr,
-                "contributors": list(self.classifier_contributors),
+        return {"steps": done, "halted": halted, "noise_multiplier": sigma, "min_shares": least,
+                "lr": p.distributed_lr, "contributors": list(self.classifier_contributors),
                 "central_epsilon": history_epsilon(realised, delta, p.accountant),
-                "planned_central_epsilon": history_epsilon([(z, 1.0, plan.rounds)], delta, p.accountant),
-                "local_epsilon": local, "delta": delta, **{k: v for k, v in plan.as_dict().items()
-                                                           if k not in ("noise_multiplier", "delta")},
+                "enforced_central_epsilon": history_epsilon([(sigma, 1.0, len(realised))], delta, p.accountant),
+                "planned_central_epsilon": history_epsilon([(sigma, 1.0, plan.rounds)], delta, p.accountant),
+                "local_epsilon": local, "delta": delta, "noise_multiplier_all_sites": plan.noise_multiplier,
+                **{k: v for k, v in plan.as_dict().items() if k not in ("noise_multiplier", "delta")},
                 "statement": "example-level (epsilon, delta) of the classifier: central holds against the server "
-                             "and anyone who sees only the secure sums; local is what each site keeps if the server "
-                             "and every other site collude (its own noise share)"}
+                             "and anyone who sees only the secure sums (realised: with the shares each sum held; "
+                             "enforced by each site's ledger: with min_shares shares, the fewest Flower unmasks); "
+                             "local is what each site keeps if the server and every other site collude (its own "
+                             "noise share)"}
 
-    def workflow(self) -> RecordingSecAggPlusWorkflow:
-        """Flower's workflow with the run's shares, threshold and weights, on the grid the encoding assumes."""
+    def workflow(self, threshold: int | None = None) -> RecordingSecAggPlusWorkflow:
+        """Flower's workflow with the run's shares, threshold (or ``threshold`` sites) and weights, on the grid the
+        encoding assumes."""
         fed = self.cfg.federation
         return RecordingSecAggPlusWorkflow(
-            num_shares=float(fed.secagg_shares), reconstruction_threshold=float(fed.secagg_threshold),
+            num_shares=float(fed.secagg_shares),
+            reconstruction_threshold=float(fed.secagg_threshold) if threshold is None else int(threshold),
             max_weight=float(fed.secagg_max_weight), clipping_range=CLIP_RANGE, quantization_range=MODULUS,
             modulus_range=MASK_MODULUS, timeout=fed.reply_timeout_s)
 
     def _protocol(self, grid: Grid, arrays: list[np.ndarray], server_round: int,
-                  extra_config: dict[str, Any] | None = None, *,
-                  sub_round: bool = False) -> tuple[SecAggFedAvg, dict[str, Any]]:
+                  extra_config: dict[str, Any] | None = None, *, sub_round: bool = False,
+                  threshold: int | None = None) -> tuple[SecAggFedAvg, dict[str, Any]]:
         """One run of the SecAgg+ workflow over ``arrays`` (what the sites receive): the legacy strategy holding
         the unmasked sum (or ``None``) and the sites' plaintext records, and the protocol's summary; per-site byte
         counts, dropouts and records go to the guard's reports (a ``sub_round`` leaves the sites' round status as
@@ -293,7 +308,7 @@ class SecureAggregation:
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
         context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             ndarrays_to_parameters(list(arrays)), keep_input=True)
-        workflow = self.workflow()
+        workflow = self.workflow(threshold)
         error = ""
         try:
             workflow(counting, context)

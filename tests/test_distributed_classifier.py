@@ -30,6 +30,7 @@ from common.models.downstream import classifier_loss
 from common.privacy.distributed_dp import DistributedPlan, classifier_noise_multiplier, classifier_plan
 from common.privacy.ledger import PrivacyLedger, history_epsilon
 from common.privacy.site_state import SiteStateStore
+from server.secure_aggregation import SecureAggregation
 from simulations.benchmarks.secagg_round import MemoryGrid, secure_aggregation_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,34 +241,43 @@ def test_a_distributed_classifier_run_through_flower_certifies_central_and_local
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_a_site_dropping_in_a_classifier_step_is_survived_and_the_central_figure_counts_the_shares_summed(
+def test_a_dropout_in_a_classifier_step_halts_it_by_default_and_is_survived_above_the_share_floor(
         tmp_path: Path) -> None:
-    # Prepare: 4 sites (threshold 3); site 3 vanishes after sharing its keys in the DP-FedSGD sub-round
-    cfg = _cfg(tmp_path, **{"data.num-sites": 4, "privacy.distributed-steps": 1})
-    secure, bundle = secure_aggregation_for(cfg)
-    before = {k: v.clone() for k, v in bundle.classifier.head.state_dict().items()}
-    grid = MemoryGrid({1000 + i: site_train for i in range(4)}, cfg.to_run_config(),
-                      drop={1003: "collect_masked_vectors"})
-    # Execute
-    summary = secure.train_classifier(grid, bundle, 1)
-    # Assert: the step used the 3 survivors' sum; with 3 of 4 shares its noise is smaller, and the realised central
-    # epsilon (what the server reports) is larger than planned; the dropped site is named
-    assert summary["steps"] == 1 and summary["contributors"] == [3]
-    assert summary["central_epsilon"] > summary["planned_central_epsilon"] * 1.05
-    z = summary["noise_multiplier"]
-    delta = cfg.privacy.target_delta * cfg.privacy.budget_classifier
-    assert summary["central_epsilon"] == pytest.approx(history_epsilon([(z * np.sqrt(3 / 4), 1.0, 1)], delta))
-    assert any(not torch.equal(v, bundle.classifier.head.state_dict()[k]) for k, v in before.items())
+    # Prepare: 4 sites; site 3 vanishes after sharing its keys in the DP-FedSGD sub-round
+    def run(min_shares: float, drop: dict[int, str]) -> tuple[dict, bool, SecureAggregation]:
+        cfg = _cfg(tmp_path / f"{min_shares}-{bool(drop)}", **{"data.num-sites": 4, "privacy.distributed-steps": 1,
+                                                                "privacy.distributed-min-shares": min_shares})
+        secure, bundle = secure_aggregation_for(cfg)
+        before = {k: v.clone() for k, v in bundle.classifier.head.state_dict().items()}
+        grid = MemoryGrid({1000 + i: site_train for i in range(4)}, cfg.to_run_config(), drop=drop)
+        summary = secure.train_classifier(grid, bundle, 1)
+        moved = any(not torch.equal(v, bundle.classifier.head.state_dict()[k]) for k, v in before.items())
+        return summary, moved, secure
+
+    # Execute / Assert: the default (every site's share in every sum) halts the step: nothing unmasked, no update
+    strict, moved, _ = run(1.0, {1003: "collect_masked_vectors"})
+    assert strict["steps"] == 0 and strict["contributors"] == [] and not moved and strict["min_shares"] == 4
+    # a floor of 3 of 4: the survivors' sum is used; it holds exactly the shares every ledger accounted
+    floor, moved, secure = run(0.75, {1003: "collect_masked_vectors"})
+    assert floor["steps"] == 1 and floor["contributors"] == [3] and floor["min_shares"] == 3 and moved
+    assert floor["central_epsilon"] == pytest.approx(floor["enforced_central_epsilon"])
     dropped = [r for r in secure.guard.reports.values() if r.name == "node-1003"]
     assert dropped and any("dropped out of a DP-FedSGD sub-round" in w for w in dropped[0].warnings)
     assert dropped[0].status != "unavailable"  # a sub-round leaves the round's status to the site's training
+    # the same floor without a dropout: 4 shares, more noise than accounted, so the realised central figure is lower
+    full, _, _ = run(0.75, {})
+    assert full["contributors"] == [4] and full["central_epsilon"] < 0.9 * full["enforced_central_epsilon"]
+    z = full["noise_multiplier"]
+    delta = _cfg().privacy.target_delta * _cfg().privacy.budget_classifier
+    assert full["central_epsilon"] == pytest.approx(history_epsilon([(z * np.sqrt(4 / 3), 1.0, 1)], delta))
+    assert full["noise_multiplier_all_sites"] == pytest.approx(z * np.sqrt(4 / 3))
 
 
 @pytest.mark.usefixtures("task_identity")
 def test_a_site_whose_ledger_planned_per_site_dp_sgd_for_the_classifier_refuses_a_distributed_step(
         tmp_path: Path) -> None:
     # Prepare: 3 sites; site 0's ledger already fixed a DP-SGD plan for the classifier (a run switched modes)
-    cfg = _cfg(tmp_path, **{"data.num-sites": 3, "privacy.distributed-steps": 1})
+    cfg = _cfg(tmp_path, **{"data.num-sites": 3, "privacy.distributed-steps": 1, "privacy.distributed-min-shares": 0.6})
     name, state_dir = resolve_site({"partition-id": 0}, cfg).resolved(load_site(cfg.data, seed=cfg.seed,
                                                                                site_index=0).name, tmp_path)
     store = SiteStateStore(state_dir)

@@ -207,6 +207,12 @@ class PrivacyConfig:
     distributed_steps: int = 7
     distributed_lr: float = 0.1
     distributed_max_examples: int = 256
+    # The fewest sites' noise shares any unmasked sum may hold, as a fraction of data.num-sites (t = ceil(f N), >= 2):
+    # the classifier's SecAgg+ sub-rounds unmask only sums of >= t sites (Flower's reconstruction threshold), each
+    # site declines a sub-round that sampled fewer, and the noise is calibrated so that a sum of t shares already
+    # meets the enforced central epsilon (noise x sqrt(N / t) when all N are in). 1.0: no dropout is survived in a
+    # sub-round (it halts and changes nothing), and no noise is added for dropouts.
+    distributed_min_shares: float = 1.0
     # The share of the private-evolution votes (the site's fourth mechanism: noisy nearest-candidate histograms,
     # common/privacy/votes.py). 0 = the site casts no votes (and its ledger has no "votes" key); > 0 needs the other
     # shares lowered so that all four still sum to at most 1.
@@ -252,6 +258,7 @@ class PrivacyConfig:
         _check_range("privacy.distributed_steps", self.distributed_steps, 1, 10_000)
         _check_range("privacy.distributed_lr", self.distributed_lr, 1e-6, 10.0)
         _check_range("privacy.distributed_max_examples", self.distributed_max_examples, 1, 100_000)
+        _check_range("privacy.distributed_min_shares", self.distributed_min_shares, 0.01, 1.0)
         if self.distributed_classifier and self.distributed_dp:
             raise ConfigError("privacy.distributed_classifier=true with privacy.distributed_dp=true: choose one unit "
                               "of distributed DP (example-level for the classifier, or site-level on the whole "

@@ -253,32 +253,44 @@ def plan_from_record(d: Mapping[str, Any]) -> DistributedPlan:
                            max_examples=int(d.get("max_examples", 1)))
 
 
+def min_shares(cfg: RunConfig) -> int:
+    """The fewest sites' noise shares an unmasked sum of the distributed classifier may hold:
+    ``ceil(privacy.distributed-min-shares x data.num-sites)``, at least 2."""
+    return max(2, math.ceil(cfg.privacy.distributed_min_shares * cfg.data.num_sites - 1e-9))
+
+
 def classifier_plan(cfg: RunConfig, dim: int, noise_multiplier: float) -> DistributedPlan:
     """The example-level plan of ``privacy.distributed-classifier`` (the same at every site and at the server).
 
-    ``noise_multiplier`` ``z`` is the one the site ledger derives for the classifier's budget share (an RDP Gaussian
-    without subsampling over every planned step): the sum of all ``N`` shares has std ``z * sensitivity``, the
-    continuous Gaussian's, and the discrete sum's gap to it (``tau``, Kairouz et al. Prop. 14) must be negligible.
+    ``noise_multiplier`` is the one each site's ledger derives for the classifier's budget share (an RDP Gaussian
+    without subsampling over every planned step) and accounts per step: the noise a sum of :func:`min_shares` ``t``
+    shares carries. The plan's ``z`` (the noise of all ``N`` shares) is therefore ``noise_multiplier x sqrt(N / t)``
+    and each share has std ``noise_multiplier x sensitivity / sqrt(t)``. The discrete sum's gap to the Gaussian
+    (``tau``, Kairouz et al. Prop. 14) must be negligible.
     """
     p = cfg.privacy
-    plan = DistributedPlan(clip=p.max_grad_norm, noise_multiplier=noise_multiplier, num_sites=cfg.data.num_sites,
+    n, t = cfg.data.num_sites, min_shares(cfg)
+    if n < 2 or t > n:
+        raise ConfigError(f"privacy.distributed-classifier needs >= 2 sites and at most data.num-sites={n} shares in "
+                          f"a sum; got {t} (privacy.distributed-min-shares)")
+    plan = DistributedPlan(clip=p.max_grad_norm, noise_multiplier=noise_multiplier * math.sqrt(n / t), num_sites=n,
                            dim=dim, rounds=p.distributed_steps * cfg.federation.num_rounds,
                            delta=p.target_delta * p.budget_classifier, unit="example",
                            max_examples=p.distributed_max_examples)
-    if cfg.data.num_sites < 2 or plan.scale < 1:
-        raise ConfigError(f"privacy.distributed-classifier: {cfg.data.num_sites} sites with noise multiplier "
-                          f"{noise_multiplier:.3g} do not fit SecAgg+'s {MODULUS}-level range; lower "
-                          "privacy.distributed-max-examples or raise the classifier's budget")
-    if ddg_tau(plan.sigma_share, plan.num_sites) * dim > 1e-12:
+    if plan.scale < 1:
+        raise ConfigError(f"privacy.distributed-classifier: {n} sites with noise multiplier {plan.noise_multiplier:.3g}"
+                          f" do not fit SecAgg+'s {MODULUS}-level range; lower privacy.distributed-max-examples or "
+                          "raise the classifier's budget")
+    if ddg_tau(plan.sigma_share, n) * dim > 1e-12:
         raise ConfigError(f"privacy.distributed-classifier: noise shares of std {plan.sigma_share:.3g} are too small "
                           "for the sum to be the Gaussian the ledger accounts; raise privacy.distributed-max-examples")
     return plan
 
 
 def classifier_noise_multiplier(cfg: RunConfig) -> float:
-    """``z`` of ``privacy.distributed-classifier``: the classifier's budget share (epsilon and delta) reached after
-    every planned DP-FedSGD step, an RDP Gaussian without subsampling (what each site's ledger derives and enforces
-    for its central figure)."""
+    """The noise multiplier each site's ledger accounts per DP-FedSGD step of ``privacy.distributed-classifier``:
+    the classifier's budget share (epsilon and delta) reached after every planned step, an RDP Gaussian without
+    subsampling. It is the noise of a sum of :func:`min_shares` shares (the fewest an unmasked sum holds)."""
     from common.privacy.ledger import noise_multiplier_for
 
     p = cfg.privacy
