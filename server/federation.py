@@ -78,14 +78,7 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
     rounds = cfg.federation.num_rounds
     secure = None
     if cfg.federation.secure_aggregation:  # Flower's SecAgg+: the server sees only the sum of the updates
-        from server.secure_aggregation import SecureAggregation
-
-        previous = latest.info().get("secure_aggregation", {}) if latest is not None else {}
-        secure = SecureAggregation(cfg, strategy,
-                                   contributors=list(previous.get("distributed_dp", {}).get("contributors", [])),
-                                   classifier_contributors=list(previous.get("classifier", {}).get("contributors", [])))
-        if latest is not None:
-            secure.load_state_arrays(latest.strategy_state())
+        secure = restore_secure_aggregation(cfg, strategy, latest)
     strategy.summary()
     for server_round in range(first, rounds + 1):
         t0 = time.perf_counter()
@@ -135,6 +128,25 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
     run.mark_finished(last.server_round if last else 0)
     return FederationResult(last_round=last.server_round if last else 0, run_dir=run.path,
                             arrays=federated_arrays(bundle))
+
+
+def restore_secure_aggregation(cfg: RunConfig, strategy: GuardedStrategy, latest: Any = None) -> Any:
+    """The run's :class:`server.secure_aggregation.SecureAggregation`, continued from the ``latest`` checkpoint
+    when resuming: the shares each earlier sum held (distributed DP, the distributed classifier's steps) and the
+    classifier's server-optimizer moments."""
+    from server.secure_aggregation import SecureAggregation
+
+    previous = latest.info().get("secure_aggregation", {}) if latest is not None else {}
+
+    def restored(key: str) -> list[int]:  # a run without that mechanism records False (or nothing) there
+        entry = previous.get(key)
+        return list(entry.get("contributors", [])) if isinstance(entry, dict) else []
+
+    secure = SecureAggregation(cfg, strategy, contributors=restored("distributed_dp"),
+                               classifier_contributors=restored("classifier"))
+    if latest is not None:
+        secure.load_state_arrays(latest.strategy_state())
+    return secure
 
 
 def fl_round(strategy: GuardedStrategy, grid: Grid, bundle: ModelBundle, server_round: int, *,

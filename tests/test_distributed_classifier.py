@@ -293,3 +293,34 @@ def test_a_site_whose_ledger_planned_per_site_dp_sgd_for_the_classifier_refuses_
     assert summary["contributors"] == [2]
     warnings = [w for r in secure.guard.reports.values() for w in r.warnings]
     assert any("cannot switch the classifier's mechanism" in w for w in warnings), warnings
+
+
+class _Checkpoint:
+    def __init__(self, info: dict, state: dict) -> None:
+        self._info, self._state = info, state
+
+    def info(self) -> dict:
+        return self._info
+
+    def strategy_state(self) -> dict:
+        return self._state
+
+
+def test_resuming_a_secure_run_restores_the_shares_summed_and_the_servers_adam() -> None:
+    # Prepare: a checkpoint of a run with the distributed classifier and no site-level distributed DP (its summary
+    # records False there: resuming such a run used to crash on it)
+    from server.federation import restore_secure_aggregation
+
+    cfg = _cfg()
+    secure, _ = secure_aggregation_for(cfg)
+    params = secure.adam.step(np.zeros(4), np.array([1.0, -2.0, 0.5, 0.0]))
+    info = {"secure_aggregation": {"distributed_dp": False, "classifier": {"contributors": [2, 2, 2]}}}
+    state = {"current_arrays/x": np.zeros(1), **secure.state_arrays()}
+    # Execute
+    resumed = restore_secure_aggregation(cfg, secure.guard, _Checkpoint(info, state))
+    # Assert: the history and the optimizer continue where they were
+    assert resumed.classifier_contributors == [2, 2, 2] and resumed.contributors == []
+    grad = np.array([0.3, 0.3, -1.0, 2.0])
+    np.testing.assert_array_equal(resumed.adam.step(params, grad), secure.adam.step(params, grad))
+    fresh = restore_secure_aggregation(cfg, secure.guard, None)
+    assert fresh.classifier_contributors == [] and fresh.adam.state_arrays() == {}
