@@ -324,3 +324,33 @@ def test_resuming_a_secure_run_restores_the_shares_summed_and_the_servers_adam()
     np.testing.assert_array_equal(resumed.adam.step(params, grad), secure.adam.step(params, grad))
     fresh = restore_secure_aggregation(cfg, secure.guard, None)
     assert fresh.classifier_contributors == [] and fresh.adam.state_arrays() == {}
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_a_killed_distributed_classifier_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    # Prepare: the same 2-round run with the distributed classifier, uninterrupted and killed after round 1
+    from common.models.bundle import load_federated_file
+    from common.privacy.site_state import copy_site_secrets
+    from simulations.launcher import run_simulation
+    from tests.conftest import FAULT_APP
+
+    def cfg(name: str) -> RunConfig:
+        return _cfg(tmp_path / name, **{"federation.num-rounds": 2, "privacy.distributed-steps": 2})
+
+    # Execute
+    full = run_simulation(cfg("full"), num_sites=2, echo=False, timeout_s=600)
+    assert len(copy_site_secrets(tmp_path / "full", tmp_path / "killed")) == 2  # the same sites, the same noise
+    crash = run_simulation(cfg("killed"), num_sites=2, echo=False, timeout_s=600,
+                           extra_env={"DIFUSAL_FAULT_AFTER_ROUND": "1"}, overlay=FAULT_APP)
+    resumed = run_simulation(cfg("killed"), num_sites=2, resume=True, echo=False, timeout_s=600)
+    # Assert: the classifier (server Adam restored, the sites' steps replayed with the same noise) and the ledgers
+    assert full.returncode == 0 and crash.returncode != 0 and resumed.returncode == 0
+    a = load_federated_file(tmp_path / "full" / "checkpoints" / "round-002")
+    b = load_federated_file(tmp_path / "killed" / "checkpoints" / "round-002")
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=key)
+    records = [[json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+               for d in ("full", "killed")]
+    assert records[0][-1]["ledger"] == records[1][-1]["ledger"]
+    assert records[1][-1]["secure_aggregation"]["classifier"]["contributors"] == [2, 2, 2, 2]
