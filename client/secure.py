@@ -48,14 +48,7 @@ from common.federated.secure_update import (
 )
 from common.models.bundle import ModelBundle, build_bundle, federated_arrays, load_federated_arrays
 from common.models.downstream import DownstreamSpec, classifier_loss, load_federated_state
-from common.privacy.distributed_dp import (
-    classifier_noise_multiplier,
-    classifier_plan,
-    min_shares,
-    plan_for,
-    site_record,
-    to_secagg_floats,
-)
+from common.privacy.distributed_dp import classifier_plan, min_shares, plan_for, site_record, to_secagg_floats
 from common.privacy.ledger import PrivacyLedger
 
 # Error code of a site that refuses or fails a secure-aggregation step (Flower's codes are < 100; client.app: 700).
@@ -182,17 +175,20 @@ def secure_reply(msg: Message, cfg: RunConfig, *, sent: dict[str, np.ndarray], b
 
 def secure_task(msg: Message) -> str:
     """The task of SecAgg+'s fit instructions: ``""`` for a training round, :data:`CLASSIFIER_TASK` for a
-    DP-FedSGD sub-round of the classifier."""
-    return str(compat.recorddict_to_fitins(msg.content, keep_input=True).config.get(TASK_KEY, ""))
+    DP-FedSGD sub-round of the classifier (read from the config record, without copying the parameters)."""
+    return str(msg.content.config_records["fitins.config"].get(TASK_KEY, ""))
 
 
 def site_noise_multiplier(cfg: RunConfig, ledger: PrivacyLedger) -> float:
     """``z`` of the classifier's DP-FedSGD: the classifier's budget share over every planned step, no subsampling
-    (the site's ledger fixes it at first use; the server derives the same from the config)."""
+    (the site's ledger derives it at first use with :func:`common.privacy.ledger.noise_multiplier_for`, from the
+    same budget and steps :func:`common.privacy.distributed_dp.classifier_noise_multiplier` gives the server)."""
     planned = cfg.privacy.distributed_steps * cfg.federation.num_rounds
     plan = ledger.plan("classifier", sample_rate=1.0, planned_total_steps=planned)
-    if (plan.sample_rate, plan.planned_steps) != (1.0, planned) or not math.isclose(
-            plan.noise_multiplier, classifier_noise_multiplier(cfg), rel_tol=1e-9):
+    p = cfg.privacy
+    budget = (p.target_epsilon * p.budget_classifier, p.target_delta * p.budget_classifier)  # the server's inputs
+    if (plan.sample_rate, plan.planned_steps, plan.derived) != (1.0, planned, True) or not all(
+            math.isclose(a, b, rel_tol=1e-9) for a, b in zip(ledger.budget("classifier"), budget)):
         raise ReplyValidationError(f"the site ledger's classifier plan (sigma {plan.noise_multiplier:.4g}, q "
                                    f"{plan.sample_rate:g}, {plan.planned_steps} steps) is not the distributed "
                                    f"classifier's ({planned} full-batch steps): a run cannot switch the classifier's "
