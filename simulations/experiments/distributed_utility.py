@@ -199,8 +199,8 @@ def product_shapes(data: Path, epsilon: float, seeds: int) -> dict[str, Any]:
     d = acc["distributed"] - acc["per_site_dpsgd"]
     arms = {k: {"mean": float(v.mean()), "seed_std": float(v.mean(1).std()), "per_seed": v.mean(1).round(4).tolist()}
             for k, v in acc.items()}
-    return {"epsilon": epsilon, "arms": arms, "paired_gain": float(d.mean()), "paired_gain_seed_std": float(d.mean(1).std()),
-            "better_pairs": int((d > 0).sum()), "worse_pairs": int((d < 0).sum()),
+    return {"epsilon": epsilon, "arms": arms, "paired_gain": float(d.mean()),
+            "paired_gain_seed_std": float(d.mean(1).std()), "better_pairs": int((d > 0).sum()), "worse_pairs": int((d < 0).sum()),
             "beats_by_more_than_seed_spread": bool(d.mean() > max(a["seed_std"] for a in arms.values()))}
 
 
