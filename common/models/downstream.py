@@ -381,6 +381,20 @@ class GARegressor(nn.Module):
         return ga_from_log_hc(z), logvar_z + 2 * torch.log(_dga_dlog_hc(z))
 
 
+def log_size_output(regressor: GARegressor, log_hc: Tensor, spacing: Tensor) -> Tensor:
+    """The first head output of a ``log_hc`` regressor that predicts ``log_hc`` (mm) at ``spacing``: the inverse of
+    :meth:`GARegressor.forward_features`' output mapping (float64; a label at the edge of the soft range is held
+    just inside it)."""
+    u = ((log_hc.double() - _LOG_HC_MID) / _LOG_HC_HALF).clamp(-1 + 1e-9, 1 - 1e-9)
+    return _LOG_HC_MID + _LOG_HC_HALF * torch.atanh(u) - regressor.log_fov(spacing).double()
+
+
+def logvar_output(log_size_std: float) -> float:
+    """The second head output (a bias) that makes a ``log_hc`` regressor predict ``log_size_std`` for log HC."""
+    ratio = 2 * (math.log(log_size_std) - math.log(_PRIOR_LOG_SIZE_STD)) / _LOGVAR_RANGE
+    return _LOGVAR_RANGE * math.atanh(max(-0.99, min(0.99, ratio)))
+
+
 def fit_public_ga_head(regressor: GARegressor, *, n_per_profile: int = 150, seed: int = 0,
                        l2s: Sequence[float] = (1e-3, 1e-2, 1e-1, 1.0), planes: Sequence[str] = ("fetal_brain",)
                        ) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -412,9 +426,8 @@ def fit_public_ga_head(regressor: GARegressor, *, n_per_profile: int = 150, seed
         z = torch.log(torch.as_tensor(hc_mm(np.array([r.ga_weeks for r in recs])), dtype=torch.float64))
         with torch.no_grad():
             h = regressor.backbone(x).double()
-            raw = _LOG_HC_MID + _LOG_HC_HALF * torch.atanh((z - _LOG_HC_MID) / _LOG_HC_HALF)
             feats.append(torch.cat([h, regressor.scale_input(sp).double()], 1))
-            targets.append(raw - regressor.log_fov(sp).double())
+            targets.append(log_size_output(regressor, z, sp))
         profile_of += [k] * len(recs)
     x_all, y_all, groups = torch.cat(feats), torch.cat(targets), torch.tensor(profile_of)
 
@@ -434,10 +447,9 @@ def fit_public_ga_head(regressor: GARegressor, *, n_per_profile: int = 150, seed
         heldout[l2] = float(torch.cat(err).mean().sqrt())
     best = min(heldout, key=heldout.get)
     w, b = ridge(x_all, y_all, best)
-    ratio = 2 * (math.log(heldout[best]) - math.log(_PRIOR_LOG_SIZE_STD)) / _LOGVAR_RANGE
     weight = torch.zeros(2, x_all.shape[1])
     weight[0] = w.float()
-    bias = torch.tensor([float(b), _LOGVAR_RANGE * math.atanh(max(-0.99, min(0.99, ratio)))])
+    bias = torch.tensor([float(b), logvar_output(heldout[best])])
     info = {"l2": best, "heldout_log_size_rmse": {str(k): round(v, 4) for k, v in heldout.items()},
             "images": int(len(y_all)), "planes": list(planes), "profiles": list(SCANNER_PROFILES),
             "n_per_profile": n_per_profile, "seed": seed}

@@ -59,6 +59,15 @@ from common.models.downstream import (
 )
 from common.privacy.dpsgd import train_private
 from common.privacy.ledger import PrivacyLedger
+from simulations.experiments.ga_statistics import (
+    StatisticsDesign,
+    design_from_features,
+    fold_into_head,
+    public_brain_features,
+    release_statistics,
+    solve_ridge,
+    statistics_rows,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "simulations" / "benchmarks" / "results" / "ga_heads_hc18.json"
@@ -215,6 +224,27 @@ def federated_dp(models: list[GARegressor], data: list[TensorDataset], *, epsilo
     return FeatureHead(glob), info
 
 
+def federated_statistics(model: GARegressor, data: list[TensorDataset], design: StatisticsDesign, *,
+                         epsilon: float, ridge: float, seed: int, delta: float = 1e-5
+                         ) -> tuple[FeatureHead, dict[str, Any]]:
+    """The product's ``train.regressor-fit=statistics``: every site releases its noisy sufficient statistics once
+    (:func:`release_statistics`, its own ledger at ``epsilon`` for the regressor), the sums are solved by ridge and the
+    correction folded into the public warm-start head (:func:`fold_into_head`)."""
+    model.load_state_dict(model.init_state)
+    total, info = None, {}
+    for s, d in enumerate(data):
+        feats, _, ga, sp = d.tensors
+        x, y = statistics_rows(model, design, feats, sp, ga)
+        ledger = PrivacyLedger(target_epsilon=epsilon, target_delta=delta, budget_split={"regressor": 1.0})
+        rel = release_statistics(ledger, "regressor", x, y, noise_seed=_seed(seed, s, "statistics"))
+        total = rel.vector if total is None else total + rel.vector
+        info[f"site{s}"] = {"n": len(d), "epsilon": round(rel.epsilon, 4), "sigma": round(rel.noise_multiplier, 4),
+                            "noise_std": round(rel.noise_std, 4)}
+    w, var = solve_ridge(total, design.row_dim, ridge)
+    fold_into_head(model, design, w, var)
+    return FeatureHead(model), info
+
+
 def _site_data(idx: np.ndarray, records: list, feats: Tensor, ga: Tensor, sp: Tensor, seed: int
                ) -> list[TensorDataset]:
     """Split ``idx``'s patients iid into 3 sites (:func:`common.data.partition.partition`, kind ``iid``)."""
@@ -230,6 +260,8 @@ def evaluate_setting(backbone: str, j: int, grid: int, epsilons: Sequence[float]
     dp_models = [make_regressor(backbone, j, grid, 0, flips=s["flips"], film=s["train_film"]) for _ in range(4)]
     np_models = {h: make_regressor(backbone, j, grid, h, flips=s["flips"]) for h in (0, 32)}
     warm = dp_models[0].public_warm_start
+    stat_model = make_regressor(backbone, j, grid, 0, flips=s["flips"], film=False) if s["statistics"] else None
+    public = public_brain_features(stat_model) if stat_model is not None else None
     t0 = time.perf_counter()
     with torch.no_grad():  # frozen: computed once
         feats = torch.cat([dp_models[0].backbone(data.tensors[0][i:i + 256]) for i in range(0, len(data), 256)])
@@ -274,7 +306,7 @@ def evaluate_setting(backbone: str, j: int, grid: int, epsilons: Sequence[float]
                                              "inner_cv_mae": {str(c): round(float(m), 3) for c, m in
                                                               zip(s["nonprivate_checkpoints"], inner_mae)}}
         outer_sites = _site_data(train, records, feats, ga, sp, seed=_seed("sites", f))
-        for eps in epsilons:
+        for eps in (epsilons if s["dp_sgd"] else []):
             if s["select_on_fold"] is not None and (eps in chosen_once or f != s["select_on_fold"]):
                 if eps not in chosen_once:
                     raise ValueError("--select-on-fold must be the first fold run")
@@ -302,6 +334,9 @@ def evaluate_setting(backbone: str, j: int, grid: int, epsilons: Sequence[float]
                                                            for k, v in inner_cv.items()},
                                           "inner_cv_fold": f if s["select_on_fold"] is None else s["select_on_fold"],
                                           "sites_last_seed": info}
+        if s["statistics"]:
+            _statistics_arm(fold, f, name, stat_model, public, epsilons, records, feats, ga, sp, train, test, inner,
+                            outer_sites, s)
         out["folds"].append(fold)
         print(f"[{name}] fold {f}: line {fold['pixel_size_line']['mae_days']:.2f} "
               + " ".join(f"{k} {np.mean([r['mae_days'] for r in fold[k]['per_seed']]):.2f}"
@@ -310,6 +345,42 @@ def evaluate_setting(backbone: str, j: int, grid: int, epsilons: Sequence[float]
     out["summary"] = summary(out["folds"])
     out["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     return out
+
+
+def _statistics_arm(fold: dict[str, Any], f: int, name: str, model: GARegressor, public: tuple[np.ndarray, np.ndarray],
+                    epsilons: Sequence[float], records: list, feats: Tensor, ga: Tensor, sp: Tensor, train: np.ndarray,
+                    test: np.ndarray, inner: list[np.ndarray], outer_sites: list[TensorDataset],
+                    s: dict[str, Any]) -> None:
+    """``dp_stats_eps{e}``: (dims, target scale, ridge) by inner patient-grouped CV on the outer training fold (the
+    inner fits averaged over ``statistics_repeats`` noise draws), then ``seeds`` noise draws on the outer fold; the
+    sites are the DP-SGD arm's (paired)."""
+    designs = {(k, ss, rs, c): design_from_features(public, image_size=model.image_size, dims=k, spacing_scale=ss,
+                                                     row_scale=rs, target_scale=c)
+               for k in s["stat_dims"] for ss in s["stat_spacing_scales"] for rs in s["stat_row_scales"]
+               for c in s["stat_target_scales"]}
+    grid_hp = [(*key, r) for key in designs for r in s["stat_ridges"]]
+    for eps in epsilons:
+        inner_cv: dict[tuple[int, float, float, float, float], list[float]] = {hp: [] for hp in grid_hp}
+        for v, val in enumerate(inner):
+            itr, iva = train[np.setdiff1d(np.arange(len(train)), val)], train[val]
+            sites = _site_data(itr, records, feats, ga, sp, seed=_seed("sites", f, v))
+            for *key, r in grid_hp:
+                for rep in range(s["statistics_repeats"]):
+                    head, _ = federated_statistics(model, sites, designs[tuple(key)], epsilon=eps, ridge=r,
+                                                   seed=_seed("stats-inner", name, f, v, eps, rep))
+                    inner_cv[(*key, r)].append(head_metrics(head, feats[iva], ga[iva], sp[iva])["mae_days"])
+        mean_cv = {hp: float(np.mean(m)) for hp, m in inner_cv.items()}
+        k, ss, rs, c, r = min(grid_hp, key=lambda hp: mean_cv[hp])
+        runs, info = [], {}
+        for seed in range(s["seeds"]):
+            head, info = federated_statistics(model, outer_sites, designs[(k, ss, rs, c)], epsilon=eps, ridge=r,
+                                              seed=_seed("stats-outer", name, f, eps, seed))
+            runs.append(head_metrics(head, feats[test], ga[test], sp[test]))
+        fold[f"dp_stats_eps{eps:g}"] = {"per_seed": runs, "dims": k, "spacing_scale": ss, "row_scale": rs,
+                                        "target_scale": c, "ridge": r,
+                                        "inner_cv_mae": {f"dims={a},spacing={b:g},rows={e:g},scale={g:g},ridge={h:g}":
+                                                         round(m, 3) for (a, b, e, g, h), m in mean_cv.items()},
+                                        "sites_last_seed": info}
 
 
 METRICS = ("mae_days", "coverage", "interval_width_days")
@@ -322,7 +393,12 @@ def summary(folds: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [[fo[key]] if key == "pixel_size_line" else fo[key]["per_seed"] for fo in folds]
         out[key] = {m: {"mean": float(np.mean([[r[m] for r in rs] for rs in rows])),
                         "std": float(np.std([[r[m] for r in rs] for rs in rows]))} for m in METRICS}
-        if key.startswith("dp_"):
+        if key.startswith("dp_stats"):
+            out[key]["chosen"] = [f"dims={fo[key]['dims']},spacing={fo[key]['spacing_scale']:g},"
+                                  f"rows={fo[key]['row_scale']:g},"
+                                  f"scale={fo[key]['target_scale']:g},"
+                                  f"ridge={fo[key]['ridge']:g}" for fo in folds]
+        elif key.startswith("dp_"):
             out[key]["chosen"] = [f"lr={fo[key]['lr']:g},steps={fo[key]['local_steps']}" for fo in folds]
     return out
 
@@ -379,6 +455,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "scattering:J:grid:eps/...")
     p.add_argument("--single-view", action="store_true",
                    help="encoder features of the image alone (default: averaged over its four flips, as the product)")
+    p.add_argument("--statistics", action="store_true",
+                   help="add the arm dp_stats_eps{e}: the head fitted once from the sites' noisy sufficient "
+                        "statistics (train.regressor-fit=statistics)")
+    p.add_argument("--no-dp-sgd", action="store_true", help="leave out the DP-SGD arms (dp_fed_eps{e})")
+    p.add_argument("--stat-dims", default="1,2,4,8")
+    p.add_argument("--stat-spacing-scales", default="0.25,0.5,1")
+    p.add_argument("--stat-row-scales", default="1,2")
+    p.add_argument("--stat-target-scales", default="0.2,0.3,0.5")
+    p.add_argument("--stat-ridges", default="10,30,100,300")
+    p.add_argument("--stat-repeats", type=int, default=2, help="noise draws per inner-CV fit of the statistics arm")
     p.add_argument("--note", default="")
     p.add_argument("--machine-note", default="", help="what else ran on the machine (wall times depend on it)")
     args = p.parse_args(argv)
@@ -394,7 +480,12 @@ def main(argv: Sequence[str] | None = None) -> int:
          "batch_size": args.batch_size, "clip": args.clip, "tail_average": args.tail_average,
          "optimizer": args.optimizer, "train_film": not args.freeze_film,
          "nonprivate_checkpoints": list(NONPRIVATE_CHECKPOINTS),
-         "flips": not args.single_view}
+         "flips": not args.single_view, "statistics": args.statistics, "dp_sgd": not args.no_dp_sgd,
+         "stat_dims": [int(v) for v in args.stat_dims.split(",")],
+         "stat_spacing_scales": [float(v) for v in args.stat_spacing_scales.split(",")],
+         "stat_row_scales": [float(v) for v in args.stat_row_scales.split(",")],
+         "stat_target_scales": [float(v) for v in args.stat_target_scales.split(",")],
+         "stat_ridges": [float(v) for v in args.stat_ridges.split(",")], "statistics_repeats": args.stat_repeats}
     settings = [parse_setting(v) for v in args.settings.split(",")]
     results = [evaluate_setting(b, j, g, eps, records, data, groups, folds, s) for b, j, g, eps in settings]
     report = {
