@@ -92,6 +92,22 @@ def gaussian_noise(shape: int, *, std: float, seed: int | None) -> np.ndarray:
     return rng.normal(0.0, std, size=(4, int(shape))).sum(axis=0) / 2.0
 
 
+def plan_gaussian_release(ledger: PrivacyLedger, model_key: str, *, planned: int, noise_multiplier: float | None,
+                          error: type[BudgetExceededError], what: str) -> float:
+    """Sigma of one Gaussian release (q = 1) of ``model_key``, checked against its budget before any data is read.
+
+    Sigma is fixed at the first release (derived so that ``planned`` releases spend the model's share, unless
+    ``noise_multiplier`` fixes it); a release that would pass the share raises ``error``, naming ``what``.
+    """
+    plan = ledger.plan(model_key, sample_rate=1.0, planned_total_steps=planned, noise_multiplier=noise_multiplier)
+    sigma = plan.noise_multiplier
+    if ledger.would_exceed(model_key, noise_multiplier=sigma, sample_rate=1.0):
+        budget, delta = ledger.budget(model_key)
+        raise error(f"{what} (sigma={sigma:.4g}) would take {model_key!r} past its budget epsilon={budget:.4g} "
+                    f"(spent {ledger.epsilon(model_key):.4g} over {ledger.steps(model_key)} steps, delta={delta:.3g})")
+    return sigma
+
+
 @dataclass(frozen=True)
 class VoteResult:
     """One site's released noisy histogram and what it cost."""
@@ -134,14 +150,8 @@ def private_vote(ledger: PrivacyLedger | None, *, private: np.ndarray, candidate
     else:
         if planned_votes < 1:
             raise ConfigError(f"planned_votes={planned_votes!r}: plan at least one vote for the run")
-        plan = ledger.plan(VOTES, sample_rate=VOTE_SAMPLE_RATE, planned_total_steps=planned_votes,
-                           noise_multiplier=noise_multiplier)
-        sigma = plan.noise_multiplier
-        if ledger.would_exceed(VOTES, noise_multiplier=sigma, sample_rate=VOTE_SAMPLE_RATE):
-            budget, delta = ledger.budget(VOTES)
-            raise VoteBudgetExhausted(
-                f"one more vote (sigma={sigma:.4g}) would take 'votes' past its budget epsilon={budget:.4g} "
-                f"(spent {ledger.epsilon(VOTES):.4g} over {ledger.steps(VOTES)} votes, delta={delta:.3g})")
+        sigma = plan_gaussian_release(ledger, VOTES, planned=planned_votes, noise_multiplier=noise_multiplier,
+                                      error=VoteBudgetExhausted, what="one more vote")
     counts = vote_counts(private, candidates, private_plane=private_plane, candidate_plane=candidate_plane,
                          votes_per_image=votes_per_image)
     std = sigma * sens

@@ -51,7 +51,7 @@ from torch import Tensor
 from common.core.errors import BudgetExceededError, ConfigError
 from common.models.downstream import DEFAULT_FOV_MM, GARegressor, log_hc_from_ga, log_size_output, logvar_output
 from common.privacy.ledger import PrivacyLedger
-from common.privacy.votes import gaussian_noise
+from common.privacy.votes import gaussian_noise, plan_gaussian_release
 
 STATISTICS_SAMPLE_RATE = 1.0  # every private example enters the one release: the Gaussian mechanism, q = 1
 TAIL_WEIGHT = 0.25  # the weight of y^T y and n in the released vector (they only set the interval's width)
@@ -118,15 +118,8 @@ def release_statistics(ledger: PrivacyLedger | None, model_key: str, x: np.ndarr
             raise ConfigError("a site without a privacy ledger needs an explicit statistics noise multiplier")
         sigma, eps, delta = float(noise_multiplier), math.inf, 0.0
     else:
-        plan = ledger.plan(model_key, sample_rate=STATISTICS_SAMPLE_RATE, planned_total_steps=planned_releases,
-                           noise_multiplier=noise_multiplier)
-        sigma = plan.noise_multiplier
-        if ledger.would_exceed(model_key, noise_multiplier=sigma, sample_rate=STATISTICS_SAMPLE_RATE):
-            budget, delta = ledger.budget(model_key)
-            raise StatisticsBudgetExhausted(
-                f"the {model_key!r} statistics release (sigma={sigma:.4g}) would take it past its budget "
-                f"epsilon={budget:.4g} (spent {ledger.epsilon(model_key):.4g} over {ledger.steps(model_key)} "
-                f"steps, delta={delta:.3g})")
+        sigma = plan_gaussian_release(ledger, model_key, planned=planned_releases, noise_multiplier=noise_multiplier,
+                                      error=StatisticsBudgetExhausted, what="the statistics release")
     clean = clean_statistics(x, y)
     std = sigma * SENSITIVITY
     noisy = clean + (gaussian_noise(len(clean), std=std, seed=noise_seed) if std > 0 else 0.0)
