@@ -68,6 +68,11 @@ def receive_release(msg: Message, state_dir: Path) -> tuple[list[UltrasoundRecor
     return cache.records(), held_to_config(held)
 
 
+def cached_release(state_dir: Path) -> list[UltrasoundRecord]:
+    """The site's copy of the release as it stands (none before the first release message)."""
+    return ReleaseCache(state_dir / RELEASE_CACHE).records()
+
+
 def _received_bundle(msg: Message, cfg: RunConfig) -> ModelBundle:
     bundle = build_bundle(cfg)
     load_bundle_record(bundle, msg.content["arrays"])
@@ -110,7 +115,10 @@ def train(msg: Message, context: Context) -> Message:
         bundle = _received_bundle(msg, cfg)
     store = SiteStateStore(state_dir)
     ledger = store.load_ledger(before_round=server_round, privacy=cfg.privacy) if cfg.privacy.target_epsilon else None
-    synthetic, held = receive_release(msg, state_dir)
+    if secure:  # SecAgg+'s fit instructions carry no release delta: the release message before the round synced it
+        synthetic, held = cached_release(state_dir), {}
+    else:
+        synthetic, held = receive_release(msg, state_dir)
     if cfg.privacy.insecure_reproducible_noise and ledger is not None:
         print(f"site {name}: WARNING privacy.insecure-reproducible-noise is on: DP noise is seeded from the public "
               "run seed, anyone who knows it can remove the noise; nothing this run produces is private", flush=True)
@@ -222,6 +230,15 @@ def query(msg: Message, context: Context) -> Message:
     payload.update({f"score.{k}": v for k, v in answer.candidates.scores.items()})
     content = RecordDict({"candidates": arrays_to_record(payload), "site": site_record})
     return Message(content=content, reply_to=msg)
+
+
+@app.query("release")
+@_guarded
+def release(msg: Message, context: Context) -> Message:
+    """Bring this site's copy of the release up to date (before a SecAgg+ round); reply with what it now holds."""
+    _, _, name, state_dir = _site(context)
+    _, held = receive_release(msg, state_dir)
+    return Message(content=RecordDict({"site": ConfigRecord({"name": name, **held})}), reply_to=msg)
 
 
 @app.query("vote")

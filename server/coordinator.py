@@ -53,6 +53,9 @@ from common.models.downstream import classifier_loss, regressor_loss
 from common.privacy.dpsgd import train_private
 from server.checkpoint import RunFolder
 
+# The plain message that brings a site's copy of the release up to date before a SecAgg+ round (sync_sites).
+RELEASE_MESSAGE = f"{MessageType.QUERY}.release"
+
 
 class Coordinator:
     """Owns the release of one run (``<run-dir>/release``)."""
@@ -139,6 +142,41 @@ class Coordinator:
                 self.held.pop(node, None)
             else:
                 self.held[node] = value
+
+    def sync_sites(self, grid: Grid, server_round: int) -> dict[str, Any]:
+        """Bring every site's copy of the release up to date before a secure-aggregation round.
+
+        SecAgg+'s fit instructions carry parameters and scalars only, not the release delta a plain training message
+        carries, so one plain message per node (:data:`RELEASE_MESSAGE`) brings it: the delta from what the node
+        last said it holds (the whole release when unknown; an empty release clears a stale copy). The images are
+        public (post-processing of DP generators), so nothing private travels in the clear. Each reply says what the
+        site now holds; a failed one is logged and the node gets the whole release next time. Returns the summary
+        the round's record keeps.
+        """
+        self.sync_with_checkpoint()
+        records = self.store.records()
+        messages = []
+        for node in sorted(grid.get_node_ids()):
+            delta = make_delta(records, self.store.load_image, self.held.get(node))
+            content = RecordDict({"config": ConfigRecord({ROUND_KEY: server_round}), **delta_to_records(delta)})
+            messages.append(Message(content=content, message_type=RELEASE_MESSAGE, dst_node_id=node))
+        sent = {m.metadata.dst_node_id: sum(record_nbytes(r) for r in m.content.values()) for m in messages}
+        sites: list[dict[str, Any]] = []
+        for reply in sorted(grid.send_and_receive(messages, timeout=self.timeout_s),
+                            key=lambda r: r.metadata.src_node_id):
+            node = reply.metadata.src_node_id
+            site = None if reply.has_error() else reply.content.get("site")
+            held = held_from_config(site) if isinstance(site, ConfigRecord) else None
+            if held is None:
+                reason = reply.error.reason if reply.has_error() else "the reply does not say what the site holds"
+                self.held.pop(node, None)
+                sites.append({"node_id": node, "status": "failed", "reason": reason})
+                log(WARNING, "Release sync before round %s: node %s failed: %s", server_round, node, reason)
+                continue
+            self.acknowledge({node: held})
+            sites.append({"node_id": node, "name": str(site.get("name", "")), "status": "ok", "held": held.count,
+                          "bytes_down": sent.get(node, 0)})
+        return {"release_size": len(records), "sites": sites}
 
     # -- one query round ----------------------------------------------------------------------------
     def query_round(self, grid: Grid, bundle: ModelBundle, server_round: int,

@@ -85,11 +85,14 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
         log(INFO, "")
         log(INFO, "[ROUND %s/%s]", server_round, rounds)
         strategy.begin_round()
+        release_sync = None
         if coordinator is not None:
             strategy.extra_train_records = coordinator.train_records
+            if secure is not None:  # SecAgg+'s fit instructions cannot carry the release: a plain message first
+                release_sync = coordinator.sync_sites(grid, server_round)
         train_metrics, evaluate_metrics = fl_round(strategy, grid, bundle, server_round,
                                                    timeout=cfg.federation.reply_timeout_s, secure=secure)
-        if coordinator is not None:  # what each site that was sent the release now holds of it
+        if coordinator is not None and secure is None:  # what each site that was sent the release now holds of it
             coordinator.acknowledge({node: r.release_held for node, r in strategy.reports.items() if r.bytes_down})
         sites = [r.as_dict() for r in strategy.reports.values()]
         failure = round_failure(strategy.reports.values())
@@ -108,6 +111,8 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
         }
         if secure is not None:  # a halted SecAgg+ round changed nothing; the run goes on (its reason is here)
             record["secure_aggregation"] = secure.last
+        if release_sync is not None:
+            record["release_sync"] = release_sync
         if coordinator is not None and coordinator.due(server_round):
             names = dict(strategy.node_names)  # bound to node ids by the training replies, not self-declared
             # the coordinator may refine the generator and the downstream models in the bundle

@@ -455,10 +455,6 @@ class FederationConfig:
             raise ConfigError(f"federation.secure_aggregation=true with federation.fraction_train="
                               f"{self.fraction_train:g}: SecAgg+ rounds sample every live site here; set "
                               "federation.fraction-train=1")
-        if self.secure_aggregation and self.al_every:
-            raise ConfigError(f"federation.secure_aggregation=true with federation.al_every={self.al_every}: the "
-                              "query rounds' release deltas are not carried by SecAgg+'s fit instructions yet; set "
-                              "federation.al-every=0")
         _check_range("federation.pe_iterations", self.pe_iterations, 0, 1000)
         _check_range("federation.pe_population", self.pe_population, 2, 100_000)
         _check_range("federation.pe_keep", self.pe_keep, 1, 10_000)
@@ -511,6 +507,11 @@ class RunConfig:
         if self.privacy.distributed_classifier and not fed.secure_aggregation:
             raise ConfigError("privacy.distributed_classifier=true needs federation.secure_aggregation=true: each site "
                               "adds only its share of the noise, which protects it only inside a secure sum")
+        if self.privacy.distributed_classifier and fed.al_every:
+            raise ConfigError(f"privacy.distributed_classifier=true with federation.al_every={fed.al_every}: the "
+                              "release's candidates are scored by that classifier, whose central and local epsilons "
+                              "no release certificate carries yet; set federation.al-every=0, or train the classifier "
+                              "by per-site DP (privacy.distributed-classifier=false)")
         if self.privacy.distributed_classifier and len(self.data.plane_scope()) < 2:
             raise ConfigError("privacy.distributed_classifier=true with a one-plane label scope (data.planes): the "
                               "classifier has nothing to learn; set it to false")
