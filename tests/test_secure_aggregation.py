@@ -267,14 +267,17 @@ def _records(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.e2e
-def test_secagg_run_through_flower_equals_the_plain_fedavg_run(tmp_path: Path) -> None:
+def test_secagg_run_through_flower_equals_the_plain_fedavg_run_and_syncs_the_release(tmp_path: Path) -> None:
     from common.models.bundle import load_federated_file
     from simulations.launcher import run_simulation
 
-    # Prepare: the same sites and seeds (reproducible DP noise, test only), with and without SecAgg+
-    common = {"privacy.insecure-reproducible-noise": True}
+    # Prepare: the same sites and seeds (reproducible DP noise, test only), with and without SecAgg+. The SecAgg+ run
+    # goes on for a second round with a query round after each: its round 1 is still the plain run's (the release is
+    # empty before it), and round 2 trains on round 1's images, which reach the sites in the plain release message.
+    # Both plan 2 rounds: sigma is derived for the run's planned steps
+    common = {"privacy.insecure-reproducible-noise": True, "federation.num-rounds": 2}
     plain = _cfg(tmp_path / "plain", **common)
-    secure = _cfg(tmp_path / "secure", **common, **{"federation.secure-aggregation": True})
+    secure = _cfg(tmp_path / "secure", **common, **{"federation.secure-aggregation": True, "federation.al-every": 1})
     # Execute
     a = run_simulation(plain, num_sites=2, echo=False, timeout_s=300)
     b = run_simulation(secure, num_sites=2, echo=False, timeout_s=300)
@@ -293,42 +296,26 @@ def test_secagg_run_through_flower_equals_the_plain_fedavg_run(tmp_path: Path) -
         moved = max(moved, float(np.abs(ref[key] - prior[key]).max()))
     assert moved > 1e-3  # the round changed the model
     # the server's records: each site's name, status, privacy and bytes; no update, no norm, no per-site loss
-    (record,) = _records(tmp_path / "secure")
+    record, second = _records(tmp_path / "secure")
     assert record["secure_aggregation"]["status"] == "ok" and record["secure_aggregation"]["summed"] == 2
     for site in record["sites"]:
         assert site["status"] == "ok" and site["update_norms"] == {} and site["update_max"] == {}
         assert "generator-loss" not in site["metrics"] and site["bytes_up"] > 0
     assert record["ledger"].keys() == _records(tmp_path / "plain")[0]["ledger"].keys()
+    assert "release_sync" not in _records(tmp_path / "plain")[0]  # no coordinator there
     sidecar = json.loads((tmp_path / "secure" / "checkpoints" / "round-001" / "sidecar.json").read_text())
     assert sidecar["privacy"]["secure_aggregation"] is True
-
-
-@pytest.mark.e2e
-def test_a_secagg_run_with_active_learning_syncs_the_release_before_each_round(tmp_path: Path) -> None:
-    from simulations.launcher import run_simulation
-
-    # Prepare: 2 SecAgg+ rounds with a query round after each; the sites train on the release (smoke default)
-    cfg = _cfg(tmp_path / "run", **{"federation.secure-aggregation": True, "federation.num-rounds": 2,
-                                    "federation.al-every": 1})
-    # Execute
-    result = run_simulation(cfg, num_sites=2, echo=False, timeout_s=400)
-    # Assert
-    assert result.returncode == 0, result.log_file.read_text()[-3000:]
-    first, second = _records(tmp_path / "run")
-    released = first["active_learning"]["release_size"]
+    # active learning: before round 1 the release was empty; before round 2 each site got round 1's images and
+    # says it holds them, and the SecAgg+ round trained on them (each site's plaintext record counts them)
+    released = record["active_learning"]["release_size"]
     assert released > 0 and second["active_learning"]["release_size"] >= released
-    # before round 1 the release was empty; before round 2 each site got round 1's images and says it holds them
-    assert [s["status"] for s in first["release_sync"]["sites"]] == ["ok", "ok"]
-    assert all(s["held"] == 0 for s in first["release_sync"]["sites"])
+    assert [(s["status"], s["held"]) for s in record["release_sync"]["sites"]] == [("ok", 0), ("ok", 0)]
     assert second["release_sync"]["release_size"] == released
-    assert all(s["status"] == "ok" and s["held"] == released for s in second["release_sync"]["sites"])
-    # the SecAgg+ round trained on them: each site's plaintext record counts the release beside its real images
+    assert [(s["status"], s["held"]) for s in second["release_sync"]["sites"]] == [("ok", released)] * 2
     assert second["secure_aggregation"]["status"] == "ok"
-    for site in second["sites"]:
-        assert site["status"] == "ok" and site["metrics"]["synthetic-examples"] == released
-    for site in first["sites"]:
-        assert site["metrics"]["synthetic-examples"] == 0
-    metadata = (tmp_path / "run" / "release" / "metadata.jsonl").read_text().splitlines()
+    assert [s["metrics"]["synthetic-examples"] for s in record["sites"]] == [0, 0]
+    assert [s["metrics"]["synthetic-examples"] for s in second["sites"]] == [released] * 2
+    metadata = (tmp_path / "secure" / "release" / "metadata.jsonl").read_text().splitlines()
     assert len(metadata) == second["active_learning"]["release_size"]
 
 
