@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from client.secure import classifier_gradient_reply, is_secure_train, secure_aggregation_mod, secure_reply, secure_task
 from client.secure import received as secure_received
 from client.site import SiteSpec, resolve_site
-from common.active_learning.query import answer_query
+from common.active_learning.query import answer_query, scoring_privacy
 from common.active_learning.release_sync import ReleaseCache
 from common.active_learning.scoring import features
 from common.active_learning.vote_query import VoteRequest, answer_vote, vote_embedder
@@ -217,6 +217,8 @@ def query(msg: Message, context: Context) -> Message:
     )
     ledger = store.load_ledger(before_round=server_round + 1, privacy=cfg.privacy) if cfg.privacy.target_epsilon else None
     privacy = ledger.summary().get("generator", {}) if ledger is not None else {"epsilon": float("inf")}
+    if ledger is not None and cfg.privacy.distributed_classifier:  # the classifier that scored the candidates
+        privacy = {**privacy, "scoring": scoring_privacy(ledger)}
     site_record = ConfigRecord(
         {
             "name": name,

@@ -363,7 +363,10 @@ class Coordinator:
                 "memorization_checked=true passed a filter that read the site's private images: that filter is NOT "
                 "covered by the DP guarantee. Images of model 'private-evolution' were selected by the sites' noisy "
                 "votes: their certificate lists, per site, the votes' epsilon (and the generator's, for generator "
-                "samples) and its basic-composition sum."
+                "samples) and its basic-composition sum. With privacy.distributed-classifier the candidates were "
+                "scored by the classifier trained by distributed DP-FedSGD: each image's privacy.scoring gives its "
+                "central epsilon (against anyone who sees only the secure sums and what follows from them, this "
+                "release included) and the local one its source site keeps if the server and the other sites collude."
             ),
             "code_version": code_version(),
         })

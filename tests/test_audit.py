@@ -280,6 +280,28 @@ def test_certificate_recomputes_epsilon_and_flags_tampering_and_uncovered_images
     assert check_ledger_model({"epsilon": 0.0, "steps": 0, "delta": 1e-5})["consistent"]
 
 
+def test_certificate_flags_an_image_that_under_claims_its_distributed_scoring_classifier() -> None:
+    # Prepare: the site's ledger holds a distributed classifier (central 3.9, local 9.97 at round 1)
+    summary = _ledger_summary(1.1, 0.25, 40)
+    summary["classifier"] = {"epsilon": 3.9, "delta": 4e-6, "steps": 0, "history": [],
+                             "distributed": {"central_epsilon": 3.9, "local_epsilon": 9.97}}
+    rounds = [{"round": 1, "ledger": {"site0": summary}}]
+    eps = summary["generator"]["epsilon"]
+
+    def image(image_id: str, central: float, local: float) -> dict:
+        return {"id": image_id, "source_site": "site0", "round": 1, "memorization_checked": False,
+                "privacy": {"epsilon": eps, "model": "generator",
+                            "scoring": {"model": "classifier", "central_epsilon": central, "local_epsilon": local,
+                                        "delta": 4e-6}}}
+
+    # Execute
+    cert = dp_certificate(rounds, release_records=[image("ok", 3.9, 9.97), image("low-central", 2.0, 9.97),
+                                                   image("low-local", 3.9, 3.9)])
+    # Assert
+    assert cert["release"]["under_claimed_scoring"] == ["low-central", "low-local"]
+    assert any("distributed classifier that scored them" in p for p in cert["problems"])
+
+
 def test_certificate_without_ledger_says_no_dp() -> None:
     cert = dp_certificate([{"round": 1, "ledger": {}}])
     assert not cert["dp"] and "without DP" in cert["not_covered"][0]

@@ -212,11 +212,12 @@ def test_a_distributed_classifier_step_sums_clipped_gradients_with_the_noise_onc
 # -- end to end ----------------------------------------------------------------------------------------------------
 @pytest.mark.e2e
 def test_a_distributed_classifier_run_through_flower_certifies_central_and_local_epsilon(tmp_path: Path) -> None:
-    # Prepare / Execute: the product's apps in Flower's simulation runtime, 2 sites, 2 rounds of 2 steps each
+    # Prepare / Execute: the product's apps in Flower's simulation runtime, 2 sites, 2 rounds of 2 steps each, a
+    # query round after each (the classifier scores the release's candidates)
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--preset", "smoke", "--run-dir", str(run_dir),
            "--set", "federation.secure-aggregation=true", "--set", "privacy.distributed-classifier=true",
-           "--set", "privacy.distributed-steps=2", "--set", "federation.num-rounds=2"]
+           "--set", "privacy.distributed-steps=2", "--set", "federation.num-rounds=2", "--set", "federation.al-every=1"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "central (local" in done.stdout  # the closing summary names both figures
@@ -233,6 +234,16 @@ def test_a_distributed_classifier_run_through_flower_certifies_central_and_local
     sidecar = json.loads((run_dir / "checkpoints" / "round-002" / "sidecar.json").read_text())
     assert sidecar["privacy"]["distributed_classifier"]["central_epsilon"] == pytest.approx(summary["central_epsilon"])
     assert "classifier: local (vs server + other sites)" in (run_dir / "report.html").read_text()
+    # each released image's certificate names the classifier that scored it, at its round's central and local figures
+    release = [json.loads(line) for line in (run_dir / "release" / "metadata.jsonl").read_text().splitlines()]
+    assert {r["round"] for r in release} == {1, 2}
+    for rec in release:
+        scoring = rec["privacy"]["scoring"]
+        ledger = records[rec["round"] - 1]["ledger"][rec["source_site"]]["classifier"]
+        assert scoring["central_epsilon"] == pytest.approx(ledger["epsilon"])
+        assert scoring["local_epsilon"] == pytest.approx(ledger["distributed"]["local_epsilon"])
+        assert scoring["local_epsilon"] > scoring["central_epsilon"]
+    assert "privacy.scoring" in json.loads((run_dir / "release" / "release.json").read_text())["privacy_statement"]
     audit = json.loads((run_dir / "audit" / "audit.json").read_text())
     assert audit["headline"]["certificate_problems"] == 0
     checked = audit["certificate"]["sites"][next(iter(records[-1]["ledger"]))]["models"]["classifier"]

@@ -134,6 +134,9 @@ def test_a_site_record_validates_and_its_memorization_flag_matches_the_scores(an
     site = validate_query_site(_site(privacy, **{"memorization-checked": False}), who="hospital-x", candidates=cand)
     # Assert
     assert site.privacy == privacy and site.scanner == "voluson" and site.memorization_checked is False
+    scored = {**privacy, "scoring": {"model": "classifier", "central_epsilon": 3.9, "local_epsilon": 9.97,
+                                     "delta": 4e-6}}  # the distributed classifier that scored the candidates
+    assert validate_query_site(_site(scored), who="hospital-x", candidates=cand).privacy == scored
     no_dp = validate_query_site(_site({"epsilon": float("inf")}), who="hospital-x", candidates=cand)
     assert no_dp.privacy["epsilon"] == float("inf")  # a run without DP says so; it is not a lie
 
@@ -150,6 +153,12 @@ def test_a_site_record_validates_and_its_memorization_flag_matches_the_scores(an
         (_site({"epsilon": 1.0}, **{"memorization-checked": True}), False, "memorization"),
         (_site({"epsilon": 1.0}, **{"memorization-checked": False}), True, "memorization"),
         (_site({"epsilon": 1.0}, **{"memorization-checked": "yes"}), False, "memorization-checked"),
+        (_site({"epsilon": 1.0, "scoring": [2.0]}), False, "scoring"),
+        (_site({"epsilon": 1.0, "scoring": {"central_epsilon": 3.0, "local_epsilon": 2.0, "delta": 1e-6}}), False,
+         "central_epsilon <= local_epsilon"),
+        (_site({"epsilon": 1.0, "scoring": {"central_epsilon": "3", "local_epsilon": 5.0, "delta": 1e-6}}), False,
+         "scoring"),
+        (_site({"epsilon": 1.0, "scoring": {"central_epsilon": 3.0, "local_epsilon": 5.0}}), False, "scoring"),
     ],
 )
 def test_a_malformed_site_record_is_rejected_naming_the_site(answer, site, memo, needle) -> None:

@@ -56,12 +56,11 @@ def test_secure_aggregation_guards() -> None:
         _cfg(**{"federation.secure-aggregation": True, "data.num-sites": 1})
     with pytest.raises(ConfigError, match="fraction-train=1"):
         _cfg(**{"federation.secure-aggregation": True, "federation.fraction-train": 0.5})
-    # active learning works with SecAgg+ (the release reaches the sites in a plain message before each round), but
-    # not with the distributed classifier: its central and local figures are in no release certificate yet
+    # active learning works with SecAgg+ (the release reaches the sites in a plain message before each round), with
+    # the distributed classifier too (each image's certificate carries its central and local figures)
     assert _cfg(**{"federation.secure-aggregation": True, "federation.al-every": 1}).federation.al_every == 1
-    with pytest.raises(ConfigError, match="al-every=0.*no release certificate|no release certificate.*al-every=0"):
-        _cfg(**{"federation.secure-aggregation": True, "federation.al-every": 1,
-                "data.planes": "fetal_brain,fetal_femur", "privacy.distributed-classifier": True})
+    assert _cfg(**{"federation.secure-aggregation": True, "federation.al-every": 1,
+                   "privacy.distributed-classifier": True}).privacy.distributed_classifier
     assert _cfg(**{"federation.secure-aggregation": True, "federation.strategy": "fedprox",
                    "federation.proximal-mu": 0.01}).federation.secure_aggregation
     assert not _cfg().federation.secure_aggregation and not _cfg().privacy.distributed_dp  # per-site DP default

@@ -164,6 +164,29 @@ def reply_json_object(site: Mapping[str, object], key: str, *, who: str) -> dict
     return value
 
 
+def scoring_privacy(ledger: Any) -> dict[str, Any]:
+    """The certificate of the classifier that scored a site's candidates when it trains by example-level distributed
+    DP (``privacy.distributed-classifier``): its central epsilon (against the server and anyone who sees only the
+    secure sums and what follows from them, the release included) and the local one this site keeps if the server and
+    every other site collude, from the site's ledger (:class:`common.privacy.ledger.PrivacyLedger`)."""
+    entry = ledger.summary()["classifier"]
+    distributed = entry.get("distributed") or {}
+    return {"model": "classifier", "central_epsilon": float(entry["epsilon"]),
+            "local_epsilon": float(distributed.get("local_epsilon", entry["epsilon"])), "delta": float(entry["delta"])}
+
+
+def _check_scoring(scoring: object, *, who: str) -> None:
+    """A ``scoring`` certificate: a JSON object with central <= local epsilons >= 0 and a delta in [0, 1)."""
+    if not isinstance(scoring, dict):
+        raise ReplyValidationError(f"{who}: privacy 'scoring' must be a JSON object, got {type(scoring).__name__}")
+    central, local, delta = scoring.get("central_epsilon"), scoring.get("local_epsilon"), scoring.get("delta")
+    numbers = (central, local, delta)
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers) or not (
+            0 <= central <= local * (1 + 1e-9) and 0 <= delta < 1):  # type: ignore[operator]
+        raise ReplyValidationError(f"{who}: privacy 'scoring' needs 0 <= central_epsilon <= local_epsilon and a delta "
+                                   f"in [0, 1), got {scoring!r}")
+
+
 def validate_query_site(site: Mapping[str, object], *, who: str, candidates: Candidates) -> QuerySite:
     """Check a query reply's ``site`` record: its privacy JSON, scanner and memorization flag (see the schema).
 
@@ -179,6 +202,8 @@ def validate_query_site(site: Mapping[str, object], *, who: str, candidates: Can
         raise ReplyValidationError(f"{who}: privacy epsilon must be a number >= 0 (inf without DP), got {eps!r}")
     if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta < 1:
         raise ReplyValidationError(f"{who}: privacy delta must be a number in [0, 1), got {delta!r}")
+    if "scoring" in privacy:
+        _check_scoring(privacy["scoring"], who=who)
     checked, scanner = site.get("memorization-checked", False), site.get("scanner", "")
     if not isinstance(checked, bool) or not isinstance(scanner, str):
         raise ReplyValidationError(f"{who}: 'memorization-checked' must be a bool and 'scanner' a string")

@@ -129,7 +129,11 @@ def select_items(cfg: RunConfig, pooled: Sequence[Pooled], *, server_round: int,
 
 
 def _certificate(privacy: Mapping[str, Any]) -> dict[str, Any]:
-    """The per-image privacy certificate: the source generator's spend when it was sampled."""
-    return {"epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"), "accountant": privacy.get("accountant"),
-            "model": "generator", "local_model": privacy.get("local", False),
-            "private_noise": privacy.get("private_noise")}
+    """The per-image privacy certificate: the source generator's spend when it was sampled, and (with
+    ``privacy.distributed-classifier``) the central and local figures of the classifier that scored it."""
+    out = {"epsilon": privacy.get("epsilon"), "delta": privacy.get("delta"), "accountant": privacy.get("accountant"),
+           "model": "generator", "local_model": privacy.get("local", False),
+           "private_noise": privacy.get("private_noise")}
+    if privacy.get("scoring") is not None:
+        out["scoring"] = dict(privacy["scoring"])
+    return out

@@ -463,7 +463,7 @@ def _release_claims(records: Sequence[Mapping[str, Any]], by_round: Mapping[int,
                     problems: list[str], max_listed: int) -> dict[str, Any]:
     """Group the release's per-image privacy claims and compare each with the ledger of its site and round."""
     groups: dict[str, dict[str, Any]] = {}
-    under, unclaimed, mem = [], [], []
+    under, unclaimed, mem, under_scoring = [], [], [], []
     for rec in records:
         priv = dict(rec.get("privacy") or {})
         site, rnd = str(rec.get("source_site")), int(rec.get("round", 0))
@@ -482,6 +482,14 @@ def _release_claims(records: Sequence[Mapping[str, Any]], by_round: Mapping[int,
             unclaimed.append(str(rec.get("id")))
         elif site in g["ledger_epsilon_by_site"] and float(eps) < g["ledger_epsilon_by_site"][site] - 1e-6:
             under.append(str(rec.get("id")))
+        scoring = priv.get("scoring")
+        if isinstance(scoring, Mapping):  # the distributed classifier that scored it: no figure below the ledger's
+            entry = (ledger.get(site) or {}).get("classifier") or {}
+            central = float(entry.get("epsilon") or 0.0)
+            local = float((entry.get("distributed") or {}).get("local_epsilon") or central)
+            if (float(scoring.get("central_epsilon", -1.0)) < central - 1e-6
+                    or float(scoring.get("local_epsilon", -1.0)) < local - 1e-6):
+                under_scoring.append(str(rec.get("id")))
     for g in groups.values():
         g["claimed_epsilon"] = sorted(g["claimed_epsilon"], key=lambda x: -1.0 if x is None else x)
         # The global generator mixes every site's update: an image is (eps_s, delta_s)-DP towards each site s.
@@ -489,5 +497,10 @@ def _release_claims(records: Sequence[Mapping[str, Any]], by_round: Mapping[int,
     if under:
         problems.append(f"{len(under)} images claim a smaller epsilon than their site's ledger at their round: "
                         f"{under[:max_listed]}")
+    if under_scoring:
+        problems.append(f"{len(under_scoring)} images claim a smaller central or local epsilon for the distributed "
+                        f"classifier that scored them than their site's ledger at their round: "
+                        f"{under_scoring[:max_listed]}")
     return {"n_images": len(records), "groups": groups, "under_claimed": under[:max_listed],
+            "under_claimed_scoring": under_scoring[:max_listed],
             "unclaimed": len(unclaimed), "memorization_checked": len(mem), "memorization_checked_ids": mem[:max_listed]}

@@ -507,11 +507,6 @@ class RunConfig:
         if self.privacy.distributed_classifier and not fed.secure_aggregation:
             raise ConfigError("privacy.distributed_classifier=true needs federation.secure_aggregation=true: each site "
                               "adds only its share of the noise, which protects it only inside a secure sum")
-        if self.privacy.distributed_classifier and fed.al_every:
-            raise ConfigError(f"privacy.distributed_classifier=true with federation.al_every={fed.al_every}: the "
-                              "release's candidates are scored by that classifier, whose central and local epsilons "
-                              "no release certificate carries yet; set federation.al-every=0, or train the classifier "
-                              "by per-site DP (privacy.distributed-classifier=false)")
         if self.privacy.distributed_classifier and len(self.data.plane_scope()) < 2:
             raise ConfigError("privacy.distributed_classifier=true with a one-plane label scope (data.planes): the "
                               "classifier has nothing to learn; set it to false")
