@@ -133,6 +133,10 @@ class Coordinator:
         records = self.store.records()
         if not records:
             return {}
+        return self._delta_records(records, node)
+
+    def _delta_records(self, records: Sequence[Mapping[str, Any]], node: int) -> dict[str, Any]:
+        """The message records of the delta from what ``node`` last said it holds to ``records``."""
         return delta_to_records(make_delta(records, self.store.load_image, self.held.get(node)))
 
     def acknowledge(self, held: Mapping[int, Held | None]) -> None:
@@ -156,9 +160,9 @@ class Coordinator:
         self.sync_with_checkpoint()
         records = self.store.records()
         messages = []
-        for node in sorted(grid.get_node_ids()):
-            delta = make_delta(records, self.store.load_image, self.held.get(node))
-            content = RecordDict({"config": ConfigRecord({ROUND_KEY: server_round}), **delta_to_records(delta)})
+        for node in sorted(grid.get_node_ids()):  # an empty release too: it clears a stale copy
+            content = RecordDict({"config": ConfigRecord({ROUND_KEY: server_round}),
+                                  **self._delta_records(records, node)})
             messages.append(Message(content=content, message_type=RELEASE_MESSAGE, dst_node_id=node))
         sent = {m.metadata.dst_node_id: sum(record_nbytes(r) for r in m.content.values()) for m in messages}
         sites: list[dict[str, Any]] = []

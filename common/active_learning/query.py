@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from common.core.config import RunConfig
 from common.core.errors import ReplyValidationError
 from common.core.records import PLANES, UltrasoundRecord
 from common.models.bundle import ModelBundle, federated_arrays, load_federated_arrays
+
+if TYPE_CHECKING:
+    from common.privacy.ledger import PrivacyLedger
 
 MEMORIZATION = "memorization_ratio"
 # Scores in [0, 1] (probabilities, a normalised entropy, a nearest/k-nearest distance ratio); the others are >= 0.
@@ -164,11 +167,11 @@ def reply_json_object(site: Mapping[str, object], key: str, *, who: str) -> dict
     return value
 
 
-def scoring_privacy(ledger: Any) -> dict[str, Any]:
+def scoring_privacy(ledger: "PrivacyLedger") -> dict[str, Any]:
     """The certificate of the classifier that scored a site's candidates when it trains by example-level distributed
     DP (``privacy.distributed-classifier``): its central epsilon (against the server and anyone who sees only the
     secure sums and what follows from them, the release included) and the local one this site keeps if the server and
-    every other site collude, from the site's ledger (:class:`common.privacy.ledger.PrivacyLedger`)."""
+    every other site collude, from the site's ledger."""
     entry = ledger.summary()["classifier"]
     distributed = entry.get("distributed") or {}
     return {"model": "classifier", "central_epsilon": float(entry["epsilon"]),

@@ -27,7 +27,7 @@ The budget is checked before the data is read: a release that would pass the mod
 zero) starts at its public warm start, the head fitted on public brain phantoms. The private scans add a correction
 of that head in a few public directions: the residual ``y`` (the head output that would predict the true head size,
 minus the public head's output, divided by ``target_scale``) is regressed on a row ``x`` defined by public data and
-constants only (:func:`public_design`):
+constants only (:func:`public_brain_features`, :func:`design_from_features`):
 
 - the encoder's features projected on the top ``dims`` principal directions of public brain phantoms' features,
   each scaled by its public standard deviation and the block by ``1/sqrt(dims)``;
@@ -247,7 +247,7 @@ def public_brain_features(regressor: GARegressor, *, n_per_profile: int = DESIGN
 
 def design_from_features(features: np.ndarray, *, image_size: int, dims: int, spacing_scale: float,
                          row_scale: float, target_scale: float) -> StatisticsDesign:
-    """The design of :func:`public_design` from public phantoms' features."""
+    """The public design (see the module docstring) from public brain phantoms' features."""
     if not 1 <= dims <= 64:
         raise ConfigError(f"dims={dims!r} must be in 1..64")
     if not min(target_scale, row_scale, spacing_scale) > 0:
@@ -260,16 +260,6 @@ def design_from_features(features: np.ndarray, *, image_size: int, dims: int, sp
     basis = vt[:dims] / np.maximum(std, 1e-8)[:, None] / math.sqrt(dims)
     return StatisticsDesign(mean, basis, math.log(DEFAULT_FOV_MM / image_size), float(spacing_scale),
                             float(row_scale), float(target_scale))
-
-
-def public_design(regressor: GARegressor, *, dims: int, spacing_scale: float, row_scale: float,
-                  target_scale: float,
-                  n_per_profile: int = DESIGN_PHANTOMS_PER_PROFILE, seed: int = DESIGN_SEED) -> StatisticsDesign:
-    """The design from public brain phantoms of every scanner profile (no private data; deterministic)."""
-    check_regressor(regressor)
-    h = public_brain_features(regressor, n_per_profile=n_per_profile, seed=seed)
-    return design_from_features(h, image_size=regressor.image_size, dims=dims, spacing_scale=spacing_scale,
-                                row_scale=row_scale, target_scale=target_scale)
 
 
 def residual_targets(regressor: GARegressor, features: Tensor, spacing: Tensor, ga_weeks: Tensor) -> np.ndarray:
