@@ -64,6 +64,7 @@ from simulations.experiments.ga_statistics import (
     design_from_features,
     fold_into_head,
     public_brain_features,
+    public_real_features,
     release_statistics,
     solve_ridge,
     statistics_rows,
@@ -261,7 +262,10 @@ def evaluate_setting(backbone: str, j: int, grid: int, epsilons: Sequence[float]
     np_models = {h: make_regressor(backbone, j, grid, h, flips=s["flips"]) for h in (0, 32)}
     warm = dp_models[0].public_warm_start
     stat_model = make_regressor(backbone, j, grid, 0, flips=s["flips"], film=False) if s["statistics"] else None
-    public = public_brain_features(stat_model) if stat_model is not None else None
+    public = None
+    if stat_model is not None:
+        public = (public_real_features(stat_model, *s["stat_public"].split(":", 1), plane=s["stat_public_plane"])
+                  if s["stat_public"] else public_brain_features(stat_model))
     t0 = time.perf_counter()
     with torch.no_grad():  # frozen: computed once
         feats = torch.cat([dp_models[0].backbone(data.tensors[0][i:i + 256]) for i in range(0, len(data), 256)])
@@ -464,6 +468,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--stat-row-scales", default="1,2")
     p.add_argument("--stat-target-scales", default="0.2,0.3,0.5")
     p.add_argument("--stat-ridges", default="10,30,100,300")
+    p.add_argument("--stat-public", default="",
+                   help="SOURCE:DIR of a public real dataset whose features give the design's directions "
+                        "(default: public brain phantoms)")
+    p.add_argument("--stat-public-plane", default="fetal_brain", help="that dataset's plane to use ('all': every one)")
     p.add_argument("--stat-repeats", type=int, default=2, help="noise draws per inner-CV fit of the statistics arm")
     p.add_argument("--note", default="")
     p.add_argument("--machine-note", default="", help="what else ran on the machine (wall times depend on it)")
@@ -485,7 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
          "stat_spacing_scales": [float(v) for v in args.stat_spacing_scales.split(",")],
          "stat_row_scales": [float(v) for v in args.stat_row_scales.split(",")],
          "stat_target_scales": [float(v) for v in args.stat_target_scales.split(",")],
-         "stat_ridges": [float(v) for v in args.stat_ridges.split(",")], "statistics_repeats": args.stat_repeats}
+         "stat_ridges": [float(v) for v in args.stat_ridges.split(",")], "statistics_repeats": args.stat_repeats,
+         "stat_public": args.stat_public,
+         "stat_public_plane": None if args.stat_public_plane == "all" else args.stat_public_plane}
     settings = [parse_setting(v) for v in args.settings.split(",")]
     results = [evaluate_setting(b, j, g, eps, records, data, groups, folds, s) for b, j, g, eps in settings]
     report = {

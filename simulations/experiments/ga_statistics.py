@@ -245,6 +245,23 @@ def public_brain_features(regressor: GARegressor, *, n_per_profile: int = DESIGN
     return np.concatenate(feats)
 
 
+def public_real_features(regressor: GARegressor, source: str, root: str, *, plane: str | None = "fetal_brain"
+                         ) -> np.ndarray:
+    """Features ``[n, d]`` of a public real dataset's images (``plane``: only that plane's, None: all) in a supported
+    layout: directions that real scans vary along, where the phantoms' are not those (public data, no privacy cost)."""
+    from common.core.records import PLANES
+    from common.data.loaders import load_source
+
+    recs = load_source(source, root, image_size=regressor.image_size).records
+    if plane is not None:
+        recs = [r for r in recs if r.plane == PLANES.index(plane)]
+    if len(recs) < 2:
+        raise ConfigError(f"{source} at {root}: {len(recs)} images of plane {plane!r}; the design needs at least 2")
+    x = torch.from_numpy(np.stack([r.image for r in recs])).float()[:, None] / 127.5 - 1.0
+    with torch.no_grad():
+        return regressor.backbone(x).double().numpy()
+
+
 def design_from_features(features: np.ndarray, *, image_size: int, dims: int, spacing_scale: float,
                          row_scale: float, target_scale: float) -> StatisticsDesign:
     """The public design (see the module docstring) from public brain phantoms' features."""
@@ -255,7 +272,7 @@ def design_from_features(features: np.ndarray, *, image_size: int, dims: int, sp
                           f"{target_scale!r}) must be > 0")
     mean = features.mean(0)
     _, _, vt = np.linalg.svd(features - mean, full_matrices=False)
-    dims = min(dims, vt.shape[0])
+    dims = min(dims, vt.shape[0], len(features) - 1)  # centred: at most n - 1 directions carry variance
     std = ((features - mean) @ vt[:dims].T).std(0)
     basis = vt[:dims] / np.maximum(std, 1e-8)[:, None] / math.sqrt(dims)
     return StatisticsDesign(mean, basis, math.log(DEFAULT_FOV_MM / image_size), float(spacing_scale),
