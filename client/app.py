@@ -8,35 +8,34 @@ import math
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.secure import classifier_gradient_reply, is_secure_train, secure_aggregation_mod, secure_reply, secure_task
-from client.secure import received as secure_received
+from client.secure import is_secure_train, secure_aggregation_mod, secure_task
 from client.site import SiteSpec, resolve_site
-from common.active_learning.query import answer_query, scoring_privacy
 from common.active_learning.release_sync import ReleaseCache
-from common.active_learning.scoring import features
-from common.active_learning.vote_query import VoteRequest, answer_vote, vote_embedder
 from common.core.config import RunConfig
-from common.core.records import UltrasoundRecord
 from common.core.seeding import derive_seed
-from common.data.sites import SiteData, load_site
 from common.federated.flwr_records import (
     ROUND_KEY,
     arrays_to_record,
-    bundle_to_record,
     delta_from_content,
     held_to_config,
-    load_bundle_record,
     record_to_arrays,
 )
-from common.federated.local_update import dp_noise_seed, local_evaluate, local_train
 from common.federated.secure_update import CLASSIFIER_TASK
-from common.models.bundle import ModelBundle, build_bundle, federated_arrays
-from common.privacy.site_state import SiteStateStore
+
+if TYPE_CHECKING:
+    from common.core.records import UltrasoundRecord
+    from common.data.sites import SiteData
+    from common.models.bundle import ModelBundle
+
+# In a deployment every message starts a fresh ClientApp process (Flower's subprocess isolation), and three of
+# SecAgg+'s four stages never reach a handler: so this module imports only what routing needs, and each handler
+# imports the models, the data and the DP machinery it uses (torch, diffusers and Opacus take about 7 s on 2 cores).
 
 # SecAgg+ train messages go through Flower's secaggplus_mod (client.secure); the others reach the handlers as they are.
 app = ClientApp(mods=[secure_aggregation_mod])
@@ -49,6 +48,8 @@ RELEASE_CACHE = "release-cache"
 
 def _site(context: Context) -> tuple[SiteSpec, SiteData, str, Path]:
     """This site's spec, its data, its name and its state folder."""
+    from common.data.sites import load_site
+
     spec = resolve_site(context.node_config, RunConfig.from_run_config(context.run_config))
     site = load_site(spec.cfg.data, seed=spec.cfg.seed, site_index=spec.index)
     name, state_dir = spec.resolved(site.name, Path(spec.cfg.run_dir or "runs/latest"))
@@ -74,6 +75,9 @@ def cached_release(state_dir: Path) -> list[UltrasoundRecord]:
 
 
 def _received_bundle(msg: Message, cfg: RunConfig) -> ModelBundle:
+    from common.federated.flwr_records import load_bundle_record
+    from common.models.bundle import build_bundle
+
     bundle = build_bundle(cfg)
     load_bundle_record(bundle, msg.content["arrays"])
     return bundle
@@ -102,6 +106,13 @@ def _guarded(handler):  # type: ignore[no-untyped-def]
 @_guarded
 def train(msg: Message, context: Context) -> Message:
     """Fine-tune generator + downstream models with DP on the site's private data; reply with the trained part."""
+    from client.secure import received as secure_received
+    from client.secure import secure_reply
+    from common.federated.flwr_records import bundle_to_record
+    from common.federated.local_update import local_train
+    from common.models.bundle import federated_arrays
+    from common.privacy.site_state import SiteStateStore
+
     spec, site, name, state_dir = _site(context)
     cfg = spec.cfg
     secure = is_secure_train(msg)  # SecAgg+'s collect-masked-vectors stage: legacy fit instructions
@@ -162,6 +173,9 @@ def train(msg: Message, context: Context) -> Message:
 
 def _classifier_step(msg: Message, cfg: RunConfig, site: SiteData, name: str, state_dir: Path) -> Message:
     """This site's share of one DP-FedSGD step of the classifier, accounted in its one ledger."""
+    from client.secure import classifier_gradient_reply
+    from common.privacy.site_state import SiteStateStore
+
     store = SiteStateStore(state_dir)
     server_round = int(msg.content["fitins.config"][ROUND_KEY])  # type: ignore[arg-type]
     # the ledger after this round's training and its earlier classifier steps: one ledger for the whole run
@@ -181,6 +195,8 @@ def _finite(value: float) -> float:
 @_guarded
 def evaluate(msg: Message, context: Context) -> Message:
     """Report the global models' metrics on the site's held-out data."""
+    from common.federated.local_update import local_evaluate
+
     spec, site, name, _ = _site(context)
     bundle = _received_bundle(msg, spec.cfg)
     metrics = local_evaluate(bundle, site, spec.cfg)
@@ -195,6 +211,10 @@ def evaluate(msg: Message, context: Context) -> Message:
 @_guarded
 def query(msg: Message, context: Context) -> Message:
     """Generate candidates for the requested conditions with this site's DP generator and score them."""
+    from common.active_learning.query import answer_query, scoring_privacy
+    from common.active_learning.scoring import features
+    from common.privacy.site_state import SiteStateStore
+
     spec, site, name, state_dir = _site(context)
     cfg = spec.cfg
     config = msg.content["config"]
@@ -247,6 +267,10 @@ def release(msg: Message, context: Context) -> Message:
 @_guarded
 def vote(msg: Message, context: Context) -> Message:
     """Private evolution: this site's private images vote on the candidates; reply with the noisy histogram only."""
+    from common.active_learning.vote_query import VoteRequest, answer_vote, vote_embedder
+    from common.federated.local_update import dp_noise_seed
+    from common.privacy.site_state import SiteStateStore
+
     spec, site, name, state_dir = _site(context)
     cfg = spec.cfg
     config = msg.content["config"]

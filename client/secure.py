@@ -18,10 +18,9 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from flwr.app import Context, Error, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
@@ -34,8 +33,6 @@ from common.core.atomic_io import write_json_atomic
 from common.core.config import RunConfig
 from common.core.errors import ReplyValidationError
 from common.core.seeding import derive_seed, secret_seed
-from common.data.tensors import records_to_dataset
-from common.federated.fedsgd import clipped_gradient_sum, trainable_names
 from common.federated.flwr_records import ROUND_KEY
 from common.federated.secure_update import (
     STEP_KEY,
@@ -46,10 +43,15 @@ from common.federated.secure_update import (
     to_bound_units,
     unflatten,
 )
-from common.models.bundle import ModelBundle, build_bundle, federated_arrays, load_federated_arrays
-from common.models.downstream import DownstreamSpec, classifier_loss, load_federated_state
 from common.privacy.distributed_dp import classifier_plan, min_shares, plan_for, site_record, to_secagg_floats
-from common.privacy.ledger import PrivacyLedger
+
+if TYPE_CHECKING:
+    from common.models.bundle import ModelBundle
+    from common.privacy.ledger import PrivacyLedger
+
+# Three of SecAgg+'s four stages (setup, share keys, unmask) never reach the train handler: in a deployment each
+# message starts a fresh ClientApp process, so the models, Opacus and the ledger are imported where they are used,
+# not here (a stage message then starts in about a second instead of eight on 2 cores).
 
 # Error code of a site that refuses or fails a secure-aggregation step (Flower's codes are < 100; client.app: 700).
 SECAGG_FAILURE = 701
@@ -107,6 +109,8 @@ def is_secure_train(msg: Message) -> bool:
 
 def received(msg: Message, cfg: RunConfig) -> tuple[ModelBundle, int, int]:
     """The bundle loaded with the global weights of the fit instructions, the round, and the sites sampled."""
+    from common.models.bundle import build_bundle, federated_arrays, load_federated_arrays
+
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     bundle = build_bundle(cfg)
     names = list(federated_arrays(bundle))
@@ -137,6 +141,8 @@ def secure_reply(msg: Message, cfg: RunConfig, *, sent: dict[str, np.ndarray], b
     ``site`` (name, status, privacy figures, messages: what the server may read) travels in plaintext; nothing of
     the update does (not its norm, not the site's training losses).
     """
+    from common.models.bundle import federated_arrays
+
     fed = cfg.federation
     bounds = bounds_for(cfg)
     trained = federated_arrays(bundle)
@@ -205,6 +211,12 @@ def classifier_gradient_reply(msg: Message, cfg: RunConfig, *, records: list, le
     beside it), adds its discrete-Gaussian share and encodes the vector on SecAgg+'s grid. A site whose budget would
     be exceeded, or whose data exceeds the public example cap, sends only its noise share (a zero sum) and says why.
     """
+    import torch
+
+    from common.data.tensors import records_to_dataset
+    from common.federated.fedsgd import clipped_gradient_sum, trainable_names
+    from common.models.downstream import DownstreamSpec, classifier_loss, load_federated_state
+
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     server_round, step = int(fitins.config[ROUND_KEY]), int(fitins.config[STEP_KEY])
     sampled = int(fitins.config.get(SAMPLED_KEY, cfg.data.num_sites))

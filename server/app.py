@@ -10,6 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.core.config import RunConfig
 from server.federation import FederationResult, run_federation
+from server.grid import PromptGrid
 
 app = ServerApp()
 
@@ -20,8 +21,9 @@ def serve(grid: Grid, context: Context, *, on_checkpoint: Callable[[int], None] 
 
     ``on_checkpoint`` and ``on_release`` observe the run (after a round's checkpoint; after a query round's images
     are written, before its checkpoint); the product app passes none, the fault-injection tests' app kills the
-    process there.
+    process there. Replies are collected by a :class:`~server.grid.PromptGrid` around ``grid``.
     """
+    grid = PromptGrid(grid)  # type: ignore[assignment]  # duck-typed: delegates all but send_and_receive
     cfg = RunConfig.from_run_config(context.run_config)
     resume = bool(context.run_config.get("resume", False))
     coordinator = None

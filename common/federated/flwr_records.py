@@ -8,14 +8,17 @@ the Flower boundary as one ``ArrayRecord`` of named float32 arrays, built by :fu
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from common.active_learning.release_sync import Held, ReleaseDelta, ReleaseSyncError
 from common.core.errors import ReplyValidationError
-from common.models.bundle import ModelBundle, federated_arrays, load_federated_arrays
+
+if TYPE_CHECKING:  # the models (torch, diffusers) load only where a bundle is used: a SecAgg+ stage message that
+    # carries no weights starts a site's ClientApp process without them (seconds per message in a deployment)
+    from common.models.bundle import ModelBundle
 
 # The round number in every message's config: Flower's own key (its strategies inject it in configure_train and
 # configure_evaluate), which the server sets to the true round of the run.
@@ -24,11 +27,15 @@ ROUND_KEY = "server-round"
 
 def bundle_to_record(bundle: ModelBundle) -> ArrayRecord:
     """The federated part of ``bundle`` (:func:`~common.models.bundle.federated_arrays`) as the ``ArrayRecord`` sent."""
+    from common.models.bundle import federated_arrays
+
     return arrays_to_record(federated_arrays(bundle))
 
 
 def load_bundle_record(bundle: ModelBundle, record: ArrayRecord) -> None:
     """Load a received (or aggregated) ``ArrayRecord`` into ``bundle``, strictly (names and shapes must match)."""
+    from common.models.bundle import load_federated_arrays
+
     load_federated_arrays(bundle, record_to_arrays(record))
 
 
