@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
@@ -68,27 +68,38 @@ def _smoke_command(run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "simulations.cli", "simulate", "--preset", "smoke", "--run-dir", str(run_dir)]
 
 
-@pytest.fixture(scope="session")
-def smoke_cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
-    """``difusal simulate --preset smoke`` once per test session, with stdout a pipe (the demo's code path: report and
-    audit on). Each Flower run costs about a minute on 2 cores, so the tests that need a plain smoke federation (its
-    output, its run folder, its round record, its DP noise) share this one; they only read it.
+def once_per_session(factory: pytest.TempPathFactory, name: str,
+                     produce: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], Path]:
+    """``produce(folder)`` once per test session (its JSON-able result saved beside it), for tests that only read what
+    it made: each Flower run costs about a minute on 2 cores.
 
     Under pytest-xdist every worker asks for it: the first one runs it under a lock in the folder the workers of this
     session share, the others wait for the lock and read the saved result.
     """
-    base = tmp_path_factory.getbasetemp()
+    base = factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # .../pytest-N for this session only
-    folder = shared / "smoke-cli"
+    folder = shared / name
     folder.mkdir(exist_ok=True)
-    run_dir, saved = folder / "run", folder / "result.json"
+    saved = folder / "result.json"
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not saved.is_file():
-            env = {**os.environ, **OFFLINE_ENV, "MPLCONFIGDIR": str(folder / "mpl")}
-            out = subprocess.run(_smoke_command(run_dir), cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
-                                 timeout=600)
-            saved.write_text(json.dumps({"returncode": out.returncode, "stdout": out.stdout, "stderr": out.stderr}))
-    result = json.loads(saved.read_text())
-    return subprocess.CompletedProcess(_smoke_command(run_dir), result["returncode"], result["stdout"],
-                                       result["stderr"]), run_dir
+            saved.write_text(json.dumps(produce(folder)))
+    return json.loads(saved.read_text()), folder
+
+
+@pytest.fixture(scope="session")
+def smoke_cli_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``difusal simulate --preset smoke`` once per test session, with stdout a pipe (the demo's code path: report and
+    audit on), shared by the tests that need a plain smoke federation (its output, its run folder, its round record,
+    its DP noise)."""
+
+    def produce(folder: Path) -> dict[str, Any]:
+        env = {**os.environ, **OFFLINE_ENV, "MPLCONFIGDIR": str(folder / "mpl")}
+        out = subprocess.run(_smoke_command(folder / "run"), cwd=PROJECT_ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)
+        return {"returncode": out.returncode, "stdout": out.stdout, "stderr": out.stderr}
+
+    result, folder = once_per_session(tmp_path_factory, "smoke-cli", produce)
+    return subprocess.CompletedProcess(_smoke_command(folder / "run"), result["returncode"], result["stdout"],
+                                       result["stderr"]), folder / "run"

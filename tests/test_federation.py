@@ -15,7 +15,7 @@ from common.core.config import RunConfig
 from common.models.bundle import load_federated_file
 from common.privacy.site_state import copy_site_secrets
 from simulations.launcher import run_simulation
-from tests.conftest import FAULT_APP
+from tests.conftest import FAULT_APP, once_per_session
 
 
 def _cfg(run_dir: Path, **overrides: object) -> RunConfig:
@@ -26,6 +26,23 @@ def _cfg(run_dir: Path, **overrides: object) -> RunConfig:
 
 def _records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# 2 rounds with a query after each (shared by the active-learning test and the resume test)
+AL_RUN = {"federation.num-rounds": 2, "federation.al-every": 1, "federation.al-refine-steps": 1,
+          "federation.al-downstream-steps": 2}
+
+
+@pytest.fixture(scope="session")
+def al_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """The :data:`AL_RUN` federation of 2 sites, once per session (the tests only read it): its outcome and folder."""
+
+    def produce(folder: Path) -> dict:
+        out = run_simulation(_cfg(folder / "run", **AL_RUN), num_sites=2, echo=False, timeout_s=400)
+        return {"returncode": out.returncode, "log_tail": out.log_file.read_text()[-3000:]}
+
+    result, folder = once_per_session(tmp_path_factory, "al-run", produce)
+    return result, folder / "run"
 
 
 @pytest.mark.e2e
@@ -51,30 +68,34 @@ def test_two_sites_one_round_through_flower(smoke_cli_run) -> None:  # type: ign
 
 
 @pytest.mark.e2e
-def test_resume_after_kill_reaches_the_uninterrupted_result(tmp_path: Path) -> None:
-    # Prepare: the same 2-round run, uninterrupted and killed after round 1
-    full = _cfg(tmp_path / "full", **{"federation.num-rounds": 2})
-    killed = _cfg(tmp_path / "killed", **{"federation.num-rounds": 2})
-    # Execute
-    ref = run_simulation(full, num_sites=2, echo=False, timeout_s=300)
+def test_resume_after_kill_reaches_the_uninterrupted_result(al_run: tuple[dict, Path], tmp_path: Path) -> None:
+    # Prepare: the session's 2-round run with a query after each round, uninterrupted; the same run killed right
+    # after round 1's checkpoint (its release written), then resumed
+    result, full = al_run
+    assert result["returncode"] == 0, result["log_tail"]
+    killed = _cfg(tmp_path / "killed", **AL_RUN)
     # The same sites: each keeps its secret (it keys the DP noise), so the killed run's sites get the full run's
-    assert len(copy_site_secrets(tmp_path / "full", tmp_path / "killed")) == 2
-    crash = run_simulation(killed, num_sites=2, echo=False, timeout_s=300,
+    assert len(copy_site_secrets(full, tmp_path / "killed")) == 2
+    # Execute
+    crash = run_simulation(killed, num_sites=2, echo=False, timeout_s=400,
                            extra_env={"DIFUSAL_FAULT_AFTER_ROUND": "1"}, overlay=FAULT_APP)
     after_crash = sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir())
-    resumed = run_simulation(killed, num_sites=2, resume=True, echo=False, timeout_s=300)
-    # Assert
-    assert ref.returncode == 0 and resumed.returncode == 0
+    resumed = run_simulation(killed, num_sites=2, resume=True, echo=False, timeout_s=400)
+    # Assert: the models, the ledgers and the release equal the uninterrupted run's
+    assert resumed.returncode == 0, resumed.log_file.read_text()[-3000:]
     assert crash.returncode != 0 and after_crash == ["round-001"]
-    a = load_federated_file(tmp_path / "full" / "checkpoints" / "round-002")
+    a = load_federated_file(full / "checkpoints" / "round-002")
     b = load_federated_file(tmp_path / "killed" / "checkpoints" / "round-002")
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_allclose(a[key], b[key], rtol=0, atol=1e-6, err_msg=key)
-    ledger_a = _records(tmp_path / "full")[-1]["ledger"]
-    ledger_b = _records(tmp_path / "killed")[-1]["ledger"]
-    assert ledger_a == ledger_b
+    assert _records(full)[-1]["ledger"] == _records(tmp_path / "killed")[-1]["ledger"]
     assert [r["round"] for r in _records(tmp_path / "killed")] == [1, 2]
+    meta = {run: (run / "release" / "metadata.jsonl").read_text().splitlines() for run in (full, tmp_path / "killed")}
+    assert len(meta[full]) >= 8 and meta[full] == meta[tmp_path / "killed"]
+    for line in meta[full]:
+        name = json.loads(line)["file_name"]
+        assert (full / "release" / name).read_bytes() == (tmp_path / "killed" / "release" / name).read_bytes()
 
 
 @pytest.mark.e2e
@@ -114,15 +135,12 @@ def test_a_site_past_its_budget_stops_contributing_and_the_ledger_says_why(tmp_p
 
 
 @pytest.mark.e2e
-def test_active_learning_round_releases_scored_images_that_flow_back(tmp_path: Path) -> None:
-    # Prepare: 2 rounds, a query after each; smoke selects 4 of 2 x 4 candidates per query
-    cfg = _cfg(tmp_path / "run", **{"federation.num-rounds": 2, "federation.al-every": 1,
-                                   "federation.al-refine-steps": 1, "federation.al-downstream-steps": 2})
-    # Execute
-    result = run_simulation(cfg, num_sites=2, echo=False, timeout_s=400)
+def test_active_learning_round_releases_scored_images_that_flow_back(al_run: tuple[dict, Path]) -> None:
+    # Prepare / Execute: the session's 2-round run, a query after each; smoke selects 4 of 2 x 4 candidates per query
+    result, run = al_run
     # Assert
-    assert result.returncode == 0, result.log_file.read_text()[-3000:]
-    first, second = _records(tmp_path / "run")
+    assert result["returncode"] == 0, result["log_tail"]
+    first, second = _records(run)
     assert first["active_learning"]["candidates"] == 8 and first["active_learning"]["selected"] == 4
     assert [s["status"] for s in first["active_learning"]["sites"]] == ["ok", "ok"]
     # the server refined the generator and trained the downstream models on the release (finite losses)
@@ -130,10 +148,10 @@ def test_active_learning_round_releases_scored_images_that_flow_back(tmp_path: P
     assert set(first["active_learning"]["downstream_refine_loss"]) == {"classifier", "regressor"}
     # the release of round 1 reached both sites' downstream training in round 2
     assert all(s["metrics"]["synthetic-examples"] == 4 for s in second["sites"])
-    meta = [json.loads(line) for line in (tmp_path / "run" / "release" / "metadata.jsonl").read_text().splitlines()]
+    meta = [json.loads(line) for line in (run / "release" / "metadata.jsonl").read_text().splitlines()]
     assert len(meta) == second["active_learning"]["release_size"] >= 4
     for rec in meta:
-        assert (tmp_path / "run" / "release" / rec["file_name"]).is_file()
+        assert (run / "release" / rec["file_name"]).is_file()
         assert rec["source_site"] in second["ledger"] and 0 < rec["privacy"]["epsilon"] < float("inf")
         assert set(rec["scores"]) >= {"quality", "uncertainty", "novelty"} and rec["acquisition"]["reason"]
-    assert (tmp_path / "run" / "figures" / "release-round-001.png").is_file()
+    assert (run / "figures" / "release-round-001.png").is_file()
