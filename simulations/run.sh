@@ -24,7 +24,9 @@ fi
 cmd="${1:-demo}"; shift || true
 case "$cmd" in
   # Two workers on two cores: the end-to-end tests spend much of their time waiting on Flower's processes, so two
-  # at a time nearly halve the suite (tests/conftest.py shares its one smoke federation between the workers).
-  test) exec "$venv/bin/python" -m pytest -n "${DIFUSAL_TEST_WORKERS:-2}" "$@" ;;
+  # at a time nearly halve the suite (tests/conftest.py shares its federations between the workers and runs the
+  # end-to-end tests first). --maxschedchunk 1: the workers take the tests from one queue, one at a time, so the
+  # two share the Flower tests instead of one worker holding a chunk of them while the other runs out.
+  test) exec "$venv/bin/python" -m pytest -n "${DIFUSAL_TEST_WORKERS:-2}" --dist load --maxschedchunk 1 "$@" ;;
   *)    exec "$venv/bin/difusal" "$cmd" "$@" ;;
 esac
