@@ -239,10 +239,15 @@ def public_brain_features(regressor: GARegressor, *, n_per_profile: int = DESIGN
     for k, profile in enumerate(SCANNER_PROFILES):
         recs = make_phantoms(n_per_profile, size=regressor.image_size, seed=seed * 1000 + k, profile=profile,
                              plane_probs=probs, site="public", id_prefix=f"public-design-{profile}")
-        x = torch.from_numpy(np.stack([r.image for r in recs])).float()[:, None] / 127.5 - 1.0
-        with torch.no_grad():
-            feats.append(regressor.backbone(x).double().numpy())
+        feats.append(_features(regressor, recs))
     return np.concatenate(feats)
+
+
+def _features(regressor: GARegressor, records: list) -> np.ndarray:
+    """The frozen backbone's features ``[n, d]`` of ``records``' images (uint8, scaled to [-1, 1])."""
+    x = torch.from_numpy(np.stack([r.image for r in records])).float()[:, None] / 127.5 - 1.0
+    with torch.no_grad():
+        return regressor.backbone(x).double().numpy()
 
 
 def public_real_features(regressor: GARegressor, source: str, root: str, *, plane: str | None = "fetal_brain"
@@ -252,19 +257,19 @@ def public_real_features(regressor: GARegressor, source: str, root: str, *, plan
     from common.core.records import PLANES
     from common.data.loaders import load_source
 
+    if plane is not None and plane not in PLANES:
+        raise ConfigError(f"unknown plane {plane!r}; one of {PLANES}")
     recs = load_source(source, root, image_size=regressor.image_size).records
     if plane is not None:
         recs = [r for r in recs if r.plane == PLANES.index(plane)]
     if len(recs) < 2:
         raise ConfigError(f"{source} at {root}: {len(recs)} images of plane {plane!r}; the design needs at least 2")
-    x = torch.from_numpy(np.stack([r.image for r in recs])).float()[:, None] / 127.5 - 1.0
-    with torch.no_grad():
-        return regressor.backbone(x).double().numpy()
+    return _features(regressor, recs)
 
 
 def design_from_features(features: np.ndarray, *, image_size: int, dims: int, spacing_scale: float,
                          row_scale: float, target_scale: float) -> StatisticsDesign:
-    """The public design (see the module docstring) from public brain phantoms' features."""
+    """The public design (see the module docstring) from public images' features (brain phantoms by default)."""
     if not 1 <= dims <= 64:
         raise ConfigError(f"dims={dims!r} must be in 1..64")
     if not min(target_scale, row_scale, spacing_scale) > 0:
