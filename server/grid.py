@@ -3,9 +3,10 @@
 Flower's ``HttpGrid`` (the ServerApp's link to a deployed SuperLink) sleeps 3 s between two pulls of replies, so each
 exchange of messages (a training round, an evaluation, a query, each of SecAgg+'s four stages, each DP-FedSGD
 sub-round of the distributed classifier) ends on a 3 s tick after its last reply arrived: 1.5 s lost on average per
-exchange, about 50 s a round with the distributed classifier's seven sub-rounds. :class:`PromptGrid` pushes and pulls
-through the same grid but polls after 0.1 s, backing off to at most 1 s, with Flower's semantics otherwise (all
-replies, or what arrived by ``timeout``; ``None`` waits for all). Everything else is delegated.
+exchange (an estimate: some 30 exchanges and 45 s a round with the distributed classifier's seven sub-rounds).
+:class:`PromptGrid` pushes and pulls through the same grid but polls after 0.1 s, backing off to at most 1 s, with
+Flower's semantics otherwise (all replies, or what arrived by ``timeout``; ``None`` waits for all). Everything else is
+delegated.
 """
 
 from __future__ import annotations
