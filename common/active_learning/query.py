@@ -22,6 +22,7 @@ from common.core.config import RunConfig
 from common.core.errors import ReplyValidationError
 from common.core.records import PLANES, UltrasoundRecord
 from common.models.bundle import ModelBundle, federated_arrays, load_federated_arrays
+from common.privacy.distributed_dp import central_and_local_epsilon
 
 if TYPE_CHECKING:
     from common.privacy.ledger import PrivacyLedger
@@ -173,9 +174,8 @@ def scoring_privacy(ledger: "PrivacyLedger") -> dict[str, Any]:
     secure sums and what follows from them, the release included) and the local one this site keeps if the server and
     every other site collude, from the site's ledger."""
     entry = ledger.summary()["classifier"]
-    distributed = entry.get("distributed") or {}
-    return {"model": "classifier", "central_epsilon": float(entry["epsilon"]),
-            "local_epsilon": float(distributed.get("local_epsilon", entry["epsilon"])), "delta": float(entry["delta"])}
+    central, local = central_and_local_epsilon(entry)
+    return {"model": "classifier", "central_epsilon": central, "local_epsilon": local, "delta": float(entry["delta"])}
 
 
 def _check_scoring(scoring: object, *, who: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from common.privacy.distributed_dp import plan_from_record
+from common.privacy.distributed_dp import central_and_local_epsilon, plan_from_record
 
 # Carlini et al. 2023, CIFAR-10 experiments: l(x^, x; S) = l2(x^, x) / (alpha * mean_{y in S} l2(x^, y)), S the
 # n nearest training images, alpha = 0.5, n = 50. We report the ratio d_1 / mean(d_2..d_{n+1}) (S without the
@@ -484,9 +484,7 @@ def _release_claims(records: Sequence[Mapping[str, Any]], by_round: Mapping[int,
             under.append(str(rec.get("id")))
         scoring = priv.get("scoring")
         if isinstance(scoring, Mapping):  # the distributed classifier that scored it: no figure below the ledger's
-            entry = (ledger.get(site) or {}).get("classifier") or {}
-            central = float(entry.get("epsilon") or 0.0)
-            local = float((entry.get("distributed") or {}).get("local_epsilon") or central)
+            central, local = central_and_local_epsilon((ledger.get(site) or {}).get("classifier") or {})
             if (float(scoring.get("central_epsilon", -1.0)) < central - 1e-6
                     or float(scoring.get("local_epsilon", -1.0)) < local - 1e-6):
                 under_scoring.append(str(rec.get("id")))

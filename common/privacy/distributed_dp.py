@@ -253,6 +253,15 @@ def plan_from_record(d: Mapping[str, Any]) -> DistributedPlan:
                            max_examples=int(d.get("max_examples", 1)))
 
 
+def central_and_local_epsilon(entry: Mapping[str, Any]) -> tuple[float, float]:
+    """``(central, local)`` epsilon of a model's ledger entry (``PrivacyLedger.summary()[model]`` or its record in a
+    round's ledger): the entry's epsilon is the central figure, and a model without a distributed part keeps it
+    locally too. One rule for the site's certificate and the audit's check of it."""
+    central = float(entry.get("epsilon") or 0.0)
+    local = (entry.get("distributed") or {}).get("local_epsilon")
+    return central, central if local is None else float(local)
+
+
 def min_shares(cfg: RunConfig) -> int:
     """The fewest sites' noise shares an unmasked sum of the distributed classifier may hold:
     ``ceil(privacy.distributed-min-shares x data.num-sites)``, at least 2."""
