@@ -10,7 +10,7 @@ import pytest
 from common.core.config import RunConfig
 from common.data.sites import load_site
 from simulations.config_args import count_sites
-from simulations.experiments.release_quality import release_quality
+from simulations.experiments.release_quality import L2_GRID, SYNTHETIC_WEIGHTS, release_quality
 
 
 def test_a_run_without_a_release_reports_train_on_real_and_no_release_figures(tmp_path: Path) -> None:
@@ -88,7 +88,73 @@ def test_every_site_gets_its_real_and_real_plus_release_figures(tmp_path: Path) 
             fig = row["by_site"][s.name]
             assert fig["n"] == len(s.train) and 0.0 <= fig["real"] <= 1.0 and 0.0 <= fig["real_plus_synthetic"] <= 1.0
         assert row["sites_not_worse"] == sum(v["real_plus_synthetic"] >= v["real"] for v in row["by_site"].values())
+        # each site's cross-validated weight for the release is on the grid; weight 0 is the site alone
+        for fig in row["by_site"].values():
+            assert fig["weight_cv"] in SYNTHETIC_WEIGHTS and 0.0 <= fig["real_plus_synthetic_cv"] <= 1.0
+            if fig["weight_cv"] == 0.0:
+                assert fig["real_plus_synthetic_cv"] == fig["real"]
+        assert row["sites_not_worse_cv"] == sum(v["real_plus_synthetic_cv"] >= v["real"]
+                                                for v in row["by_site"].values())
+        assert row["l2_real"] in L2_GRID and 0.0 <= row["real_pooled_cv"] <= 1.0
         smallest = row["by_site"][row["smallest_site"]]
         assert (smallest["real"], smallest["real_plus_synthetic"]) == (row["real_only_smallest"],
                                                                         row["real_plus_synthetic_smallest"])
     assert rows[0]["fd_matched"] is None  # 6 and 12 images: below the matched size
+
+
+def _blobs(rng, n: int, planes: list[int], *, shift: float = 3.0, dim: int = 8):
+    """Gaussian features, one mean per plane (``shift`` apart along its own axis), labels from ``planes``."""
+    import numpy as np
+
+    y = np.array([planes[i % len(planes)] for i in range(n)])
+    z = rng.normal(size=(n, dim)).astype(np.float32)
+    for k, p in enumerate(planes):
+        z[y == p, k] += shift
+    return z, y
+
+
+def test_a_site_weighs_a_mislabelled_release_out_and_a_faithful_one_in() -> None:
+    # Prepare: a site's 30 real images (its own groups: one image each) and two releases of 60 images from the same
+    # plane means: one labelled right, one with every label moved to the next plane
+    import numpy as np
+
+    from simulations.experiments.release_quality import choose_synthetic_weight
+
+    rng = np.random.default_rng(0)
+    planes = [0, 1, 2]
+    z, y = _blobs(rng, 30, planes, shift=1.5)
+    groups = [[i] for i in range(len(y))]
+    syn_z, syn_y = _blobs(rng, 60, planes, shift=1.5)
+    wrong_y = np.array([planes[(planes.index(int(p)) + 1) % 3] for p in syn_y])
+    # Execute
+    faithful = choose_synthetic_weight(z, y, groups, syn_z, syn_y, planes)
+    mislabelled = choose_synthetic_weight(z, y, groups, syn_z, wrong_y, planes)
+    # Assert: the held-out real images decide; a release that teaches the wrong planes gets no weight
+    assert mislabelled == 0.0
+    assert faithful > 0.0
+
+
+def test_the_probe_weights_rows_as_their_copies_would() -> None:
+    # Prepare: a small labelled set, and the same set with its first 10 rows written twice
+    import numpy as np
+    import torch
+
+    from common.models.features import fit_softmax
+
+    rng = np.random.default_rng(1)
+    z, y = _blobs(rng, 40, [0, 1, 2], shift=1.0)
+    zt, yt = torch.from_numpy(z), torch.from_numpy(y)
+    twice = fit_softmax(torch.cat([zt, zt[:10]]), torch.cat([yt, yt[:10]]), num_classes=3, l2=1e-3)
+    # Execute
+    weighted = fit_softmax(zt, yt, num_classes=3, l2=1e-3, weight=torch.tensor([2.0] * 10 + [1.0] * 30))
+    ones = fit_softmax(zt, yt, num_classes=3, l2=1e-3, weight=torch.ones(40))
+    dropped = fit_softmax(zt, yt, num_classes=3, l2=1e-3, weight=torch.tensor([0.0] * 10 + [1.0] * 30))
+    # Assert: weight 2 = a row written twice; weights of 1 = the plain fit; weight 0 = the row left out
+    plain = fit_softmax(zt, yt, num_classes=3, l2=1e-3)
+    without = fit_softmax(zt[10:], yt[10:], num_classes=3, l2=1e-3)
+    for a, b in ((weighted, twice), (ones, plain), (dropped, without)):
+        assert torch.allclose(a.weight, b.weight, atol=1e-3) and torch.allclose(a.bias, b.bias, atol=1e-3)
+    assert not torch.allclose(plain.weight, twice.weight, atol=1e-2)
+    for bad in (torch.ones(39), torch.full((40,), -1.0), torch.zeros(40), torch.full((40,), float("nan"))):
+        with pytest.raises(ValueError, match="one finite non-negative number per row"):
+            fit_softmax(zt, yt, num_classes=3, l2=1e-3, weight=bad)

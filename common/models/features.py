@@ -472,9 +472,17 @@ def public_head_file(image_size: int) -> str:
     return f"public_head_{int(image_size)}.safetensors"
 
 
-def fit_softmax(z: Tensor, y: Tensor, *, num_classes: int, l2: float, max_iter: int = 200) -> nn.Linear:
+def fit_softmax(z: Tensor, y: Tensor, *, num_classes: int, l2: float, max_iter: int = 200,
+                weight: Tensor | None = None) -> nn.Linear:
     """Non-private multinomial logistic regression on fixed features ``z`` (zero init, full-batch L-BFGS, L2 ``l2``
-    on the weights)."""
+    on the weights). ``weight`` (one non-negative number per row, not all zero) makes the loss the weighted mean of the
+    rows' cross-entropies; ``None`` is the plain mean."""
+    if weight is not None:
+        weight = torch.as_tensor(weight, dtype=z.dtype)
+        if weight.shape != (len(z),) or not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()) \
+                or float(weight.sum()) <= 0:
+            raise ValueError(f"weight must hold one finite non-negative number per row ({len(z)}), not all zero; "
+                             f"got shape {tuple(weight.shape)}")
     head = nn.Linear(z.shape[1], num_classes)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
@@ -482,7 +490,9 @@ def fit_softmax(z: Tensor, y: Tensor, *, num_classes: int, l2: float, max_iter: 
 
     def closure() -> Tensor:
         opt.zero_grad()
-        loss = F.cross_entropy(head(z), y) + l2 * head.weight.pow(2).sum()
+        ce = F.cross_entropy(head(z), y) if weight is None else \
+            (F.cross_entropy(head(z), y, reduction="none") * weight).sum() / weight.sum()
+        loss = ce + l2 * head.weight.pow(2).sum()
         loss.backward()
         return loss
 

@@ -79,20 +79,21 @@ def build_extractor(name: str, encoder: Path) -> fx.FeatureExtractor:
 
 
 # -- folds -------------------------------------------------------------------------------------------------------
-def grouped_stratified_folds(labels: np.ndarray, groups: Sequence[Sequence[int]], k: int, seed: int
-                             ) -> list[np.ndarray]:
-    """Assign whole groups to ``k`` folds, greedily balancing per-class counts (largest groups first).
+def grouped_stratified_folds(labels: np.ndarray, groups: Sequence[Sequence[int]], k: int, seed: int, *,
+                             num_classes: int = NUM_CLASSES) -> list[np.ndarray]:
+    """Assign whole groups to ``k`` folds, greedily balancing per-class counts (largest groups first); ``labels`` lie
+    in ``0 .. num_classes - 1``.
 
     Returns the record indices of each fold; no group is split.
     """
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(groups))
     order = sorted(order, key=lambda g: -len(groups[g]))
-    counts = np.zeros((k, NUM_CLASSES))
-    target = np.bincount(labels, minlength=NUM_CLASSES) / k
+    counts = np.zeros((k, num_classes))
+    target = np.bincount(labels, minlength=num_classes) / k
     folds: list[list[int]] = [[] for _ in range(k)]
     for g in order:
-        hist = np.bincount(labels[list(groups[g])], minlength=NUM_CLASSES)
+        hist = np.bincount(labels[list(groups[g])], minlength=num_classes)
         # the increase of the squared distance to the per-class target (not its value after the move, which keeps
         # filling a fold already at its target rather than an empty one); ties go to the smaller fold
         cost = [((counts[f] + hist - target) ** 2 - (counts[f] - target) ** 2).sum() + 1e-3 * len(folds[f])

@@ -30,22 +30,30 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from common.active_learning.release import load_release_records
 from common.active_learning.vote_query import vote_embedder
 from common.analysis.image_metrics import kernel_inception_distance
 from common.analysis.metrics import frechet_distance
 from common.core.config import RunConfig
+from common.data.partition import case_groups
 from common.data.sites import load_site
 from common.federated.round_metrics import failed_replies
 from common.models.features import fit_softmax
 from simulations.config_args import count_sites
+from simulations.experiments.extractors import grouped_stratified_folds
 
 L2 = 1e-3  # the probes' weight decay (fixed, not tuned on the test images)
 MATCHED_N = 32  # images in the size-matched figures: below every acquisition and private-evolution release at round 3
 # measured so far (36-72 images on the African and phantom presets; private evolution's smallest: 41 at 64 px)
 MATCHED_DRAWS = 20
 MATCHED_SEED = 0
+# The cross-validated variants (``*_cv``): every choice made on the probe's own training rows, never the test images.
+SYNTHETIC_WEIGHTS = (0.0, 0.1, 0.25, 0.5, 1.0)  # a released image's weight beside a site's own (1 = the plain pool)
+L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+CV_FOLDS = 3
+CV_SEED = 0
 
 
 def subset_mean(z: np.ndarray, y: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], float | None], *,
@@ -62,18 +70,73 @@ def subset_mean(z: np.ndarray, y: np.ndarray, fn: Callable[[np.ndarray, np.ndarr
     return float(np.mean(vals)) if vals else None
 
 
-def _probe(train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray, test_y: np.ndarray, planes: list[int]
-           ) -> float | None:
-    """Accuracy on (test_z, test_y) of a softmax fitted on (train_z, train_y), over the in-scope planes."""
-    if len(train_y) == 0 or len(set(train_y.tolist())) < 2:
+def _fit(train_z: np.ndarray, train_y: np.ndarray, planes: list[int], *, l2: float = L2,
+         weight: np.ndarray | None = None) -> torch.nn.Linear | None:
+    """A softmax over the in-scope ``planes`` fitted on (train_z, train_y) (rows weighted by ``weight``), ``None``
+    when the training rows hold fewer than two planes."""
+    keep = np.isin(train_y, planes)
+    if len(set(train_y[keep].tolist())) < 2:
         return None
     index = {p: i for i, p in enumerate(planes)}
-    keep = np.isin(train_y, planes)
-    head = fit_softmax(torch.from_numpy(train_z[keep]), torch.tensor([index[int(p)] for p in train_y[keep]]),
-                       num_classes=len(planes), l2=L2)
+    return fit_softmax(torch.from_numpy(train_z[keep]), torch.tensor([index[int(p)] for p in train_y[keep]]),
+                       num_classes=len(planes), l2=l2,
+                       weight=None if weight is None else torch.from_numpy(weight[keep].astype(train_z.dtype)))
+
+
+def _probe(train_z: np.ndarray, train_y: np.ndarray, test_z: np.ndarray, test_y: np.ndarray, planes: list[int], *,
+           l2: float = L2, weight: np.ndarray | None = None) -> float | None:
+    """Accuracy on (test_z, test_y) of :func:`_fit`'s softmax, over the in-scope planes."""
+    head = _fit(train_z, train_y, planes, l2=l2, weight=weight)
+    if head is None:
+        return None
     with torch.no_grad():
         pred = head(torch.from_numpy(test_z)).argmax(1).numpy()
     return float(np.mean(np.array(planes)[pred] == test_y))
+
+
+def _cv_nll(z: np.ndarray, y: np.ndarray, groups: list[list[int]], planes: list[int], *, l2: float = L2,
+            extra: tuple[np.ndarray, np.ndarray, float] | None = None) -> float:
+    """Held-out cross-entropy of :func:`_fit`'s softmax, mean over :data:`CV_FOLDS` plane-stratified folds of (z, y)
+    that never split a group; ``extra`` = (z, y, weight) rows join every fold's training rows at that weight (a
+    weight of 0 leaves them out). Only (z, y) is ever held out. Rows outside ``planes`` are ignored."""
+    keep = np.flatnonzero(np.isin(y, planes))
+    index = {p: i for i, p in enumerate(planes)}
+    pos = {int(i): k for k, i in enumerate(keep)}
+    sub_groups = [[pos[i] for i in g if i in pos] for g in groups]
+    labels = np.array([index[int(p)] for p in y[keep]])
+    folds = grouped_stratified_folds(labels, [g for g in sub_groups if g], CV_FOLDS, seed=CV_SEED,
+                                     num_classes=len(planes))
+    losses = []
+    for fold in folds:
+        train = np.setdiff1d(np.arange(len(keep)), fold)
+        tz, ty, tw = z[keep][train], y[keep][train], np.ones(len(train))
+        if extra is not None and extra[2] > 0:
+            tz, ty = np.concatenate([tz, extra[0]]), np.concatenate([ty, extra[1]])
+            tw = np.concatenate([tw, np.full(len(extra[1]), extra[2])])
+        head = _fit(tz, ty, planes, l2=l2, weight=tw)
+        if head is None or len(fold) == 0:
+            continue
+        with torch.no_grad():
+            losses.append(float(F.cross_entropy(head(torch.from_numpy(z[keep][fold])),
+                                                torch.from_numpy(labels[fold]))))
+    if not losses:
+        raise ValueError(f"no cross-validation fold could be fitted on {len(keep)} images of planes {planes}")
+    return float(np.mean(losses))
+
+
+def choose_l2(z: np.ndarray, y: np.ndarray, groups: list[list[int]], planes: list[int]) -> float:
+    """The probe's L2 from :data:`L2_GRID` with the lowest :func:`_cv_nll` on its own training rows (ties: the
+    first)."""
+    nll = [_cv_nll(z, y, groups, planes, l2=l2) for l2 in L2_GRID]
+    return L2_GRID[int(np.argmin(nll))]
+
+
+def choose_synthetic_weight(z: np.ndarray, y: np.ndarray, groups: list[list[int]], syn_z: np.ndarray,
+                            syn_y: np.ndarray, planes: list[int]) -> float:
+    """The weight of a released image relative to one of the site's own, from :data:`SYNTHETIC_WEIGHTS` (0 = leave
+    the release out), with the lowest :func:`_cv_nll` on the site's own real images (ties: the smaller weight)."""
+    nll = [_cv_nll(z, y, groups, planes, extra=(syn_z, syn_y, w)) for w in SYNTHETIC_WEIGHTS]
+    return SYNTHETIC_WEIGHTS[int(np.argmin(nll))]
 
 
 def release_quality(run_dir: Path) -> list[dict[str, Any]]:
@@ -92,9 +155,12 @@ def release_quality(run_dir: Path) -> list[dict[str, Any]]:
                  for s in sites}
     site_alone = {name: _probe(z, y, test_z, test_y, planes) for name, (z, y) in site_real.items()}
     real_only = site_alone[smallest.name]
+    site_groups = {s.name: case_groups(s.train) for s in sites}
     pooled = [r for s in sites for r in s.train]  # the reference a release is read against: train on real
-    real_pooled = _probe(embed(np.stack([r.image for r in pooled])), np.array([r.plane for r in pooled]), test_z,
-                         test_y, planes)
+    pooled_z, pooled_y = embed(np.stack([r.image for r in pooled])), np.array([r.plane for r in pooled])
+    real_pooled = _probe(pooled_z, pooled_y, test_z, test_y, planes)
+    l2_real = choose_l2(pooled_z, pooled_y, case_groups(pooled), planes)
+    real_pooled_cv = _probe(pooled_z, pooled_y, test_z, test_y, planes, l2=l2_real)
     records = load_release_records(run_dir / "release") if (run_dir / "release" / "metadata.jsonl").is_file() else []
     out = []
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -109,6 +175,7 @@ def release_quality(run_dir: Path) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"round": rnd, "release_size": len(upto), "real_only_smallest": real_only,
                                "smallest_site": smallest.name, "smallest_n": len(smallest.train),
                                "real_pooled": real_pooled, "real_pooled_n": len(pooled),
+                               "real_pooled_cv": real_pooled_cv, "l2_real": l2_real,
                                "failed_site_replies": failed[rnd]}
         if len(upto) >= 2:
             z, y = embed(np.stack([r.image for r in upto])), np.array([r.plane for r in upto])
@@ -122,11 +189,31 @@ def release_quality(run_dir: Path) -> list[dict[str, Any]]:
                        matched_n=MATCHED_N,
                        fd_matched=subset_mean(z, y, lambda zs, _: frechet_distance(test_z, zs)),
                        synthetic_only_matched=subset_mean(z, y, lambda zs, ys: _probe(zs, ys, test_z, test_y, planes)))
-            row.update(by_site=by_site, sites_not_worse=sum(
-                v["real"] is not None and v["real_plus_synthetic"] is not None
-                and v["real_plus_synthetic"] >= v["real"] for v in by_site.values()), sites=len(by_site))
+            for name, (sz, sy) in site_real.items():  # each site weighs the release by its own images' CV
+                w = choose_synthetic_weight(sz, sy, site_groups[name], z, y, planes)
+                by_site[name].update(weight_cv=w, real_plus_synthetic_cv=site_alone[name] if w == 0 else _probe(
+                    np.concatenate([sz, z]), np.concatenate([sy, y]), test_z, test_y, planes,
+                    weight=np.concatenate([np.ones(len(sy)), np.full(len(y), w)])))
+            l2_syn = _cv_or_none(lambda: choose_l2(z, y, [[i] for i in range(len(y))], planes))
+            row.update(by_site=by_site, sites=len(by_site),
+                       sites_not_worse=_not_worse(by_site, "real_plus_synthetic"),
+                       sites_not_worse_cv=_not_worse(by_site, "real_plus_synthetic_cv"), l2_synthetic=l2_syn,
+                       synthetic_only_cv=None if l2_syn is None else _probe(z, y, test_z, test_y, planes, l2=l2_syn))
         out.append(row)
     return out
+
+
+def _not_worse(by_site: dict[str, dict[str, Any]], key: str) -> int:
+    """How many sites score at least as well with the release (``by_site[...][key]``) as on their own images."""
+    return sum(v["real"] is not None and v[key] is not None and v[key] >= v["real"] for v in by_site.values())
+
+
+def _cv_or_none(choice: Callable[[], float]) -> float | None:
+    """``choice()``, or ``None`` when a release too small for the folds leaves none of them fittable."""
+    try:
+        return choice()
+    except ValueError:
+        return None
 
 
 def _rounds(run_dir: Path, upto: int) -> list[int]:
