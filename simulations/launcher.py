@@ -231,6 +231,71 @@ def write_connection(flwr_home: Path, *, port: int, num_sites: int, cpus_per_sit
     )
 
 
+SIMULATION_PROCESS = "flwr-simulation"  # Flower's process that runs the ServerApp and the simulated ClientApps
+LOST_SERVER_GRACE_S = 10.0
+
+
+class LostServerMonitor:
+    """Stops ``flwr run --stream`` soon after the process that runs the ServerApp dies without finishing the run.
+
+    Flower's SuperLink learns that this process is gone only when two 30 s heartbeats are missed, and the stream waits
+    for it: a run whose server was killed (``kill -9``, out of memory) used to hang about a minute before it reported
+    failure. This thread watches the SuperLink's descendants for :data:`SIMULATION_PROCESS`; once the one it saw has
+    been gone for ``grace_s`` and the run folder's status does not say finished, it sends SIGTERM to the process group
+    of ``flwr run`` (:meth:`watch`) and sets :attr:`lost`. A run that finished is never touched.
+    """
+
+    def __init__(self, superlink_pid: int, run_dir: Path, *, grace_s: float = LOST_SERVER_GRACE_S,
+                 poll_s: float = 1.0) -> None:
+        self.superlink_pid, self.run_dir, self.grace_s, self.poll_s = superlink_pid, Path(run_dir), grace_s, poll_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, run_pid: int) -> None:
+        """Start watching; ``run_pid`` leads the process group to stop (``flwr run``, started in its own session)."""
+        self._thread = threading.Thread(target=self._watch, args=(run_pid,), daemon=True, name="lost-server-monitor")
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5 * self.poll_s)
+
+    def _simulation_running(self) -> bool:
+        import psutil
+
+        try:
+            children = psutil.Process(self.superlink_pid).children(recursive=True)
+        except psutil.Error:
+            return False
+        for child in children:
+            try:
+                if any(SIMULATION_PROCESS in part for part in child.cmdline()[:2]) and \
+                        child.status() != psutil.STATUS_ZOMBIE:
+                    return True
+            except psutil.Error:
+                continue
+        return False
+
+    def _watch(self, run_pid: int) -> None:
+        seen, gone_at = False, None
+        while not self._stop.wait(self.poll_s):
+            if self._simulation_running():
+                seen, gone_at = True, None
+                continue
+            if not seen:
+                continue
+            gone_at = time.monotonic() if gone_at is None else gone_at
+            if time.monotonic() - gone_at >= self.grace_s and not finished(self.run_dir):
+                self.lost = True
+                try:
+                    os.killpg(run_pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                return
+
+
 def run_simulation(
     cfg: RunConfig,
     *,
@@ -286,9 +351,21 @@ def run_simulation(
         app_dir = stage_app(layout.app, overlay)
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream",
                "--run-config", str(write_run_config(cfg, flwr_home, resume=resume))]
-        rc = run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s,
-                         on_start=dog.adopt, events=events, on_line=on_line)
+        monitor = LostServerMonitor(link.pid, run_dir)
+
+        def started(pid: int) -> None:
+            dog.adopt(pid)
+            monitor.watch(pid)
+
+        try:
+            rc = run_and_tee(cmd, env=env, log_file=logs / "flwr-run.log", echo=echo, timeout_s=timeout_s,
+                             on_start=started, events=events, on_line=on_line)
+        finally:
+            monitor.close()
     rc, reason = outcome(run_dir, rc)
+    if monitor.lost and reason:
+        reason = (f"the process running the server ({SIMULATION_PROCESS}) exited without finishing the run (killed, "
+                  f"or out of memory); stopped waiting {monitor.grace_s:.0f} s later. {reason}")
     return LaunchResult(returncode=rc, run_dir=run_dir, wall_s=time.perf_counter() - t0, log_file=logs / "flwr-run.log",
                         reason=reason)
 

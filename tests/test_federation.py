@@ -84,6 +84,8 @@ def test_resume_after_kill_reaches_the_uninterrupted_result(al_run: tuple[dict, 
     # Assert: the models, the ledgers and the release equal the uninterrupted run's
     assert resumed.returncode == 0, resumed.log_file.read_text()[-3000:]
     assert crash.returncode != 0 and after_crash == ["round-001"]
+    # the launcher saw the server's process die and stopped waiting for Flower's heartbeat timeout
+    assert "flwr-simulation) exited without finishing the run" in crash.reason, crash.reason
     a = load_federated_file(full / "checkpoints" / "round-002")
     b = load_federated_file(tmp_path / "killed" / "checkpoints" / "round-002")
     assert a.keys() == b.keys()

@@ -163,3 +163,45 @@ def test_a_dismissed_watchdog_leaves_the_processes_it_watched_alone(tmp_path: Pa
     finally:
         os.kill(sleeper.pid, signal.SIGKILL)
         sleeper.wait()
+
+
+def _fake_superlink(tmp_path: Path, server_s: float) -> subprocess.Popen[bytes]:
+    """A stand-in SuperLink whose child runs as ``flwr-simulation`` for ``server_s`` seconds, then exits."""
+    server = tmp_path / "flwr-simulation"
+    server.write_text(f"import time\ntime.sleep({server_s})\n")
+    code = f"import subprocess, sys, time; subprocess.run([sys.executable, {str(server)!r}]); time.sleep(60)"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+@pytest.mark.parametrize("finished", [False, True])
+def test_a_run_whose_server_process_died_unfinished_is_stopped_and_a_finished_one_is_not(tmp_path: Path,
+                                                                                        finished: bool) -> None:
+    # Prepare: a SuperLink stand-in whose server process lives 1.5 s; `flwr run` stand-in: a sleep in its own session
+    import time
+
+    from simulations.launcher import LostServerMonitor
+
+    if finished:
+        (tmp_path / "status.json").write_text(json.dumps({"state": "finished"}))
+    link = _fake_superlink(tmp_path, 1.5)
+    run = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    monitor = LostServerMonitor(link.pid, tmp_path, grace_s=0.5, poll_s=0.1)
+    try:
+        # Execute
+        monitor.watch(run.pid)
+        try:
+            code = run.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            code = None
+        time.sleep(0.3)
+    finally:
+        monitor.close()
+        for proc in (run, link):
+            proc.kill()
+            proc.wait()
+    # Assert: the server gone while the run is unfinished stops `flwr run` (SIGTERM) well before Flower's heartbeat
+    # timeout would; a finished run is left to end by itself
+    if finished:
+        assert code is None and not monitor.lost
+    else:
+        assert code == -15 and monitor.lost
