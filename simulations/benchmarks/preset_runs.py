@@ -143,10 +143,11 @@ def _stat(values: Sequence[float]) -> dict[str, Any]:
             "n": len(a)}
 
 
-def launch(data: str, data_root: str, seed: int, extra: Sequence[str], name: str = "") -> Path:
-    """Run the product once (into ``runs/preset-<data>[-<name>]-s<seed>``); returns its run folder."""
+def launch(data: str, data_root: str, seed: int, extra: Sequence[str], name: str = "", prior: str = "shipped"
+           ) -> Path:
+    """Run the product once (into ``runs/preset-<data>[-<name>]-s<seed>``) from ``prior``; returns its run folder."""
     run_dir = ROOT / "runs" / f"preset-{data}{'-' + name if name else ''}-s{seed}"
-    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--preset", "demo", "--prior", "shipped",
+    cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--preset", "demo", "--prior", prior,
            "--data", data, "--data-root", data_root, "--seed", str(seed), "--run-dir", str(run_dir), "--no-report",
            *extra]
     print(" ".join(cmd), flush=True)
@@ -160,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data-root", default="")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--set", action="append", default=[], help="extra --set KEY=VALUE for every run")
+    p.add_argument("--prior", default="shipped", help="the prior folder every run starts from (default: the shipped "
+                   "one at the run's image size)")
     p.add_argument("--name", default="", help="names the run folders (runs/preset-<data>-<name>-s<seed>), so that "
                    "arms with different --set do not share one")
     p.add_argument("--summarise", nargs="+", type=Path, help="summarise these finished run folders instead")
@@ -176,7 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.data_root:
             p.error("--data-root is needed to launch runs (the dataset folder in its published layout)")
         extra = [x for kv in args.set for x in ("--set", kv)]
-        dirs = [launch(args.data, args.data_root, int(s), extra, args.name) for s in args.seeds.split(",")]
+        dirs = [launch(args.data, args.data_root, int(s), extra, args.name, args.prior) for s in args.seeds.split(",")]
         command = " ".join(["python -m simulations.benchmarks.preset_runs", *(argv or sys.argv[1:])])
     runs = [read_run(d) for d in dirs]
     report = {"benchmark": "preset_runs", "command": command, "machine": machine_info(), "note": args.note,
