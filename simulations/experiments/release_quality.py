@@ -17,6 +17,11 @@ releases differ in size (private evolution keeps fewer images than acquisition) 
 fixed size: ``fd_matched`` and ``synthetic_only_matched`` are the means over :data:`MATCHED_DRAWS` random subsets of
 :data:`MATCHED_N` released images (a fixed public seed), ``None`` for a smaller release.
 
+The ``*_cv`` figures make the probes' choices by cross-validation on their own training rows (never the test
+images): ``weight_cv`` is the weight a site would give a released image beside one of its own (0 leaves the release
+out), chosen on 3 plane-stratified, case-grouped folds of the site's own images (``real_plus_synthetic_cv``,
+``sites_not_worse_cv``); ``synthetic_only_cv`` and ``real_pooled_cv`` use the L2 weight chosen the same way.
+
     python -m simulations.experiments.release_quality RUN_DIR [RUN_DIR ...]
 """
 
