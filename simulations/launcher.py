@@ -363,7 +363,7 @@ def run_simulation(
         finally:
             monitor.close()
     rc, reason = outcome(run_dir, rc)
-    if monitor.lost and reason:
+    if monitor.lost and run_status(run_dir).get("state") != "failed":  # a server that failed cleanly said why
         reason = (f"the process running the server ({SIMULATION_PROCESS}) exited without finishing the run (killed, "
                   f"or out of memory); stopped waiting {monitor.grace_s:.0f} s later. {reason}")
     return LaunchResult(returncode=rc, run_dir=run_dir, wall_s=time.perf_counter() - t0, log_file=logs / "flwr-run.log",
