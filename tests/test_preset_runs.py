@@ -95,3 +95,21 @@ def test_an_arm_is_compared_with_a_baseline_seed_by_seed(tmp_path: Path) -> None
     assert last["min"] == pytest.approx(0.03) and last["largest_seed_std"] == pytest.approx(0.0354, abs=1e-4)
     assert doc["paired"]["round_1"]["plane-accuracy"]["mean"] == pytest.approx(-0.05)
     assert doc["baseline"]["summary"]["round_2"]["plane-accuracy"]["n"] == 3
+
+
+def test_every_run_starts_from_the_prior_asked_for(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Prepare: record the commands instead of running them (the summary of the missing run folders then fails)
+    import subprocess
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **_: seen.append(list(cmd)))
+    # Execute
+    with pytest.raises(FileNotFoundError):
+        main(["--data", "african", "--data-root", str(tmp_path), "--seeds", "0,1", "--prior", str(tmp_path / "prior"),
+              "--name", "p",
+              "--out", str(tmp_path / "out.json")])
+    # Assert: each seed's `difusal simulate` gets that prior, in its own named run folder
+    assert len(seen) == 2
+    for seed, cmd in enumerate(seen):
+        assert cmd[cmd.index("--prior") + 1] == str(tmp_path / "prior")
+        assert cmd[cmd.index("--run-dir") + 1].endswith(f"preset-african-p-s{seed}")
