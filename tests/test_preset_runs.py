@@ -106,8 +106,7 @@ def test_every_run_starts_from_the_prior_asked_for(monkeypatch: pytest.MonkeyPat
     # Execute
     with pytest.raises(FileNotFoundError):
         main(["--data", "african", "--data-root", str(tmp_path), "--seeds", "0,1", "--prior", str(tmp_path / "prior"),
-              "--name", "p",
-              "--out", str(tmp_path / "out.json")])
+              "--name", "p", "--out", str(tmp_path / "out.json")])
     # Assert: each seed's `difusal simulate` gets that prior, in its own named run folder
     assert len(seen) == 2
     for seed, cmd in enumerate(seen):
