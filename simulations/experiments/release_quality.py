@@ -47,7 +47,7 @@ from common.data.sites import load_site
 from common.federated.round_metrics import failed_replies
 from common.models.features import fit_softmax
 from simulations.config_args import count_sites
-from simulations.experiments.extractors import grouped_stratified_folds
+from simulations.experiments.extractors import _sub_groups, grouped_stratified_folds
 
 L2 = 1e-3  # the probes' weight decay (fixed, not tuned on the test images)
 MATCHED_N = 32  # images in the size-matched figures: below every acquisition and private-evolution release at round 3
@@ -106,10 +106,8 @@ def _cv_nll(z: np.ndarray, y: np.ndarray, groups: list[list[int]], planes: list[
     weight of 0 leaves them out). Only (z, y) is ever held out. Rows outside ``planes`` are ignored."""
     keep = np.flatnonzero(np.isin(y, planes))
     index = {p: i for i, p in enumerate(planes)}
-    pos = {int(i): k for k, i in enumerate(keep)}
-    sub_groups = [[pos[i] for i in g if i in pos] for g in groups]
     labels = np.array([index[int(p)] for p in y[keep]])
-    folds = grouped_stratified_folds(labels, [g for g in sub_groups if g], CV_FOLDS, seed=CV_SEED,
+    folds = grouped_stratified_folds(labels, _sub_groups(groups, keep)[0], CV_FOLDS, seed=CV_SEED,
                                      num_classes=len(planes))
     losses = []
     for fold in folds:
