@@ -126,3 +126,15 @@ def test_the_any_plane_arm_differs_from_private_evolution_only_by_class_awarenes
     assert pe.federation.pe_class_aware is True and anyplane.federation.pe_class_aware is False
     assert RunConfig.from_flat({**base, **al_loop.ARMS["private-evolution-any-plane"],
                                 "federation.pe-class-aware": True}) == pe
+
+
+def test_the_generator_any_plane_arm_differs_from_the_any_plane_arm_only_by_its_proposals() -> None:
+    from common.core.config import RunConfig
+
+    base = {"preset": "smoke", "run-dir": "", "prior": ""}
+    anyplane = RunConfig.from_flat({**base, **al_loop.ARMS["private-evolution-any-plane"]})
+    gen = RunConfig.from_flat({**base, **al_loop.ARMS["private-evolution-generator-any-plane"]})
+    assert gen.federation.pe_source == "generator" and anyplane.federation.pe_source == "phantom"
+    assert gen.federation.pe_class_aware is False
+    assert RunConfig.from_flat({**base, **al_loop.ARMS["private-evolution-generator-any-plane"],
+                                "federation.pe-source": "phantom"}) == anyplane

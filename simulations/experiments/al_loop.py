@@ -62,6 +62,10 @@ ARMS["private-evolution-top2"] = {**ARMS["private-evolution"], "federation.pe-vo
 # variant (not in the default --arms): a private image votes for its nearest candidate of any plane (the offline
 # study, pe_offline.py on the African training split, found a lower FD than class-aware votes in 13 of 15 folds x seeds)
 ARMS["private-evolution-any-plane"] = {**ARMS["private-evolution"], "federation.pe-class-aware": False}
+# variant (not in the default --arms): every candidate from the shared DP generator (SDEdit variations, no phantoms)
+# and votes among every plane: the votes select among the same kind of images acquisition releases
+ARMS["private-evolution-generator-any-plane"] = {**ARMS["private-evolution"], "federation.pe-source": "generator",
+                                                 "federation.pe-class-aware": False}
 DEFAULT_ARMS = ("none", "random", "acquisition", "private-evolution")
 
 
