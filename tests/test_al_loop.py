@@ -138,3 +138,5 @@ def test_the_generator_any_plane_arm_differs_from_the_any_plane_arm_only_by_its_
     assert gen.federation.pe_class_aware is False
     assert RunConfig.from_flat({**base, **al_loop.ARMS["private-evolution-generator-any-plane"],
                                 "federation.pe-source": "phantom"}) == anyplane
+    assert RunConfig.from_flat({**base, **al_loop.ARMS["private-evolution-generator-only"],
+                                "federation.pe-class-aware": False}) == gen

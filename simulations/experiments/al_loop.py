@@ -66,6 +66,9 @@ ARMS["private-evolution-any-plane"] = {**ARMS["private-evolution"], "federation.
 # and votes among every plane: the votes select among the same kind of images acquisition releases
 ARMS["private-evolution-generator-any-plane"] = {**ARMS["private-evolution"], "federation.pe-source": "generator",
                                                  "federation.pe-class-aware": False}
+# variant (not in the default --arms): every candidate from the shared DP generator, class-aware votes (a private
+# image votes among the candidates of its own plane)
+ARMS["private-evolution-generator-only"] = {**ARMS["private-evolution"], "federation.pe-source": "generator"}
 DEFAULT_ARMS = ("none", "random", "acquisition", "private-evolution")
 
 
