@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager, SimpleClientManager
@@ -42,6 +42,7 @@ from flwr.supercore import log
 
 from common.core.config import RunConfig
 from common.core.errors import ReplyValidationError
+from common.core.seeding import derive_seed
 from common.federated.fedsgd import ServerAdam, trainable_names
 from common.federated.flwr_records import ROUND_KEY, arrays_to_record
 from common.federated.secure_update import (
@@ -124,14 +125,23 @@ class CountingGrid:
         return getattr(self._grid, name)
 
 
-class SecAggFedAvg(LegacyFedAvg):
-    """Flower's legacy FedAvg as the SecAgg+ workflow drives it: samples every live node, keeps what it is given.
+def secure_sample_size(live: int, fraction: float) -> int:
+    """How many of ``live`` sites a SecAgg+ round samples at ``federation.fraction-train``: the plain path's count
+    (``int(live * fraction)``, Flower's FedAvg) raised to the 2 sites a secure sum needs, and at most ``live``."""
+    return min(live, max(2, int(live * fraction)))
 
-    ``aggregate_fit`` receives each site's ``FitRes`` whose parameters the workflow replaced by the unmasked
-    aggregate; it keeps the aggregate and the sites' plaintext records (never an individual update).
+
+class SecAggFedAvg(LegacyFedAvg):
+    """Flower's legacy FedAvg as the SecAgg+ workflow drives it: samples the sites, keeps what it is given.
+
+    Every registered node takes part, or with ``fraction`` < 1 a sample of :func:`secure_sample_size` of them drawn
+    from ``rng`` (seeded by the run and round, so a resumed round samples the same sites). ``aggregate_fit``
+    receives each site's ``FitRes`` whose parameters the workflow replaced by the unmasked aggregate; it keeps the
+    aggregate and the sites' plaintext records (never an individual update).
     """
 
-    def __init__(self, extra_config: dict[str, Any] | None = None) -> None:
+    def __init__(self, extra_config: dict[str, Any] | None = None, *, fraction: float = 1.0,
+                 rng: np.random.Generator | None = None) -> None:
         super().__init__(fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=2, min_available_clients=2,
                          accept_failures=True)
         self.results: list[tuple[int, FitRes]] = []
@@ -139,11 +149,17 @@ class SecAggFedAvg(LegacyFedAvg):
         self.aggregate: list[np.ndarray] | None = None
         self.sampled: list[int] = []
         self.extra_config = dict(extra_config or {})  # e.g. a DP-FedSGD sub-round's task and step
+        if fraction < 1 and rng is None:
+            raise ValueError("sampling a fraction of the sites needs the round's rng")
+        self.fraction, self.rng = fraction, rng
 
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
-        """Every registered node, with the true round and the number of sites sampled in the config."""
+        """The sampled nodes, with the true round and the number of sites sampled in the config."""
         clients = sorted(client_manager.all().values(), key=lambda c: c.node_id)
+        if self.fraction < 1 and self.rng is not None:
+            keep = self.rng.choice(len(clients), size=secure_sample_size(len(clients), self.fraction), replace=False)
+            clients = [clients[i] for i in sorted(keep)]
         self.sampled = [int(c.node_id) for c in clients]
         config = {ROUND_KEY: server_round, SAMPLED_KEY: len(clients), **self.extra_config}
         return [(client, FitIns(parameters, dict(config))) for client in clients]
@@ -302,7 +318,9 @@ class SecureAggregation:
                 report.status, report.reason = "budget-exhausted", "skipped: privacy budget spent in an earlier round"
                 continue
             manager.register(GridClientProxy(node_id=node.node_id, grid=counting, run_id=grid.run.run_id))
-        legacy = SecAggFedAvg(extra_config)
+        fraction = 1.0 if sub_round else self.cfg.federation.fraction_train  # DP-FedSGD steps sum every site
+        legacy = SecAggFedAvg(extra_config, fraction=fraction,
+                              rng=np.random.default_rng(derive_seed(self.cfg.seed, "secagg-sample", server_round)))
         context = LegacyContext(Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                                         run_config={}), strategy=legacy, client_manager=manager)
         context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: server_round})
@@ -357,6 +375,8 @@ class SecureAggregation:
             except ReplyValidationError as exc:
                 summary.update(status="halted", error=f"the secure sum failed its check: {exc}")
                 log(WARNING, "Round %s: %s", server_round, summary["error"])
+        if aggregated is not None and self.cfg.federation.strategy == "fedadam":
+            aggregated = self._server_optimizer(server_round, sent, aggregated)
         if summary["status"] != "ok":
             why = (f"SecAgg+ {summary['halted_at'] or 'check'}: {summary['error'] or 'too few live sites'} "
                    f"({len(summed)} of {len(legacy.sampled)} sites' vectors collected, threshold "
@@ -381,6 +401,20 @@ class SecureAggregation:
         return aggregated, MetricRecord({"num-examples": int(sum(guard._report(n).num_examples for n, _ in
                                                                  legacy.results)),
                                          "sites-summed": len(summed), "sites-trained": len(ok)})
+
+    def _server_optimizer(self, server_round: int, sent: dict[str, np.ndarray], mean: ArrayRecord) -> ArrayRecord:
+        """FedAdam on the secure mean: Flower's own ``FedAdam`` (the guard's base strategy, whose moments the
+        checkpoints keep) steps from the weights sent towards the mean, which it receives as its one reply, so the
+        secure path takes exactly the plain path's server step."""
+        base = self.guard.base
+        base.current_arrays = {k: np.array(v) for k, v in sent.items()}  # what FedOpt.configure_train records
+        reply = Message(content=RecordDict({base.arrayrecord_key: mean,
+                                            "metrics": MetricRecord({base.weighted_by_key: 1})}),
+                        dst_node_id=0, message_type=MessageType.TRAIN)
+        stepped, _ = base.aggregate_train(server_round, [reply])
+        if stepped is None:
+            raise RuntimeError(f"round {server_round}: FedAdam returned no arrays for the secure mean")
+        return stepped
 
     def distributed_summary(self, dim: int) -> dict[str, Any]:
         """The central figure (realised: each round with the shares its sum held) and each site's local one."""

@@ -54,8 +54,15 @@ def test_secure_aggregation_guards() -> None:
         _cfg(**{"privacy.distributed-dp": True})
     with pytest.raises(ConfigError, match="num_sites >= 2"):
         _cfg(**{"federation.secure-aggregation": True, "data.num-sites": 1})
-    with pytest.raises(ConfigError, match="fraction-train=1"):
-        _cfg(**{"federation.secure-aggregation": True, "federation.fraction-train": 0.5})
+    # a sampled fraction of the sites and FedAdam's server step need only the sum; a fraction with distributed DP
+    # would leave the sum fewer noise shares than calibrated, so it is refused and says so
+    assert _cfg(**{"federation.secure-aggregation": True, "federation.fraction-train": 0.5}).federation.fraction_train \
+        == 0.5
+    assert _cfg(**{"federation.secure-aggregation": True, "federation.strategy": "fedadam"}).federation.strategy \
+        == "fedadam"
+    for key in ("privacy.distributed-dp", "privacy.distributed-classifier"):
+        with pytest.raises(ConfigError, match="fewer shares.*fraction-train=1"):
+            _cfg(**{"federation.secure-aggregation": True, "federation.fraction-train": 0.5, key: True})
     # active learning works with SecAgg+ (the release reaches the sites in a plain message before each round), with
     # the distributed classifier too (each image's certificate carries its central and local figures)
     assert _cfg(**{"federation.secure-aggregation": True, "federation.al-every": 1}).federation.al_every == 1
@@ -190,6 +197,66 @@ def test_a_site_dropping_mid_round_below_the_threshold_is_survived(tmp_path: Pat
     np.testing.assert_allclose(got[key], fedavg, atol=1e-3 * bounds_for(cfg)["classifier"].max_displacement)
     statuses = {r.name: r.status for r in secure.guard.reports.values()}
     assert statuses == {"site-0": "ok", "site-1": "ok", "site-2": "ok", "node-1003": "unavailable"}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_sampled_fraction_of_the_sites_is_summed_and_a_resumed_round_samples_the_same_sites(tmp_path: Path) -> None:
+    # Prepare: 5 sites, fraction 0.5 -> int(2.5) = 2 sampled a round
+    cfg = _cfg(tmp_path, **{"federation.secure-aggregation": True, "data.num-sites": 5,
+                            "federation.fraction-train": 0.5})
+    examples = [10, 20, 30, 40, 50]
+    handlers, trained = _sites(cfg, tmp_path, examples)
+    samples = []
+    for server_round in (1, 1, 2, 3, 4):
+        secure, bundle = _secure(cfg)
+        sent = federated_arrays(bundle)
+        grid = MemoryGrid(handlers, cfg.to_run_config())
+        trained.clear()
+        # Execute
+        aggregated, metrics = secure.train(grid, bundle, server_round)
+        # Assert: only the sampled sites heard of the round, and the sum is their FedAvg
+        assert secure.last["status"] == "ok" and secure.last["sampled"] == secure.last["summed"] == 2
+        assert {r.metadata.src_node_id for r in grid.replies} == set(trained) and len(trained) == 2
+        assert metrics is not None and metrics["sites-summed"] == 2
+        key = next(k for k in sent if k.startswith("classifier."))
+        weights = {nid: examples[nid - 1000] for nid in trained}
+        fedavg = sum(n * trained[nid][key].astype(np.float64) for nid, n in weights.items()) / sum(weights.values())
+        np.testing.assert_allclose(record_to_arrays(aggregated)[key], fedavg,
+                                   atol=1e-3 * bounds_for(cfg)["classifier"].max_displacement)
+        assert sorted(r.name for r in secure.guard.reports.values()) == sorted(f"site-{n - 1000}" for n in trained)
+        samples.append(tuple(sorted(trained)))
+    assert samples[0] == samples[1]  # the same run and round: the same sites (a resumed round replays its sample)
+    assert len(set(samples)) > 1  # other rounds draw other samples
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_fedadam_under_secure_aggregation_steps_towards_the_secure_mean_as_adam_does(tmp_path: Path) -> None:
+    # Prepare: 3 sites, FedAdam (eta 0.05, tau 1e-3, Flower's beta1 0.9 and beta2 0.99)
+    cfg = _cfg(tmp_path, **{"federation.secure-aggregation": True, "data.num-sites": 3,
+                            "federation.strategy": "fedadam", "federation.fedadam-eta": 0.05})
+    examples = [10, 24, 40]
+    handlers, trained = _sites(cfg, tmp_path, examples)
+    secure, bundle = _secure(cfg)
+    sent = federated_arrays(bundle)
+    # Execute: round 1 through Flower's SecAgg+
+    aggregated, _ = secure.train(MemoryGrid(handlers, cfg.to_run_config()), bundle, 1)
+    # Assert: Adam's first step from the weights sent, its pseudo-gradient the FedAvg mean minus them (written out
+    # here: m = (1 - b1) d, v = (1 - b2) d^2, rate eta sqrt(1 - b2^2) / (1 - b1^2) as Flower's round-1 correction)
+    assert aggregated is not None
+    got = record_to_arrays(aggregated)
+    eta, tau, b1, b2 = 0.05, cfg.federation.fedadam_tau, 0.9, 0.99
+    rate = eta * math.sqrt(1 - b2 ** 2) / (1 - b1 ** 2)
+    moved = 0.0
+    for key, x in sent.items():
+        fedavg = sum(n * trained[1000 + i][key].astype(np.float64) for i, n in enumerate(examples)) / sum(examples)
+        d = fedavg - x
+        m, v = (1 - b1) * d, (1 - b2) * d ** 2
+        want = x + rate * m / (np.sqrt(v) + tau)
+        np.testing.assert_allclose(got[key], want, atol=2e-3 * rate + 1e-6, err_msg=key)
+        moved = max(moved, float(np.abs(got[key] - fedavg).max()))
+    assert moved > 1e-3  # not the plain mean
+    state = secure.guard.state_arrays()  # the moments the checkpoint keeps for round 2
+    assert any(k.startswith("m_t/") for k in state) and any(k.startswith("v_t/") for k in state)
 
 
 @pytest.mark.usefixtures("task_identity")

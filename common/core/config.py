@@ -36,8 +36,7 @@ PredictionType = Literal["epsilon", "v_prediction"]
 AccountantName = Literal["rdp", "prv"]
 AcquisitionName = Literal["uncertainty", "kcenter", "random"]
 # Strategies whose server step needs only the (weighted) sum of the updates: the ones secure aggregation allows.
-SECAGG_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox")
-ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "trimmedmean", "krum")
+SECAGG_STRATEGIES: tuple[str, ...] = ("fedavg", "fedprox", "fedadam")
 PESource = Literal["phantom", "generator", "both"]
 
 
@@ -449,15 +448,9 @@ class FederationConfig:
                               "site's weight is its integer num-examples)")
         if self.secure_aggregation and self.strategy not in SECAGG_STRATEGIES:
             raise ConfigError(
-                f"federation.secure_aggregation=true with federation.strategy={self.strategy!r}: "
-                + ("the robust aggregators (median, trimmed mean, Krum) need each site's update, and under secure "
-                   "aggregation the server sees only their sum" if self.strategy in ROBUST_STRATEGIES else
-                   "FedAdam's server optimizer is not wired to the secure-aggregation path yet")
-                + f"; use one of {list(SECAGG_STRATEGIES)}, or secure_aggregation=false")
-        if self.secure_aggregation and self.fraction_train < 1:
-            raise ConfigError(f"federation.secure_aggregation=true with federation.fraction_train="
-                              f"{self.fraction_train:g}: SecAgg+ rounds sample every live site here; set "
-                              "federation.fraction-train=1")
+                f"federation.secure_aggregation=true with federation.strategy={self.strategy!r}: the robust "
+                "aggregators (median, trimmed mean, Krum) need each site's update, and under secure aggregation the "
+                f"server sees only their sum; use one of {list(SECAGG_STRATEGIES)}, or secure_aggregation=false")
         _check_range("federation.pe_iterations", self.pe_iterations, 0, 1000)
         _check_range("federation.pe_population", self.pe_population, 2, 100_000)
         _check_range("federation.pe_keep", self.pe_keep, 1, 10_000)
@@ -507,6 +500,12 @@ class RunConfig:
         if self.privacy.distributed_dp and not fed.secure_aggregation:
             raise ConfigError("privacy.distributed_dp=true needs federation.secure_aggregation=true: each site adds "
                               "only its share of the noise, which protects it only inside a secure sum")
+        if fed.fraction_train < 1 and (self.privacy.distributed_dp or self.privacy.distributed_classifier):
+            raise ConfigError(f"federation.fraction_train={fed.fraction_train:g} with distributed DP: the sites' noise "
+                              "shares are calibrated so that the sum holds every site's share; a sampled fraction "
+                              "leaves it fewer shares, hence less noise than the stated central epsilon assumes; set "
+                              "federation.fraction-train=1, or privacy.distributed-dp=false and "
+                              "privacy.distributed-classifier=false")
         if self.privacy.distributed_classifier and not fed.secure_aggregation:
             raise ConfigError("privacy.distributed_classifier=true needs federation.secure_aggregation=true: each site "
                               "adds only its share of the noise, which protects it only inside a secure sum")
