@@ -338,6 +338,8 @@ class SecureAggregation:
         if legacy.aggregate is None and state is not None:  # halted after collecting: the vectors it had collected
             legacy.results = [(int(proxy.node_id), res) for proxy, res in state.legacy_results]
         summed = {node for node, _ in legacy.results}
+        if not sub_round:
+            guard.asked.update(legacy.sampled)
         summary: dict[str, Any] = {
             "status": "ok" if legacy.aggregate is not None and not error else "halted",
             "halted_at": workflow.halted_at, "error": error,

@@ -89,7 +89,7 @@ class SiteReport:
 
     node_id: int
     name: str = "?"
-    status: str = "ok"  # ok | budget-exhausted | failed | rejected
+    status: str = "ok"  # ok | budget-exhausted | failed | rejected | unavailable | not-sampled
     reason: str = ""
     bytes_down: int = 0
     bytes_up: int = 0
@@ -192,6 +192,7 @@ class GuardedStrategy(Strategy):
         self.epsilons: dict[int, dict[str, float]] = {}  # node id -> model -> last accepted cumulative epsilon
         self.exhausted: set[int] = set()
         self.reports: dict[int, SiteReport] = {}
+        self.asked: set[int] = set()  # the nodes this round's training was sent to (a sample at fraction-train < 1)
         self.sent: dict[str, np.ndarray] | None = None  # global weights of this round's train messages
         # Records added to each site's train message (its delta of the shared synthetic release).
         self.extra_train_records: ExtraRecords = _no_extra_records
@@ -200,8 +201,9 @@ class GuardedStrategy(Strategy):
 
     # -- bookkeeping -------------------------------------------------------------------------
     def begin_round(self) -> None:
-        """Forget the previous round's reports and weights."""
+        """Forget the previous round's reports, sample and weights."""
         self.reports = {}
+        self.asked = set()
         self.sent = None
 
     def _report(self, node_id: int) -> SiteReport:
@@ -231,6 +233,7 @@ class GuardedStrategy(Strategy):
                 msg = Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node)
             self._report(node).bytes_down = sum(record_nbytes(r) for r in msg.content.values()
                                                 if isinstance(r, (ArrayRecord, ConfigRecord)))
+            self.asked.add(node)
             messages.append(msg)
         return messages
 
@@ -411,7 +414,11 @@ class GuardedStrategy(Strategy):
         valid = []
         replies, _ = _split_link_errors(replies)
         for msg in replies:
-            report = self._report(msg.metadata.src_node_id)
+            node = msg.metadata.src_node_id
+            if node not in self.reports and node not in self.asked:  # evaluated, never asked to train this round
+                self._report(node).status = "not-sampled"
+                self._report(node).reason = "not sampled for this round's training (federation.fraction-train < 1)"
+            report = self._report(node)
             if msg.has_error():
                 log(WARNING, "Round %s: evaluation failed at %s: %s", server_round, report.name, msg.error.reason)
                 continue

@@ -185,3 +185,42 @@ def test_the_client_handler_wrapper_keeps_the_handler_identity() -> None:
     assert wrapped.__wrapped__ is handler
     assert (wrapped.__name__, wrapped.__doc__) == ("handler", "The handler's own docstring.")
     assert train.__name__ == "train" and train.__wrapped__.__name__ == "train"
+
+
+
+def test_a_site_left_out_of_the_training_sample_is_reported_as_not_sampled_not_ok() -> None:
+    # Prepare: 4 live sites, fraction-train 0.5 (Flower samples int(4 * 0.5) = 2), every site evaluates
+    from types import SimpleNamespace
+
+    from server.federation import round_failure
+
+    cfg = get_preset("smoke").from_flat({"preset": "smoke", "federation.fraction-train": 0.5})
+    strategy = GuardedStrategy(make_strategy(cfg), expected_shapes=SHAPES)
+    nodes = (1, 2, 3, 4)
+    grid = SimpleNamespace(get_nodes=lambda: [SimpleNamespace(node_id=n, name="") for n in nodes],
+                           get_node_ids=lambda: list(nodes))
+
+    def evaluations() -> list[Message]:
+        return [Message(RecordDict({"metrics": MetricRecord({"num-examples": 5})}),
+                        reply_to=Message(content=RecordDict(), dst_node_id=n, message_type="evaluate")) for n in nodes]
+
+    strategy.begin_round()
+    # Execute
+    asked = {m.metadata.dst_node_id for m in strategy.configure_train(1, arrays_to_record(_good(0.0)),
+                                                                      ConfigRecord({"server-round": 1}), grid)}
+    strategy.aggregate_train(1, [_reply(n, _good(1.0)) for n in sorted(asked)])
+    strategy.aggregate_evaluate(1, evaluations())
+    # Assert: the two sites never asked to train say so, with the reason; the sampled ones trained
+    assert len(asked) == 2
+    status = {n: (r.status, r.reason) for n, r in strategy.reports.items()}
+    assert {n for n, (s, _) in status.items() if s == "ok"} == asked
+    for n in set(nodes) - asked:
+        assert status[n][0] == "not-sampled" and "fraction-train" in status[n][1]
+    assert round_failure(strategy.reports.values()) is None
+    # and a round whose sampled sites all failed is a failed round, not hidden by the others' evaluations
+    strategy.begin_round()
+    asked = {m.metadata.dst_node_id for m in strategy.configure_train(2, arrays_to_record(_good(0.0)),
+                                                                      ConfigRecord({"server-round": 2}), grid)}
+    strategy.aggregate_train(2, [_reply(n, {"generator.w": np.zeros((1,), np.float32)}) for n in sorted(asked)])
+    strategy.aggregate_evaluate(2, evaluations())
+    assert "not-sampled" in (round_failure(strategy.reports.values()) or "")
