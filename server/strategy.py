@@ -415,10 +415,12 @@ class GuardedStrategy(Strategy):
         replies, _ = _split_link_errors(replies)
         for msg in replies:
             node = msg.metadata.src_node_id
-            if node not in self.reports and node not in self.asked:  # evaluated, never asked to train this round
-                self._report(node).status = "not-sampled"
-                self._report(node).reason = "not sampled for this round's training (federation.fraction-train < 1)"
+            unasked = node not in self.reports and node not in self.asked  # evaluated, never asked to train
             report = self._report(node)
+            if unasked:
+                report.status = "not-sampled"
+                report.reason = ("not asked to train this round: outside its sample (federation.fraction-train < 1) "
+                                 "or connected after the training was sent")
             if msg.has_error():
                 log(WARNING, "Round %s: evaluation failed at %s: %s", server_round, report.name, msg.error.reason)
                 continue
