@@ -113,11 +113,21 @@ def run_federation(grid: Grid, cfg: RunConfig, *, resume: bool = False, coordina
             record["secure_aggregation"] = secure.last
         if release_sync is not None:
             record["release_sync"] = release_sync
+        # wall_s: the federated round (training and evaluation at the sites); phases_s adds what follows it, so
+        # a user sees where a round's time goes and round_s is the whole round
+        phases = {"sites": record["wall_s"]}
         if coordinator is not None and coordinator.due(server_round):
+            t1 = time.perf_counter()
             names = dict(strategy.node_names)  # bound to node ids by the training replies, not self-declared
             # the coordinator may refine the generator and the downstream models in the bundle
             record["active_learning"] = coordinator.query_round(grid, bundle, server_round, site_names=names)
-        save_sample_grid(bundle, cfg, run.figures / f"samples-round-{server_round:03d}.png", server_round=server_round)
+            phases["query"] = round(time.perf_counter() - t1, 3)
+        if cfg.federation.draws_sample_grid(server_round):  # the last round's, and every k-th (federation config)
+            t1 = time.perf_counter()
+            save_sample_grid(bundle, cfg, run.figures / f"samples-round-{server_round:03d}.png",
+                             server_round=server_round)
+            phases["sample_grid"] = round(time.perf_counter() - t1, 3)
+        record.update(phases_s=phases, round_s=round(time.perf_counter() - t0, 3))
         run.save_checkpoint(
             server_round,
             bundle,
@@ -241,9 +251,10 @@ def _log_round(record: dict[str, Any], rounds: int) -> None:
         eps = sum(float(v.get("epsilon", 0.0)) for v in record["ledger"].get(site["name"], {}).values())
         parts.append(f"{site['name']}={site['status']}(eps {eps:.2f})")
     ev = record["evaluate"]
+    phases = ", ".join(f"{name.replace('_', ' ')} {seconds:.0f}s" for name, seconds in record["phases_s"].items())
     log(
         INFO,
-        "Round %s/%s done in %.1fs | sites: %s | plane-acc %.3f | denoise-loss %.4f",
-        record["round"], rounds, record["wall_s"], ", ".join(parts),
+        "Round %s/%s done in %.1fs (%s) | sites: %s | plane-acc %.3f | denoise-loss %.4f",
+        record["round"], rounds, record["round_s"], phases, ", ".join(parts),
         ev.get("plane-accuracy", float("nan")), ev.get("denoise-loss", float("nan")),
     )

@@ -21,9 +21,11 @@ GRID_GA_WEEKS: tuple[float, ...] = (18.0, 26.0, 34.0)
 
 
 def save_sample_grid(bundle: ModelBundle, cfg: RunConfig, path: Path, *, server_round: int) -> Path:
-    """Sample the global generator for every plane (rows) x a few GA values (columns) and save a PNG."""
-    planes = torch.arange(len(PLANES)).repeat_interleave(len(GRID_GA_WEEKS))
-    ga = torch.tensor(GRID_GA_WEEKS * len(PLANES), dtype=torch.float32)
+    """Sample the global generator for every plane of the run's label scope (rows) x a few GA values (columns) and
+    save a PNG (a plane outside the scope, e.g. the cervix on the African preset, was never trained: no row)."""
+    scope = list(cfg.data.plane_scope())
+    planes = torch.tensor(scope).repeat_interleave(len(GRID_GA_WEEKS))
+    ga = torch.tensor(GRID_GA_WEEKS * len(scope), dtype=torch.float32)
     bundle.generator.eval()
     images = sample(
         bundle.generator,
@@ -35,9 +37,9 @@ def save_sample_grid(bundle: ModelBundle, cfg: RunConfig, path: Path, *, server_
         seed=derive_seed(cfg.seed, "grid"),  # same noise every round: rows are comparable across rounds
     )
     pix = to_uint8(images)
-    rows = [[pix[p * len(GRID_GA_WEEKS) + g] for g in range(len(GRID_GA_WEEKS))] for p in range(len(PLANES))]
+    rows = [[pix[p * len(GRID_GA_WEEKS) + g] for g in range(len(GRID_GA_WEEKS))] for p in range(len(scope))]
     return save_grid(
-        rows, path, row_labels=list(PLANES), col_labels=[f"GA {g:.0f} w" for g in GRID_GA_WEEKS],
+        rows, path, row_labels=[PLANES[p] for p in scope], col_labels=[f"GA {g:.0f} w" for g in GRID_GA_WEEKS],
         title=f"Global generator after round {server_round}",
     )
 

@@ -19,8 +19,11 @@ from common.core.run_layout import RunLayout
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CONSOLE = re.compile(r"^([A-Z]+) *:\s*(.*)$")  # Flower's console format: "INFO :      message"
 _ROUND_START = re.compile(r"^\[ROUND (\d+)/(\d+)\]$")
-_ROUND_DONE = re.compile(r"^Round (\d+)/(\d+) done in ([\d.]+)s \| sites: (.*?) \| plane-acc (\S+) \| "
-                         r"denoise-loss (\S+)$")
+# "done in 184.0s (sites 99s, query 48s, sample grid 37s)": the whole round, then where its time went
+_ROUND_DONE = re.compile(r"^Round (?P<round>\d+)/(?P<rounds>\d+) done in (?P<seconds>[\d.]+)s"
+                         r"(?: \((?P<phases>[^)]*)\))? \| sites: (?P<sites>.*?) \| plane-acc (?P<acc>\S+) \| "
+                         r"denoise-loss (?P<loss>\S+)$")
+_SECONDS = re.compile(r"(\d)s\b")  # "48s" -> "48 s"
 _QUERY = re.compile(r"^Query round (\d+): (\d+) candidates from (\d+) sites, (\d+) released \(release size (\d+)\)$")
 PREFIX = "[difusal]"
 
@@ -35,9 +38,10 @@ def event_line(raw: str) -> str | None:
     if m := _ROUND_START.match(message):
         return f"{PREFIX} round {m.group(1)}/{m.group(2)}: training at the sites"
     if m := _ROUND_DONE.match(message):
-        sites = m.group(4).replace("=", " ").replace("(eps ", " (epsilon ")
-        return (f"{PREFIX} round {m.group(1)}/{m.group(2)} done in {float(m.group(3)):.0f} s | {sites} | "
-                f"plane accuracy {m.group(5)} | denoise loss {m.group(6)}")
+        sites = m["sites"].replace("=", " ").replace("(eps ", " (epsilon ")
+        phases = " (" + _SECONDS.sub(r"\1 s", m["phases"]) + ")" if m["phases"] else ""
+        return (f"{PREFIX} round {m['round']}/{m['rounds']} done in {float(m['seconds']):.0f} s{phases} | {sites} | "
+                f"plane accuracy {m['acc']} | denoise loss {m['loss']}")
     if m := _QUERY.match(message):
         return (f"{PREFIX} query round {m.group(1)}: {m.group(2)} candidates from {m.group(3)} sites, "
                 f"{m.group(4)} released, release size {m.group(5)}")
@@ -87,15 +91,15 @@ class LiveView:
             self.sites = {name: ("training", eps) for name, (_, eps) in self.sites.items()}
             self.training = f"round {self.current}/{self.rounds}: training at the sites"
         elif m := _ROUND_DONE.match(message):
-            self.done = int(m.group(1))
+            self.done = int(m["round"])
             self.training = f"round {self.done}/{self.rounds} done"
-            for part in m.group(4).split(", "):
+            for part in m["sites"].split(", "):
                 site = re.match(r"^(.*)=(\S+)\(eps ([\d.]+)\)$", part)
                 if site:
                     self.sites[site.group(1)] = (site.group(2), site.group(3))
             ga = self._read_round()
-            self.last_round = (f"round {m.group(1)}: plane accuracy {m.group(5)}, GA error {ga}, denoise loss "
-                               f"{m.group(6)}, {float(m.group(3)):.0f} s")
+            self.last_round = (f"round {m['round']}: plane accuracy {m['acc']}, GA error {ga}, denoise loss "
+                               f"{m['loss']}, {float(m['seconds']):.0f} s")
         elif m := _QUERY.match(message):
             self.query = (f"round {m.group(1)}: {m.group(2)} candidates from {m.group(3)} sites, "
                           f"{m.group(4)} released, release size {m.group(5)}")

@@ -80,6 +80,11 @@ def test_event_lines_keep_the_servers_events_only() -> None:
                       "plane-acc 0.250 | denoise-loss 1.0374")
     assert done == ("[difusal] round 1/1 done in 23 s | a ok (epsilon 6.00), b budget-exhausted (epsilon 9.90) | "
                     "plane accuracy 0.250 | denoise loss 1.0374")
+    # the server's line names where the round's time went: training and evaluation at the sites, query, sample grid
+    phased = event_line("INFO :      Round 2/3 done in 184.2s (sites 99s, query 48s, sample grid 37s) | sites: "
+                        "a=ok(eps 6.00) | plane-acc 0.615 | denoise-loss 0.0355")
+    assert phased == ("[difusal] round 2/3 done in 184 s (sites 99 s, query 48 s, sample grid 37 s) | "
+                      "a ok (epsilon 6.00) | plane accuracy 0.615 | denoise loss 0.0355")
     assert event_line("INFO :      Query round 2: 12 candidates from 3 sites, 4 released (release size 8)") == \
         "[difusal] query round 2: 12 candidates from 3 sites, 4 released, release size 8"
     assert event_line("ERROR :     Run failed: no site trained") == "[difusal] error: Run failed: no site trained"

@@ -229,3 +229,12 @@ def test_the_budget_split_is_config_and_reaches_the_sites_ledger(tmp_path: Path)
         store.load_ledger(before_round=2, privacy=other)
     with pytest.raises(ConfigError, match="sum to at most 1"):
         RunConfig.from_flat({"preset": "smoke", "privacy.budget-generator": 0.9})
+
+
+@pytest.mark.parametrize(("every", "drawn"), [(0, [5]), (2, [2, 4, 5]), (1, [1, 2, 3, 4, 5])])
+def test_the_sample_grid_is_drawn_after_the_last_round_and_every_kth(every: int, drawn: list[int]) -> None:
+    fed = RunConfig.from_flat({"preset": "smoke", "federation.num-rounds": 5,
+                               "federation.sample-grid-every": every}).federation
+    assert [r for r in range(1, 6) if fed.draws_sample_grid(r)] == drawn
+    with pytest.raises(ConfigError, match="federation.sample_grid_every"):
+        RunConfig.from_flat({"preset": "smoke", "federation.sample-grid-every": -1})

@@ -144,6 +144,12 @@ def test_active_learning_round_releases_scored_images_that_flow_back(al_run: tup
     assert result["returncode"] == 0, result["log_tail"]
     first, second = _records(run)
     assert first["active_learning"]["candidates"] == 8 and first["active_learning"]["selected"] == 4
+    # where each round's time went: the sites' training and evaluation (wall_s), the query, the sample grid
+    # (the sample grid after the last round only, by default)
+    for record, phases in ((first, ["sites", "query"]), (second, ["sites", "query", "sample_grid"])):
+        assert list(record["phases_s"]) == phases and record["phases_s"]["sites"] == record["wall_s"]
+        assert all(v > 0 for v in record["phases_s"].values()) and sum(record["phases_s"].values()) <= record["round_s"]
+    assert sorted(p.name for p in (run / "figures").glob("samples-round-*.png")) == ["samples-round-002.png"]
     assert [s["status"] for s in first["active_learning"]["sites"]] == ["ok", "ok"]
     # the server refined the generator and trained the downstream models on the release (finite losses)
     assert np.isfinite(first["active_learning"]["refine_loss"])

@@ -11,7 +11,7 @@ import pytest
 
 from common.core.config import RunConfig
 from common.core.provenance import code_version
-from simulations.launcher import EchoDeduplicator, finished_as, stage_app
+from simulations.launcher import EchoDeduplicator, concurrent_sites, finished_as, stage_app, write_connection
 
 
 def test_echo_drops_the_timestamped_copy_of_a_console_line_and_keeps_everything_else() -> None:
@@ -205,3 +205,27 @@ def test_a_run_whose_server_process_died_unfinished_is_stopped_and_a_finished_on
         assert code is None and not monitor.lost
     else:
         assert code == -15 and monitor.lost
+
+
+@pytest.mark.parametrize(("sites", "slots", "expected"), [
+    (3, 2, 3),  # two waves (2 + 1, a core idle) -> all three at once: 1.5 instead of 2 site-times
+    (5, 2, 3),  # 3 + 2: 2.5 site-times, against 3 in waves of 2
+    (4, 2, 2),  # two full waves already: nothing to gain
+    (8, 2, 2),  # 3 + 3 + 2 ties 4 waves of 2: the smaller (less memory)
+    (2, 2, 2), (1, 2, 1),  # no more sites than slots
+    (20, 16, 16),  # 17 + 3 would not finish sooner
+])
+def test_sites_share_the_cores_only_where_waves_would_leave_a_core_idle(sites: int, slots: int,
+                                                                        expected: int) -> None:
+    assert concurrent_sites(sites, slots) == expected
+
+
+def test_the_connection_tells_ray_of_one_more_site_only_when_it_runs_sooner(tmp_path: Path) -> None:
+    assert write_connection(tmp_path / "a", port=1, num_sites=3, cores=2) == 3
+    text = (tmp_path / "a" / "config.toml").read_text()
+    assert "options.backend.init-args.num-cpus = 3\n" in text and "client-resources.num-cpus = 1\n" in text
+    assert write_connection(tmp_path / "b", port=1, num_sites=4, cores=2) == 2
+    assert "init-args" not in (tmp_path / "b" / "config.toml").read_text()
+    # a site that needs both cores runs alone: 3 sites -> one at a time, Ray left at its default
+    assert write_connection(tmp_path / "c", port=1, num_sites=3, cpus_per_site=2, cores=2) == 1
+    assert "init-args" not in (tmp_path / "c" / "config.toml").read_text()
