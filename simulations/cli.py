@@ -173,14 +173,15 @@ def make_parser() -> argparse.ArgumentParser:
     sub.add_parser = add_parser  # type: ignore[method-assign]
 
     def common(sp: argparse.ArgumentParser, preset: str) -> None:
-        sp.add_argument("--preset", default=preset, help="smoke | demo | paper (default: %(default)s)")
+        sp.add_argument("--preset", default=preset, help="smoke | demo | demo64 | paper (default: %(default)s)")
         sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set federation.num-rounds=2 (repeatable)")
         sp.add_argument("--seed", type=int, default=None)
         add_data_arguments(sp)
 
     for name, preset, helptext in (
-        ("demo", "demo", "the main job: phantom sites, from the shipped prior, DP fine-tuning + active learning"),
+        ("demo", "demo64", "the main job: phantom sites at 64 px, from the shipped prior, DP fine-tuning + active "
+                           "learning (--preset demo: the 32 px demo)"),
         ("simulate", "smoke", "N simulated sites through Flower's simulation runtime"),
     ):
         sp = sub.add_parser(name, help=helptext)

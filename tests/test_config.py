@@ -238,3 +238,14 @@ def test_the_sample_grid_is_drawn_after_the_last_round_and_every_kth(every: int,
     assert [r for r in range(1, 6) if fed.draws_sample_grid(r)] == drawn
     with pytest.raises(ConfigError, match="federation.sample_grid_every"):
         RunConfig.from_flat({"preset": "smoke", "federation.sample-grid-every": -1})
+
+
+def test_the_demo_command_runs_the_64px_demo_whose_settings_differ_from_the_demo_preset_as_documented() -> None:
+    from simulations.cli import make_parser
+
+    assert make_parser().parse_args(["demo"]).preset == "demo64"
+    assert make_parser().parse_args(["simulate"]).preset == "smoke"
+    demo, demo64 = get_preset("demo").to_flat(), get_preset("demo64").to_flat()
+    changed = {k: (demo[k], demo64[k]) for k in demo if demo[k] != demo64[k]}
+    assert changed == {"preset": ("demo", "demo64"), "data.image-size": (32, 64), "privacy.noise-multiplicity": (4, 2),
+                       "sampling.num-inference-steps": (20, 12)}

@@ -130,6 +130,8 @@ def test_the_shipped_prior_is_the_one_pretrained_at_the_runs_image_size(tmp_path
     cfg64 = RunConfig.from_flat({"preset": "demo", "prior": "shipped", "data.image-size": 64})
     assert resolve_prior(cfg64) == ASSETS / "prior-demo64"
     assert build_bundle(cfg64).generator.image_size == 64
+    # the demo64 preset (what `difusal demo` runs) finds the same 64 px prior under its own name
+    assert resolve_prior(RunConfig.from_flat({"preset": "demo64", "prior": "shipped"})) == ASSETS / "prior-demo64"
     # Prepare: an assets folder with the 32 px prior only
     for name in ("prior-demo", "phantom-encoder"):
         (tmp_path / name).symlink_to(ASSETS / name, target_is_directory=True)
