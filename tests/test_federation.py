@@ -148,7 +148,9 @@ def test_active_learning_round_releases_scored_images_that_flow_back(al_run: tup
     # (the sample grid after the last round only, by default)
     for record, phases in ((first, ["sites", "query"]), (second, ["sites", "query", "sample_grid"])):
         assert list(record["phases_s"]) == phases and record["phases_s"]["sites"] == record["wall_s"]
-        assert all(v > 0 for v in record["phases_s"].values()) and sum(record["phases_s"].values()) <= record["round_s"]
+        # each figure is rounded to 1 ms: their sum may pass the rounded whole by that much
+        assert all(v > 0 for v in record["phases_s"].values())
+        assert sum(record["phases_s"].values()) <= record["round_s"] + 0.001 * len(record["phases_s"])
     assert sorted(p.name for p in (run / "figures").glob("samples-round-*.png")) == ["samples-round-002.png"]
     assert [s["status"] for s in first["active_learning"]["sites"]] == ["ok", "ok"]
     # the server refined the generator and trained the downstream models on the release (finite losses)
